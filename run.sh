@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine.
+#   bash run.sh [--setup] [--seeds N] [train_gpt.py arguments...]
+# Installs the packages into .venv (once), then:
+#   with a GPU:    downloads the FineWeb shards the recipe needs and runs torchrun on every visible GPU;
+#   without a GPU: writes the synthetic shards and runs the trainer's CPU preset (--tiny).
+# --setup stops after installing; --seeds N runs N times with --seed 0..N-1.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+setup_only=0
+seeds=1
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --setup) setup_only=1 ;;
+    --seeds) seeds="$2"; shift ;;
+    *) args+=("$1") ;;
+  esac
+  shift
+done
+
+has_gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then has_gpu=1; fi
+
+PY=.venv/bin/python
+if [ ! -x "$PY" ]; then
+  if [ "$has_gpu" = 1 ]; then
+    # Reuse the machine's CUDA build of torch instead of downloading another one.
+    python3 -m venv --system-site-packages .venv
+  else
+    python3 -m venv .venv
+  fi
+fi
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  # Pinned so that pip takes the CPU build where one lies on disk instead of a multi-GB CUDA build.
+  "$PY" -m pip install -q torch==2.13.0
+fi
+"$PY" -m pip install -q -r requirements-test.txt
+[ "$setup_only" = 1 ] && exit 0
+
+if [ "$has_gpu" = 1 ]; then
+  ngpu=$(nvidia-smi -L | wc -l)
+  "$PY" data/cached_fineweb10B.py "${args[@]}"
+  for ((s = 0; s < seeds; s++)); do
+    .venv/bin/torchrun --standalone --nproc_per_node="$ngpu" train_gpt.py --seed "$s" "${args[@]}"
+  done
+else
+  "$PY" data/synthetic.py
+  for ((s = 0; s < seeds; s++)); do
+    "$PY" train_gpt.py --tiny --seed "$s" "${args[@]}"
+  done
+fi
