@@ -10,11 +10,13 @@ cd "$(dirname "$0")"
 
 setup_only=0
 seeds=1
-args=()
+args=()          # passed through to train_gpt.py
+fetch_args=()    # the subset the shard downloader understands
 while [ $# -gt 0 ]; do
   case "$1" in
     --setup) setup_only=1 ;;
     --seeds) seeds="$2"; shift ;;
+    --recipe|--steps) args+=("$1" "$2"); fetch_args+=("$1" "$2"); shift ;;
     *) args+=("$1") ;;
   esac
   shift
@@ -41,7 +43,7 @@ fi
 
 if [ "$has_gpu" = 1 ]; then
   ngpu=$(nvidia-smi -L | wc -l)
-  "$PY" data/cached_fineweb10B.py "${args[@]}"
+  "$PY" data/cached_fineweb10B.py "${fetch_args[@]}"
   for ((s = 0; s < seeds; s++)); do
     .venv/bin/torchrun --standalone --nproc_per_node="$ngpu" train_gpt.py --seed "$s" "${args[@]}"
   done
