@@ -1,0 +1,222 @@
+"""Token shards (SPEC §2): the one reader, writer and validator for the data scripts, the arithmetic of
+how many train shards a run needs, and a command that checks a data folder.
+
+    python data/shards.py data/fineweb10B                  # list, check against the default recipe
+    python data/shards.py data/fineweb10B --recipe muon
+    python data/shards.py data/synthetic --steps 300 --batch-tokens 8192 --val-tokens 65536
+
+Exit status 0 when every shard is valid and there are enough tokens for the run, 1 otherwise.
+"""
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_BYTES = 2  # uint16
+MAX_TOKEN_ID = np.iinfo(np.uint16).max
+
+TOKENS_PER_SHARD = 100_000_000  # every published FineWeb shard but the last
+BATCH_TOKENS = 524_288  # tokens per optimizer step (SPEC §5)
+VAL_TOKENS = 20 * BATCH_TOKENS  # the validation slice of the val shard (SPEC §2)
+
+RECIPE_STEPS = {"aurora": 3200, "normuon": 3300, "muon": 3250}  # T of each record recipe (SPEC §7)
+DEFAULT_RECIPE = "aurora"
+
+
+class ShardError(ValueError):
+    """A shard file that does not follow SPEC §2; the message names the file and what is wrong."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+def shard_file_size(num_tokens):
+    """Bytes of a complete shard holding num_tokens tokens."""
+    return HEADER_BYTES + TOKEN_BYTES * num_tokens
+
+
+def shard_header(num_tokens):
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, num_tokens
+    return header
+
+
+def write_shard(path, tokens):
+    """Write tokens (any integer array with ids in [0, 65535]) as one shard. The file appears under its
+    final name only once complete (written next to it, then renamed), so a crash never leaves a
+    half-written shard that looks finished."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"{path}: tokens must be a 1-D array, got shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() > MAX_TOKEN_ID):
+        raise ValueError(f"{path}: token ids must lie in [0, {MAX_TOKEN_ID}] to fit uint16, "
+                         f"got [{tokens.min()}, {tokens.max()}]")
+    partial = f"{path}.partial"
+    with open(partial, "wb") as f:
+        f.write(shard_header(tokens.size).tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(partial, path)
+
+
+def validate_shard(path):
+    """Check the header and the file size; return the token count N. Raises ShardError."""
+    file_size = os.path.getsize(path)
+    if file_size < HEADER_BYTES:
+        raise ShardError(path, f"file is {file_size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ShardError(path, f"bad magic number {header[0]} (expected {MAGIC}); not a token shard")
+    if header[1] != VERSION:
+        raise ShardError(path, f"unsupported version {header[1]} (expected {VERSION})")
+    num_tokens = int(header[2])
+    if num_tokens < 0:
+        raise ShardError(path, f"negative token count {num_tokens} in the header")
+    expected = shard_file_size(num_tokens)
+    if file_size < expected:
+        raise ShardError(path, f"truncated: the header says {num_tokens} tokens ({expected} bytes) "
+                               f"but the file has {file_size} bytes; download or write it again")
+    if file_size > expected:
+        raise ShardError(path, f"{file_size - expected} bytes after the {num_tokens} tokens the header "
+                               f"announces ({expected} bytes); the file is not a single shard")
+    return num_tokens
+
+
+def read_shard(path):
+    """The tokens of a validated shard as a uint16 array."""
+    num_tokens = validate_shard(path)
+    return np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_BYTES).astype(np.uint16)
+
+
+def steps_in_shard(num_tokens, batch=BATCH_TOKENS):
+    """Optimizer steps one train shard feeds under SPEC §2's stream rule: a step reads batch+1 tokens at
+    pos, then pos += batch, and the stream moves on when pos + batch + 1 >= num_tokens.
+    190 for a 100M-token shard; 0 for a shard that cannot fill even one step."""
+    if num_tokens < batch + 1:
+        return 0
+    return max(1, math.ceil((num_tokens - batch - 1) / batch))
+
+
+def train_shards_needed(steps, tokens_per_shard=TOKENS_PER_SHARD, batch=BATCH_TOKENS):
+    """Train shards of tokens_per_shard tokens that a run of `steps` optimizer steps reads
+    (17 for 3200 steps, 18 for 3300 at full size)."""
+    per_shard = steps_in_shard(tokens_per_shard, batch)
+    if per_shard == 0:
+        raise ValueError(f"a shard of {tokens_per_shard} tokens cannot fill one step of {batch + 1} tokens")
+    return math.ceil(steps / per_shard)
+
+
+def recipe_steps(recipe):
+    if recipe not in RECIPE_STEPS:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPE_STEPS)}")
+    return RECIPE_STEPS[recipe]
+
+
+@dataclass
+class ShardStatus:
+    path: str
+    num_tokens: int | None  # None when invalid
+    error: str | None
+
+
+def shard_role(filename):
+    """'val' or 'train' from the file name (…_val_000000.bin, …_train_000001.bin), None otherwise."""
+    for role in ("val", "train"):
+        if f"_{role}_" in filename:
+            return role
+    return None
+
+
+def inspect_folder(folder):
+    """Status of every .bin shard in folder, grouped by role, each group in sorted filename order (the
+    order the trainer streams them)."""
+    groups = {"val": [], "train": [], "other": []}
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".bin"):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            status = ShardStatus(path, validate_shard(path), None)
+        except ShardError as e:
+            status = ShardStatus(path, None, e.problem)
+        groups[shard_role(name) or "other"].append(status)
+    return groups
+
+
+def steps_available(train_statuses, batch=BATCH_TOKENS):
+    """Steps the train stream can feed before it reaches the first invalid shard (the trainer stops
+    there)."""
+    total = 0
+    for status in train_statuses:
+        if status.num_tokens is None:
+            break
+        total += steps_in_shard(status.num_tokens, batch)
+    return total
+
+
+def folder_report(folder, steps, batch=BATCH_TOKENS, val_tokens=VAL_TOKENS):
+    """(report lines, ok): every shard with its token count and validity, then whether the folder
+    holds enough valid data for `steps` steps of `batch` tokens and a val slice of val_tokens."""
+    groups = inspect_folder(folder)
+    lines, problems = [], []
+    for role in ("val", "train", "other"):
+        for status in groups[role]:
+            name = os.path.basename(status.path)
+            if status.num_tokens is None:
+                lines.append(f"  {role:5s} {name}  INVALID: {status.error}")
+                problems.append(f"{name} is invalid")
+            else:
+                lines.append(f"  {role:5s} {name}  {status.num_tokens:,} tokens  ok")
+    val = groups["val"]
+    if not val:
+        problems.append("no val shard (*_val_*.bin)")
+    elif val[0].num_tokens is not None and val[0].num_tokens < val_tokens:
+        problems.append(f"val shard has {val[0].num_tokens:,} tokens, fewer than the {val_tokens:,} "
+                        f"validation reads")
+    available = steps_available(groups["train"], batch)
+    train_tokens = sum(s.num_tokens for s in groups["train"] if s.num_tokens is not None)
+    lines.append(f"{len(groups['train'])} train shards, {train_tokens:,} tokens: {available} steps of "
+                 f"{batch:,} tokens; the run needs {steps}")
+    if available < steps:
+        problems.append(f"train shards feed {available} steps, the run needs {steps}")
+    lines.extend(f"NOT ENOUGH / INVALID: {p}" for p in problems)
+    if not problems:
+        lines.append("OK: valid and enough for the run")
+    return lines, not problems
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="List a folder's token shards, check them, and say "
+                                                 "whether they are enough for a recipe.")
+    parser.add_argument("folder", nargs="?", default=os.path.join(os.path.dirname(__file__), "fineweb10B"))
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--recipe", choices=sorted(RECIPE_STEPS), default=DEFAULT_RECIPE,
+                       help=f"record recipe whose step count to check against (default {DEFAULT_RECIPE})")
+    which.add_argument("--steps", type=int, help="check against this many steps instead of a recipe")
+    parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
+                        help=f"tokens per step (default {BATCH_TOKENS})")
+    parser.add_argument("--val-tokens", type=int, default=VAL_TOKENS,
+                        help=f"tokens the validation reads from the val shard (default {VAL_TOKENS})")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.folder):
+        print(f"{args.folder}: no such folder. Fetch FineWeb with `python data/cached_fineweb10B.py` "
+              f"or write synthetic shards with `python data/synthetic.py`.", file=sys.stderr)
+        return 1
+    steps = args.steps if args.steps is not None else recipe_steps(args.recipe)
+    print(f"{args.folder}:")
+    lines, ok = folder_report(args.folder, steps, args.batch_tokens, args.val_tokens)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Deterministic synthetic token shards for machines without FineWeb (the trainer's CPU preset, tests).
+
+    python data/synthetic.py                     # data/synthetic/: val 1M tokens, 2 train shards of 2M
+    python data/synthetic.py --vocab-size 50257  # same language over GPT-2's vocabulary (EOT 50256)
+
+The language: documents, each opened by EOT (id V-1) and assigned one of a few hidden topics. Inside a
+document every token follows from the previous token and the topic: each (topic, previous token) has
+SUCCESSORS candidate next tokens drawn at random once from the seed, and the next token is the
+candidate at a Zipf-distributed rank. A document ends with probability END_PROBABILITY per token.
+Unigram frequencies are nearly flat (entropy close to log V), the previous token alone already tells
+much (a bigram model's loss), and the topic, readable from the context, tells more; the entropy rate is
+about 3.0 nats against log(512) = 6.24. Same seed and sizes -> identical bytes; shard k depends only on
+the seed, its index and its size, so adding train shards leaves the others unchanged.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from shards import write_shard
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synthetic")
+DEFAULT_VOCAB_SIZE = 512
+DEFAULT_TRAIN_SHARDS = 2
+DEFAULT_TOKENS_PER_SHARD = 2_000_000
+DEFAULT_VAL_TOKENS = 1_000_000
+
+TOPICS = 4
+SUCCESSORS = 64  # candidate next tokens per (topic, previous token)
+ZIPF_EXPONENT = 1.2
+END_PROBABILITY = 1 / 128  # documents are 128 tokens long on average
+PARALLEL_DOCUMENT_STREAMS = 4096  # independent streams generated side by side, then concatenated
+
+
+def val_shard_name(prefix="synthetic"):
+    return f"{prefix}_val_{0:06d}.bin"
+
+
+def train_shard_name(index, prefix="synthetic"):
+    """Train shards are numbered from 1 (0 is the val shard), as in FineWeb."""
+    return f"{prefix}_train_{index:06d}.bin"
+
+
+def zipf_probabilities(num_ranks, exponent=ZIPF_EXPONENT):
+    weights = 1.0 / np.arange(1, num_ranks + 1) ** exponent
+    return weights / weights.sum()
+
+
+def successor_table(vocab_size, seed):
+    """table[topic, previous token, rank] -> next token, ids in [0, V-1) (never EOT). Drawn with
+    replacement, so a row may repeat a token; that only merges two ranks' probabilities."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+    return rng.integers(0, vocab_size - 1, size=(TOPICS, vocab_size, SUCCESSORS), dtype=np.int64)
+
+
+def generate_stream(table, num_tokens, rng):
+    """num_tokens tokens of the language: PARALLEL_DOCUMENT_STREAMS streams advanced together one
+    position at a time (the chain is sequential along a stream, vectorised across streams), each
+    starting with EOT, then laid end to end."""
+    vocab_size = table.shape[1]
+    eot = vocab_size - 1
+    num_streams = min(PARALLEL_DOCUMENT_STREAMS, num_tokens)
+    length = math.ceil(num_tokens / num_streams)
+    # Every random draw is made up front; the loop below only looks them up.
+    ranks = np.searchsorted(np.cumsum(zipf_probabilities(SUCCESSORS)), rng.random((length, num_streams)))
+    ranks = np.minimum(ranks, SUCCESSORS - 1)  # guards the last cumsum entry rounding below 1.0
+    ends = rng.random((length, num_streams)) < END_PROBABILITY
+    ends[0] = True
+    new_topics = rng.integers(0, TOPICS, size=(length, num_streams))
+    streams = np.empty((length, num_streams), dtype=np.int64)
+    topic = new_topics[0]
+    previous = np.full(num_streams, eot)
+    for t in range(length):
+        topic = np.where(ends[t], new_topics[t], topic)
+        previous = np.where(ends[t], eot, table[topic, previous, ranks[t]])
+        streams[t] = previous
+    return streams.T.reshape(-1)[:num_tokens]
+
+
+def entropy_rate(vocab_size):
+    """Nats per token of the language given the hidden topic (what a perfect model could reach),
+    counting rank collisions in the tables as distinct outcomes (a slight overestimate)."""
+    p = zipf_probabilities(SUCCESSORS)
+    zipf_entropy = -(p * np.log(p)).sum()
+    q = END_PROBABILITY
+    end_entropy = -(q * math.log(q) + (1 - q) * math.log(1 - q))
+    return end_entropy + (1 - q) * zipf_entropy + q * math.log(TOPICS)
+
+
+def conditional_entropy(tokens, order, vocab_size):
+    """Empirical (plug-in) entropy in nats of a token given the `order` tokens before it: the loss of
+    the best order-gram model fitted to these very tokens. order=0 is the unigram entropy."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n = tokens.size - order
+    context = np.zeros(n, dtype=np.int64)
+    for k in range(order):
+        context = context * vocab_size + tokens[k:k + n]
+    joint = context * vocab_size + tokens[order:]
+    _, joint_counts = np.unique(joint, return_counts=True)
+    _, context_counts = np.unique(context, return_counts=True)
+    # H(next | context) = H(context, next) - H(context), each from its own counts.
+    def entropy(counts):
+        p = counts / n
+        return float(-(p * np.log(p)).sum())
+    return entropy(joint_counts) - entropy(context_counts)
+
+
+def write_synthetic_shards(out_dir=DEFAULT_OUT, vocab_size=DEFAULT_VOCAB_SIZE,
+                           train_shards=DEFAULT_TRAIN_SHARDS, tokens_per_shard=DEFAULT_TOKENS_PER_SHARD,
+                           val_tokens=DEFAULT_VAL_TOKENS, seed=0):
+    """Write synthetic_val_000000.bin and synthetic_train_000001.bin ... into out_dir; return the paths,
+    val first. Token ids lie in [0, vocab_size) and EOT is vocab_size - 1."""
+    if not 2 <= vocab_size <= 65536:
+        raise ValueError(f"vocab_size must be in [2, 65536] (uint16 shards), got {vocab_size}")
+    if min(train_shards, tokens_per_shard, val_tokens) < 1:
+        raise ValueError("train_shards, tokens_per_shard and val_tokens must all be at least 1")
+    os.makedirs(out_dir, exist_ok=True)
+    table = successor_table(vocab_size, seed)
+    # Child 0 of the seed builds the table; child 1 + k writes shard k (0 = val).
+    shard_seeds = np.random.SeedSequence(seed).spawn(2 + train_shards)[1:]
+    paths = []
+    for index, shard_seed in enumerate(shard_seeds):
+        name = val_shard_name() if index == 0 else train_shard_name(index)
+        size = val_tokens if index == 0 else tokens_per_shard
+        tokens = generate_stream(table, size, np.random.default_rng(shard_seed))
+        path = os.path.join(out_dir, name)
+        write_shard(path, tokens)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write deterministic synthetic token shards.")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default data/synthetic)")
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                        help=f"V: ids in [0, V), EOT = V-1 (default {DEFAULT_VOCAB_SIZE})")
+    parser.add_argument("--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS)
+    parser.add_argument("--tokens-per-shard", type=int, default=DEFAULT_TOKENS_PER_SHARD,
+                        help="tokens per train shard")
+    parser.add_argument("--val-tokens", type=int, default=DEFAULT_VAL_TOKENS, help="tokens in the val shard")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    paths = write_synthetic_shards(args.out, args.vocab_size, args.train_shards, args.tokens_per_shard,
+                                   args.val_tokens, args.seed)
+    seconds = time.perf_counter() - start
+    total = args.val_tokens + args.train_shards * args.tokens_per_shard
+    print(f"wrote {len(paths)} shards ({total:,} tokens) to {args.out} in {seconds:.1f}s")
+    print(f"entropy (nats/token): log(V) = {math.log(args.vocab_size):.3f}, "
+          f"language given its topics = {entropy_rate(args.vocab_size):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
