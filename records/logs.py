@@ -1,0 +1,182 @@
+"""Parse training logs in the leaderboard format (SPEC §6), ours and the leaderboard's.
+
+A log is: the run's source code, a line of exactly 100 '=', then free-form lines of which these
+matter:
+- val lines `step:{s}/{T} val_loss:{x} [train_time:{t}s|ms] [step_avg:{a}ms]`; a line with
+  `step:0/` starts a new trial (several trials may share one log);
+- `diag {json}` lines (our diagnostics, SPEC §9), attached to the trial they were measured in;
+- `config {json}` lines (our resolved configuration; the "recipe" key names the recipe);
+- `Running PyTorch ... on {device} with world_size {W}` (the hardware).
+Everything else is ignored, so the leaderboard's own logs parse too.
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CODE_SEPARATOR = "=" * 100
+VAL_LINE = re.compile(r"step:(\d+)/(\d+)\s+val_loss:([0-9.]+)")
+TRAIN_TIME = re.compile(r"train_time:([0-9.]+)(ms|s)\b")
+STEP_AVG = re.compile(r"step_avg:([0-9.]+)ms")
+HARDWARE_LINE = re.compile(r"^Running PyTorch .* on (.+) with world_size (\d+)\s*$")
+DIAG_PREFIX = "diag "
+CONFIG_PREFIX = "config "
+
+
+@dataclass
+class ValPoint:
+    step: int
+    total_steps: int
+    val_loss: float
+    train_time_s: float | None = None
+    step_avg_ms: float | None = None
+
+
+@dataclass
+class Run:
+    """One trial: its validation points in log order and the diagnostics measured during it."""
+
+    path: str
+    trial: int
+    recipe: str | None
+    hardware: str | None
+    points: list[ValPoint] = field(default_factory=list)
+    diagnostics: list[dict] = field(default_factory=list)
+
+    @property
+    def total_steps(self) -> int:
+        """T of the trial (from its last val line; every val line of a trial names the same T)."""
+        return self.points[-1].total_steps
+
+    @property
+    def final_step(self) -> int:
+        return self.points[-1].step
+
+    def losses(self) -> dict[int, float]:
+        return {p.step: p.val_loss for p in self.points}
+
+
+@dataclass
+class LogFile:
+    path: str
+    code: str | None  # None when the log has no separator line (no code section)
+    runs: list[Run]
+    configs: list[dict]
+    recipe: str | None
+    hardware: str | None
+
+
+def split_code(text: str) -> tuple[str | None, str]:
+    """(code, rest): code is everything before the first line of exactly 100 '=' (line endings
+    kept, so the code round-trips byte for byte); (None, text) when there is no such line."""
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        if line.rstrip("\r\n") == CODE_SEPARATOR:
+            return text[:offset], text[offset:]
+        offset += len(line)
+    return None, text
+
+
+def parse_val_line(line: str) -> ValPoint | None:
+    match = VAL_LINE.search(line)
+    if match is None:
+        return None
+    step, total, loss = match.groups()
+    point = ValPoint(int(step), int(total), float(loss))
+    time_match = TRAIN_TIME.search(line, match.end())
+    if time_match is not None:
+        seconds = float(time_match.group(1))
+        point.train_time_s = seconds / 1000 if time_match.group(2) == "ms" else seconds
+    avg_match = STEP_AVG.search(line, match.end())
+    if avg_match is not None:
+        point.step_avg_ms = float(avg_match.group(1))
+    return point
+
+
+def parse_json_line(line: str, prefix: str) -> dict | None:
+    """The JSON object after `prefix`, or None when the line has another prefix or no valid object
+    (a malformed diagnostics line must not make a whole result set unreadable)."""
+    if not line.startswith(prefix):
+        return None
+    try:
+        value = json.loads(line[len(prefix):])
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def parse_hardware(line: str) -> str | None:
+    """'8x NVIDIA H100 80GB HBM3' from the header line that names the device and world size."""
+    match = HARDWARE_LINE.match(line)
+    if match is None:
+        return None
+    device, world_size = match.groups()
+    return f"{world_size}x {device.strip()}"
+
+
+def diag_step(diag: dict) -> int | None:
+    step = diag.get("step")
+    return step if isinstance(step, int) else None
+
+
+def parse_log_text(text: str, path: str = "<text>") -> LogFile:
+    code, rest = split_code(text)
+    runs: list[Run] = []
+    configs: list[dict] = []
+    recipe = hardware = None
+    # Diagnostics whose step lies before the current trial's latest step were measured in the next
+    # trial (written just before its `step:0/` line); they wait here until that trial starts.
+    pending_diagnostics: list[dict] = []
+    latest_step = -1
+    for line in rest.splitlines():
+        point = parse_val_line(line)
+        if point is not None:
+            if point.step == 0 or not runs:
+                runs.append(Run(path, len(runs), recipe, hardware, diagnostics=pending_diagnostics))
+                pending_diagnostics = []
+                latest_step = -1
+            runs[-1].points.append(point)
+            latest_step = max(latest_step, point.step)
+            continue
+        diag = parse_json_line(line, DIAG_PREFIX)
+        if diag is not None:
+            step = diag_step(diag)
+            belongs_to_next_trial = step is not None and step < latest_step
+            if runs and not belongs_to_next_trial and not pending_diagnostics:
+                runs[-1].diagnostics.append(diag)
+                latest_step = max(latest_step, step if step is not None else -1)
+            else:
+                pending_diagnostics.append(diag)
+            continue
+        config = parse_json_line(line, CONFIG_PREFIX)
+        if config is not None:
+            configs.append(config)
+            if isinstance(config.get("recipe"), str):
+                recipe = config["recipe"]
+                for run in runs:
+                    run.recipe = run.recipe or recipe
+            continue
+        if hardware is None:
+            hardware = parse_hardware(line)
+            if hardware is not None:
+                for run in runs:
+                    run.hardware = hardware
+    return LogFile(path, code, runs, configs, recipe, hardware)
+
+
+def read_log_text(path: str | Path) -> str:
+    """The file's text with its line endings untouched (newline='')."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def parse_log(path: str | Path) -> LogFile:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"log file not found: {path} (pass paths to logs/*.txt files)")
+    return parse_log_text(read_log_text(path), str(path))
+
+
+def runs_of(log_files: list[LogFile]) -> list[Run]:
+    return [run for log in log_files for run in log.runs]

@@ -1,0 +1,463 @@
+"""Statistics that decide a record (SPEC §1) over one or two sets of logs, plus figures.
+
+    python records/stats.py LOG... [--vs LOG...] [--plot out.png] [--markdown] [--json]
+                            [--diagnostics] [--plot-diagnostics out.png] [--label A] [--vs-label B]
+
+Every trial of every log is one run. Per validation step: mean, sample std (ddof=1; null for a
+single run) and n over the runs that logged that step. The reported step is the smallest step
+logged by ALL runs whose mean clears `(3.28 - L) * sqrt(n) >= 0.004`; a step that some runs did
+not log (a crashed run, a different T) cannot be the reported step, since its mean is not over all
+n runs. With --vs, the pairwise bar of SPEC §1 compares the first set (a) with the second (b) at
+their reported steps; its statistic is positive when a is better and null when either set never
+clears the bar.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: records/ is not a package
+
+from logs import Run, parse_log, runs_of  # noqa: E402
+
+TARGET_LOSS = 3.28
+BAR = 0.004  # one-sided z-test with sigma 0.0013 at p < 0.001 (SPEC §1)
+LOSS_PER_STEP = 0.0045 / 100  # the leaderboard's measured slope near the target (SPEC §1)
+# Logged losses are decimals (5 places); comparisons allow for the float error of their arithmetic so
+# that a mean sitting exactly on the bar counts as clearing it, as `>=` says.
+FLOAT_SLACK = 1e-12
+
+
+@dataclass
+class StepStats:
+    mean: float
+    std: float | None  # sample std (ddof=1); None with a single run
+    n: int
+
+
+@dataclass
+class ResultSet:
+    label: str
+    runs: list[Run]
+    steps: dict[int, StepStats]
+    first_passing_step: int | None
+    mean_at_first_passing_step: float | None
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+
+def step_stats(values: list[float]) -> StepStats:
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return StepStats(statistics.fmean(values), std, len(values))
+
+
+def losses_by_step(runs: list[Run]) -> dict[int, list[float]]:
+    by_step: dict[int, list[float]] = {}
+    for run in runs:
+        for step, loss in run.losses().items():
+            by_step.setdefault(step, []).append(loss)
+    return dict(sorted(by_step.items()))
+
+
+def summarize_steps(runs: list[Run]) -> dict[int, StepStats]:
+    return {step: step_stats(values) for step, values in losses_by_step(runs).items()}
+
+
+def bar_statistic(mean_loss: float, n: int) -> float:
+    """(3.28 - L) * sqrt(n) of SPEC §1."""
+    return (TARGET_LOSS - mean_loss) * math.sqrt(n)
+
+
+def clears_bar(statistic: float) -> bool:
+    return statistic >= BAR - FLOAT_SLACK
+
+
+def first_passing_step(steps: dict[int, StepStats], n_runs: int) -> int | None:
+    """Smallest step, logged by all n_runs runs, whose mean clears the bar; None if there is none."""
+    for step, stats in sorted(steps.items()):
+        if stats.n == n_runs and clears_bar(bar_statistic(stats.mean, n_runs)):
+            return step
+    return None
+
+
+def pairwise_statistic(step_a: int, loss_a: float, n_a: int,
+                       step_b: int, loss_b: float, n_b: int) -> float:
+    """SPEC §1: ((L_B - L_A) + (S_B - S_A) * 0.0045/100) / sqrt(1/n_A + 1/n_B); positive when A is
+    better (lower loss, fewer steps)."""
+    return ((loss_b - loss_a) + (step_b - step_a) * LOSS_PER_STEP) / math.sqrt(1 / n_a + 1 / n_b)
+
+
+def compare(a: ResultSet, b: ResultSet) -> dict:
+    if a.first_passing_step is None or b.first_passing_step is None:
+        return {"statistic": None, "significant": None}
+    statistic = pairwise_statistic(a.first_passing_step, a.mean_at_first_passing_step, a.n,
+                                   b.first_passing_step, b.mean_at_first_passing_step, b.n)
+    return {"statistic": statistic, "significant": clears_bar(statistic)}
+
+
+def summarize_result_set(runs: list[Run], label: str) -> ResultSet:
+    steps = summarize_steps(runs)
+    step = first_passing_step(steps, len(runs))
+    mean = steps[step].mean if step is not None else None
+    return ResultSet(label, runs, steps, step, mean)
+
+
+def load_result_set(paths: list[str], label: str) -> ResultSet:
+    runs = runs_of([parse_log(path) for path in paths])
+    if not runs:
+        raise SystemExit(f"error: no val lines (step:S/T val_loss:X) in {', '.join(paths)}; "
+                         "pass the logs/*.txt files a training run wrote")
+    return summarize_result_set(runs, label)
+
+
+def unique_values(values) -> list:
+    return sorted({v for v in values if v is not None}, key=str)
+
+
+def recipe_of(result: ResultSet) -> str | None:
+    """The set's recipe when all its runs name the same one."""
+    recipes = {run.recipe for run in result.runs}
+    return recipes.pop() if len(recipes) == 1 else None
+
+
+def consistency_warnings(result: ResultSet) -> list[str]:
+    """Pooling runs of different recipes or lengths is legal arithmetic but rarely what was meant."""
+    warnings = []
+    recipes = unique_values(run.recipe for run in result.runs)
+    if len(recipes) > 1:
+        warnings.append(f"set {result.label}: runs of different recipes are pooled: {recipes}")
+    totals = unique_values(run.total_steps for run in result.runs)
+    if len(totals) > 1:
+        warnings.append(f"set {result.label}: runs have different step counts T: {totals}")
+    partial = [step for step, s in result.steps.items() if s.n < result.n]
+    if partial:
+        warnings.append(f"set {result.label}: {len(partial)} step(s) not logged by every run "
+                        f"(e.g. {partial[:5]}); they cannot be the reported step")
+    return warnings
+
+
+def steady_step_time_ms(run: Run) -> float | None:
+    """ms per training step after the first validation interval (which holds the compilation)."""
+    timed = [p for p in run.points if p.train_time_s is not None and p.step > 0]
+    if len(timed) < 2 or timed[-1].step == timed[0].step:
+        return None
+    first, last = timed[0], timed[-1]
+    return 1000 * (last.train_time_s - first.train_time_s) / (last.step - first.step)
+
+
+def mean_step_time_ms(result: ResultSet) -> float | None:
+    times = [t for t in (steady_step_time_ms(run) for run in result.runs) if t is not None]
+    return statistics.fmean(times) if times else None
+
+
+def hardware_of(result: ResultSet) -> str | None:
+    hardware = unique_values(run.hardware for run in result.runs)
+    return ", ".join(hardware) if hardware else None
+
+
+def display_name(result: ResultSet) -> str:
+    recipe = recipe_of(result)
+    name = result.label if recipe is None or recipe == result.label else f"{result.label}: {recipe}"
+    return f"{name} (n={result.n})"
+
+
+# ---- diagnostics (SPEC §9) ----
+
+NEURON_FIELDS = ("dead_fraction", "nearly_dead_fraction")
+LEVERAGE_FIELDS = ("cv", "max_over_min", "starved_fraction")
+
+
+def diagnostics_of_kind(run: Run, kind: str) -> list[dict]:
+    return [d for d in run.diagnostics if d.get("kind") == kind and isinstance(d.get("step"), int)]
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def per_matrix_entries(value) -> list[dict]:
+    """Every object inside a leverage line that carries a CV, whatever the nesting (one line per
+    matrix, or a dict / list of matrices), so the summary does not depend on the exact layout."""
+    if isinstance(value, dict):
+        own = [value] if is_number(value.get("cv")) else []
+        return own + [e for v in value.values() if isinstance(v, (dict, list))
+                      for e in per_matrix_entries(v)]
+    if isinstance(value, list):
+        return [e for v in value for e in per_matrix_entries(v)]
+    return []
+
+
+def mean_over_runs_by_step(per_run: list[dict[int, float]]) -> dict[int, StepStats]:
+    """Per step, the mean over the runs that have a value there."""
+    by_step: dict[int, list[float]] = {}
+    for values in per_run:
+        for step, value in values.items():
+            by_step.setdefault(step, []).append(value)
+    return {step: step_stats(v) for step, v in sorted(by_step.items())}
+
+
+def neuron_series(run: Run, field_name: str) -> dict[int, float]:
+    return {d["step"]: float(d[field_name]) for d in diagnostics_of_kind(run, "neurons")
+            if is_number(d.get(field_name))}
+
+
+def leverage_series(run: Run, field_name: str) -> dict[int, float]:
+    """Per step, the mean of a leverage statistic over the matrices reported at that step."""
+    values: dict[int, list[float]] = {}
+    for diag in diagnostics_of_kind(run, "leverage"):
+        for entry in per_matrix_entries(diag):
+            if is_number(entry.get(field_name)):
+                values.setdefault(diag["step"], []).append(float(entry[field_name]))
+    return {step: statistics.fmean(v) for step, v in values.items()}
+
+
+def diagnostics_groups(results: list[ResultSet]) -> dict[str, list[Run]]:
+    """Runs grouped by recipe ('unknown' without a config line), prefixed by the set's label when
+    two sets are compared."""
+    groups: dict[str, list[Run]] = {}
+    for result in results:
+        for run in result.runs:
+            recipe = run.recipe or "unknown"
+            name = f"{result.label}:{recipe}" if len(results) > 1 else recipe
+            groups.setdefault(name, []).append(run)
+    return groups
+
+
+def summarize_diagnostics(results: list[ResultSet]) -> dict[str, dict[str, dict[int, StepStats]]]:
+    """{group: {statistic: {step: mean over runs}}}: dead/nearly-dead neuron fractions and the mean
+    over matrices of each leverage statistic; statistics no run reported are left out."""
+    summary = {}
+    for name, runs in diagnostics_groups(results).items():
+        series = {f: mean_over_runs_by_step([neuron_series(r, f) for r in runs])
+                  for f in NEURON_FIELDS}
+        series |= {f"leverage_{f}": mean_over_runs_by_step([leverage_series(r, f) for r in runs])
+                   for f in LEVERAGE_FIELDS}
+        summary[name] = {f: s for f, s in series.items() if s}
+    return summary
+
+
+# ---- output ----
+
+def fmt(value: float | None, digits: int = 5) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def steps_json(steps: dict[int, StepStats]) -> dict:
+    return {str(step): {"mean": s.mean, "std": s.std, "n": s.n} for step, s in steps.items()}
+
+
+def result_json(result: ResultSet) -> dict:
+    return {"n": result.n, "first_passing_step": result.first_passing_step,
+            "mean_at_first_passing_step": result.mean_at_first_passing_step,
+            "steps": steps_json(result.steps)}
+
+
+def diagnostics_json(summary: dict) -> dict:
+    return {group: {f: {str(step): {"mean": s.mean, "n": s.n} for step, s in series.items()}
+                    for f, series in stats.items()}
+            for group, stats in summary.items()}
+
+
+def passing_summary(result: ResultSet) -> str:
+    if result.first_passing_step is None:
+        return f"never clears the bar (3.28 - L) * sqrt(n) >= {BAR} at a step logged by all runs"
+    mean = result.mean_at_first_passing_step
+    return (f"first passing step {result.first_passing_step}, mean val loss {mean:.5f}, "
+            f"(3.28 - L) * sqrt(n) = {bar_statistic(mean, result.n):.5f} with n={result.n}")
+
+
+def pairwise_line(pairwise: dict, a: ResultSet, b: ResultSet) -> str:
+    if pairwise["statistic"] is None:
+        return f"pairwise {a.label} vs {b.label}: undefined (a set never clears the bar)"
+    verdict = "significant" if pairwise["significant"] else "not significant"
+    return (f"pairwise {a.label} vs {b.label}: statistic {pairwise['statistic']:.5f} "
+            f"(positive favours {a.label}; >= {BAR} is significant): {verdict}")
+
+
+def text_report(result: ResultSet) -> str:
+    lines = [f"== {display_name(result)}: {len(result.runs)} run(s) from "
+             f"{len({run.path for run in result.runs})} log(s)",
+             f"{'step':>6} {'mean':>9} {'std':>9} {'n':>4}"]
+    lines += [f"{step:>6} {s.mean:>9.5f} {fmt(s.std):>9} {s.n:>4}" for step, s in result.steps.items()]
+    lines.append(f"{display_name(result)}: {passing_summary(result)}")
+    return "\n".join(lines)
+
+
+def markdown_summary_row(result: ResultSet) -> str:
+    step = result.first_passing_step
+    std = result.steps[step].std if step is not None else None
+    totals = unique_values(run.total_steps for run in result.runs)
+    step_time = mean_step_time_ms(result)
+    cells = [recipe_of(result) or result.label, "/".join(map(str, totals)), "never" if step is None else str(step),
+             str(result.n), fmt(result.mean_at_first_passing_step), fmt(std),
+             "-" if step_time is None else f"{step_time:.1f} ms", hardware_of(result) or "-"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_report(results: list[ResultSet], pairwise: dict | None) -> str:
+    lines = ["| recipe | train steps | reported step | n | mean val loss | std | step time | hardware |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [markdown_summary_row(result) for result in results]
+    if pairwise is not None:
+        lines += ["", pairwise_line(pairwise, *results)]
+    for result in results:
+        lines += ["", f"{display_name(result)}, val loss per step:", "",
+                  "| step | mean | std | n |", "| --- | --- | --- | --- |"]
+        lines += [f"| {step} | {s.mean:.5f} | {fmt(s.std)} | {s.n} |"
+                  for step, s in result.steps.items()]
+    return "\n".join(lines)
+
+
+def diagnostics_report(summary: dict) -> str:
+    lines = []
+    for group, series in summary.items():
+        lines.append(f"== diagnostics, {group} (mean over runs)")
+        if not series:
+            lines.append("no diag lines")
+            continue
+        names = list(series)
+        steps = sorted({step for s in series.values() for step in s})
+        lines.append(f"{'step':>6} " + " ".join(f"{name:>24}" for name in names))
+        for step in steps:
+            cells = [fmt(series[name][step].mean if step in series[name] else None) for name in names]
+            lines.append(f"{step:>6} " + " ".join(f"{cell:>24}" for cell in cells))
+    return "\n".join(lines)
+
+
+# ---- figures ----
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only; works on machines without a display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def zoom_start(results: list[ResultSet]) -> int:
+    """The zoomed panel shows the last 15% of the longest run, where the bar is decided."""
+    return int(0.85 * max(run.total_steps for result in results for run in result.runs))
+
+
+def plot_curves(results: list[ResultSet], path: str) -> None:
+    plt = pyplot()
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5))
+    start = zoom_start(results)
+    for result in results:
+        steps = list(result.steps)
+        means = [s.mean for s in result.steps.values()]
+        line, = full.plot(steps, means, label=display_name(result))
+        tail = [step for step in steps if step >= start]
+        tail_means = [result.steps[step].mean for step in tail]
+        tail_stds = [result.steps[step].std or 0.0 for step in tail]
+        zoom.plot(tail, tail_means, marker=".", color=line.get_color(), label=display_name(result))
+        zoom.fill_between(tail, [m - s for m, s in zip(tail_means, tail_stds)],
+                          [m + s for m, s in zip(tail_means, tail_stds)],
+                          color=line.get_color(), alpha=0.15)
+        if result.first_passing_step is not None:
+            zoom.axvline(result.first_passing_step, color=line.get_color(), linestyle=":")
+    for ax in (full, zoom):
+        ax.axhline(TARGET_LOSS, color="black", linestyle="--", linewidth=1, label="3.28")
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean val loss")
+        ax.grid(alpha=0.3)
+    full.set_ylim(TARGET_LOSS - 0.1, 4.5)  # the first steps (~10.8) would flatten everything else
+    full.set_title("val loss (mean over runs)")
+    zoom.set_title(f"zoom: steps >= {start} (band: ±1 std; dotted: first passing step)")
+    zoom.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_diagnostics(summary: dict, path: str) -> None:
+    plt = pyplot()
+    fig, (neurons, leverage) = plt.subplots(1, 2, figsize=(13, 5))
+    for group, series in summary.items():
+        color = None
+        for name, style in (("dead_fraction", "-"), ("nearly_dead_fraction", "--")):
+            if name in series:
+                line, = neurons.plot(list(series[name]), [s.mean for s in series[name].values()],
+                                     linestyle=style, color=color, label=f"{group} {name}")
+                color = line.get_color()
+        if "leverage_starved_fraction" in series:
+            s = series["leverage_starved_fraction"]
+            leverage.plot(list(s), [v.mean for v in s.values()], color=color, label=group)
+    neurons.set_title("MLP neurons: dead (solid) and nearly dead (dashed), mean over runs")
+    neurons.set_ylabel("fraction of neurons")
+    leverage.set_title("leverage: starved-row fraction, mean over matrices and runs")
+    leverage.set_ylabel("fraction of rows")
+    for ax in (neurons, leverage):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- command line ----
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logs", nargs="+", metavar="LOG", help="log files of set a (each trial is a run)")
+    parser.add_argument("--vs", nargs="+", metavar="LOG", help="log files of set b for the pairwise test")
+    parser.add_argument("--label", default="a", help="name of the first set (default: a)")
+    parser.add_argument("--vs-label", default="b", help="name of the --vs set (default: b)")
+    parser.add_argument("--plot", metavar="PNG", help="write mean val-loss curves to this PNG")
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables for a records README")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="summarize diag lines (dead neurons, leverage) per recipe")
+    parser.add_argument("--plot-diagnostics", metavar="PNG", help="plot the diagnostics summary to this PNG")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        results = [load_result_set(args.logs, args.label)]
+        if args.vs:
+            results.append(load_result_set(args.vs, args.vs_label))
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    pairwise = compare(*results) if len(results) == 2 else None
+    for result in results:
+        for warning in consistency_warnings(result):
+            print(f"warning: {warning}", file=sys.stderr)
+    diagnostics = (summarize_diagnostics(results)
+                   if args.diagnostics or args.plot_diagnostics else None)
+
+    if args.json:
+        payload = ({"a": result_json(results[0]), "b": result_json(results[1]), "pairwise": pairwise}
+                   if pairwise is not None else result_json(results[0]))
+        if args.diagnostics:
+            payload["diagnostics"] = diagnostics_json(diagnostics)
+        print(json.dumps(payload, indent=1))
+    elif args.markdown:
+        print(markdown_report(results, pairwise))
+    else:
+        print("\n\n".join(text_report(result) for result in results))
+        if pairwise is not None:
+            print(pairwise_line(pairwise, *results))
+    if args.diagnostics and not args.json:
+        print(diagnostics_report(diagnostics))
+    if args.plot:
+        plot_curves(results, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if args.plot_diagnostics:
+        plot_diagnostics(diagnostics, args.plot_diagnostics)
+        print(f"wrote {args.plot_diagnostics}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

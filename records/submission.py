@@ -1,0 +1,139 @@
+"""Leaderboard submission tools: cut the code out of a log, and check that a log set is complete.
+
+    python records/submission.py extract LOG [-o out.py]
+    python records/submission.py check LOG... [--n N]
+
+`extract` writes the code section (everything before the first line of 100 '=') byte for byte, which
+is how the leaderboard reproduces a submission. `check` verifies what a submission needs: every log
+has a code section and it is the same in every log; every run has the same step count T and logged
+its final step T (no per-run early stopping); there are n runs (at least N if given); the mean over
+all runs clears the bar of SPEC §1. It prints each check and exits 1 if any fails.
+"""
+
+import argparse
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: records/ is not a package
+
+from logs import LogFile, parse_log, runs_of  # noqa: E402
+from stats import BAR, passing_summary, summarize_result_set, unique_values  # noqa: E402
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def code_digest(code: str) -> str:
+    return hashlib.sha256(code.encode("utf-8")).hexdigest()[:12]
+
+
+def check_code(logs: list[LogFile]) -> Check:
+    missing = [log.path for log in logs if not log.code]
+    if missing:
+        return Check("code", False, "no code section (nothing before a line of 100 '=') in: "
+                     + ", ".join(missing))
+    digests: dict[str, list[str]] = {}
+    for log in logs:
+        digests.setdefault(code_digest(log.code), []).append(log.path)
+    if len(digests) > 1:
+        groups = "; ".join(f"sha256 {d}: {', '.join(paths)}" for d, paths in digests.items())
+        return Check("code", False, f"the logs hold {len(digests)} different codes: {groups}")
+    return Check("code", True, f"the same code in all {len(logs)} log(s) (sha256 {next(iter(digests))})")
+
+
+def check_step_counts(logs: list[LogFile]) -> Check:
+    runs = runs_of(logs)
+    if not runs:
+        return Check("steps", False, "no val lines (step:S/T val_loss:X) in any log")
+    totals = unique_values(run.total_steps for run in runs)
+    if len(totals) > 1:
+        per_run = ", ".join(f"{run.path}#{run.trial}: T={run.total_steps}" for run in runs)
+        return Check("steps", False, f"runs have different step counts T {totals}: {per_run}")
+    unfinished = [f"{run.path}#{run.trial} (last step {run.final_step})"
+                  for run in runs if run.final_step != run.total_steps]
+    if unfinished:
+        return Check("steps", False, f"runs that did not log their final step {totals[0]}: "
+                     + ", ".join(unfinished))
+    return Check("steps", True, f"every run trained and validated to step T={totals[0]}")
+
+
+def check_run_count(logs: list[LogFile], minimum: int | None) -> Check:
+    n = len(runs_of(logs))
+    if minimum is not None and n < minimum:
+        return Check("runs", False, f"{n} run(s), fewer than the required {minimum}")
+    if n == 0:
+        return Check("runs", False, "no runs")
+    required = f" (required: at least {minimum})" if minimum is not None else ""
+    return Check("runs", True, f"{n} run(s){required}")
+
+
+def check_bar(logs: list[LogFile]) -> Check:
+    runs = runs_of(logs)
+    if not runs:
+        return Check("bar", False, "no runs")
+    result = summarize_result_set(runs, "submission")
+    passed = result.first_passing_step is not None
+    return Check("bar", passed, passing_summary(result))
+
+
+def check_submission(logs: list[LogFile], minimum_runs: int | None) -> list[Check]:
+    return [check_code(logs), check_step_counts(logs), check_run_count(logs, minimum_runs),
+            check_bar(logs)]
+
+
+def extract(log_path: str, out_path: str | None) -> int:
+    log = parse_log(log_path)
+    if log.code is None:
+        print(f"error: {log_path} has no line of 100 '=' so it holds no code section; "
+              "only logs written by train_gpt.py (or the leaderboard) can be extracted", file=sys.stderr)
+        return 1
+    if out_path is None:
+        sys.stdout.write(log.code)
+        return 0
+    with open(out_path, "w", encoding="utf-8", newline="") as f:  # newline='': keep the bytes
+        f.write(log.code)
+    print(f"wrote {out_path} ({len(log.code.splitlines())} lines) from {log_path}", file=sys.stderr)
+    return 0
+
+
+def check(log_paths: list[str], minimum_runs: int | None) -> int:
+    checks = check_submission([parse_log(path) for path in log_paths], minimum_runs)
+    for c in checks:
+        print(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+    failed = [c.name for c in checks if not c.passed]
+    print(f"submission {'incomplete: ' + ', '.join(failed) + ' failed' if failed else 'complete'} "
+          f"(bar: (3.28 - L) * sqrt(n) >= {BAR})")
+    return 1 if failed else 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    extract_parser = commands.add_parser("extract", help="write the code section of a log to a file")
+    extract_parser.add_argument("log", metavar="LOG")
+    extract_parser.add_argument("-o", "--output", metavar="OUT.py", help="output file (default: stdout)")
+    check_parser = commands.add_parser("check", help="check that a log set is a complete submission")
+    check_parser.add_argument("logs", nargs="+", metavar="LOG")
+    check_parser.add_argument("--n", type=int, metavar="N", help="require at least N runs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "extract":
+            return extract(args.log, args.output)
+        return check(args.logs, args.n)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""records/logs.py and records/stats.py on logs written here in the leaderboard format (SPEC §6)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+RECORDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "records")
+sys.path.insert(0, RECORDS)
+
+import logs  # noqa: E402
+import stats  # noqa: E402
+
+SEPARATOR = "=" * 100
+CODE = "import torch\nprint('train')\n"
+
+
+def val_line(step, total, loss, train_time_s=None):
+    line = f"step:{step}/{total} val_loss:{loss:.5f}"
+    if train_time_s is not None:
+        line += f" train_time:{train_time_s:.3f}s step_avg:{1000 * train_time_s / max(step, 1):.2f}ms"
+    return line
+
+
+def write_log(path, trials, total, code=CODE, extra_before=(), extra_per_step=None, train_time=None):
+    """A log as train_gpt.py writes it: code, separator, header, separator, then for every trial its
+    val lines (trials: list of {step: loss}); extra_per_step(trial, step) gives lines after a val line;
+    train_time(step) gives the cumulative training seconds."""
+    lines = [SEPARATOR, "Running PyTorch 2.11.0 compiled for CUDA 13.0 on NVIDIA H100 80GB HBM3 "
+             "with world_size 8", SEPARATOR, *extra_before]
+    for trial, losses in enumerate(trials):
+        for step, loss in losses.items():
+            lines.append(val_line(step, total, loss, train_time(step) if train_time else None))
+            if extra_per_step:
+                lines += extra_per_step(trial, step)
+    path.write_text(code + "\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+# Set a: 4 runs of T=1000. Step 500: mean 3.29 fails. Step 750: losses 3.276, 3.278, 3.277, 3.277,
+# mean 3.277, (3.28 - 3.277) * sqrt(4) = 0.006 >= 0.004 passes -> first passing step 750.
+# std at 750 (ddof=1): deviations -0.001, +0.001, 0, 0 -> sqrt(2e-6 / 3) = 0.00081650.
+SET_A = [
+    {0: 10.8258, 500: 3.288, 750: 3.276, 1000: 3.270},
+    {0: 10.8258, 500: 3.292, 750: 3.278, 1000: 3.272},
+    {0: 10.8258, 500: 3.290, 750: 3.277, 1000: 3.271},
+    {0: 10.8258, 500: 3.290, 750: 3.277, 1000: 3.271},
+]
+# Set b: 1 run. Step 750: (3.28 - 3.279) * 1 = 0.001 fails; step 1000: 3.275 -> 0.005 passes.
+SET_B = [{0: 10.8258, 500: 3.300, 750: 3.279, 1000: 3.275}]
+
+
+@pytest.fixture
+def set_a(tmp_path):
+    # Two runs per file (multi-trial logs), two files.
+    return [write_log(tmp_path / "a0.txt", SET_A[:2], 1000), write_log(tmp_path / "a1.txt", SET_A[2:], 1000)]
+
+
+@pytest.fixture
+def set_b(tmp_path):
+    return [write_log(tmp_path / "b0.txt", SET_B, 1000)]
+
+
+def run_stats_json(capsys, argv):
+    assert stats.main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_multi_trial_log_yields_one_run_per_trial(set_a):
+    log = logs.parse_log(set_a[0])
+    assert [run.losses() for run in log.runs] == SET_A[:2]
+    assert [run.trial for run in log.runs] == [0, 1]
+    assert log.code == CODE
+    assert log.hardware == "8x NVIDIA H100 80GB HBM3"
+    assert log.runs[0].total_steps == 1000 and log.runs[0].final_step == 1000
+
+
+def test_per_step_mean_std_n(set_a):
+    result = stats.load_result_set(set_a, "a")
+    assert result.n == 4
+    assert sorted(result.steps) == [0, 500, 750, 1000]
+    assert result.steps[750].mean == pytest.approx(3.277, abs=1e-12)
+    assert result.steps[750].std == pytest.approx(math.sqrt(2e-6 / 3), rel=1e-9)  # 0.00081650
+    assert result.steps[500].mean == pytest.approx(3.29, abs=1e-12)
+    assert result.steps[0].std == pytest.approx(0.0, abs=1e-12)
+    assert all(s.n == 4 for s in result.steps.values())
+
+
+def test_single_run_has_no_std(set_b):
+    result = stats.load_result_set(set_b, "b")
+    assert result.steps[1000].std is None and result.steps[1000].n == 1
+
+
+def test_first_passing_step_and_its_mean(set_a, set_b):
+    a = stats.load_result_set(set_a, "a")
+    assert a.first_passing_step == 750
+    assert a.mean_at_first_passing_step == pytest.approx(3.277, abs=1e-12)
+    b = stats.load_result_set(set_b, "b")
+    assert b.first_passing_step == 1000
+    assert b.mean_at_first_passing_step == pytest.approx(3.275, abs=1e-12)
+
+
+def test_mean_exactly_on_the_bar_clears_it(tmp_path):
+    # n=1, L=3.276: (3.28 - 3.276) * 1 = 0.004 exactly, which `>=` accepts (float error aside).
+    result = stats.load_result_set([write_log(tmp_path / "x.txt", [{0: 10.8, 100: 3.276}], 100)], "x")
+    assert result.first_passing_step == 100
+
+
+def test_step_missing_from_a_run_cannot_be_reported(tmp_path):
+    # Run 2 did not log step 50, where run 1 alone would pass; the mean over all runs first exists
+    # and passes at step 100: losses 3.270, 3.272 -> (3.28 - 3.271) * sqrt(2) = 0.0127.
+    paths = [write_log(tmp_path / "r1.txt", [{0: 10.8, 50: 3.20, 100: 3.270}], 100),
+             write_log(tmp_path / "r2.txt", [{0: 10.8, 100: 3.272}], 100)]
+    result = stats.load_result_set(paths, "a")
+    assert result.steps[50].n == 1
+    assert result.first_passing_step == 100
+    assert any("not logged by every run" in w for w in stats.consistency_warnings(result))
+
+
+def test_set_that_never_passes(tmp_path):
+    result = stats.load_result_set([write_log(tmp_path / "x.txt", [{0: 10.8, 100: 3.2790}], 100)], "x")
+    assert result.first_passing_step is None and result.mean_at_first_passing_step is None
+
+
+def test_pairwise_statistic_hand_computed():
+    # a: S=750, L=3.277, n=4; b: S=1000, L=3.275, n=1.
+    # ((3.275 - 3.277) + (1000 - 750) * 0.0045 / 100) / sqrt(1/4 + 1/1)
+    #   = (-0.002 + 0.01125) / sqrt(1.25) = 0.00925 * 0.894427191 = 0.0082734515
+    assert stats.pairwise_statistic(750, 3.277, 4, 1000, 3.275, 1) == pytest.approx(0.0082734515, rel=1e-8)
+    # Swapping the sets flips the sign: positive means the first set is better.
+    assert stats.pairwise_statistic(1000, 3.275, 1, 750, 3.277, 4) == pytest.approx(-0.0082734515, rel=1e-8)
+
+
+def test_json_schema_single_set(capsys, set_a):
+    payload = run_stats_json(capsys, set_a)
+    assert set(payload) == {"n", "first_passing_step", "mean_at_first_passing_step", "steps"}
+    assert payload["n"] == 4 and payload["first_passing_step"] == 750
+    assert payload["mean_at_first_passing_step"] == pytest.approx(3.277, abs=1e-12)
+    assert set(payload["steps"]) == {"0", "500", "750", "1000"}
+    assert set(payload["steps"]["750"]) == {"mean", "std", "n"}
+    assert payload["steps"]["750"]["n"] == 4
+
+
+def test_json_schema_with_vs(capsys, set_a, set_b):
+    payload = run_stats_json(capsys, [*set_a, "--vs", *set_b])
+    assert set(payload) == {"a", "b", "pairwise"}
+    assert payload["a"]["first_passing_step"] == 750 and payload["b"]["first_passing_step"] == 1000
+    assert payload["b"]["steps"]["1000"]["std"] is None
+    assert payload["pairwise"]["statistic"] == pytest.approx(0.0082734515, rel=1e-8)
+    assert payload["pairwise"]["significant"] is True  # 0.00827 >= 0.004
+
+
+def test_json_pairwise_is_null_when_a_set_never_passes(capsys, tmp_path, set_a):
+    never = write_log(tmp_path / "never.txt", [{0: 10.8, 1000: 3.2795}], 1000)
+    payload = run_stats_json(capsys, [*set_a, "--vs", never])
+    assert payload["b"]["first_passing_step"] is None
+    assert payload["b"]["mean_at_first_passing_step"] is None
+    assert payload["pairwise"] == {"statistic": None, "significant": None}
+
+
+def diag_lines(trial, step):
+    """Neuron diagnostics written after each val line: dead fraction 0.1 * (trial + 1) * step/1000,
+    plus a leverage line with two matrices and an unknown field."""
+    dead = 0.1 * (trial + 1) * step / 1000
+    neurons = {"step": step, "kind": "neurons", "dead_fraction": dead, "nearly_dead_fraction": 2 * dead,
+               "dead_per_layer": [dead, dead], "some_future_field": {"x": 1}}
+    leverage = {"step": step, "kind": "leverage", "matrices": {
+        "blocks.0.mlp.fc.weight": {"cv": 0.2, "max_over_min": 5.0, "starved_fraction": 0.1},
+        "blocks.0.mlp.proj.weight": {"cv": 0.4, "max_over_min": 9.0, "starved_fraction": 0.3}}}
+    return [f"diag {json.dumps(neurons)}", f"diag {json.dumps(leverage)}", "some other line"]
+
+
+def test_diagnostic_and_config_lines_are_parsed_and_attached_to_their_trial(tmp_path):
+    config = 'config {"recipe": "muon", "lr": 0.025}'
+    path = write_log(tmp_path / "d.txt", SET_A[:2], 1000, extra_before=[config, "config not json"],
+                     extra_per_step=diag_lines)
+    log = logs.parse_log(path)
+    assert log.recipe == "muon" and log.configs == [{"recipe": "muon", "lr": 0.025}]
+    assert [run.losses() for run in log.runs] == SET_A[:2]  # diag lines never count as val lines
+    assert all(run.recipe == "muon" for run in log.runs)
+    second = log.runs[1]
+    assert [d["step"] for d in second.diagnostics if d["kind"] == "neurons"] == [0, 500, 750, 1000]
+    assert stats.neuron_series(second, "dead_fraction")[1000] == pytest.approx(0.2)
+
+
+def test_diagnostics_written_before_their_val_line_join_the_right_trial(tmp_path):
+    # Here each trial's diag line precedes its val line, so trial 2's step-0 diag comes right after
+    # trial 1's step-1000 val line.
+    lines = [SEPARATOR, SEPARATOR]
+    for trial in range(2):
+        for step in (0, 1000):
+            lines.append("diag " + json.dumps({"step": step, "kind": "neurons", "dead_fraction": trial}))
+            lines.append(val_line(step, 1000, 3.0))
+    path = tmp_path / "before.txt"
+    path.write_text("\n".join(lines) + "\n")
+    runs = logs.parse_log(path).runs
+    assert [[d["dead_fraction"] for d in run.diagnostics] for run in runs] == [[0, 0], [1, 1]]
+
+
+def test_diagnostics_summary_means_over_runs(tmp_path):
+    path = write_log(tmp_path / "d.txt", SET_A[:2], 1000, extra_before=['config {"recipe": "aurora"}'],
+                     extra_per_step=diag_lines)
+    summary = stats.summarize_diagnostics([stats.load_result_set([path], "a")])
+    assert list(summary) == ["aurora"]
+    dead = summary["aurora"]["dead_fraction"]
+    # step 1000: trials give 0.1 and 0.2 -> mean 0.15 over n=2 runs.
+    assert dead[1000].mean == pytest.approx(0.15) and dead[1000].n == 2
+    assert summary["aurora"]["nearly_dead_fraction"][1000].mean == pytest.approx(0.3)
+    # leverage: mean over the two matrices, identical in both runs.
+    assert summary["aurora"]["leverage_cv"][500].mean == pytest.approx(0.3)
+    assert summary["aurora"]["leverage_starved_fraction"][500].mean == pytest.approx(0.2)
+
+
+def test_leaderboard_style_log(tmp_path):
+    # train_time in ms, training lines without val_loss, no config or diag lines.
+    text = (CODE + SEPARATOR + "\nRunning PyTorch 2.10.0 compiled for CUDA 12.8 on NVIDIA H100 with world_size 8\n"
+            + SEPARATOR + "\nstep:0/200 val_loss:10.8258 train_time:0ms step_avg:nanms\n"
+            "step:1/200 train_time:120ms step_avg:120.00ms\n"
+            "step:100/200 val_loss:3.5000 train_time:15000ms step_avg:150.00ms\n"
+            "step:200/200 val_loss:3.2700 train_time:30000ms step_avg:150.00ms\n"
+            "peak memory allocated: 30000 MiB\n")
+    (run,) = logs.parse_log_text(text).runs
+    assert run.losses() == {0: 10.8258, 100: 3.5, 200: 3.27}
+    assert run.points[1].train_time_s == pytest.approx(15.0)
+    assert run.points[0].step_avg_ms is None
+    assert stats.steady_step_time_ms(run) == pytest.approx(150.0)  # (30 - 15) s / 100 steps
+
+
+def test_text_and_markdown_output(capsys, set_a, set_b):
+    assert stats.main([*set_a, "--vs", *set_b]) == 0
+    out = capsys.readouterr().out
+    assert "first passing step 750, mean val loss 3.27700" in out
+    assert "statistic 0.00827" in out and ": significant" in out
+    assert stats.main([*set_a, "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| a | 1000 | 750 | 4 | 3.27700 | 0.00082 | - | 8x NVIDIA H100 80GB HBM3 |" in out
+    assert "| 750 | 3.27700 | 0.00082 | 4 |" in out
+
+
+def test_plots_write_pngs(tmp_path, set_a, set_b):
+    diag = write_log(tmp_path / "d.txt", SET_A[:2], 1000, extra_per_step=diag_lines)
+    curves, diagnostics = tmp_path / "curves.png", tmp_path / "diag.png"
+    assert stats.main([*set_a, "--vs", diag, "--plot", str(curves), "--plot-diagnostics", str(diagnostics)]) == 0
+    for png in (curves, diagnostics):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_command_line_script(tmp_path, set_a):
+    done = subprocess.run([sys.executable, os.path.join(RECORDS, "stats.py"), *set_a, "--json"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["first_passing_step"] == 750
+    missing = subprocess.run([sys.executable, os.path.join(RECORDS, "stats.py"), str(tmp_path / "nope.txt")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope.txt" in missing.stderr
