@@ -323,10 +323,10 @@ def diagnostics_report(summary: dict) -> str:
             continue
         names = list(series)
         steps = sorted({step for s in series.values() for step in s})
-        lines.append(f"{'step':>6} " + " ".join(f"{name:>24}" for name in names))
+        lines.append(f"{'step':>6}  " + "  ".join(names))
         for step in steps:
             cells = [fmt(series[name][step].mean if step in series[name] else None) for name in names]
-            lines.append(f"{step:>6} " + " ".join(f"{cell:>24}" for cell in cells))
+            lines.append(f"{step:>6}  " + "  ".join(f"{c:>{len(n)}}" for c, n in zip(cells, names)))
     return "\n".join(lines)
 
 
@@ -340,8 +340,11 @@ def pyplot():
 
 
 def zoom_start(results: list[ResultSet]) -> int:
-    """The zoomed panel shows the last 15% of the longest run, where the bar is decided."""
-    return int(0.85 * max(run.total_steps for result in results for run in result.runs))
+    """The zoomed panel shows where the bar is decided: the last 15% of the longest run, extended
+    back to the earliest first passing step."""
+    start = int(0.85 * max(run.total_steps for result in results for run in result.runs))
+    passing = [r.first_passing_step for r in results if r.first_passing_step is not None]
+    return min([start, *passing])
 
 
 def plot_curves(results: list[ResultSet], path: str) -> None:

@@ -1,0 +1,111 @@
+"""records/submission.py: cutting the code out of a log, and checking a log set for a submission."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+RECORDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "records")
+sys.path.insert(0, RECORDS)
+
+import submission  # noqa: E402
+
+SEPARATOR = "=" * 100
+# Code with the things a naive cut would damage: no trailing newline trimming, CRLF line ending,
+# trailing spaces, non-ASCII text, a line of 99 '=' (not a separator) and a val-loss-like string.
+CODE = ("import sys\r\n"
+        "banner = '" + "=" * 99 + "'\n"
+        "msg = 'step:1/2 val_loss:9.0 — ünïcode'   \n"
+        "\n"
+        "print(6 * 7)\n")
+
+
+def write_log(path, trials, total, code=CODE):
+    lines = [SEPARATOR, "Running PyTorch 2.11.0 compiled for CUDA 13.0 on NVIDIA H100 with world_size 8", SEPARATOR]
+    for losses in trials:
+        lines += [f"step:{s}/{total} val_loss:{loss:.5f} train_time:{s * 0.15:.3f}s step_avg:150.00ms"
+                  for s, loss in losses.items()]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(code + "\n".join(lines) + "\n")
+    return str(path)
+
+
+# Two runs passing at step 100: mean 3.271, (3.28 - 3.271) * sqrt(2) = 0.0127 >= 0.004.
+GOOD = [{0: 10.8258, 50: 3.40, 100: 3.270}, {0: 10.8258, 50: 3.41, 100: 3.272}]
+
+
+def run_check(capsys, paths, *extra):
+    code = submission.main(["check", *paths, *extra])
+    return code, capsys.readouterr().out
+
+
+def test_extract_round_trips_code_exactly(tmp_path):
+    out = tmp_path / "extracted.py"
+    assert submission.main(["extract", write_log(tmp_path / "log.txt", GOOD, 100), "-o", str(out)]) == 0
+    assert out.read_bytes() == CODE.encode("utf-8")
+
+
+def test_extracted_code_runs(tmp_path):
+    out = tmp_path / "extracted.py"
+    script = os.path.join(RECORDS, "submission.py")
+    log = write_log(tmp_path / "log.txt", GOOD, 100)
+    subprocess.run([sys.executable, script, "extract", log, "-o", str(out)], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, check=True)
+    assert done.stdout == "42\n"
+
+
+def test_extract_refuses_a_log_without_code(tmp_path, capsys):
+    path = tmp_path / "nocode.txt"
+    path.write_text("step:0/10 val_loss:10.8\n")
+    assert submission.main(["extract", str(path), "-o", str(tmp_path / "x.py")]) == 1
+    assert "nocode.txt" in capsys.readouterr().err
+    assert not (tmp_path / "x.py").exists()
+
+
+def test_complete_submission_passes(tmp_path, capsys):
+    paths = [write_log(tmp_path / "a.txt", GOOD[:1], 100), write_log(tmp_path / "b.txt", GOOD[1:], 100)]
+    code, out = run_check(capsys, paths, "--n", "2")
+    assert code == 0, out
+    assert "FAIL" not in out and "first passing step 100" in out
+
+
+def test_check_flags_mismatched_code(tmp_path, capsys):
+    paths = [write_log(tmp_path / "a.txt", GOOD[:1], 100),
+             write_log(tmp_path / "b.txt", GOOD[1:], 100, code=CODE.replace("6 * 7", "6 * 8"))]
+    code, out = run_check(capsys, paths)
+    assert code == 1
+    assert "FAIL code" in out and "2 different codes" in out and "b.txt" in out
+    assert "PASS steps" in out and "PASS bar" in out
+
+
+def test_check_flags_different_step_counts(tmp_path, capsys):
+    paths = [write_log(tmp_path / "a.txt", GOOD[:1], 100),
+             write_log(tmp_path / "b.txt", [{0: 10.8258, 50: 3.41, 120: 3.272}], 120)]
+    code, out = run_check(capsys, paths)
+    assert code == 1 and "FAIL steps" in out and "[100, 120]" in out
+
+
+def test_check_flags_a_run_stopped_early(tmp_path, capsys):
+    # The second trial stops at step 50 of T=100 (per-run early stopping or a crash).
+    path = write_log(tmp_path / "a.txt", [GOOD[0], {0: 10.8258, 50: 3.27}], 100)
+    code, out = run_check(capsys, [path])
+    assert code == 1 and "FAIL steps" in out and "last step 50" in out
+
+
+def test_check_flags_failing_bar(tmp_path, capsys):
+    # Mean 3.2785 at step 100: (3.28 - 3.2785) * sqrt(2) = 0.0021 < 0.004.
+    trials = [{0: 10.8258, 100: 3.278}, {0: 10.8258, 100: 3.279}]
+    code, out = run_check(capsys, [write_log(tmp_path / "a.txt", trials, 100)])
+    assert code == 1 and "FAIL bar" in out and "never clears the bar" in out
+
+
+def test_check_flags_too_few_runs(tmp_path, capsys):
+    code, out = run_check(capsys, [write_log(tmp_path / "a.txt", GOOD, 100)], "--n", "3")
+    assert code == 1 and "FAIL runs: 2 run(s), fewer than the required 3" in out
+
+
+@pytest.mark.parametrize("argv", [["extract"], ["check"]])
+def test_missing_file_is_a_clear_error(tmp_path, capsys, argv):
+    assert submission.main([*argv, str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
