@@ -165,9 +165,13 @@ def parse_log_text(text: str, path: str = "<text>") -> LogFile:
     return LogFile(path, code, runs, configs, recipe, hardware)
 
 
+# Bytes that are not UTF-8 survive as surrogates, so even such a log's code round-trips exactly.
+LOG_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
+
+
 def read_log_text(path: str | Path) -> str:
     """The file's text with its line endings untouched (newline='')."""
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, **LOG_ENCODING) as f:
         return f.read()
 
 

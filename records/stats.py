@@ -117,7 +117,7 @@ def load_result_set(paths: list[str], label: str) -> ResultSet:
 
 
 def unique_values(values) -> list:
-    return sorted({v for v in values if v is not None}, key=str)
+    return sorted({v for v in values if v is not None})
 
 
 def recipe_of(result: ResultSet) -> str | None:
@@ -260,8 +260,8 @@ def result_json(result: ResultSet) -> dict:
 
 def diagnostics_json(summary: dict) -> dict:
     return {group: {f: {str(step): {"mean": s.mean, "n": s.n} for step, s in series.items()}
-                    for f, series in stats.items()}
-            for group, stats in summary.items()}
+                    for f, series in series_by_field.items()}
+            for group, series_by_field in summary.items()}
 
 
 def passing_summary(result: ResultSet) -> str:
@@ -294,8 +294,9 @@ def markdown_summary_row(result: ResultSet) -> str:
     std = result.steps[step].std if step is not None else None
     totals = unique_values(run.total_steps for run in result.runs)
     step_time = mean_step_time_ms(result)
-    cells = [recipe_of(result) or result.label, "/".join(map(str, totals)), "never" if step is None else str(step),
-             str(result.n), fmt(result.mean_at_first_passing_step), fmt(std),
+    cells = [recipe_of(result) or result.label, "/".join(map(str, totals)),
+             "never" if step is None else str(step), str(result.n),
+             fmt(result.mean_at_first_passing_step), fmt(std),
              "-" if step_time is None else f"{step_time:.1f} ms", hardware_of(result) or "-"]
     return "| " + " | ".join(cells) + " |"
 
@@ -347,6 +348,16 @@ def zoom_start(results: list[ResultSet]) -> int:
     return min([start, *passing])
 
 
+def curve_ylim(results: list[ResultSet]) -> tuple[float, float]:
+    """From just below the lower of 3.28 and the lowest mean up to the highest mean after step 0:
+    the step-0 loss (ln 50304 = 10.8) would flatten everything else."""
+    means = [s.mean for r in results for step, s in r.steps.items() if step > 0]
+    means = means or [s.mean for r in results for s in r.steps.values()]
+    low, high = min(min(means), TARGET_LOSS), max(max(means), TARGET_LOSS)
+    margin = 0.05 * (high - low) + 0.01
+    return low - margin, high + margin
+
+
 def plot_curves(results: list[ResultSet], path: str) -> None:
     plt = pyplot()
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5))
@@ -369,7 +380,7 @@ def plot_curves(results: list[ResultSet], path: str) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("mean val loss")
         ax.grid(alpha=0.3)
-    full.set_ylim(TARGET_LOSS - 0.1, 4.5)  # the first steps (~10.8) would flatten everything else
+    full.set_ylim(*curve_ylim(results))
     full.set_title("val loss (mean over runs)")
     zoom.set_title(f"zoom: steps >= {start} (band: ±1 std; dotted: first passing step)")
     zoom.legend()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: records/ is not a package
 
-from logs import LogFile, parse_log, runs_of  # noqa: E402
+from logs import LOG_ENCODING, LogFile, parse_log, runs_of  # noqa: E402
 from stats import BAR, passing_summary, summarize_result_set, unique_values  # noqa: E402
 
 
@@ -30,7 +30,7 @@ class Check:
 
 
 def code_digest(code: str) -> str:
-    return hashlib.sha256(code.encode("utf-8")).hexdigest()[:12]
+    return hashlib.sha256(code.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def check_code(logs: list[LogFile]) -> Check:
@@ -96,7 +96,7 @@ def extract(log_path: str, out_path: str | None) -> int:
     if out_path is None:
         sys.stdout.write(log.code)
         return 0
-    with open(out_path, "w", encoding="utf-8", newline="") as f:  # newline='': keep the bytes
+    with open(out_path, "w", **LOG_ENCODING) as f:
         f.write(log.code)
     print(f"wrote {out_path} ({len(log.code.splitlines())} lines) from {log_path}", file=sys.stderr)
     return 0

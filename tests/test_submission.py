@@ -109,3 +109,12 @@ def test_check_flags_too_few_runs(tmp_path, capsys):
 def test_missing_file_is_a_clear_error(tmp_path, capsys, argv):
     assert submission.main([*argv, str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_extract_keeps_bytes_that_are_not_utf8(tmp_path):
+    code = b"x = 1  # latin-1 caf\xe9\n"
+    log = tmp_path / "latin1.txt"
+    log.write_bytes(code + SEPARATOR.encode() + b"\nstep:0/1 val_loss:10.8\n")
+    out = tmp_path / "x.py"
+    assert submission.main(["extract", str(log), "-o", str(out)]) == 0
+    assert out.read_bytes() == code
