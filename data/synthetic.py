@@ -34,6 +34,7 @@ SUCCESSORS = 64  # candidate next tokens per (topic, previous token)
 ZIPF_EXPONENT = 1.2
 END_PROBABILITY = 1 / 128  # documents are 128 tokens long on average
 PARALLEL_DOCUMENT_STREAMS = 4096  # independent streams generated side by side, then concatenated
+MIN_STREAM_LENGTH = 1024  # each stream starts a fresh document; long streams keep that rare
 
 
 def val_shard_name(prefix="synthetic"):
@@ -60,23 +61,29 @@ def successor_table(vocab_size, seed):
 def generate_stream(table, num_tokens, rng):
     """num_tokens tokens of the language: PARALLEL_DOCUMENT_STREAMS streams advanced together one
     position at a time (the chain is sequential along a stream, vectorised across streams), each
-    starting with EOT, then laid end to end."""
+    starting with EOT, then laid end to end (a stream's last document is cut short)."""
     vocab_size = table.shape[1]
     eot = vocab_size - 1
-    num_streams = min(PARALLEL_DOCUMENT_STREAMS, num_tokens)
-    length = math.ceil(num_tokens / num_streams)
+    length = max(MIN_STREAM_LENGTH, math.ceil(num_tokens / PARALLEL_DOCUMENT_STREAMS))
+    num_streams = math.ceil(num_tokens / length)
+    last_token = num_tokens - 1 - (num_streams - 1) * length  # where the output ends in the last stream
     # Every random draw is made up front; the loop below only looks them up.
     ranks = np.searchsorted(np.cumsum(zipf_probabilities(SUCCESSORS)), rng.random((length, num_streams)))
     ranks = np.minimum(ranks, SUCCESSORS - 1)  # guards the last cumsum entry rounding below 1.0
     ends = rng.random((length, num_streams)) < END_PROBABILITY
+    # Neither a stream nor the output ends with EOT, so no empty document where streams or shards meet;
+    # every stream starts with one.
+    ends[-1] = False
+    ends[last_token, -1] = False
     ends[0] = True
     new_topics = rng.integers(0, TOPICS, size=(length, num_streams))
     streams = np.empty((length, num_streams), dtype=np.int64)
     topic = new_topics[0]
     previous = np.full(num_streams, eot)
     for t in range(length):
-        topic = np.where(ends[t], new_topics[t], topic)
-        previous = np.where(ends[t], eot, table[topic, previous, ranks[t]])
+        end = ends[t] & (previous != eot) if t else ends[t]  # no empty documents
+        topic = np.where(end, new_topics[t], topic)
+        previous = np.where(end, eot, table[topic, previous, ranks[t]])
         streams[t] = previous
     return streams.T.reshape(-1)[:num_tokens]
 
