@@ -64,8 +64,10 @@ def failure_hint(error):
     return f"the download from {constants.ENDPOINT} failed"
 
 
-def retry_advice(num_train_shards):
+def retry_advice(num_train_shards, local_dir):
     command = f"python data/cached_fineweb10B.py {num_train_shards}"
+    if os.path.abspath(local_dir) != DEFAULT_DIR:
+        command += f" --dir {local_dir}"
     return "\n".join([
         f"To retry (files already complete are skipped):  {command}",
         f"Behind a firewall, use a mirror:                 HF_ENDPOINT=https://hf-mirror.com {command}",
@@ -105,14 +107,14 @@ def fetch_shards(num_train_shards, local_dir=DEFAULT_DIR, log=print):
             path, downloaded = fetch_shard(filename, local_dir)
         except ShardError as e:
             raise DownloadError(f"{e}\nThe downloaded file is not a valid shard; delete it and retry.\n"
-                                f"{retry_advice(num_train_shards)}") from e
+                                f"{retry_advice(num_train_shards, local_dir)}") from e
         except (HfHubHTTPError, OfflineModeIsEnabled, LocalEntryNotFoundError, ValueError, OSError) as e:
             cause = hub_error(e)
             raise DownloadError(
                 f"could not download {filename} from the {REPO_TYPE} {REPO_ID} into {local_dir}: "
                 f"{failure_hint(cause)}.\n  ({type(cause).__name__}: {cause})\n"
                 f"{len(paths)} of {len(filenames)} files are complete.\n"
-                f"{retry_advice(num_train_shards)}") from e
+                f"{retry_advice(num_train_shards, local_dir)}") from e
         log(f"{filename}: {'downloaded and verified' if downloaded else 'already complete, skipped'}")
         paths.append(path)
     return paths

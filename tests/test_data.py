@@ -225,7 +225,7 @@ def test_failing_download_gives_a_readable_error(tmp_path, monkeypatch, capsys, 
     assert "could not download fineweb_train_000002.bin from the dataset kjj0/fineweb10B-gpt2" in message
     assert hint in message and type(error).__name__ in message
     assert "2 of 4 files are complete" in message
-    assert "python data/cached_fineweb10B.py 3" in message
+    assert f"python data/cached_fineweb10B.py 3 --dir {tmp_path}" in message
     assert "HF_HUB_OFFLINE=1" in message and "HF_ENDPOINT=" in message
     assert len(hub.calls) == 3  # stopped at the failure
 
