@@ -1,0 +1,341 @@
+"""Step time, tokens/s, peak memory and MFU of the three record recipes, measured side by side.
+
+    python benchmarks/step.py                  # full size (SPEC §3, §5) on the GPU
+    python benchmarks/step.py --tiny           # train_gpt's CPU preset sizes, seconds on a CPU
+    python benchmarks/step.py --json --iters 20 --warmup 3 --recipes aurora,muon
+
+For every recipe of train_gpt.RECIPES, in one process, it times:
+  (a) the optimizer step alone, with fixed random gradients: the matrix optimizer (Muon, NorMuon or
+      Aurora) over the model's hidden matrices, and the recipe's whole optimizer set (AdamW + the
+      matrix optimizer). The learning rates are set to 0 for (a), which does the same work but leaves
+      the weights to (b);
+  (b) a full training step on one device: forward and backward over every micro-batch of one step
+      (8 micro-batches of 64x1024 tokens at full size), then the optimizers' steps.
+Recipes run round-robin (aurora, normuon, muon, aurora, ...) so drift on a shared machine hits them
+alike; warmup iterations (compilation) are excluded; the numbers are medians. The data are uniform
+random tokens, the same for every recipe. MFU is the full step's model FLOP/s (flops_per_token below)
+over the bf16 matmul rate this process measures on the same device.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt  # noqa: E402  (the repo root must be on sys.path first)
+
+BASELINE = "muon"
+GPU_MATMUL_SIZE = 8192
+CPU_MATMUL_SIZE = 2048
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model FLOPs per token (forward + backward), the numerator of MFU
+
+
+def matmul_params(config):
+    """Weights that multiply activations: per block q, k, v, attention proj (4 d^2) and the MLP's fc
+    and proj (8 d^2), plus the head (d V). The embedding is a lookup, not a matmul."""
+    d = config.model_dim
+    return 12 * config.num_layers * d * d + d * config.vocab_size
+
+
+def causal_attention_flops_per_token(config):
+    """Forward + backward FLOPs of QK^T and AV per token. A query at position t (1-based) sees t keys:
+    QK^T and AV each take 2 * head_dim * t FLOPs per head, so 4 * d * t over the heads (heads * head_dim
+    = d). Averaged over t = 1..T that is 4 * d * (T + 1) / 2 = 2 * d * (T + 1) forward; backward is
+    twice the forward (two matmuls per forward matmul), so 6 * d * (T + 1) per layer."""
+    return 6 * config.num_layers * config.model_dim * (config.seq_len + 1)
+
+
+def flops_per_token(config):
+    """Model FLOPs of one training token: 6 * matmul_params (2 forward + 4 backward per weight) plus
+    causal attention. Not counted: biases, norms, rotary, relu^2, soft-cap, softmax and cross-entropy
+    (elementwise, a fraction of a percent), attention recomputation in the backward kernel, and the
+    masked half of the attention matrix. The nanoGPT/PaLM convention 6N + 12 * L * d * T counts the
+    full (non-causal) T x T attention instead; it is reported alongside for comparison."""
+    matmul = 6 * matmul_params(config)
+    attention = causal_attention_flops_per_token(config)
+    return {"matmul_params": matmul_params(config), "matmul": matmul, "attention": attention,
+            "total": matmul + attention,
+            "noncausal_convention_total": matmul + 12 * config.num_layers * config.model_dim * config.seq_len}
+
+
+def describe_flops(config, flops):
+    L, d, T, V = config.num_layers, config.model_dim, config.seq_len, config.vocab_size
+    return (f"FLOPs per token = 6 * N_matmul + 6 * L * d * (T + 1) = 6 * {flops['matmul_params']:,} + "
+            f"6 * {L} * {d} * {T + 1} = {flops['total']:,}\n"
+            f"  N_matmul = 12 * L * d^2 + d * V (blocks' q, k, v, attention proj, MLP fc/proj, and the head; "
+            f"L={L}, d={d}, V={V}); fwd 2 + bwd 4 FLOPs per weight per token\n"
+            f"  causal attention: a query at position t sees t keys (mean (T + 1) / 2); QK^T + AV fwd = "
+            f"4 * d * (T + 1) / 2 per layer, bwd = 2 x fwd; not counted: elementwise ops, the embedding "
+            f"lookup, flash-attention recomputation\n"
+            f"  (the nanoGPT/PaLM convention 6N + 12 * L * d * T, non-causal, gives "
+            f"{flops['noncausal_convention_total']:,})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurements: timing, the device's bf16 matmul rate, memory
+
+
+def timed(device, fn):
+    """Seconds that fn() takes, the device's queued work included."""
+    train_gpt.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    train_gpt.synchronize(device)
+    return time.perf_counter() - start
+
+
+def matmul_rate(device, size, reps=10):
+    """FLOP/s of a size^3 bf16 matmul on `device`: median of `reps` timed products after one warmup."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    timed(device, lambda: a @ b)
+    seconds = statistics.median(timed(device, lambda: a @ b) for _ in range(reps))
+    return 2 * size ** 3 / seconds
+
+
+def peak_rss_bytes():
+    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024
+
+
+def tensor_bytes(tensors):
+    """Bytes of the distinct storages behind `tensors`."""
+    storages = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def resident_bytes(model, optimizers):
+    """What a recipe keeps between steps: weights, buffers and optimizer state (grads are None)."""
+    state = [v for opt in optimizers for s in opt.state.values() for v in s.values()]
+    return tensor_bytes(list(model.parameters()) + list(model.buffers()) + state)
+
+
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# One recipe: its own model and optimizers
+
+
+class RecipeBench:
+    """A recipe's model (compiled as train_gpt compiles it) and optimizer set (train_gpt.build_optimizers),
+    with the three timed operations."""
+
+    def __init__(self, recipe, hp, device, seed):
+        self.recipe = recipe
+        self.device = device
+        self.raw_model = train_gpt.GPT(hp.model).to(device)
+        train_gpt.init_parameters(self.raw_model, torch.Generator().manual_seed(seed))
+        self.model = torch.compile(self.raw_model, dynamic=False)
+        self.optimizers = train_gpt.build_optimizers(self.raw_model, recipe)
+        matrix_class = train_gpt.MATRIX_OPTIMIZERS[recipe.matrix_optimizer]
+        self.matrix_optimizer = next(opt for opt in self.optimizers if isinstance(opt, matrix_class))
+        self.hidden_matrices = sum(len(group["params"]) for group in self.matrix_optimizer.param_groups)
+
+    def set_gradients(self, grads):
+        for param, grad in zip(self.raw_model.parameters(), grads):
+            param.grad = grad
+
+    def optimizer_steps(self, optimizers, grads):
+        """(a): steps with the given gradients and lr 0 (the same work, the weights stay as they are)."""
+        self.set_gradients(grads)
+        train_gpt.set_lr(self.optimizers, 0.0)
+        return timed(self.device, lambda: [opt.step() for opt in optimizers])
+
+    def train_step(self, buffer, seq_len, micro_seqs):
+        """(b): one full training step at the recipe's initial learning rates; returns (seconds, loss)."""
+        self.raw_model.zero_grad(set_to_none=True)
+        train_gpt.set_lr(self.optimizers, 1.0)
+        losses = []
+
+        def step():
+            # The forward/backward/step of train_gpt.train_trial's loop, single process.
+            for inputs, targets in train_gpt.micro_batches(buffer, seq_len, micro_seqs):
+                loss = self.model(inputs, targets)
+                loss.backward()
+                losses.append(loss.detach())
+            for optimizer in self.optimizers:
+                optimizer.step()
+
+        seconds = timed(self.device, step)
+        return seconds, float(sum(losses))
+
+
+def random_gradients(model, generator):
+    """One fixed N(0, 1) gradient per parameter (its dtype), shared by every recipe's step (a)."""
+    return [torch.randn(p.shape, generator=generator).to(p.device, p.dtype) for p in model.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def ratios_vs_baseline(recipes, keys, baseline=BASELINE):
+    """{"aurora/muon": {key: aurora[key] / muon[key]}, ...} for every recipe but the baseline."""
+    if baseline not in recipes:
+        return {}
+    return {f"{name}/{baseline}": {key: numbers[key] / recipes[baseline][key] for key in keys}
+            for name, numbers in recipes.items() if name != baseline}
+
+
+RATIO_KEYS = ("matrix_step_ms", "optimizer_set_ms", "train_step_ms")
+
+
+def run_benchmark(recipe_names, tiny, iters, warmup, seed=0):
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    hp = train_gpt.TINY if tiny else train_gpt.FULL
+    layout = train_gpt.batch_layout(hp, 1)
+    seq_len = hp.model.seq_len
+    tokens_per_step = layout.rank_seqs * seq_len
+    flops = flops_per_token(hp.model)
+    matmul_size = GPU_MATMUL_SIZE if device.type == "cuda" else CPU_MATMUL_SIZE
+    rate_before = matmul_rate(device, matmul_size)
+
+    benches = {name: RecipeBench(train_gpt.RECIPES[name], hp, device, seed) for name in recipe_names}
+    generator = torch.Generator().manual_seed(seed)
+    grads = random_gradients(next(iter(benches.values())).raw_model, generator)
+    buffer = torch.randint(0, hp.model.vocab_size, (tokens_per_step + 1,), generator=generator).to(device)
+
+    times = {name: {key: [] for key in RATIO_KEYS} for name in recipe_names}
+    peaks = {name: 0 for name in recipe_names}
+    for iteration in range(warmup + iters):
+        for name, bench in benches.items():  # round-robin: every recipe once per iteration
+            matrix_s = bench.optimizer_steps([bench.matrix_optimizer], grads)
+            set_s = bench.optimizer_steps(bench.optimizers, grads)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device) - resident_bytes(bench.raw_model, bench.optimizers)
+            train_s, loss = bench.train_step(buffer, seq_len, layout.micro_seqs)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"benchmarks/step.py: recipe {name}: loss {loss} at iteration {iteration}")
+            if iteration < warmup:
+                continue
+            for key, seconds in zip(RATIO_KEYS, (matrix_s, set_s, train_s)):
+                times[name][key].append(1000 * seconds)
+            # CUDA: this step's peak less what the other recipes (and the shared data) hold, i.e. this
+            # recipe's weights + optimizer state + the step's transient peak. CPU: the process's peak RSS.
+            peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else peak_rss_bytes()
+            peaks[name] = max(peaks[name], peak)
+    rate = max(rate_before, matmul_rate(device, matmul_size))
+
+    recipes = {}
+    for name in recipe_names:
+        numbers = {key: statistics.median(values) for key, values in times[name].items()}
+        numbers["samples_ms"] = times[name]
+        tokens_per_s = tokens_per_step / (numbers["train_step_ms"] / 1000)
+        numbers.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops["total"] / rate,
+                       peak_memory_mib=peaks[name] / 2 ** 20, hidden_matrices=benches[name].hidden_matrices)
+        recipes[name] = numbers
+    return {
+        "device": device_name(device), "torch": torch.__version__,
+        "compiled": os.environ.get("TORCH_COMPILE_DISABLE", "0") in ("", "0"),
+        "size": "tiny" if tiny else "full", "model": dataclasses.asdict(hp.model),
+        "tokens_per_step": tokens_per_step, "micro_batches": layout.rank_seqs // layout.micro_seqs,
+        "micro_batch": [layout.micro_seqs, seq_len], "data": "uniform random tokens, the same for every recipe",
+        "iters": iters, "warmup": warmup,
+        "matmul_rate_flops": rate, "matmul_size": matmul_size,
+        "flops_per_token": flops,
+        "peak_memory_kind": ("torch.cuda.max_memory_allocated during the full step, less the other recipes' "
+                             "resident state" if device.type == "cuda" else
+                             "process peak RSS (resource.getrusage; the whole process, all recipes)"),
+        "optimizer_set": "AdamW (embedding, head, <2-D params) + the matrix optimizer",
+        "recipes": recipes, "ratios": ratios_vs_baseline(recipes, RATIO_KEYS),
+    }
+
+
+def format_report(result):
+    model = result["model"]
+    lines = [
+        f"device: {result['device']}   torch {result['torch']}   "
+        f"{'compiled' if result['compiled'] else 'uncompiled (TORCH_COMPILE_DISABLE=1)'}",
+        f"size: {result['size']} ({model['num_layers']} layers, width {model['model_dim']}, head dim "
+        f"{model['head_dim']}, vocab {model['vocab_size']}); {result['tokens_per_step']:,} tokens per step = "
+        f"{result['micro_batches']} micro-batches of {result['micro_batch'][0]}x{result['micro_batch'][1]}; "
+        f"data: {result['data']}",
+        f"timing: median of {result['iters']} iteration(s) after {result['warmup']} warmup, recipes round-robin",
+        f"bf16 matmul rate: {result['matmul_rate_flops'] / 1e12:.3f} TFLOP/s "
+        f"({result['matmul_size']}^3, the faster of before and after the recipes)",
+        describe_flops(train_gpt.ModelConfig(**model), result["flops_per_token"]),
+        f"(a) matrix step: the matrix optimizer over the hidden matrices; optimizer set: {result['optimizer_set']}; "
+        f"random N(0,1) gradients, lr 0",
+        f"(b) train step: forward + backward over all micro-batches + every optimizer's step; "
+        f"MFU = tokens/s * FLOPs per token / bf16 matmul rate",
+        f"peak memory: {result['peak_memory_kind']}",
+        "",
+        f"{'recipe':<8} {'matrices':>8} {'(a) matrix ms':>14} {'(a) opt set ms':>15} {'(b) step ms':>12} "
+        f"{'tokens/s':>11} {'MFU':>7} {'peak MiB':>9}",
+    ]
+    for name, r in result["recipes"].items():
+        lines.append(f"{name:<8} {r['hidden_matrices']:>8} {r['matrix_step_ms']:>14.2f} {r['optimizer_set_ms']:>15.2f} "
+                     f"{r['train_step_ms']:>12.2f} {r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>6.2f}% "
+                     f"{r['peak_memory_mib']:>9,.0f}")
+    for pair, ratios in result["ratios"].items():
+        lines.append(f"{pair:<14} (a) matrix {ratios['matrix_step_ms']:.3f}x   (a) opt set "
+                     f"{ratios['optimizer_set_ms']:.3f}x   (b) train step {ratios['train_step_ms']:.3f}x")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="train_gpt's CPU preset sizes (TINY) instead of full size")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per recipe (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation)")
+    parser.add_argument("--recipes", default="aurora,normuon,muon",
+                        help=f"comma-separated, of {', '.join(train_gpt.RECIPES)}; ratios are vs {BASELINE}")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
+    unknown = [name for name in args.recipes if name not in train_gpt.RECIPES]
+    if unknown or not args.recipes or len(set(args.recipes)) != len(args.recipes):
+        parser.error(f"--recipes {','.join(args.recipes)!s}: give distinct names from "
+                     f"{', '.join(train_gpt.RECIPES)} (unknown: {', '.join(unknown) or 'none'})")
+    if args.iters < 1 or args.warmup < 0:
+        parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("full size needs a CUDA GPU (a step holds ~13 GiB of fp32 logits per micro-batch); "
+                     "on this machine run with --tiny")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = run_benchmark(args.recipes, args.tiny, args.iters, args.warmup, args.seed)
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
