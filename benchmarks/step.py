@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402  (the repo root must be on sys.path first)
 
 BASELINE = "muon"
-GPU_MATMUL_SIZE = 8192
-CPU_MATMUL_SIZE = 2048
+# bf16 matmul rate: (size, products per timing). 8192^3 takes ~1.5 ms on an H100, 2048^3 ~50 ms on a CPU core.
+MATMUL_SHAPES = {"cuda": (8192, 20), "cpu": (2048, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,13 +97,19 @@ def timed(device, fn):
     return time.perf_counter() - start
 
 
-def matmul_rate(device, size, reps=10):
-    """FLOP/s of a size^3 bf16 matmul on `device`: median of `reps` timed products after one warmup."""
+def matmul_rate(device, size, per_sample, samples=5):
+    """FLOP/s of size^3 bf16 matmuls on `device`: the median of `samples` timings of `per_sample`
+    back-to-back products (enough that launch and sync overhead do not count), after one warmup."""
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    timed(device, lambda: a @ b)
-    seconds = statistics.median(timed(device, lambda: a @ b) for _ in range(reps))
-    return 2 * size ** 3 / seconds
+
+    def products():
+        for _ in range(per_sample):
+            a @ b
+
+    timed(device, products)
+    seconds = statistics.median(timed(device, products) for _ in range(samples))
+    return 2 * size ** 3 * per_sample / seconds
 
 
 def peak_rss_bytes():
@@ -220,8 +226,8 @@ def run_benchmark(recipe_names, tiny, iters, warmup, seed=0):
     seq_len = hp.model.seq_len
     tokens_per_step = layout.rank_seqs * seq_len
     flops = flops_per_token(hp.model)
-    matmul_size = GPU_MATMUL_SIZE if device.type == "cuda" else CPU_MATMUL_SIZE
-    rate_before = matmul_rate(device, matmul_size)
+    matmul_size, per_sample = MATMUL_SHAPES[device.type]
+    rate_before = matmul_rate(device, matmul_size, per_sample)
 
     benches = {name: RecipeBench(train_gpt.RECIPES[name], hp, device, seed) for name in recipe_names}
     generator = torch.Generator().manual_seed(seed)
@@ -248,7 +254,7 @@ def run_benchmark(recipe_names, tiny, iters, warmup, seed=0):
             # recipe's weights + optimizer state + the step's transient peak. CPU: the process's peak RSS.
             peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else peak_rss_bytes()
             peaks[name] = max(peaks[name], peak)
-    rate = max(rate_before, matmul_rate(device, matmul_size))
+    rate = max(rate_before, matmul_rate(device, matmul_size, per_sample))
 
     recipes = {}
     for name in recipe_names:
