@@ -1,0 +1,531 @@
+"""Matrix optimizers of the three record recipes: Muon, NorMuon and Aurora (SPEC sections 7 and 8).
+
+Use them like any torch.optim optimizer, for the 2-D hidden matrices of a model:
+
+    opt = Aurora(model.blocks.parameters(), lr=0.0375, contra=0.4, uw_floor=0.35)
+    loss.backward(); opt.step(); opt.zero_grad()
+
+The math is a set of small pure functions (polar, aurora_polar, ...). Each optimizer stacks the
+matrices of one shape so one batched polar serves them all, runs that update math through
+torch.compile (TORCH_COMPILE_DISABLE=1 runs it eagerly), and, when a torch.distributed process
+group is initialized, splits the stacked matrices across ranks and all-gathers the results, so that
+every rank ends the step with the same parameters and optimizer state. Gradients must already be
+summed across ranks (the trainer does that) before step().
+
+This file imports only the standard library and torch and has no top-level side effects:
+train_gpt.py inlines its text into the single-file script that every log carries.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+# --------------------------------------------------------------------------------------------
+# Orthogonalization: odd quintic Newton-Schulz iterations towards the polar factor U V^T.
+# --------------------------------------------------------------------------------------------
+
+# (a, b, c) of X <- a X + (b A + c A^2) X with A = X X^T, used 12 times by the records.
+REFERENCE_POLAR_COEFFICIENTS = (2.0, -1.5, 0.5)
+REFERENCE_POLAR_ITERATIONS = 12
+
+# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932): one minimax-optimal odd
+# quintic per iteration, 5 iterations, computed for a 2% safety margin (cushion 2) as in the
+# modded-nanogpt speedrun; the input is therefore scaled by 1 / (1.02 ||X||_F).
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_SAFETY = 1.02
+
+
+def odd_quintic_polar(X, coefficient_schedule, norm_safety=1.0, dtype=torch.bfloat16):
+    """Runs X <- a X + (b A + c A^2) X, A = X X^T, once per (a, b, c) of the schedule.
+
+    Works on the last two dims (leading dims are a batch) in `dtype`, on the wide orientation
+    (so A is the smaller Gram matrix), after dividing each matrix by norm_safety * ||X||_F + 1e-7.
+    """
+    X = X.to(dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * norm_safety + 1e-7)
+    for a, b, c in coefficient_schedule:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+def polar(X, dtype=torch.bfloat16):
+    """The records' polar(X) (SPEC 7): 12 reference iterations in bf16; singular values -> ~1.
+
+    `dtype` exists for Riemannian Aurora's float32 retraction; the recipes use the bf16 default.
+    """
+    schedule = (REFERENCE_POLAR_COEFFICIENTS,) * REFERENCE_POLAR_ITERATIONS
+    return odd_quintic_polar(X, schedule, 1.0, dtype)
+
+
+def polar_express(X):
+    """Polar Express (SPEC 8): 5 bf16 iterations with per-iteration coefficients. Not a record default."""
+    return odd_quintic_polar(X, POLAR_EXPRESS_COEFFICIENTS, POLAR_EXPRESS_SAFETY, torch.bfloat16)
+
+
+POLAR_BACKENDS = {"polar": polar, "polar_express": polar_express}
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces of the update rules.
+# --------------------------------------------------------------------------------------------
+
+def momentum_step_(momenta, grads, momentum):
+    """m = lerp(m, g, 1 - mu), in place on lists of buffers (SPEC 7)."""
+    torch._foreach_lerp_(momenta, grads, 1 - momentum)
+
+
+def nesterov_direction(grad, momentum_buffer, momentum):
+    """Nesterov direction u = lerp(g, m, mu) from the already updated buffer m (SPEC 7)."""
+    return grad.lerp(momentum_buffer, momentum)
+
+
+def aspect_scale(rows, cols):
+    """sqrt(max(1, rows/cols)): Muon's factor that gives tall updates the RMS of square ones."""
+    return max(1.0, rows / cols) ** 0.5
+
+
+def tall_leverage(P):
+    """l_i = ||P_i||^2 over the rows of P in its tall orientation (columns of a wide P), float32."""
+    P = P.float()
+    return P.square().sum(-1) if P.size(-2) >= P.size(-1) else P.square().sum(-2)
+
+
+def rows_to_norm(X, norm):
+    """X (float32) with every row rescaled to Euclidean norm `norm` (zero rows stay zero)."""
+    X = X.float()
+    return X * (norm / X.norm(dim=-1, keepdim=True).clamp_min(1e-10))
+
+
+def normuon_normalize(O, second_moment, beta2):
+    """NorMuon (SPEC 7): row (rows >= cols) or column second-moment normalization of the scaled
+    orthogonal update O, keeping its Frobenius norm. Returns (normalized O, new second moment)."""
+    f = O.float().norm(dim=(-2, -1), keepdim=True)
+    reduce_dim = -1 if O.size(-2) >= O.size(-1) else -2
+    mean_square = O.float().square().mean(dim=reduce_dim, keepdim=True)
+    second_moment = second_moment.lerp(mean_square, 1 - beta2)
+    O = O * second_moment.clamp_min(1e-10).rsqrt().to(O.dtype)
+    O = O * f / O.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
+    return O, second_moment
+
+
+def u_normuon_tall(P):
+    """U-NorMuon (SPEC 8) for a tall polar factor P (m x n): every row at norm sqrt(n/m), i.e.
+    uniform leverage; this replaces both the aspect factor and the second-moment normalization."""
+    return rows_to_norm(P, (P.size(-1) / P.size(-2)) ** 0.5)
+
+
+def top_singular_value(U, rounds=5):
+    """sigma_max of each matrix (float32) by power iteration on U^T U from the normalized all-ones
+    vector, sigma = ||U v||; shape (..., 1, 1).
+
+    The matrix-vector products are written as multiply-and-sum because torch.matmul sends a batch
+    of one to a different kernel (other rounding), which would make a rank's result depend on how
+    many matrices it was given.
+    """
+    U = U.float()
+    v = torch.ones(*U.shape[:-2], 1, U.size(-1), dtype=U.dtype, device=U.device)
+    v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-10)
+    for _ in range(rounds):
+        Uv = (U * v).sum(-1, keepdim=True)
+        v = (U * Uv).sum(-2, keepdim=True)
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-10)
+    return (U * v).sum(-1, keepdim=True).norm(dim=(-2, -1), keepdim=True)
+
+
+def contra_direction(U):
+    """Contra-Muon direction g = u / sigma_max(u), float32 (Aurora step 1)."""
+    return U.float() / top_singular_value(U).clamp_min(1e-10)
+
+
+def contra_mix(P, g, contra):
+    """Aurora step 3: Q = P - (c/2) g, rescaled back to ||P||_F."""
+    P = P.float()
+    f = P.norm(dim=(-2, -1), keepdim=True)
+    Q = P - (contra / 2) * g
+    return Q * f / Q.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
+
+
+def uw_floor(Q, W, floor):
+    """Aurora step 5: scales Q up so that ||Q||_F / ||W||_F is at least `floor`."""
+    w = W.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
+    q = Q.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
+    return torch.where(q / w < floor, Q * floor * w / q, Q)
+
+
+# --------------------------------------------------------------------------------------------
+# Aurora's polar factor with uniform leverage: vanilla (the record) and Riemannian (SPEC 8).
+# --------------------------------------------------------------------------------------------
+
+def aurora_polar(G, pp_iterations=2, pp_beta=0.5, polar_fn=polar):
+    """Aurora step 2 (SPEC 7): an orthogonal P whose tall-orientation rows have norm ~sqrt(n/m).
+
+    Square G: polar(G). Otherwise, on the tall orientation U (m x n, float32), row-rescale
+    D = 1/||U_i||, then repeat P = polar(D U) and D *= ((n/m) / ||P_i||^2)^pp_beta.
+    A wide G gives exactly the transpose of the result for G^T.
+    """
+    if G.size(-2) == G.size(-1):
+        return polar_fn(G)
+    wide = G.size(-2) < G.size(-1)
+    U = (G.mT if wide else G).float()
+    target_leverage = U.size(-1) / U.size(-2)
+    D = 1 / U.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+    for k in range(1, pp_iterations + 1):
+        P = polar_fn(D * U)
+        if k < pp_iterations:
+            leverage = P.float().square().sum(-1, keepdim=True)
+            D = D * (target_leverage / leverage.clamp_min(1e-14)) ** pp_beta
+    return P.mT if wide else P
+
+
+def stiefel_tangent(P, Z):
+    """Projection of Z onto the tangent space of {P^T P = I} at P: Z - P sym(P^T Z)."""
+    S = P.mT @ Z
+    return Z - P @ ((S + S.mT) / 2)
+
+
+def row_gram_square_times(P, lam):
+    """((P P^T) o (P P^T)) lam without forming the m x m matrix: row-wise P_i^T (P^T diag(lam) P) P_i."""
+    M = P.mT @ (lam.unsqueeze(-1) * P)
+    return ((P @ M) * P).sum(-1)
+
+
+def row_multipliers(P, q, iterations):
+    """Per-row Lagrange multipliers lam of the row-norm constraints: conjugate gradient on
+    (diag(||P_i||^2) - (P P^T) o (P P^T)) lam = q (positive semi-definite; q is consistent)."""
+    row_norms = P.square().sum(-1)
+
+    def apply(lam):
+        return row_norms * lam - row_gram_square_times(P, lam)
+
+    lam = torch.zeros_like(q)
+    residual = q
+    direction = residual
+    rr = (residual * residual).sum(-1, keepdim=True)
+    for _ in range(iterations):
+        Ad = apply(direction)
+        alpha = rr / (direction * Ad).sum(-1, keepdim=True).clamp_min(1e-30)
+        lam = lam + alpha * direction
+        residual = residual - alpha * Ad
+        rr_next = (residual * residual).sum(-1, keepdim=True)
+        direction = residual + (rr_next / rr.clamp_min(1e-30)) * direction
+        rr = rr_next
+    return lam
+
+
+def constrained_tangent(P, G, cg_iterations):
+    """Projection of G onto the tangent space of {P^T P = I, ||P_i||^2 = n/m} at P:
+    xi = T(G - diag(lam) P) with T the Stiefel projection and lam chosen so <xi_i, P_i> = 0."""
+    S = stiefel_tangent(P, G)
+    lam = row_multipliers(P, (S * P).sum(-1), cg_iterations)
+    return S - stiefel_tangent(P, lam.unsqueeze(-1) * P)
+
+
+def retract_uniform_leverage(P, rounds):
+    """Alternates row normalization to sqrt(n/m) and a float32 polar, ending orthogonal."""
+    row_norm = (P.size(-1) / P.size(-2)) ** 0.5
+    for _ in range(rounds):
+        P = polar(rows_to_norm(P, row_norm), dtype=torch.float32)
+    return P
+
+
+def riemannian_aurora_polar(G, ascent_steps=4, cg_iterations=10, retraction_rounds=4):
+    """Riemannian Aurora (SPEC 8): maximizes <G, P> over P^T P = I with every tall-orientation row
+    at norm^2 n/m, by projected Riemannian ascent from polar(G), in float32.
+
+    The step length is 0.5 / (RMS singular value of G): a full 1 / RMS overshoots and the
+    objective falls again after two steps; 0.5 raises it monotonically (measured on 48x16 to 192x48).
+    Square G: polar(G) (orthogonal rows already have norm 1). Wide G: transpose of the tall case.
+    """
+    if G.size(-2) == G.size(-1):
+        return polar(G)
+    wide = G.size(-2) < G.size(-1)
+    U = (G.mT if wide else G).float()
+    step = 0.5 * U.size(-1) ** 0.5 / U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
+    P = retract_uniform_leverage(polar(U).float(), retraction_rounds)
+    for _ in range(ascent_steps):
+        xi = constrained_tangent(P, U, cg_iterations)
+        P = retract_uniform_leverage(P + step * xi, retraction_rounds)
+    return P.mT if wide else P
+
+
+# --------------------------------------------------------------------------------------------
+# Per-shape update math (compiled): direction u of a stack of same-shape matrices -> update.
+# Learning rate and weight decay are applied outside, so scheduling them never recompiles.
+# --------------------------------------------------------------------------------------------
+
+def leverage_if_rectangular(P):
+    return None if P.size(-2) == P.size(-1) else tall_leverage(P)
+
+
+def muon_update(u, polar_fn):
+    """Muon (SPEC 7): polar(u) * sqrt(max(1, rows/cols)). Returns (update, leverage)."""
+    P = polar_fn(u)
+    update = P * aspect_scale(u.size(-2), u.size(-1))
+    return update.float(), leverage_if_rectangular(P)
+
+
+def normuon_update(u, second_moment, beta2, u_normuon, polar_fn):
+    """NorMuon (SPEC 7), or U-NorMuon's tall case (SPEC 8). Returns (update, second moment, leverage)."""
+    P = polar_fn(u)
+    if u_normuon and u.size(-2) > u.size(-1):
+        O = u_normuon_tall(P)
+    else:
+        O, second_moment = normuon_normalize(P * aspect_scale(u.size(-2), u.size(-1)), second_moment, beta2)
+    return O.float(), second_moment, leverage_if_rectangular(P)
+
+
+def aurora_update(u, W, pp_iterations, pp_beta, contra, floor, variant, polar_fn):
+    """Aurora (SPEC 7 steps 1-5; variant "riemannian": SPEC 8). Returns (update, leverage)."""
+    if variant == "riemannian":
+        P = riemannian_aurora_polar(u)
+    else:
+        P = aurora_polar(u, pp_iterations, pp_beta, polar_fn)
+    Q = P
+    if contra != 0:  # with c = 0 step 3 is the identity up to rounding
+        Q = contra_mix(P, contra_direction(u), contra)
+    Q = Q * aspect_scale(u.size(-2), u.size(-1))
+    if floor != 0:
+        Q = uw_floor(Q, W, floor)
+    return Q.float(), leverage_if_rectangular(P)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizers.
+# --------------------------------------------------------------------------------------------
+
+def rank_and_world_size():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def same_shape_buckets(params):
+    """Parameters with a gradient, grouped by shape in order of first appearance."""
+    buckets = {}
+    for p in params:
+        if p.grad is not None:
+            buckets.setdefault(tuple(p.shape), []).append(p)
+    return list(buckets.values())
+
+
+def padded_stack(tensors, count, like):
+    """torch.stack(tensors) padded with zero slices up to `count` (a rank's fixed share size)."""
+    pad = [torch.zeros_like(like)] * (count - len(tensors))
+    return torch.stack(list(tensors) + pad)
+
+
+def with_leverage(new_state, leverage):
+    """Adds the leverage vectors (None for square matrices) to the state the update math produced."""
+    if leverage is not None:
+        new_state["leverage"] = leverage
+    return new_state
+
+
+def gather_from_ranks(chunk, world_size):
+    """Starts an all-gather of each rank's (share, F) chunk into (world * share, F)."""
+    out = chunk.new_empty(world_size * chunk.size(0), *chunk.shape[1:])
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return out, gather(out, chunk, async_op=True)
+
+
+class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
+    """Common step of the three optimizers; subclasses give the per-shape update math.
+
+    Subclasses define `update_math` (a pure function, compiled once per stacked shape),
+    `stacked_state` (names of per-matrix state the update math reads and rewrites) and
+    `run_update_math(group, u, params, stacked) -> (stacked update, {state name: stacked state})`
+    for one rank's share (params) of a bucket.
+    """
+
+    stacked_state = ()
+
+    def __init__(self, params, defaults):
+        if defaults["lr"] < 0:
+            raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {defaults['lr']}")
+        if defaults.get("polar_backend", "polar") not in POLAR_BACKENDS:
+            raise ValueError(f"{type(self).__name__}: polar_backend must be one of "
+                             f"{sorted(POLAR_BACKENDS)}, got {defaults['polar_backend']!r}")
+        super().__init__(params, defaults)
+        self._compiled_update_math = torch.compile(type(self).update_math, dynamic=False)
+
+    def add_param_group(self, param_group):
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if p.ndim != 2:
+                raise ValueError(
+                    f"{type(self).__name__} only optimizes 2-D matrices, but got a parameter of shape "
+                    f"{tuple(p.shape)}; give embeddings, heads, biases and gains to AdamW instead")
+        super().add_param_group(param_group)
+
+    def init_state(self, p):
+        """Fills self.state[p] on first use (all tensors in `state` so state_dict carries them)."""
+        state = self.state[p]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+            if p.size(0) != p.size(1):
+                state["leverage"] = torch.zeros(max(p.shape), dtype=torch.float32, device=p.device)
+        return state
+
+    def leverage(self):
+        """{parameter: float32 leverage of its latest orthogonal update} for non-square matrices."""
+        return {p: s["leverage"] for p, s in self.state.items() if "leverage" in s}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rank, world_size = rank_and_world_size()
+        launched = []
+        for group in self.param_groups:
+            for params in same_shape_buckets(group["params"]):
+                launched.append((group, params, self.start_bucket(group, params, rank, world_size)))
+        finished = [(group, params, finish()) for group, params, finish in launched]
+        self.check_finite(finished)
+        for group, params, update in finished:
+            torch._foreach_add_(params, list(update.unbind(0)), alpha=-group["lr"])
+        return loss
+
+    def start_bucket(self, group, params, rank, world_size):
+        """Weight decay, momentum, and this rank's share of the update math for one bucket of
+        same-shape matrices.
+
+        Returns a callable that waits for the other ranks' shares, writes the gathered state back
+        and returns the stacked updates of the whole bucket."""
+        states = [self.init_state(p) for p in params]
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        # Every rank updates every momentum buffer: the grads are identical on all ranks, so the
+        # buffers stay identical without communication. The polar work is then split.
+        momenta = [s["momentum_buffer"] for s in states]
+        momentum_step_(momenta, [p.grad for p in params], group["momentum"])
+        share = -(-len(params) // world_size)
+        lo, hi = min(rank * share, len(params)), min((rank + 1) * share, len(params))
+        directions = momenta[lo:hi]
+        if group["nesterov"]:
+            directions = [nesterov_direction(p.grad, m, group["momentum"])
+                          for p, m in zip(params[lo:hi], directions)]
+        u = padded_stack(directions, share, params[0])
+        stacked = {name: padded_stack([s[name] for s in states[lo:hi]], share, states[0][name])
+                   for name in self.stacked_state}
+        update, new_state = self.run_update_math(group, u, params[lo:hi], stacked)
+        if world_size == 1:
+            return lambda: self.write_back(states, update, new_state)
+        names = sorted(new_state)
+        pieces = [update] + [new_state[name] for name in names]
+        chunk = torch.cat([t.reshape(share, -1).float() for t in pieces], dim=1)
+        gathered, work = gather_from_ranks(chunk, world_size)
+
+        def finish():
+            work.wait()
+            full = gathered[:len(params)].split([t[0].numel() for t in pieces], dim=1)
+            unpacked = [t.reshape(len(params), *piece.shape[1:]) for t, piece in zip(full, pieces)]
+            return self.write_back(states, unpacked[0], dict(zip(names, unpacked[1:])))
+        return finish
+
+    @staticmethod
+    def write_back(states, update, new_state):
+        """Copies the stacked new state into each matrix's state; returns the stacked update."""
+        for name, stacked in new_state.items():
+            torch._foreach_copy_([s[name] for s in states], list(stacked[:len(states)].unbind(0)))
+        return update[:len(states)]
+
+    def check_finite(self, finished):
+        """One host sync per step: refuse to apply an update holding inf or NaN."""
+        if not finished or bool(torch.stack([u.isfinite().all() for _, _, u in finished]).all()):
+            return
+        for group, params, update in finished:
+            for index, (p, matrix_update) in enumerate(zip(params, update)):
+                if not bool(matrix_update.isfinite().all()):
+                    raise FloatingPointError(
+                        f"{type(self).__name__}: non-finite update for the parameter of shape "
+                        f"{tuple(p.shape)} (param group {self.param_groups.index(group)}, matrix "
+                        f"{index} of that shape); its gradient or momentum holds inf/NaN: the loss has "
+                        f"probably diverged, lower the learning rate")
+
+
+class Muon(_ShardedOrthogonalOptimizer):
+    """Muon (SPEC 7, record #36 with lr=0.025, weight_decay=0.05): W *= 1 - lr*wd;
+    W -= lr * polar(u) * sqrt(max(1, rows/cols)), u the Nesterov momentum direction."""
+
+    update_math = staticmethod(muon_update)
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, polar_backend="polar"):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, polar_backend=polar_backend))
+
+    def run_update_math(self, group, u, params, stacked):
+        update, leverage = self._compiled_update_math(u, POLAR_BACKENDS[group["polar_backend"]])
+        return update, with_leverage({}, leverage)
+
+
+class NorMuon(_ShardedOrthogonalOptimizer):
+    """NorMuon (SPEC 7, record #10 with lr=0.035, weight_decay=0.025): Muon's scaled polar factor
+    normalized by a running second moment per row (rows >= cols) or per column.
+
+    u_normuon=True gives U-NorMuon (SPEC 8): tall matrices get rows of norm sqrt(n/m) instead."""
+
+    update_math = staticmethod(normuon_update)
+    stacked_state = ("second_moment",)
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, beta2=0.95,
+                 u_normuon=False, polar_backend="polar"):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, beta2=beta2, u_normuon=u_normuon,
+                                      polar_backend=polar_backend))
+
+    def init_state(self, p):
+        state = super().init_state(p)
+        if "second_moment" not in state:
+            shape = (p.size(0), 1) if p.size(0) >= p.size(1) else (1, p.size(1))
+            state["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        return state
+
+    def run_update_math(self, group, u, params, stacked):
+        update, second_moment, leverage = self._compiled_update_math(
+            u, stacked["second_moment"], group["beta2"], group["u_normuon"],
+            POLAR_BACKENDS[group["polar_backend"]])
+        return update, with_leverage({"second_moment": second_moment}, leverage)
+
+
+AURORA_VARIANTS = ("vanilla", "riemannian")
+
+
+class Aurora(_ShardedOrthogonalOptimizer):
+    """Aurora (SPEC 7, record #17 with lr=0.0375, contra=0.4, uw_floor=0.35): Muon with a
+    leverage-equalized polar factor (aurora_polar), an optional Contra-Muon mix and u/w floor.
+
+    variant="riemannian" replaces aurora_polar by riemannian_aurora_polar (SPEC 8)."""
+
+    update_math = staticmethod(aurora_update)
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, pp_iterations=2,
+                 pp_beta=0.5, contra=0.0, uw_floor=0.0, variant="vanilla", polar_backend="polar"):
+        if variant not in AURORA_VARIANTS:
+            raise ValueError(f"Aurora: variant must be one of {AURORA_VARIANTS}, got {variant!r}")
+        if pp_iterations < 1:
+            raise ValueError(f"Aurora: pp_iterations must be >= 1, got {pp_iterations}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, pp_iterations=pp_iterations, pp_beta=pp_beta,
+                                      contra=contra, uw_floor=uw_floor, variant=variant,
+                                      polar_backend=polar_backend))
+
+    def run_update_math(self, group, u, params, stacked):
+        weights = padded_stack(params, u.size(0), u[0])
+        update, leverage = self._compiled_update_math(
+            u, weights, group["pp_iterations"], group["pp_beta"], group["contra"], group["uw_floor"],
+            group["variant"], POLAR_BACKENDS[group["polar_backend"]])
+        return update, with_leverage({}, leverage)

@@ -1,0 +1,555 @@
+"""Tests of optimizers.py: the polar factors against float64 SVD references, each optimizer against
+an independent one-matrix-at-a-time transcription of SPEC 7, sharding over gloo ranks, state_dict
+resume, compilation. Everything runs on the CPU and eagerly (torch's TORCH_COMPILE_DISABLE switch,
+set through torch._dynamo.config.disable) except the tests that check compilation itself."""
+import io
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import optimizers
+from optimizers import Aurora, Muon, NorMuon, aurora_polar, polar, polar_express, riemannian_aurora_polar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORD_SETTINGS = {  # SPEC 7 hyperparameters of the three matrix optimizers
+    "muon": (Muon, dict(lr=0.025, weight_decay=0.05)),
+    "normuon": (NorMuon, dict(lr=0.035, weight_decay=0.025)),
+    "aurora": (Aurora, dict(lr=0.0375, contra=0.4, uw_floor=0.35)),
+}
+SHAPES = [(48, 16), (16, 48), (24, 24)]
+
+
+@pytest.fixture(autouse=True)
+def eager():
+    """What TORCH_COMPILE_DISABLE=1 sets; the compilation test switches it back off."""
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# float64 references
+# ----------------------------------------------------------------------------------------------
+
+def svd_polar(X):
+    U, _, Vh = torch.linalg.svd(X.double(), full_matrices=False)
+    return U @ Vh
+
+
+def orthogonality_error(P):
+    """max |P^T P - I| in the tall orientation."""
+    P = P.double()
+    P = P if P.size(0) >= P.size(1) else P.T
+    return (P.T @ P - torch.eye(P.size(1), dtype=torch.float64)).abs().max().item()
+
+
+def row_norm_deviations(P):
+    """||P_i|| / sqrt(n/m) - 1 over the rows of the tall orientation (float64)."""
+    P = P.double()
+    P = P if P.size(0) >= P.size(1) else P.T
+    m, n = P.shape
+    return P.norm(dim=1) / math.sqrt(n / m) - 1
+
+
+def row_norm_deviation(P):
+    return row_norm_deviations(P).abs().max().item()
+
+
+def rms_row_norm_deviation(P):
+    return row_norm_deviations(P).square().mean().sqrt().item()
+
+
+def well_conditioned(shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def rows_of_different_scales(shape, seed):
+    return well_conditioned(shape, seed) * torch.logspace(-1, 1, shape[0]).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# polar, polar_express, aurora_polar, riemannian_aurora_polar
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_polar_is_the_svd_polar_factor_in_bf16(shape):
+    X = well_conditioned(shape, 0)
+    P = polar(X)
+    assert P.dtype == torch.bfloat16 and P.shape == X.shape
+    assert (P.double() - svd_polar(X)).abs().max() < 0.03
+    assert orthogonality_error(P) < 0.03
+
+
+def test_polar_is_batched_over_leading_dims():
+    X = torch.stack([well_conditioned((48, 16), s) for s in range(3)]).reshape(3, 1, 48, 16)
+    batched = polar(X)
+    for i in range(3):
+        torch.testing.assert_close(batched[i, 0], polar(X[i, 0]), rtol=0, atol=0)
+
+
+def test_polar_of_zero_is_zero():
+    assert torch.equal(polar(torch.zeros(48, 16)), torch.zeros(48, 16, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_polar_express_singular_values_are_near_one(shape):
+    X = well_conditioned(shape, 1)
+    P = polar_express(X)
+    singular_values = torch.linalg.svdvals(P.double())
+    # 5 minimax steps leave a small band around 1 by design (no exact convergence).
+    assert singular_values.min() > 0.7 and singular_values.max() < 1.25
+    assert (P.double() - svd_polar(X)).abs().max() < 0.25
+
+
+def aurora_polar_float64(G, pp_iterations=2, pp_beta=0.5):
+    """SPEC 7 step 2 in float64 with the exact (SVD) polar factor; tall G only."""
+    U = G.double()
+    m, n = U.shape
+    D = 1 / U.norm(dim=1, keepdim=True).clamp_min(1e-7)
+    for k in range(1, pp_iterations + 1):
+        P = svd_polar(D * U)
+        if k < pp_iterations:
+            D = D * ((n / m) / P.square().sum(1, keepdim=True).clamp_min(1e-14)) ** pp_beta
+    return P
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (64, 16), (96, 24)])
+def test_aurora_polar_tall_is_orthogonal_with_uniform_row_norms(shape):
+    G = rows_of_different_scales(shape, 2)
+    P = aurora_polar(G)
+    reference = aurora_polar_float64(G)
+    assert orthogonality_error(P) < 0.03
+    assert orthogonality_error(reference) < 1e-10
+    assert (P.double() - reference).abs().max() < 0.02
+    # Within a few percent of sqrt(n/m) (RMS over rows; the worst row within 15%), as the
+    # float64 reference, while plain polar is off by ~65%.
+    assert rms_row_norm_deviation(P) < 0.04 and row_norm_deviation(P) < 0.15
+    assert abs(row_norm_deviation(P) - row_norm_deviation(reference)) < 0.01
+    assert rms_row_norm_deviation(polar(G)) > 0.5
+
+
+def test_aurora_polar_more_iterations_equalize_rows_further():
+    G = rows_of_different_scales((48, 16), 3)
+    deviations = [row_norm_deviation(aurora_polar(G, pp_iterations=k)) for k in (1, 2, 4, 6)]
+    assert deviations == sorted(deviations, reverse=True) and deviations[-1] < 0.02
+
+
+def test_aurora_polar_square_is_exactly_polar():
+    G = well_conditioned((24, 24), 4)
+    assert torch.equal(aurora_polar(G), polar(G))
+
+
+def test_aurora_polar_wide_is_transpose_of_tall():
+    G = rows_of_different_scales((48, 16), 5)
+    assert torch.equal(aurora_polar(G.T.contiguous()), aurora_polar(G).T)
+    # float32 matmuls on the transposed layout round differently, hence a float32 tolerance.
+    torch.testing.assert_close(riemannian_aurora_polar(G.T.contiguous()), riemannian_aurora_polar(G).T,
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (64, 16), (64, 32)])
+def test_riemannian_aurora_satisfies_both_constraints_more_tightly_than_vanilla(shape):
+    G = rows_of_different_scales(shape, 6)
+    vanilla, riemannian = aurora_polar(G), riemannian_aurora_polar(G)
+    assert orthogonality_error(riemannian) < orthogonality_error(vanilla) / 100
+    assert row_norm_deviation(riemannian) < row_norm_deviation(vanilla) / 10
+    # It is an ascent on <G, P>: better aligned with G than vanilla Aurora.
+    assert (G * riemannian).sum() > (G.double() * vanilla.double()).sum()
+
+
+def test_riemannian_aurora_square_is_polar():
+    G = well_conditioned((24, 24), 7)
+    assert torch.equal(riemannian_aurora_polar(G), polar(G))
+
+
+# ----------------------------------------------------------------------------------------------
+# small pieces
+# ----------------------------------------------------------------------------------------------
+
+def test_top_singular_value_by_power_iteration():
+    U, _ = torch.linalg.qr(well_conditioned((48, 16), 8))
+    V, _ = torch.linalg.qr(well_conditioned((16, 16), 9))
+    s = torch.linspace(1, 0.1, 16)
+    s[0] = 3.0
+    X = (U * s) @ V.T
+    sigma = optimizers.top_singular_value(X)
+    assert sigma.shape == (1, 1)
+    assert abs(sigma.item() - 3.0) < 1e-4
+    assert torch.equal(optimizers.top_singular_value(torch.zeros(48, 16)), torch.zeros(1, 1))
+    assert torch.equal(optimizers.contra_direction(torch.zeros(16, 48)), torch.zeros(16, 48))
+
+
+def test_uw_floor_raises_small_updates_to_the_floor_only():
+    W = well_conditioned((24, 24), 10)
+    small, large = 0.01 * W, 2 * W
+    raised = optimizers.uw_floor(small, W, 0.35)
+    assert abs(raised.norm() / W.norm() - 0.35) < 1e-6
+    assert torch.equal(optimizers.uw_floor(large, W, 0.35), large)
+    assert torch.equal(optimizers.uw_floor(small, torch.zeros(24, 24), 0.35), small)
+    assert torch.equal(optimizers.uw_floor(torch.zeros(24, 24), W, 0.35), torch.zeros(24, 24))
+
+
+@pytest.mark.parametrize("shape, v_shape", [((48, 16), (48, 1)), ((16, 48), (1, 48)), ((24, 24), (24, 1))])
+def test_normuon_normalize_keeps_the_norm_and_uses_row_or_column_moments(shape, v_shape):
+    O = polar(rows_of_different_scales(shape, 11))
+    normalized, v = optimizers.normuon_normalize(O, torch.zeros(v_shape), 0.95)
+    assert v.shape == v_shape and v.dtype == torch.float32
+    dim = 1 if shape[0] >= shape[1] else 0
+    torch.testing.assert_close(v, 0.05 * O.float().square().mean(dim=dim, keepdim=True))
+    torch.testing.assert_close(normalized.norm(), O.float().norm(), rtol=1e-6, atol=0)
+    # From v = 0, every row (column) gets the same RMS.
+    rms = normalized.square().mean(dim=dim)
+    assert (rms.max() - rms.min()) / rms.mean() < 0.02
+
+
+def test_u_normuon_tall_rows_have_norm_sqrt_n_over_m():
+    P = optimizers.u_normuon_tall(polar(rows_of_different_scales((48, 16), 12)))
+    torch.testing.assert_close(P.norm(dim=1), torch.full((48,), math.sqrt(16 / 48)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizers against an independent transcription of SPEC 7 (one matrix at a time)
+# ----------------------------------------------------------------------------------------------
+
+def make_problem(seed=0, steps=2):
+    """Weights and per-step grads: tall, wide and square matrices with rows of very different
+    scales, one whose gradient is always zero and one whose weight is zero. Over 2 ranks the
+    shape groups split unevenly (3 -> 2 + 1 and padding) and the lone (32, 24) leaves rank 1 idle."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(48, 16), (48, 16), (48, 16), (16, 48), (16, 48), (24, 24), (24, 24), (24, 24), (32, 24)]
+    row_scales = [torch.logspace(-3, 1, s[0])[torch.randperm(s[0], generator=gen)].unsqueeze(1)
+                  for s in shapes]
+    weights = [0.1 * torch.randn(*s, generator=gen) for s in shapes]
+    weights[3] = torch.zeros(16, 48)
+    grads = [[torch.randn(*s, generator=gen) * scale for s, scale in zip(shapes, row_scales)]
+             for _ in range(steps)]
+    for step_grads in grads:
+        step_grads[1] = torch.zeros(48, 16)
+    return weights, grads
+
+
+def run_optimizer(cls, settings, weights, grads):
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = cls(params, **settings)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt
+
+
+def spec_polar_factor(recipe, u, settings, polar_fn):
+    """The orthogonal factor each recipe starts from (Aurora: SPEC 7 step 2)."""
+    rows, cols = u.shape
+    if recipe != "aurora" or rows == cols:
+        return polar_fn(u)
+    tall = u.T if rows < cols else u
+    m, n = tall.shape
+    x = tall.float()
+    D = 1 / torch.clamp(x.norm(dim=1, keepdim=True), min=1e-7)
+    K = settings.get("pp_iterations", 2)
+    for k in range(1, K + 1):
+        P = polar_fn(D * x)
+        if k < K:
+            row_sq = P.float().pow(2).sum(dim=1, keepdim=True)
+            D = D * ((n / m) / torch.clamp(row_sq, min=1e-14)) ** settings.get("pp_beta", 0.5)
+    return P.T if rows < cols else P
+
+
+def spec_run(recipe, settings, weights, grads, polar_fn=polar, dtype=torch.float32):
+    """SPEC 7 transcribed literally, one matrix at a time; returns weights and NorMuon's v."""
+    lr, wd = settings["lr"], settings.get("weight_decay", 0.0)
+    mu, beta2 = 0.95, settings.get("beta2", 0.95)
+    W = [w.to(dtype) for w in weights]
+    m = [torch.zeros_like(w) for w in W]
+    v = [None] * len(W)
+    for step_grads in grads:
+        for i, g in enumerate(step_grads):
+            g = g.to(dtype)
+            rows, cols = g.shape
+            aspect = math.sqrt(max(1, rows / cols))
+            W[i] = W[i] * (1 - lr * wd)
+            m[i] = torch.lerp(m[i], g, 1 - mu)
+            u = torch.lerp(g, m[i], mu)
+            P = spec_polar_factor(recipe, u, settings, polar_fn)
+            if recipe == "muon":
+                update = P * aspect
+            elif recipe == "normuon":
+                O = P * aspect
+                f = O.to(dtype if dtype == torch.float64 else torch.float32).norm()
+                O32 = O.to(f.dtype)
+                r = O32.pow(2).mean(dim=1, keepdim=True) if rows >= cols else O32.pow(2).mean(dim=0, keepdim=True)
+                v[i] = torch.lerp(v[i] if v[i] is not None else torch.zeros_like(r), r, 1 - beta2)
+                scale = torch.rsqrt(torch.clamp(v[i], min=1e-10))
+                O = O * (scale.to(O.dtype) if O.dtype == torch.bfloat16 else scale)
+                # The final rescale leaves bf16 (a choice: SPEC 7 gives no dtype for it).
+                update = O.to(f.dtype) * f / torch.clamp(O.to(f.dtype).norm(), min=1e-10)
+            else:
+                c, floor = settings.get("contra", 0.0), settings.get("uw_floor", 0.0)
+                x = u.to(torch.float64 if dtype == torch.float64 else torch.float32)
+                vec = torch.ones(cols, dtype=x.dtype)
+                vec = vec / torch.clamp(vec.norm(), min=1e-10)
+                for _ in range(5):
+                    vec = x.T @ (x @ vec)
+                    vec = vec / torch.clamp(vec.norm(), min=1e-10)
+                sigma = (x @ vec).norm()
+                contra_g = x / torch.clamp(sigma, min=1e-10)
+                Pf = P.to(x.dtype)
+                Q = Pf - (c / 2) * contra_g
+                Q = Q * Pf.norm() / torch.clamp(Q.norm(), min=1e-10)
+                Q = Q * aspect
+                w_norm = torch.clamp(W[i].norm(), min=1e-8)
+                q_norm = torch.clamp(Q.norm(), min=1e-8)
+                if q_norm / w_norm < floor:
+                    Q = Q * floor * w_norm / q_norm
+                update = Q
+            W[i] = W[i] - lr * update.to(dtype)
+    return W, v
+
+
+@pytest.mark.parametrize("recipe", ["muon", "normuon", "aurora"])
+def test_two_steps_match_spec_transcription(recipe):
+    cls, settings = RECORD_SETTINGS[recipe]
+    weights, grads = make_problem()
+    params, opt = run_optimizer(cls, settings, weights, grads)
+    expected, v = spec_run(recipe, settings, weights, grads)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=2e-7)
+        assert torch.isfinite(p).all()
+    if recipe == "normuon":
+        for p, e in zip(params, v):
+            torch.testing.assert_close(opt.state[p]["second_moment"], e, rtol=1e-6, atol=0)
+    # The zero-gradient matrix moved only by weight decay; the zero weight got a finite update.
+    decay = (1 - settings["lr"] * settings.get("weight_decay", 0.0)) ** 2
+    torch.testing.assert_close(params[1].detach(), weights[1] * decay, rtol=1e-6, atol=0)
+    assert params[3].detach().abs().max() > 0
+
+
+@pytest.mark.parametrize("recipe", ["muon", "normuon", "aurora"])
+def test_two_steps_match_float64_math_with_exact_polar(recipe):
+    """The bf16 record math against SPEC 7 in float64 with the SVD polar factor: on
+    well-conditioned gradients the steps agree to bf16 accuracy."""
+    cls, settings = RECORD_SETTINGS[recipe]
+    gen = torch.Generator().manual_seed(1)
+    weights = [0.1 * torch.randn(*s, generator=gen) for s in SHAPES]
+    grads = [[torch.randn(*s, generator=gen) for s in SHAPES] for _ in range(2)]
+    params, _ = run_optimizer(cls, settings, weights, grads)
+    expected, _ = spec_run(recipe, settings, weights, grads, polar_fn=svd_polar, dtype=torch.float64)
+    for p, w, e in zip(params, weights, expected):
+        moved, expected_move = p.detach().double() - w.double(), e - w.double()
+        assert (moved - expected_move).norm() / expected_move.norm() < 0.02
+
+
+def test_zero_gradient_gives_zero_update_for_every_optimizer():
+    for recipe, (cls, settings) in RECORD_SETTINGS.items():
+        weights = [0.1 * well_conditioned(s, 13) for s in SHAPES]
+        no_decay = dict(settings, weight_decay=0.0)
+        params, opt = run_optimizer(cls, no_decay, weights, [[torch.zeros(s) for s in SHAPES]] * 2)
+        for p, w in zip(params, weights):
+            assert torch.equal(p.detach(), w), recipe
+
+
+def test_riemannian_variant_steps_and_stays_finite():
+    weights, grads = make_problem()
+    settings = dict(RECORD_SETTINGS["aurora"][1], variant="riemannian")
+    params, opt = run_optimizer(Aurora, settings, weights, grads)
+    assert all(torch.isfinite(p).all() for p in params)
+    for p, lev in opt.leverage().items():
+        if p is not params[1]:  # the zero-gradient matrix has zero leverage
+            assert (lev / lev.mean() - 1).abs().max() < 1e-3
+
+
+def test_u_normuon_tall_updates_have_uniform_rows():
+    weights, grads = make_problem(steps=1)
+    params, _ = run_optimizer(NorMuon, dict(lr=1.0, u_normuon=True), weights, grads)
+    step = weights[0] - params[0].detach()
+    torch.testing.assert_close(step.norm(dim=1), torch.full((48,), math.sqrt(16 / 48)), rtol=1e-5, atol=0)
+
+
+def test_polar_express_backend_is_used_when_asked():
+    weights, grads = make_problem(steps=1)
+    reference, _ = run_optimizer(Muon, dict(lr=0.02), weights, grads)
+    express, _ = run_optimizer(Muon, dict(lr=0.02, polar_backend="polar_express"), weights, grads)
+    expected, _ = spec_run("muon", dict(lr=0.02), weights, grads, polar_fn=polar_express)
+    for p, r, e in zip(express, reference, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=2e-7)
+    assert not torch.equal(express[0], reference[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Interface: leverage hook, errors, state_dict
+# ----------------------------------------------------------------------------------------------
+
+def test_leverage_hook_reports_rectangular_matrices_in_tall_orientation():
+    weights, grads = make_problem(steps=1)
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = Muon(params, lr=0.02)
+    assert opt.leverage() == {}
+    for p, g in zip(params, grads[0]):
+        p.grad = g
+    opt.step()
+    leverage = opt.leverage()
+    assert set(leverage) == {p for p in params if p.size(0) != p.size(1)}
+    for p, lev in leverage.items():
+        assert lev.dtype == torch.float32 and lev.shape == (48,)
+    u = torch.lerp(grads[0][3], 0.05 * grads[0][3], 0.95)
+    torch.testing.assert_close(leverage[params[3]], polar(u).float().square().sum(0))
+    assert leverage[params[1]].abs().max() == 0  # zero gradient -> zero update
+
+
+@pytest.mark.parametrize("cls", [Muon, NorMuon, Aurora])
+def test_non_matrix_parameter_is_refused_with_its_shape(cls):
+    with pytest.raises(ValueError, match=r"\(768,\)"):
+        cls([torch.nn.Parameter(torch.zeros(24, 24)), torch.nn.Parameter(torch.zeros(768))], lr=0.1)
+
+
+@pytest.mark.parametrize("cls", [Muon, NorMuon, Aurora])
+def test_non_finite_update_is_refused_with_the_parameter_shape(cls):
+    params = [torch.nn.Parameter(torch.ones(24, 24)), torch.nn.Parameter(torch.ones(48, 16))]
+    opt = cls(params, lr=0.1)
+    params[0].grad = torch.ones(24, 24)
+    params[1].grad = torch.ones(48, 16)
+    params[1].grad[3, 4] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"\(48, 16\)"):
+        opt.step()
+
+
+def test_bad_options_are_refused():
+    p = [torch.nn.Parameter(torch.zeros(24, 24))]
+    with pytest.raises(ValueError, match="variant"):
+        Aurora(p, lr=0.1, variant="fancy")
+    with pytest.raises(ValueError, match="polar_backend"):
+        Muon(p, lr=0.1, polar_backend="svd")
+
+
+@pytest.mark.parametrize("recipe", ["muon", "normuon", "aurora"])
+def test_state_dict_round_trip_continues_identically(recipe):
+    cls, settings = RECORD_SETTINGS[recipe]
+    weights, grads = make_problem(steps=4)
+    params, opt = run_optimizer(cls, settings, weights, grads[:2])
+    saved_weights = [p.detach().clone() for p in params]
+    checkpoint = io.BytesIO()  # through bytes, as a resumed run would (state_dict() holds live tensors)
+    torch.save(opt.state_dict(), checkpoint)
+    checkpoint.seek(0)
+    saved_state = torch.load(checkpoint)
+    for state in saved_state["state"].values():
+        assert "momentum_buffer" in state and (recipe != "normuon" or "second_moment" in state)
+
+    resumed = [torch.nn.Parameter(w.clone()) for w in saved_weights]
+    resumed_opt = cls(resumed, **settings)
+    resumed_opt.load_state_dict(saved_state)
+    for step_grads in grads[2:]:
+        for ps in (params, resumed):
+            for p, g in zip(ps, step_grads):
+                p.grad = g.clone()
+        opt.step()
+        resumed_opt.step()
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+
+
+def test_lr_and_weight_decay_can_be_changed_between_steps():
+    weights, grads = make_problem(steps=2)
+    params, opt = run_optimizer(Muon, dict(lr=0.02, weight_decay=0.1), weights, grads[:1])
+    for group in opt.param_groups:
+        group["lr"], group["weight_decay"] = 0.01, 0.0
+    for p, g in zip(params, grads[1]):
+        p.grad = g.clone()
+    opt.step()
+    W, _ = spec_run("muon", dict(lr=0.02, weight_decay=0.1), weights, grads[:1])
+    # The second step by hand from the transcription's weights and momentum after step 1.
+    m = [torch.lerp(torch.zeros_like(g), g, 0.05) for g in grads[0]]
+    for p, w, g, mi in zip(params, W, grads[1], m):
+        mi = torch.lerp(mi, g, 0.05)
+        u = torch.lerp(g, mi, 0.95)
+        want = w - 0.01 * (polar(u) * math.sqrt(max(1, u.size(0) / u.size(1)))).float()
+        torch.testing.assert_close(p.detach(), want.float(), rtol=0, atol=2e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharding across gloo ranks
+# ----------------------------------------------------------------------------------------------
+
+def distributed_worker(rank, world_size, store_path, out_dir):
+    torch._dynamo.config.disable = True
+    torch.set_num_threads(1)  # several processes share this machine's cores
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        results = {}
+        weights, grads = make_problem(steps=2)
+        for recipe, (cls, settings) in RECORD_SETTINGS.items():
+            params, opt = run_optimizer(cls, settings, weights, grads)
+            results[recipe] = ([p.detach() for p in params], opt.state_dict()["state"])
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_gloo_ranks_give_the_same_parameters_and_state_as_one_process(tmp_path):
+    world_size = 2
+    mp.spawn(distributed_worker, args=(world_size, str(tmp_path / "store"), str(tmp_path)),
+             nprocs=world_size, join=True)
+    weights, grads = make_problem(steps=2)
+    for rank in range(world_size):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        for recipe, (cls, settings) in RECORD_SETTINGS.items():
+            params, opt = run_optimizer(cls, settings, weights, grads)
+            ranked_params, ranked_state = results[recipe]
+            for a, b in zip(params, ranked_params):
+                assert torch.equal(a.detach(), b), (recipe, rank)
+            single_state = opt.state_dict()["state"]
+            assert single_state.keys() == ranked_state.keys()
+            for index, state in single_state.items():
+                assert state.keys() == ranked_state[index].keys()
+                for name, value in state.items():
+                    assert torch.equal(value, ranked_state[index][name]), (recipe, rank, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------
+
+def test_compiled_matches_eager_and_lr_changes_do_not_recompile():
+    torch._dynamo.reset()
+    weights = [0.1 * well_conditioned((40, 8), 14)]
+    grads = [[well_conditioned((40, 8), 15 + i)] for i in range(3)]
+
+    def three_steps_with_lr_change():
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = Aurora(params, lr=0.03, weight_decay=0.01, contra=0.4, uw_floor=0.35)
+        for i, step_grads in enumerate(grads):
+            params[0].grad = step_grads[0].clone()
+            if i == 1:
+                torch._dynamo.config.error_on_recompile = True
+                opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"] = 0.01, 0.02
+            opt.step()
+        return params[0].detach()
+
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(disable=False):
+        try:
+            compiled = three_steps_with_lr_change()
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before + 1
+    eager = three_steps_with_lr_change()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_disable_env_runs_the_update_math_eagerly():
+    code = ("import torch, optimizers\n"
+            "p = torch.nn.Parameter(torch.randn(24, 24)); p.grad = torch.randn(24, 24)\n"
+            "optimizers.Muon([p], lr=0.02).step()\n"
+            "print(torch._dynamo.utils.counters['stats']['unique_graphs'])\n")
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
