@@ -97,9 +97,9 @@ def timed(device, fn):
     return time.perf_counter() - start
 
 
-def matmul_rate(device, size, per_sample, samples=5):
-    """FLOP/s of size^3 bf16 matmuls on `device`: the median of `samples` timings of `per_sample`
-    back-to-back products (enough that launch and sync overhead do not count), after one warmup."""
+def matmul_rate(device, size, per_sample):
+    """FLOP/s of size^3 bf16 matmuls on `device`, timed over `per_sample` back-to-back products (enough
+    that launch and sync overhead do not count), after one untimed product."""
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
 
@@ -107,9 +107,8 @@ def matmul_rate(device, size, per_sample, samples=5):
         for _ in range(per_sample):
             a @ b
 
-    timed(device, products)
-    seconds = statistics.median(timed(device, products) for _ in range(samples))
-    return 2 * size ** 3 * per_sample / seconds
+    timed(device, lambda: a @ b)
+    return 2 * size ** 3 * per_sample / timed(device, products)
 
 
 def peak_rss_bytes():
@@ -227,7 +226,9 @@ def run_benchmark(recipe_names, tiny, iters, warmup, seed=0):
     tokens_per_step = layout.rank_seqs * seq_len
     flops = flops_per_token(hp.model)
     matmul_size, per_sample = MATMUL_SHAPES[device.type]
-    rate_before = matmul_rate(device, matmul_size, per_sample)
+    # Sampled before the recipes and after every round; the fastest sample is the device's rate (the
+    # others were slowed by whatever else shared the machine at the time).
+    rates = [matmul_rate(device, matmul_size, per_sample)]
 
     benches = {name: RecipeBench(train_gpt.RECIPES[name], hp, device, seed) for name in recipe_names}
     generator = torch.Generator().manual_seed(seed)
@@ -254,7 +255,8 @@ def run_benchmark(recipe_names, tiny, iters, warmup, seed=0):
             # recipe's weights + optimizer state + the step's transient peak. CPU: the process's peak RSS.
             peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else peak_rss_bytes()
             peaks[name] = max(peaks[name], peak)
-    rate = max(rate_before, matmul_rate(device, matmul_size, per_sample))
+        rates.append(matmul_rate(device, matmul_size, per_sample))
+    rate = max(rates)
 
     recipes = {}
     for name in recipe_names:
@@ -271,7 +273,7 @@ def run_benchmark(recipe_names, tiny, iters, warmup, seed=0):
         "tokens_per_step": tokens_per_step, "micro_batches": layout.rank_seqs // layout.micro_seqs,
         "micro_batch": [layout.micro_seqs, seq_len], "data": "uniform random tokens, the same for every recipe",
         "iters": iters, "warmup": warmup,
-        "matmul_rate_flops": rate, "matmul_size": matmul_size,
+        "matmul_rate_flops": rate, "matmul_size": matmul_size, "matmul_rate_samples": len(rates),
         "flops_per_token": flops,
         "peak_memory_kind": ("torch.cuda.max_memory_allocated during the full step, less the other recipes' "
                              "resident state" if device.type == "cuda" else
@@ -292,7 +294,8 @@ def format_report(result):
         f"data: {result['data']}",
         f"timing: median of {result['iters']} iteration(s) after {result['warmup']} warmup, recipes round-robin",
         f"bf16 matmul rate: {result['matmul_rate_flops'] / 1e12:.3f} TFLOP/s "
-        f"({result['matmul_size']}^3, the faster of before and after the recipes)",
+        f"(the fastest of {result['matmul_rate_samples']} timings of {result['matmul_size']}^3 products, "
+        f"one before the recipes and one after each round)",
         describe_flops(train_gpt.ModelConfig(**model), result["flops_per_token"]),
         f"(a) matrix step: the matrix optimizer over the hidden matrices; optimizer set: {result['optimizer_set']}; "
         f"random N(0,1) gradients, lr 0",
@@ -326,7 +329,7 @@ def parse_args(argv):
     args.recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
     unknown = [name for name in args.recipes if name not in train_gpt.RECIPES]
     if unknown or not args.recipes or len(set(args.recipes)) != len(args.recipes):
-        parser.error(f"--recipes {','.join(args.recipes)!s}: give distinct names from "
+        parser.error(f"--recipes {','.join(args.recipes)}: give distinct names from "
                      f"{', '.join(train_gpt.RECIPES)} (unknown: {', '.join(unknown) or 'none'})")
     if args.iters < 1 or args.warmup < 0:
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")

@@ -5,10 +5,12 @@ import statistics
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import train_gpt
-from benchmarks.step import causal_attention_flops_per_token, flops_per_token, matmul_params, ratios_vs_baseline
+from benchmarks.step import (causal_attention_flops_per_token, flops_per_token, matmul_params, parse_args,
+                              ratios_vs_baseline)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = train_gpt.ModelConfig(vocab_size=16, num_layers=2, model_dim=8, head_dim=4, seq_len=4)
@@ -78,3 +80,19 @@ def test_tiny_benchmark_json_cpu():
         assert set(ratios) == {"matrix_step_ms", "optimizer_set_ms", "train_step_ms"}
         for key, ratio in ratios.items():
             assert math.isclose(ratio, result["recipes"][name][key] / result["recipes"]["muon"][key])
+
+
+def test_arguments_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--tiny", "--recipes", "aurora,adam"])
+    assert "adam" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--tiny", "--iters", "0"])
+    assert parse_args(["--tiny", "--recipes", "muon, aurora"]).recipes == ["muon", "aurora"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="full size is refused only without a GPU")
+def test_full_size_without_gpu_points_to_tiny(capsys):
+    with pytest.raises(SystemExit):
+        parse_args([])
+    assert "--tiny" in capsys.readouterr().err
