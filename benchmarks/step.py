@@ -33,9 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402  (the repo root must be on sys.path first)
+from benchmarks.optimizer_step import device_name  # noqa: E402
 
 BASELINE = "muon"
-# bf16 matmul rate: (size, products per timing). 8192^3 takes ~1.5 ms on an H100, 2048^3 ~50 ms on a CPU core.
+# bf16 matmul rate: (size, products per timing). 8192^3 takes ~1.5 ms on an H100, 2048^3 ~0.1 s on 2 CPU cores.
 MATMUL_SHAPES = {"cuda": (8192, 20), "cpu": (2048, 1)}
 
 
@@ -117,37 +118,19 @@ def peak_rss_bytes():
     return peak if platform.system() == "Darwin" else peak * 1024
 
 
-def tensor_bytes(tensors):
-    """Bytes of the distinct storages behind `tensors`."""
+def tensor_bytes(tensors, device):
+    """Bytes of the distinct storages on `device` behind `tensors`."""
     storages = {}
     for t in tensors:
-        if isinstance(t, torch.Tensor):
+        if isinstance(t, torch.Tensor) and t.device == device:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(storages.values())
 
 
-def resident_bytes(model, optimizers):
-    """What a recipe keeps between steps: weights, buffers and optimizer state (grads are None)."""
+def resident_bytes(model, optimizers, device):
+    """What a recipe keeps on `device` between steps: weights, buffers, optimizer state (grads are None)."""
     state = [v for opt in optimizers for s in opt.state.values() for v in s.values()]
-    return tensor_bytes(list(model.parameters()) + list(model.buffers()) + state)
-
-
-def cpu_model():
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
+    return tensor_bytes(list(model.parameters()) + list(model.buffers()) + state, device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,7 +226,8 @@ def run_benchmark(recipe_names, tiny, iters, warmup, seed=0):
             set_s = bench.optimizer_steps(bench.optimizers, grads)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device) - resident_bytes(bench.raw_model, bench.optimizers)
+                others = torch.cuda.memory_allocated(device) - resident_bytes(bench.raw_model, bench.optimizers,
+                                                                              device)
             train_s, loss = bench.train_step(buffer, seq_len, layout.micro_seqs)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"benchmarks/step.py: recipe {name}: loss {loss} at iteration {iteration}")
@@ -253,7 +237,7 @@ def run_benchmark(recipe_names, tiny, iters, warmup, seed=0):
                 times[name][key].append(1000 * seconds)
             # CUDA: this step's peak less what the other recipes (and the shared data) hold, i.e. this
             # recipe's weights + optimizer state + the step's transient peak. CPU: the process's peak RSS.
-            peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else peak_rss_bytes()
+            peak = torch.cuda.max_memory_allocated(device) - others if device.type == "cuda" else peak_rss_bytes()
             peaks[name] = max(peaks[name], peak)
         rates.append(matmul_rate(device, matmul_size, per_sample))
     rate = max(rates)
@@ -267,7 +251,7 @@ def run_benchmark(recipe_names, tiny, iters, warmup, seed=0):
                        peak_memory_mib=peaks[name] / 2 ** 20, hidden_matrices=benches[name].hidden_matrices)
         recipes[name] = numbers
     return {
-        "device": device_name(device), "torch": torch.__version__,
+        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
         "compiled": os.environ.get("TORCH_COMPILE_DISABLE", "0") in ("", "0"),
         "size": "tiny" if tiny else "full", "model": dataclasses.asdict(hp.model),
         "tokens_per_step": tokens_per_step, "micro_batches": layout.rank_seqs // layout.micro_seqs,

@@ -60,7 +60,7 @@ def test_tiny_benchmark_json_cpu():
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["size"] == "tiny" and result["device"].startswith("cpu") and not result["compiled"]
+    assert result["size"] == "tiny" and result["device_type"] == "cpu" and not result["compiled"]
     assert list(result["recipes"]) == ["aurora", "normuon", "muon"]
     assert result["flops_per_token"] == flops_per_token(train_gpt.TINY.model)
     assert result["tokens_per_step"] == train_gpt.TINY.batch_tokens
