@@ -231,15 +231,20 @@ def constrained_tangent(P, G, cg_iterations):
     return S - stiefel_tangent(P, lam.unsqueeze(-1) * P)
 
 
-def retract_uniform_leverage(P, rounds):
-    """Alternates row normalization to sqrt(n/m) and a float32 polar, ending orthogonal."""
+def retract_uniform_leverage(P, rounds, over_relaxation=1.5):
+    """Alternates an over-relaxed row rescaling towards norm sqrt(n/m) (each row times
+    (sqrt(n/m) / ||P_i||)^1.5) and a float32 polar, ending orthogonal.
+
+    Plain alternation (exponent 1) stalls on ill-conditioned, nearly square inputs (a 32x24 with
+    condition number 3600 kept 15% row error after 4 ascent steps); 1.5 reached 0.2%."""
     row_norm = (P.size(-1) / P.size(-2)) ** 0.5
     for _ in range(rounds):
-        P = polar(rows_to_norm(P, row_norm), dtype=torch.float32)
+        scale = row_norm / P.norm(dim=-1, keepdim=True).clamp_min(1e-10)
+        P = polar(P * scale ** over_relaxation, dtype=torch.float32)
     return P
 
 
-def riemannian_aurora_polar(G, ascent_steps=4, cg_iterations=10, retraction_rounds=4):
+def riemannian_aurora_polar(G, ascent_steps=4, cg_iterations=10, retraction_rounds=6):
     """Riemannian Aurora (SPEC 8): maximizes <G, P> over P^T P = I with every tall-orientation row
     at norm^2 n/m, by projected Riemannian ascent from polar(G), in float32.
 

@@ -1,0 +1,123 @@
+"""Times one optimizer step of Muon, NorMuon and Aurora (record settings, SPEC 7) over the 72 hidden
+matrices of the 124M model (SPEC 3): per block q, k, v, o (d x d), fc (4d x d, tall) and proj
+(d x 4d, wide), 12 blocks. Each optimizer runs batched (one param group: same-shape matrices share
+one stacked polar) and one matrix at a time (one param group per matrix, so every polar call sees a
+single matrix), and the table gives the median milliseconds per step.
+
+    python benchmarks/optimizer_step.py                     # full size on CUDA, --scale 0.25 on CPU
+    python benchmarks/optimizer_step.py --scale 0.5 --steps 5 --eager
+
+Compiled by default (the first steps, untimed, compile); --eager (or TORCH_COMPILE_DISABLE=1) runs
+the update math uncompiled, which is what to use on a small CPU box where compiling costs minutes.
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from optimizers import Aurora, Muon, NorMuon  # noqa: E402
+
+RECORD_OPTIMIZERS = {
+    "muon": (Muon, dict(lr=0.025, weight_decay=0.05)),
+    "normuon": (NorMuon, dict(lr=0.035, weight_decay=0.025)),
+    "aurora": (Aurora, dict(lr=0.0375, contra=0.4, uw_floor=0.35)),
+}
+MODEL_WIDTH, MODEL_BLOCKS = 768, 12
+
+
+def hidden_matrix_shapes(width, blocks):
+    """The 2-D weights inside the blocks, in model order: 48 square, 12 tall, 12 wide at 124M."""
+    per_block = [(width, width)] * 4 + [(4 * width, width), (width, 4 * width)]
+    return per_block * blocks
+
+
+def make_params(shapes, device, seed=0):
+    """Random weights (SPEC 4 scale) with random gradients attached."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for rows, cols in shapes:
+        p = torch.nn.Parameter(torch.randn(rows, cols, generator=gen, device=device) * (0.33 / cols) ** 0.5)
+        p.grad = torch.randn(rows, cols, generator=gen, device=device)
+        params.append(p)
+    return params
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_step_ms(optimizer, device, warmup, steps):
+    for _ in range(warmup):
+        optimizer.step()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        optimizer.step()
+        synchronize(device)
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "CPU"
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=None,
+                        help="multiplies the model width 768 (default 1 on CUDA, 0.25 on CPU)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    parser.add_argument("--eager", action="store_true", help="run the update math uncompiled")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--riemannian", action="store_true",
+                        help="also time Aurora(variant='riemannian') (SPEC 8), batched only")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    scale = args.scale if args.scale is not None else (1.0 if device.type == "cuda" else 0.25)
+    width = max(8, round(MODEL_WIDTH * scale))
+    if args.eager:
+        torch._dynamo.config.disable = True
+    compiled = not torch._dynamo.config.disable
+
+    shapes = hidden_matrix_shapes(width, MODEL_BLOCKS)
+    print(f"device: {device_name(device)}; torch {torch.__version__}; "
+          f"{'compiled' if compiled else 'eager'}; width {width} (scale {scale:g}): "
+          f"{len(shapes)} matrices ({width}x{width} x48, {4 * width}x{width} x12, {width}x{4 * width} x12); "
+          f"median of {args.steps} steps after {args.warmup} warmup")
+    print(f"{'optimizer':<10} {'batched ms':>11} {'one-at-a-time ms':>17} {'batched speedup':>16}")
+    batched_ms = {}
+    for name, (cls, settings) in RECORD_OPTIMIZERS.items():
+        params = make_params(shapes, device)
+        batched = median_step_ms(cls(params, **settings), device, args.warmup, args.steps)
+        params = make_params(shapes, device)
+        one_at_a_time = cls([{"params": [p]} for p in params], **settings)
+        single = median_step_ms(one_at_a_time, device, args.warmup, args.steps)
+        batched_ms[name] = batched
+        print(f"{name:<10} {batched:>11.2f} {single:>17.2f} {single / batched:>15.2f}x")
+    if args.riemannian:
+        cls, settings = RECORD_OPTIMIZERS["aurora"]
+        optimizer = cls(make_params(shapes, device), variant="riemannian", **settings)
+        batched = median_step_ms(optimizer, device, args.warmup, args.steps)
+        print(f"{'aurora-riemannian':<10} {batched:>11.2f} {'-':>17} {'-':>16}  "
+              f"({batched / batched_ms['aurora']:.1f}x vanilla aurora)")
+    print(f"aurora / muon (batched): {batched_ms['aurora'] / batched_ms['muon']:.2f}x; "
+          f"normuon / muon: {batched_ms['normuon'] / batched_ms['muon']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
