@@ -200,9 +200,13 @@ def row_gram_square_times(P, lam):
     return ((P @ M) * P).sum(-1)
 
 
-def row_multipliers(P, q, iterations):
+def row_multipliers(P, q, iterations, tolerance=1e-10):
     """Per-row Lagrange multipliers lam of the row-norm constraints: conjugate gradient on
-    (diag(||P_i||^2) - (P P^T) o (P P^T)) lam = q (positive semi-definite; q is consistent)."""
+    (diag(||P_i||^2) - (P P^T) o (P P^T)) lam = q (positive semi-definite; q is consistent).
+
+    A matrix stops updating once its squared residual falls below tolerance times the initial
+    one: past that point float32 rounding feeds the null space (the all-ones vector) and CG
+    diverges (seen on 768x192 after 6 iterations)."""
     row_norms = P.square().sum(-1)
 
     def apply(lam):
@@ -212,13 +216,16 @@ def row_multipliers(P, q, iterations):
     residual = q
     direction = residual
     rr = (residual * residual).sum(-1, keepdim=True)
+    threshold = tolerance * rr
     for _ in range(iterations):
         Ad = apply(direction)
-        alpha = rr / (direction * Ad).sum(-1, keepdim=True).clamp_min(1e-30)
+        curvature = (direction * Ad).sum(-1, keepdim=True)
+        active = rr > threshold
+        alpha = torch.where(active & (curvature > 0), rr / curvature, torch.zeros_like(rr))
         lam = lam + alpha * direction
         residual = residual - alpha * Ad
         rr_next = (residual * residual).sum(-1, keepdim=True)
-        direction = residual + (rr_next / rr.clamp_min(1e-30)) * direction
+        direction = residual + torch.where(active, rr_next / rr, torch.zeros_like(rr)) * direction
         rr = rr_next
     return lam
 

@@ -162,6 +162,16 @@ def test_riemannian_aurora_satisfies_both_constraints_more_tightly_than_vanilla(
     assert (G * riemannian).sum() > (G.double() * vanilla.double()).sum()
 
 
+def test_row_multipliers_solve_the_system_and_stay_put_after_converging():
+    G = rows_of_different_scales((96, 24), 3)
+    P = optimizers.retract_uniform_leverage(polar(G).float(), 6)
+    q = (optimizers.stiefel_tangent(P, G) * P).sum(-1)
+    for iterations in (10, 40):  # 40: long past convergence, where unguarded CG diverges
+        lam = optimizers.row_multipliers(P, q, iterations)
+        residual = P.square().sum(-1) * lam - optimizers.row_gram_square_times(P, lam) - q
+        assert residual.norm() / q.norm() < 1e-4
+
+
 def test_riemannian_aurora_square_is_polar():
     G = well_conditioned((24, 24), 7)
     assert torch.equal(riemannian_aurora_polar(G), polar(G))
