@@ -15,7 +15,6 @@ summed across ranks (the trainer does that) before step().
 This file imports only the standard library and torch and has no top-level side effects:
 train_gpt.py inlines its text into the single-file script that every log carries.
 """
-import math
 
 import torch
 import torch.distributed as dist
@@ -258,6 +257,8 @@ def riemannian_aurora_polar(G, ascent_steps=4, cg_iterations=10, retraction_roun
     The step length is 0.5 / (RMS singular value of G): a full 1 / RMS overshoots and the
     objective falls again after two steps; 0.5 raises it monotonically (measured on 48x16 to 192x48).
     Square G: polar(G) (orthogonal rows already have norm 1). Wide G: transpose of the tall case.
+    Cost: 5 retractions of 6 float32 polars each; a whole Aurora step measured 22x vanilla's on a
+    CPU at width 192 (benchmarks/optimizer_step.py --riemannian).
     """
     if G.size(-2) == G.size(-1):
         return polar(G)
