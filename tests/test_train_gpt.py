@@ -1,0 +1,425 @@
+"""train_gpt.py: the harness of SPEC §2-§6 on tiny sizes, on CPU, uncompiled (TORCH_COMPILE_DISABLE=1)."""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "data"))
+from shards import write_shard  # noqa: E402
+from synthetic import write_synthetic_shards  # noqa: E402
+
+TRAIN_GPT = os.path.join(ROOT, "train_gpt.py")
+LEADERBOARD_PATTERN = re.compile(r"step:(\d+)/(\d+)\s+val_loss:([0-9.]+)")
+VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\d+\.\d{5}) train_time:(\d+\.\d{3})s step_avg:(\d+\.\d{2})ms")
+RUNNING_LINE = re.compile(r"Running PyTorch \S+ compiled for CUDA \S+ on .+ with world_size (\d+)")
+STEPS = 12  # the tiny preset validates at 0 and 12 (T); few steps keep the file fast on a busy CPU
+TINY_BATCH = tg.TINY.batch_tokens
+
+
+def uncompiled_env():
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", PYTHONPATH=ROOT)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def run_trainer(args, cwd, script=TRAIN_GPT, launcher=(), check=True):
+    result = subprocess.run([sys.executable, *launcher, script, *args], cwd=cwd, env=uncompiled_env(),
+                            capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def split_log(text):
+    """(code, lines after the code): the code is everything before the first line of 100 '='."""
+    lines = text.split("\n")
+    cut = lines.index(tg.SEPARATOR)
+    return "\n".join(lines[:cut]) + "\n", [line for line in lines[cut:] if line]
+
+
+def val_records(lines):
+    return [(int(m[1]), int(m[2]), float(m[3])) for m in map(VAL_LINE.fullmatch, lines) if m]
+
+
+def events(lines, kind):
+    return [json.loads(line[len(kind) + 1:]) for line in lines if line.startswith(kind + " ")]
+
+
+@pytest.fixture(scope="module")
+def data_args(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_shards(str(folder), vocab_size=512, train_shards=1, tokens_per_shard=(STEPS + 2) * TINY_BATCH,
+                           val_tokens=tg.TINY.val_tokens + 100)
+    return ["--train-files", str(folder / "synthetic_train_*.bin"), "--val-files", str(folder / "synthetic_val_*.bin")]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_args):
+    """Two trials of the CPU preset, each saved at its end. Returns (folder, lines after the code, code)."""
+    folder = tmp_path_factory.mktemp("tiny_run")
+    run_trainer(["--tiny", "--steps", str(STEPS), "--trials", "2", "--run-id", "tiny", "--save", "ck.pt",
+                 *data_args], cwd=folder)
+    code, lines = split_log((folder / "logs" / "tiny.txt").read_text())
+    return folder, lines, code
+
+
+# ---- the log of a tiny run (SPEC §6) ----
+
+def test_tiny_run_log_follows_the_leaderboard_format(tiny_run):
+    _, lines, _ = tiny_run
+    assert lines[0] == tg.SEPARATOR and lines[2] == tg.SEPARATOR
+    assert RUNNING_LINE.fullmatch(lines[1]) and RUNNING_LINE.fullmatch(lines[1])[1] == "1"
+    for line in lines[3:]:
+        is_val_line = VAL_LINE.fullmatch(line) is not None
+        # The leaderboard's pattern finds exactly the val lines, and nothing else.
+        assert is_val_line == (LEADERBOARD_PATTERN.search(line) is not None), line
+        if not is_val_line:
+            kind, payload = line.split(" ", 1)
+            assert kind in ("config", "diag", "done") and isinstance(json.loads(payload), dict), line
+    assert lines[3].startswith("config ") and lines[-1].startswith("done ")
+
+
+def test_tiny_run_loss_falls_and_trials_restart_at_step_0(tiny_run):
+    _, lines, _ = tiny_run
+    records = val_records(lines)
+    assert [(step, total) for step, total, _ in records] == [(0, STEPS), (STEPS, STEPS)] * 2
+    for trial in (records[:2], records[2:]):
+        assert trial[0][2] == pytest.approx(math.log(512), abs=1e-4)  # zero head: uniform logits
+        assert trial[-1][2] < trial[0][2] - 0.3
+
+def test_each_trial_starts_from_its_own_initialization(tiny_run):
+    folder, _, _ = tiny_run
+    first, second = (torch.load(folder / f"ck.trial{t}.pt", weights_only=True)["model"] for t in (0, 1))
+    assert not torch.equal(first["blocks.0.mlp.fc.weight"], second["blocks.0.mlp.fc.weight"])
+
+
+def test_config_line_records_the_settings_and_says_it_is_not_a_record(tiny_run):
+    _, lines, _ = tiny_run
+    (config,) = events(lines, "config")
+    assert config["recipe"] == "aurora" and config["steps"] == STEPS and config["trials"] == 2
+    assert config["seed"] == 0 and config["world_size"] == 1 and config["preset"] == "tiny"
+    assert config["recipe_settings"]["matrix_lr"] == 0.0375
+    assert config["recipe_settings"]["matrix_options"] == {"pp_iterations": 2, "pp_beta": 0.5, "contra": 0.4,
+                                                           "uw_floor": 0.35}
+    assert config["hyperparameters"]["model"]["vocab_size"] == 512
+    assert "--tiny" in config["command"]
+    assert config["is_record_recipe"] is False
+    assert any(d.startswith(f"steps={STEPS}") for d in config["differs_from_record"])
+
+
+def test_diagnostics_at_every_validation(tiny_run):
+    _, lines, _ = tiny_run
+    diags = events(lines, "diag")
+    neurons = [d for d in diags if d["kind"] == "neurons"]
+    assert [(d["trial"], d["step"]) for d in neurons] == [(t, s) for t in (0, 1) for s in (0, STEPS)]
+    for d in neurons:
+        assert len(d["dead_per_layer"]) == tg.TINY.model.num_layers
+        assert 0 <= d["dead"] <= d["nearly_dead"] <= 1
+    leverage = [d for d in diags if d["kind"] == "leverage"]
+    # No update before the first step; afterwards every non-square block matrix (fc tall, proj wide).
+    assert [(d["trial"], d["step"]) for d in leverage] == [(0, STEPS), (1, STEPS)]
+    expected = {f"blocks.{i}.mlp.{name}.weight" for i in range(tg.TINY.model.num_layers) for name in ("fc", "proj")}
+    for d in leverage:
+        assert set(d["matrices"]) == expected
+        for stats in d["matrices"].values():
+            assert stats["cv"] >= 0 and stats["max_over_min"] >= 1 and 0 <= stats["starved"] <= 1
+
+
+def test_saved_checkpoint_holds_the_final_model(tiny_run, data_args):
+    folder, lines, _ = tiny_run
+    checkpoint = torch.load(folder / "ck.trial0.pt", weights_only=True)
+    assert checkpoint["step"] == STEPS and checkpoint["recipe"] == "aurora" and len(checkpoint["optimizers"]) == 2
+    model = tg.GPT(tg.TINY.model)
+    tg.load_model_weights(model, str(folder / "ck.trial0.pt"))
+    val_path = data_args[3].replace("*", "000000")
+    val_buffer = tg.load_val_tokens(val_path, tg.TINY.val_tokens, 0, 1)
+    layout = tg.batch_layout(tg.TINY, 1)
+    loss = tg.evaluate(model, val_buffer, layout, tg.TINY.model.seq_len, tg.TINY.val_tokens)
+    assert f"{loss:.5f}" == f"{val_records(lines)[1][2]:.5f}"
+
+
+# ---- the code in the log is one script that reproduces the run ----
+
+def test_log_code_is_train_gpt_with_the_optimizers_inlined(tiny_run):
+    _, _, code = tiny_run
+    with open(TRAIN_GPT) as f:
+        before, after = f.read().split("\n" + tg.OPTIMIZERS_IMPORT + "\n")
+    # (Compared piecewise: optimizers.py may be edited by now; the cut-out run below checks the whole.)
+    assert code.startswith(before + "\n") and code.endswith("\n" + after)
+    inlined = code[len(before) + 1:len(code) - len(after) - 1]
+    assert "class Aurora(" in inlined and "class NorMuon(" in inlined and "class Muon(" in inlined
+    assert tg.OPTIMIZERS_IMPORT not in code.splitlines()
+
+
+def test_code_cut_from_the_log_reruns_alone_with_the_same_losses(tiny_run, data_args, tmp_path):
+    _, lines, code = tiny_run
+    (tmp_path / "run.py").write_text(code)
+    result = subprocess.run([sys.executable, "run.py", "--tiny", "--steps", str(STEPS), "--run-id", "cut",
+                             "--no-diagnostics", *data_args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, env={k: v for k, v in uncompiled_env().items() if k != "PYTHONPATH"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["logs", "run.py"]
+    cut_code, cut_lines = split_log((tmp_path / "logs" / "cut.txt").read_text())
+    assert val_records(cut_lines) == val_records(lines)[:2]
+    assert cut_code == code  # a cut script logs itself unchanged
+    assert not events(cut_lines, "diag")
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_give_the_val_losses_of_one(tiny_run, data_args, tmp_path):
+    _, lines, _ = tiny_run
+    run_trainer(["--tiny", "--steps", str(STEPS), "--run-id", "two", *data_args], cwd=tmp_path,
+                launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    _, two_lines = split_log((tmp_path / "logs" / "two.txt").read_text())
+    assert RUNNING_LINE.fullmatch(two_lines[1])[1] == "2"
+    one, two = val_records(lines)[:2], val_records(two_lines)
+    assert [r[:2] for r in two] == [r[:2] for r in one]
+    for (_, _, loss_one), (_, _, loss_two) in zip(one, two):
+        assert loss_two == pytest.approx(loss_one, abs=2e-3)  # summation order differs (bf16 forward)
+
+
+# ---- failures ----
+
+def test_interrupt_leaves_a_complete_log(data_args, tmp_path):
+    process = subprocess.Popen([sys.executable, TRAIN_GPT, "--tiny", "--steps", str(STEPS), "--run-id", "stop",
+                                *data_args], cwd=tmp_path, env=uncompiled_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "logs" / "stop.txt"
+    deadline = time.time() + 300
+    while not (log.exists() and "step:0/" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=300)
+    assert process.returncode == 130
+    _, lines = split_log(log.read_text())
+    assert val_records(lines)[0][:2] == (0, STEPS)
+    assert lines[-1].startswith("interrupted ") and events(lines, "interrupted")[0]["trial"] == 0
+
+
+def test_nan_weights_stop_the_run_at_step_0(data_args, tmp_path):
+    model = tg.GPT(tg.TINY.model)
+    with torch.no_grad():
+        model.embed.weight.fill_(float("nan"))
+    torch.save({"model": model.state_dict()}, tmp_path / "nan.pt")
+    result = run_trainer(["--tiny", "--steps", str(STEPS), "--run-id", "nan", "--init-from", "nan.pt", *data_args],
+                         cwd=tmp_path, check=False)
+    assert result.returncode == 3
+    assert "step 0" in result.stderr
+    _, lines = split_log((tmp_path / "logs" / "nan.txt").read_text())
+    (error,) = events(lines, "error")
+    assert error["step"] == 0 and "val loss is nan at step 0" in error["message"]
+
+
+def write_tokens(path, count):
+    write_shard(str(path), np.arange(count) % 512)
+
+
+def test_missing_shards_name_the_pattern_and_the_command(data_args, tmp_path, capsys):
+    pattern = str(tmp_path / "nowhere_train_*.bin")
+    assert tg.main(["--tiny", "--train-files", pattern, "--val-files", data_args[3]]) == 2
+    message = capsys.readouterr().err
+    assert pattern in message and "python data/synthetic.py --train-shards 1" in message
+    with pytest.raises(tg.SetupError, match=r"python data/cached_fineweb10B.py 17"):
+        tg.find_shards(pattern, tg.FULL, 3200, "train")
+
+
+def test_too_few_train_shards_fail_before_training(data_args, tmp_path, capsys):
+    assert tg.main(["--tiny", "--steps", "500", "--run-id", "short", *data_args]) == 2
+    message = capsys.readouterr().err
+    # One shard of (STEPS + 2) batches holds STEPS + 1 steps; 500 steps need ceil(500 / 13) = 39 like it.
+    assert f"hold {STEPS + 1} steps" in message and "python data/synthetic.py --train-shards 39" in message
+    assert not os.path.exists("logs/short.txt")
+
+
+def test_full_size_stream_arithmetic():
+    full = [100_000_000] * 103
+    assert tg.steps_in_shard(100_000_000, tg.FULL.batch_tokens) == 190
+    assert tg.shards_read(full, 3200, tg.FULL.batch_tokens) == 17
+    assert tg.shards_read(full, 3300, tg.FULL.batch_tokens) == 18
+    assert tg.shards_read(full[:17], 3300, tg.FULL.batch_tokens) is None
+
+
+def test_too_few_fineweb_shards_print_the_download_command(tmp_path):
+    batch = tg.FULL.batch_tokens
+    for i in (1, 2):
+        write_tokens(tmp_path / f"fineweb_train_00000{i}.bin", 2 * batch + 2)  # 2 steps each
+    paths = sorted(str(p) for p in tmp_path.glob("*.bin"))
+    assert tg.check_train_shards(paths, 3, tg.FULL) == paths
+    assert tg.check_train_shards(paths, 2, tg.FULL) == paths[:1]
+    with pytest.raises(tg.SetupError, match=r"hold 4 steps.*7 steps need 4 shards.*cached_fineweb10B.py 4"):
+        tg.check_train_shards(paths, 7, tg.FULL)
+
+
+@pytest.mark.parametrize("corruption, problem", [
+    (lambda header, body: (header[:1] + [7] + header[2:], body), "version 7"),
+    (lambda header, body: ([123] + header[1:], body), "magic number 123"),
+    (lambda header, body: (header, body[:-10]), "truncated"),
+])
+def test_corrupt_shard_is_refused_with_its_name(data_args, tmp_path, capsys, corruption, problem):
+    header, body = [20240520, 1, 40000] + [0] * 253, np.arange(40000, dtype="<u2").tobytes()
+    header, body = corruption(header, body)
+    bad = tmp_path / "bad_train_000001.bin"
+    bad.write_bytes(np.array(header, dtype="<i4").tobytes() + body)
+    assert tg.main(["--tiny", "--steps", "2", "--train-files", str(bad), "--val-files", data_args[3]]) == 2
+    message = capsys.readouterr().err
+    assert str(bad) in message and problem in message
+
+
+def test_train_stream_slices_ranks_and_moves_to_the_next_shard(tmp_path):
+    batch = 8
+    write_shard(str(tmp_path / "a.bin"), np.arange(30))  # pos 0, 8, 16 fit (16 + 9 < 30); pos 24 does not
+    write_shard(str(tmp_path / "b.bin"), np.arange(100, 120))  # pos 0, 8
+    paths = [str(tmp_path / "a.bin"), str(tmp_path / "b.bin")]
+    assert [tg.steps_in_shard(n, batch) for n in (30, 20)] == [3, 2]
+    one = tg.TrainStream(paths, batch, 0, 1)
+    ranks = [tg.TrainStream(paths, batch, r, 2) for r in (0, 1)]
+    starts = [0, 8, 16, 100, 108]
+    for start in starts:
+        whole = one.next_batch()
+        assert whole.tolist() == list(range(start, start + batch + 1))
+        halves = [stream.next_batch() for stream in ranks]
+        assert halves[0].tolist() == whole[:5].tolist() and halves[1].tolist() == whole[4:].tolist()
+    with pytest.raises(tg.SetupError):
+        one.next_batch()
+    assert tg.shards_read([30, 20], len(starts), batch) == 2
+
+
+def test_world_size_must_divide_the_sequences_of_a_step(data_args, monkeypatch, capsys):
+    for world_size in (1, 2, 4, 8, 16):
+        layout = tg.batch_layout(tg.FULL, world_size)
+        assert layout.rank_seqs * world_size == 512 and layout.rank_seqs % layout.micro_seqs == 0
+    assert tg.batch_layout(tg.FULL, 1).micro_seqs == 64 and tg.batch_layout(tg.FULL, 16).micro_seqs == 32
+    with pytest.raises(tg.SetupError, match="world size 3 does not divide the 512 sequences"):
+        tg.batch_layout(tg.FULL, 3)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert tg.main(["--tiny", "--steps", "2", *data_args]) == 2
+    assert "world size 3 does not divide the 32 sequences" in capsys.readouterr().err
+
+
+# ---- model, initialization, schedule, recipes ----
+
+def small_full_vocab_model():
+    config = tg.ModelConfig(vocab_size=50304, num_layers=2, model_dim=64, head_dim=16, seq_len=32)
+    model = tg.GPT(config)
+    tg.init_parameters(model, torch.Generator().manual_seed(0))
+    return model
+
+
+def test_step_0_loss_is_log_vocab_and_fc_gradients_are_zero(tmp_path):
+    model = small_full_vocab_model()
+    write_shard(str(tmp_path / "val.bin"), np.random.default_rng(0).integers(0, 50257, 4 * 32 + 1))
+    hp = tg.Hyperparameters(model=model.config, batch_tokens=4 * 32, micro_batch_seqs=2, val_tokens=4 * 32)
+    buffer = tg.load_val_tokens(str(tmp_path / "val.bin"), hp.val_tokens, 0, 1)
+    val_loss = tg.evaluate(model, buffer, tg.batch_layout(hp, 1), 32, hp.val_tokens)
+    assert val_loss == pytest.approx(math.log(50304), abs=1e-5)
+    for inputs, targets in tg.micro_batches(buffer, 32, 2):
+        model(inputs, targets).backward()
+    fc_grads = [block.mlp.fc.weight.grad for block in model.blocks] + [block.mlp.fc.bias.grad for block in model.blocks]
+    assert all(torch.count_nonzero(grad) == 0 for grad in fc_grads)
+    assert torch.count_nonzero(model.proj.bias.grad) > 0  # the head does learn at step 0
+
+
+def test_initialization_follows_the_name_rules():
+    model = small_full_vocab_model()
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        if name.endswith("gains"):
+            assert torch.all(param == 1), name
+        elif name.endswith("bias") or "proj" in name:
+            assert torch.all(param == 0), name
+    assert {"proj.weight", "blocks.0.attn.proj.weight", "blocks.0.mlp.proj.weight"} <= set(params)
+    assert params["embed.weight"].dtype == torch.bfloat16
+    assert params["embed.weight"].float().std().item() == pytest.approx(1.0, rel=0.01)
+    for name in ("blocks.0.attn.q.weight", "blocks.1.mlp.fc.weight"):
+        assert params[name].std().item() == pytest.approx(math.sqrt(0.33 / 64), rel=0.05)
+    assert all(p.dtype == torch.float32 for n, p in params.items() if n != "embed.weight")
+
+
+def test_half_truncated_rotary_tables():
+    cos, sin = tg.rotary_tables(head_dim=16, seq_len=5)
+    assert cos.shape == (5, 8)
+    assert torch.all(cos[:, 4:] == 1) and torch.all(sin[:, 4:] == 0)  # the second half does not rotate
+    assert torch.allclose(sin[:, 0], torch.sin(torch.arange(5.0)))  # f_0 = 1
+    assert torch.allclose(sin[:, 3], torch.sin(torch.arange(5.0) / 1024))  # f_{d/4-1} = 1/1024
+
+
+def test_lr_schedule_and_validation_schedule():
+    assert tg.lr_multiplier(0, 3200) == 1 and tg.lr_multiplier(959, 3200) == 1
+    assert tg.lr_multiplier(960, 3200) == pytest.approx(1.0) and tg.lr_multiplier(2240, 3200) == pytest.approx(3 / 7)
+    assert tg.lr_multiplier(3199, 3200) == pytest.approx(1 / 3200 / 0.7)
+    steps = [s for s in range(3201) if tg.is_validation_step(s, 3200, 125, 25)]
+    assert steps[:3] == [0, 125, 250] and 2875 in steps and 2880 not in steps
+    assert steps[-4:] == [3125, 3150, 3175, 3200] and 2900 in steps
+
+
+@pytest.mark.parametrize("name, adam_lrs, adam_wd, matrix_class, matrix_lr, matrix_wd", [
+    ("aurora", [0.3, 1 / 320, 0.01], 0.0, "Aurora", 0.0375, 0.0),
+    ("normuon", [0.3, 1 / 320, 0.01], 0.0, "NorMuon", 0.035, 0.025),
+    ("muon", [0.7, 0.004, 0.015], 0.001, "Muon", 0.025, 0.05),
+])
+def test_recipes_build_the_spec_optimizer_groups(name, adam_lrs, adam_wd, matrix_class, matrix_lr, matrix_wd):
+    model = tg.GPT(tg.ModelConfig(vocab_size=64, num_layers=2, model_dim=32, head_dim=8, seq_len=16))
+    adam, matrix = tg.build_optimizers(model, tg.RECIPES[name])
+    assert isinstance(adam, torch.optim.AdamW) and type(matrix).__name__ == matrix_class
+    assert [g["lr"] for g in adam.param_groups] == adam_lrs
+    assert [g["initial_lr"] for g in adam.param_groups + matrix.param_groups] == adam_lrs + [matrix_lr]
+    for group in adam.param_groups:
+        assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-10 and group["weight_decay"] == adam_wd
+    assert adam.param_groups[0]["params"] == [model.embed.weight]
+    assert adam.param_groups[1]["params"] == [model.proj.weight]
+    assert any(p is model.proj.bias for p in adam.param_groups[2]["params"])
+    assert all(p.ndim < 2 for p in adam.param_groups[2]["params"])
+    assert matrix.param_groups[0]["lr"] == matrix_lr and matrix.param_groups[0]["weight_decay"] == matrix_wd
+    owned = [p for opt in (adam, matrix) for g in opt.param_groups for p in g["params"]]
+    assert len(owned) == len({id(p) for p in owned}) == len(list(model.parameters()))
+    assert all(p.ndim == 2 for p in matrix.param_groups[0]["params"])
+
+
+# ---- diagnostics ----
+
+def test_dead_neuron_fractions_count_dead_and_nearly_dead():
+    preacts = -torch.ones(2000, 4)
+    preacts[0, 1] = 1.0  # active on 1 of 2000 tokens: 0.05% < 0.1%, nearly dead
+    preacts[:2, 2] = 1.0  # 2 of 2000: exactly 0.1%, alive
+    preacts[:, 3] = 0.5
+    dead, nearly_dead = tg.dead_neuron_fractions(preacts.view(2, 1000, 4))
+    assert dead == 0.25 and nearly_dead == 0.5
+
+
+def test_neuron_report_on_hand_set_fc_rows():
+    config = tg.ModelConfig(vocab_size=64, num_layers=2, model_dim=16, head_dim=8, seq_len=8)
+    model = tg.GPT(config)
+    tg.init_parameters(model, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.fc.weight.zero_()
+            block.mlp.fc.bias.fill_(1.0)
+        model.blocks[0].mlp.fc.bias[:16] = -1.0  # 16 of 64 units of layer 0 never fire
+        model.blocks[1].mlp.fc.bias[:8] = 0.0  # pre-activation exactly 0: relu^2 is 0, dead too
+    tokens = torch.randint(0, 64, (2, 9))
+    report = tg.neuron_report(model, tokens[:, :-1], tokens[:, 1:])
+    assert report["dead_per_layer"] == [0.25, 0.125] and report["nearly_dead_per_layer"] == [0.25, 0.125]
+    assert report["dead"] == pytest.approx(0.1875)
+    assert not model.blocks[0].mlp.fc._forward_hooks  # the hooks are removed afterwards
+
+
+def test_leverage_stats_on_a_hand_made_vector():
+    stats = tg.leverage_stats(torch.tensor([1.0, 1.0, 1.0, 1.0, 0.05, 1.95]))
+    assert stats["cv"] == pytest.approx(math.sqrt((0.95 ** 2 + 0.95 ** 2) / 6))
+    assert stats["max_over_min"] == pytest.approx(39.0)
+    assert stats["starved"] == pytest.approx(1 / 6)
+    assert tg.leverage_stats(torch.tensor([0.0, 2.0]))["max_over_min"] is None

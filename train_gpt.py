@@ -1,0 +1,873 @@
+"""The modded-nanoGPT optimization-track harness (SPEC §2-§6) with the Aurora, NorMuon and Muon record
+recipes (SPEC §7) and neuron-death diagnostics (SPEC §9), in one file as the leaderboard requires.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --recipe aurora   # a record run
+    python train_gpt.py --tiny                                              # CPU preset, synthetic data
+
+The log (logs/<run id>.txt) starts with this file's source, optimizers.py inlined, so the code cut out
+of a log runs on its own and reproduces the run.
+"""
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizers: this import line is replaced by the text of optimizers.py in the logged source.
+
+from optimizers import Muon, NorMuon, Aurora
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration: the fixed benchmark (SPEC §2, §3, §5), the CPU preset, and the three recipes (SPEC §7)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50304
+    num_layers: int = 12
+    model_dim: int = 768
+    head_dim: int = 128
+    seq_len: int = 1024
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Everything the benchmark fixes; only the recipe changes between record runs."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch_tokens: int = 524_288  # B: tokens per optimizer step over all ranks
+    micro_batch_seqs: int = 64  # sequences per forward pass
+    val_tokens: int = 20 * 524_288
+    val_every: int = 125  # while step/T < 0.9 ...
+    val_every_tail: int = 25  # ... and after
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
+    steps: int | None = None  # None: the recipe's step count
+    # The command that provides the data ({shards}: how many train shards), and its shards' size.
+    data_command: str = "python data/cached_fineweb10B.py {shards}"
+    data_shard_tokens: int = 100_000_000
+
+
+FULL = Hyperparameters()
+# CPU preset: about two minutes on 2 cores (torch.compile included) on the shards that
+# `python data/synthetic.py` writes (vocabulary 512, EOT 511).
+TINY = Hyperparameters(
+    model=ModelConfig(vocab_size=512, num_layers=4, model_dim=128, head_dim=32, seq_len=256),
+    batch_tokens=32 * 256,
+    micro_batch_seqs=16,
+    val_tokens=8 * 32 * 256,
+    val_every=25,
+    val_every_tail=10,
+    train_files="data/synthetic/synthetic_train_*.bin",
+    val_files="data/synthetic/synthetic_val_*.bin",
+    steps=200,
+    data_command="python data/synthetic.py --train-shards {shards}",
+    data_shard_tokens=2_000_000,
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    steps: int  # T, the record's training length
+    embed_lr: float  # AdamW on the embedding
+    head_lr: float  # AdamW on the output head's weight
+    scalar_lr: float  # AdamW on every parameter with fewer than 2 dims
+    adam_weight_decay: float
+    matrix_optimizer: str  # the class for every 2-D weight inside the blocks
+    matrix_lr: float
+    matrix_weight_decay: float
+    matrix_options: dict = field(default_factory=dict)
+
+
+RECIPES = {
+    "aurora": Recipe("aurora", 3200, 0.3, 1 / 320, 0.01, 0.0, "Aurora", 0.0375, 0.0,
+                     dict(pp_iterations=2, pp_beta=0.5, contra=0.4, uw_floor=0.35)),
+    "normuon": Recipe("normuon", 3300, 0.3, 1 / 320, 0.01, 0.0, "NorMuon", 0.035, 0.025, dict(beta2=0.95)),
+    "muon": Recipe("muon", 3250, 0.7, 0.004, 0.015, 0.001, "Muon", 0.025, 0.05),
+}
+MATRIX_OPTIMIZERS = {"Muon": Muon, "NorMuon": NorMuon, "Aurora": Aurora}
+ADAM_BETAS = (0.8, 0.95)
+ADAM_EPS = 1e-10
+MOMENTUM = 0.95
+
+
+class SetupError(RuntimeError):
+    """A problem found before training: the message names the file or setting and the fix."""
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def lr_multiplier(step, steps):
+    """SPEC §5: 1 for the first 30% of training, then linear to 0 at step T."""
+    progress = step / steps
+    return 1.0 if progress < 0.3 else (1 - progress) / 0.7
+
+
+def is_validation_step(step, steps, every, tail_every):
+    """SPEC §5: step 0, every `every` steps while step/T < 0.9, every `tail_every` after, and T."""
+    if step == 0 or step == steps:
+        return True
+    return step % (every if 10 * step < 9 * steps else tail_every) == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: shards (SPEC §2), the train stream and its rank slices, the validation tokens
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+
+
+def read_shard_header(path):
+    """Validate a shard's header and size; return its token count."""
+    size = os.path.getsize(path)
+    if size < HEADER_INTS * 4:
+        raise SetupError(f"{path}: {size} bytes, shorter than the 1024-byte shard header (corrupt or truncated)")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise SetupError(f"{path}: magic number {header[0]}, expected {SHARD_MAGIC} (not a token shard)")
+    if header[1] != SHARD_VERSION:
+        raise SetupError(f"{path}: version {header[1]}, expected {SHARD_VERSION}")
+    num_tokens = int(header[2])
+    body = size - HEADER_INTS * 4
+    if num_tokens < 0 or body < 2 * num_tokens:
+        raise SetupError(f"{path}: header says {num_tokens} tokens ({2 * num_tokens} bytes) but the body holds "
+                         f"{body} bytes (truncated download?)")
+    return num_tokens
+
+
+def load_shard(path, pin_memory=False):
+    """The tokens of a shard as a uint16 tensor (in page-locked memory for fast copies to a GPU)."""
+    num_tokens = read_shard_header(path)
+    with open(path, "rb") as f:
+        f.seek(HEADER_INTS * 4)
+        tokens = torch.from_numpy(np.fromfile(f, dtype="<u2", count=num_tokens))
+    return tokens.pin_memory() if pin_memory else tokens
+
+
+def steps_in_shard(num_tokens, batch_tokens):
+    """How many batches the stream takes from a shard: those at pos = k*B with pos + B + 1 < N."""
+    return (num_tokens - batch_tokens - 2) // batch_tokens + 1 if num_tokens >= batch_tokens + 2 else 0
+
+
+def find_shards(pattern, hp, steps, what):
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        shards = shards_read([hp.data_shard_tokens] * (steps + 1), steps, hp.batch_tokens)
+        raise SetupError(f"no {what} shards match {pattern!r} (in {os.getcwd()}). Get them with: "
+                         f"{hp.data_command.format(shards=shards)}")
+    return paths
+
+
+def shards_read(token_counts, steps, batch_tokens):
+    """How many leading shards the train stream reads in `steps` steps (None: all are not enough)."""
+    remaining = steps
+    for index, num_tokens in enumerate(token_counts):
+        if remaining <= 0:
+            return index
+        remaining -= steps_in_shard(num_tokens, batch_tokens)
+    return len(token_counts) if remaining <= 0 else None
+
+
+def check_train_shards(paths, steps, hp):
+    """Every train shard must be valid and together hold `steps` batches, checked before anything is
+    compiled so a run never crashes for lack of data. Returns the shards the run will read."""
+    token_counts = [read_shard_header(path) for path in paths]
+    count = shards_read(token_counts, steps, hp.batch_tokens)
+    if count is not None:
+        return paths[:count]
+    capacities = [steps_in_shard(n, hp.batch_tokens) for n in token_counts]
+    fix = f"Get more with: {hp.data_command.format(shards='N')}"
+    if capacities[0] > 0:
+        needed = len(paths) + math.ceil((steps - sum(capacities)) / capacities[0])
+        fix = f"{steps} steps need {needed} shards like the first. Get them with: " \
+              f"{hp.data_command.format(shards=needed)}"
+    raise SetupError(f"the {len(paths)} train shards matching {hp.train_files!r} hold {sum(capacities)} steps "
+                     f"of {hp.batch_tokens} tokens, fewer than the {steps} steps asked for. {fix}")
+
+
+class TrainStream:
+    """SPEC §2: each step takes B contiguous tokens (+1 for the shifted targets); rank r reads the slice
+    at pos + r*B/W of length B/W + 1; the next shard starts when pos + B + 1 >= len(shard)."""
+
+    def __init__(self, paths, batch_tokens, rank, world_size, pin_memory=False):
+        self.paths = paths
+        self.pin_memory = pin_memory
+        self.batch_tokens = batch_tokens
+        self.rank_tokens = batch_tokens // world_size
+        self.offset = rank * self.rank_tokens
+        self.shard_index = 0
+        self.tokens = load_shard(paths[0], pin_memory)
+        self.pos = 0
+
+    def next_batch(self):
+        while self.pos + self.batch_tokens + 1 >= len(self.tokens):
+            self.shard_index += 1
+            if self.shard_index == len(self.paths):
+                raise SetupError(f"the train shards {self.paths[0]} ... ran out (the pre-training check missed it)")
+            self.tokens = load_shard(self.paths[self.shard_index], self.pin_memory)
+            self.pos = 0
+        start = self.pos + self.offset
+        self.pos += self.batch_tokens
+        return self.tokens[start:start + self.rank_tokens + 1]
+
+
+def load_val_tokens(path, val_tokens, rank, world_size):
+    """The first val_tokens (+1) tokens of the val shard, sliced across ranks like one train step."""
+    tokens = load_shard(path)
+    if len(tokens) < val_tokens + 1:
+        raise SetupError(f"{path}: {len(tokens)} tokens, validation needs {val_tokens + 1}")
+    rank_tokens = val_tokens // world_size
+    start = rank * rank_tokens
+    return tokens[start:start + rank_tokens + 1].long()
+
+
+def micro_batches(buffer, seq_len, micro_seqs):
+    """(inputs, targets) pairs of micro_seqs sequences each from a buffer of n*seq_len + 1 tokens."""
+    inputs = buffer[:-1].view(-1, seq_len)
+    targets = buffer[1:].view(-1, seq_len)
+    return zip(inputs.split(micro_seqs), targets.split(micro_seqs))
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    rank_seqs: int  # sequences per rank per step
+    micro_seqs: int
+    val_rank_seqs: int
+
+
+def batch_layout(hp, world_size):
+    seq_len = hp.model.seq_len
+    step_seqs = hp.batch_tokens // seq_len
+    if hp.batch_tokens % seq_len or hp.val_tokens % seq_len:
+        raise SetupError(f"batch_tokens {hp.batch_tokens} and val_tokens {hp.val_tokens} must be multiples of "
+                         f"seq_len {seq_len}")
+    if step_seqs % world_size:
+        raise SetupError(f"world size {world_size} does not divide the {step_seqs} sequences of a step: run with "
+                         f"a number of processes that divides {step_seqs} (1, 2, 4 or 8 GPUs per node)")
+    rank_seqs = step_seqs // world_size
+    micro_seqs = min(hp.micro_batch_seqs, rank_seqs)
+    val_seqs = hp.val_tokens // seq_len
+    if rank_seqs % micro_seqs or val_seqs % world_size or (val_seqs // world_size) % micro_seqs:
+        raise SetupError(f"world size {world_size}: the {rank_seqs} train and {val_seqs / world_size:g} val "
+                         f"sequences per rank must be whole multiples of the micro-batch of {micro_seqs}")
+    return BatchLayout(rank_seqs, micro_seqs, val_seqs // world_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model (SPEC §3) and initialization (SPEC §4)
+
+
+class Linear(nn.Linear):
+    """fp32 weights cast to the activation dtype at use, so the forward runs in bf16."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gains = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.gains.to(x.dtype))
+
+
+def rotary_tables(head_dim, seq_len):
+    """Half-truncated rotary: d/4 frequencies (1/1024)^(j/(d/4-1)), then d/4 zeros (unrotated pairs)."""
+    quarter = head_dim // 4
+    freqs = (1 / 1024) ** (torch.arange(quarter, dtype=torch.float32) / (quarter - 1))
+    freqs = torch.cat([freqs, freqs.new_zeros(quarter)])
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """x: (batch, time, heads, head_dim); rotation in fp32, cast back."""
+    cos, sin = cos[None, :x.size(1), None, :], sin[None, :x.size(1), None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        dim = config.model_dim
+        self.head_dim = config.head_dim
+        self.q, self.k, self.v = Linear(dim, dim), Linear(dim, dim), Linear(dim, dim)
+        self.proj = Linear(dim, dim)
+        cos, sin = rotary_tables(config.head_dim, config.seq_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x):
+        batch, time_, dim = x.shape
+        shape = (batch, time_, dim // self.head_dim, self.head_dim)
+        q = F.rms_norm(self.q(x).view(shape), (self.head_dim,))
+        k = F.rms_norm(self.k(x).view(shape), (self.head_dim,))
+        q, k = apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
+        v = self.v(x).view(shape)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, scale=0.12)
+        return self.proj(y.transpose(1, 2).reshape(batch, time_, dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = Linear(dim, 4 * dim)
+        self.proj = Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = RMSNorm(config.model_dim)
+        self.attn = Attention(config)
+        self.norm2 = RMSNorm(config.model_dim)
+        self.mlp = MLP(config.model_dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.model_dim, dtype=torch.bfloat16)
+        self.norm_a = RMSNorm(config.model_dim)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm_b = RMSNorm(config.model_dim)
+        self.proj = Linear(config.model_dim, config.vocab_size)  # the head; named so the init zeroes it
+
+    def forward(self, inputs, targets):
+        """Summed cross-entropy over every token of the (batch, time) inputs."""
+        x = self.norm_a(self.embed(inputs))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.proj(self.norm_b(x)).float()
+        logits = 15 * logits / torch.sqrt(logits.square() + 15 ** 2)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+
+
+@torch.no_grad()
+def init_parameters(model, generator):
+    """SPEC §4, drawn on the CPU from `generator` so every device gets the same weights."""
+    for name, param in model.named_parameters():
+        if name.endswith("gains"):
+            value = torch.ones(param.shape)
+        elif name.endswith("bias") or "proj" in name:
+            value = torch.zeros(param.shape)
+        elif param is model.embed.weight:
+            value = torch.randn(param.shape, generator=generator)
+        else:
+            value = torch.randn(param.shape, generator=generator) * math.sqrt(0.33 / param.size(1))
+        param.copy_(value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizer setup (SPEC §7)
+
+
+def build_optimizers(model, recipe):
+    """AdamW on the embedding, the head weight and all <2-D parameters; the recipe's matrix optimizer on
+    every 2-D weight in the blocks. Each group keeps its starting lr as group["initial_lr"]."""
+    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    scalars = [p for p in model.parameters() if p.ndim < 2]
+    groups = [dict(params=[model.embed.weight], lr=recipe.embed_lr),
+              dict(params=[model.proj.weight], lr=recipe.head_lr),
+              dict(params=scalars, lr=recipe.scalar_lr)]
+    covered = len(matrices) + len(scalars) + 2
+    if covered != len(list(model.parameters())):
+        raise RuntimeError(f"the optimizer groups cover {covered} of {len(list(model.parameters()))} parameters")
+    fused = model.embed.weight.device.type in ("cuda", "cpu")
+    adam = torch.optim.AdamW(groups, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=recipe.adam_weight_decay,
+                             fused=fused)
+    matrix_class = MATRIX_OPTIMIZERS[recipe.matrix_optimizer]
+    matrix = matrix_class(matrices, lr=recipe.matrix_lr, weight_decay=recipe.matrix_weight_decay,
+                          momentum=MOMENTUM, nesterov=True, **recipe.matrix_options)
+    optimizers = [adam, matrix]
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def set_lr(optimizers, multiplier):
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed setup: torchrun (CUDA + NCCL, or CPU + gloo) or a plain single process
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int
+    world_size: int
+    local_rank: int
+    launched: bool  # under torchrun (a process group exists, even with one process)
+
+
+def distributed_from_env():
+    if "RANK" not in os.environ:
+        return Distributed(0, 1, 0, False)
+    return Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                       int(os.environ.get("LOCAL_RANK", 0)), True)
+
+
+def setup_device(dist_info):
+    if torch.cuda.is_available():
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if dist_info.launched:
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return device
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def all_reduce_sum(tensors, bucket_elements=32 * 2 ** 20):
+    """Sum tensors in place across ranks, flattened into a few large buckets (one per dtype and size
+    limit) instead of one collective per tensor."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    buckets, pending = [], {}
+    for tensor in tensors:
+        bucket = pending.setdefault(tensor.dtype, [])
+        bucket.append(tensor)
+        if sum(t.numel() for t in bucket) >= bucket_elements:
+            buckets.append(pending.pop(tensor.dtype))
+    buckets.extend(pending.values())
+    reductions = []
+    for bucket in buckets:
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        reductions.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
+    for bucket, flat, work in reductions:
+        work.wait()
+        for tensor, chunk in zip(bucket, flat.split([t.numel() for t in bucket])):
+            tensor.copy_(chunk.view_as(tensor))
+
+
+def broadcast_parameters(model):
+    if dist.is_initialized():
+        for param in model.parameters():
+            dist.broadcast(param.data, 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging (SPEC §6)
+
+SEPARATOR = "=" * 100
+OPTIMIZERS_IMPORT = "from optimizers import Muon, NorMuon, Aurora"
+
+
+def logged_source():
+    """This file with the optimizers import replaced by optimizers.py itself: one runnable script. A
+    script cut out of a log has no such line and logs itself unchanged."""
+    with open(os.path.abspath(__file__)) as f:
+        lines = f.read().splitlines(keepends=True)
+    out = []
+    for line in lines:
+        if line.rstrip("\n") == OPTIMIZERS_IMPORT:
+            with open(sys.modules["optimizers"].__file__) as f:
+                inlined = f.read()
+            out.append(inlined if inlined.endswith("\n") else inlined + "\n")
+        else:
+            out.append(line)
+    return "".join(out)
+
+
+def val_line(step, steps, val_loss, train_time, step_avg_ms):
+    return (f"step:{step}/{steps} val_loss:{val_loss:.5f} train_time:{train_time:.3f}s "
+            f"step_avg:{step_avg_ms:.2f}ms")
+
+
+def running_line(device, world_size):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return (f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda} on {name} "
+            f"with world_size {world_size}")
+
+
+class RunLog:
+    """Rank 0's log file, flushed line by line so a crash or Ctrl-C keeps everything written so far.
+    Other ranks get a RunLog(None), which writes nothing."""
+
+    def __init__(self, path, echo=True):
+        self.file = None
+        self.echo = echo
+        if path is not None:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "w", buffering=1)
+
+    def write(self, text, echo=True):
+        if self.file is None:
+            return
+        self.file.write(text if text.endswith("\n") else text + "\n")
+        self.file.flush()
+        if echo and self.echo:
+            print(text, flush=True)
+
+    def event(self, kind, payload):
+        """A `kind {json}` line: config, diag, error, interrupted, done."""
+        self.write(f"{kind} {json.dumps(payload)}")
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def record_differences(hp, recipe, steps, init_from):
+    """What makes this run's settings differ from the record recipe's (empty: a record run)."""
+    differences = [f"{f.name}={getattr(hp, f.name)!r} (record: {getattr(FULL, f.name)!r})"
+                   for f in dataclasses.fields(Hyperparameters)
+                   if f.name not in ("steps", "data_command", "data_shard_tokens") and getattr(hp, f.name) != getattr(FULL, f.name)]
+    if steps != recipe.steps:
+        differences.append(f"steps={steps} (record: {recipe.steps})")
+    if init_from:
+        differences.append(f"init_from={init_from!r} (record: fresh initialization)")
+    return differences
+
+
+# ---------------------------------------------------------------------------------------------------
+# Diagnostics (SPEC §9): dead MLP neurons on a fixed probe batch, leverage of the orthogonal updates
+
+NEARLY_DEAD_ACTIVITY = 0.001  # active on fewer than 0.1% of the probe tokens
+STARVED_LEVERAGE = 0.1  # l_i below 10% of the mean
+
+
+def dead_neuron_fractions(preacts):
+    """preacts: (..., hidden) fc outputs over a batch. Returns (dead, nearly_dead): the fractions of
+    hidden units with pre-activation > 0 on no token, and on fewer than 0.1% of tokens (dead included)."""
+    flat = preacts.reshape(-1, preacts.size(-1))
+    active = (flat > 0).sum(dim=0)
+    dead = (active == 0).float().mean().item()
+    nearly_dead = (active < NEARLY_DEAD_ACTIVITY * flat.size(0)).float().mean().item()
+    return dead, nearly_dead
+
+
+@torch.no_grad()
+def neuron_report(model, inputs, targets):
+    """Per-layer dead and nearly-dead fractions of the MLP units on the probe batch (uncompiled model)."""
+    per_layer = []
+    hooks = [block.mlp.fc.register_forward_hook(lambda module, args, out: per_layer.append(dead_neuron_fractions(out)))
+             for block in model.blocks]
+    try:
+        model(inputs, targets)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    dead = [d for d, _ in per_layer]
+    nearly = [n for _, n in per_layer]
+    return {"dead": sum(dead) / len(dead), "nearly_dead": sum(nearly) / len(nearly),
+            "dead_per_layer": dead, "nearly_dead_per_layer": nearly}
+
+
+def leverage_stats(leverage):
+    """Leverage l_i = ||P_i||^2 of the rows of a tall orthogonal update: coefficient of variation
+    (std/mean), max/min (None when a row has zero leverage) and the fraction of starved rows."""
+    leverage = leverage.double()
+    mean = leverage.mean()
+    low = leverage.min()
+    return {"cv": (leverage.std(unbiased=False) / mean).item(),
+            "max_over_min": (leverage.max() / low).item() if low > 0 else None,
+            "starved": (leverage < STARVED_LEVERAGE * mean).double().mean().item()}
+
+
+def leverage_report(model, optimizers):
+    names = {param: name for name, param in model.named_parameters()}
+    report = {}
+    for optimizer in optimizers:
+        if hasattr(optimizer, "leverage"):
+            for param, leverage in optimizer.leverage().items():
+                report[names[param]] = leverage_stats(leverage)
+    return report
+
+
+def rounded(value, digits=6):
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training loop (SPEC §5)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="aurora")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU preset: small model on data/synthetic/ (python data/synthetic.py), ~2 minutes")
+    parser.add_argument("--steps", type=int, help="training steps T (default: the recipe's; --tiny: 200)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the initialization of every trial")
+    parser.add_argument("--trials", type=int, default=1, help="independent runs in this process (one compile)")
+    parser.add_argument("--train-files", help="glob of train shards (default: the preset's)")
+    parser.add_argument("--val-files", help="glob of val shards; the first one is used (default: the preset's)")
+    parser.add_argument("--no-diagnostics", action="store_true", help="skip neuron and leverage diagnostics")
+    parser.add_argument("--save", metavar="PATH", help="write model + optimizer state here at the end of a trial")
+    parser.add_argument("--save-every", type=int, metavar="K", help="with --save: also every K steps")
+    parser.add_argument("--init-from", metavar="PATH", help="start every trial from the model weights in PATH")
+    parser.add_argument("--run-id", help="log name under logs/ (default: recipe and a random id)")
+    args = parser.parse_args(argv)
+    for name in ("steps", "trials", "save_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.save_every and not args.save:
+        parser.error("--save-every needs --save PATH")
+    return args
+
+
+def resolve_hyperparameters(args):
+    hp = TINY if args.tiny else FULL
+    overrides = {}
+    if args.train_files:
+        overrides["train_files"] = args.train_files
+    if args.val_files:
+        overrides["val_files"] = args.val_files
+    return dataclasses.replace(hp, **overrides)
+
+
+def checkpoint_path(path, trial, trials):
+    if trials == 1:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.trial{trial}{ext}"
+
+
+def save_checkpoint(path, model, optimizers, step, recipe, hp):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save({"model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+                "step": step, "recipe": recipe.name, "model_config": dataclasses.asdict(hp.model)}, path)
+
+
+def load_model_weights(model, path):
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint["model"] if "model" in checkpoint else checkpoint
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise SetupError(f"{path}: its weights do not fit this model ({e})") from e
+
+
+@torch.no_grad()
+def evaluate(model, val_buffer, layout, seq_len, val_tokens):
+    """Mean token loss over the validation tokens of all ranks (SPEC §2)."""
+    total = torch.zeros((), dtype=torch.float64, device=val_buffer.device)
+    for inputs, targets in micro_batches(val_buffer, seq_len, layout.micro_seqs):
+        total += model(inputs, targets).double()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return total.item() / val_tokens
+
+
+@dataclass
+class Run:
+    """What every trial of one process shares; `trial` and `step` say where the run is."""
+    args: argparse.Namespace
+    hp: Hyperparameters
+    recipe: Recipe
+    steps: int
+    dist: Distributed
+    device: torch.device
+    layout: BatchLayout
+    log: RunLog
+    raw_model: GPT
+    model: nn.Module  # the compiled raw_model
+    generator: torch.Generator  # initializations, one draw per trial
+    train_paths: list
+    val_buffer: torch.Tensor
+    probe: tuple  # (inputs, targets) of the diagnostics
+    trial: int = 0
+    step: int = 0
+
+
+def train_trial(run):
+    """One run from initialization to step T, validating (and saving) outside the timed region."""
+    hp, args, device, seq_len = run.hp, run.args, run.device, run.hp.model.seq_len
+    init_parameters(run.raw_model, run.generator)
+    if args.init_from:
+        load_model_weights(run.raw_model, args.init_from)
+    broadcast_parameters(run.raw_model)
+    optimizers = build_optimizers(run.raw_model, run.recipe)
+    stream = TrainStream(run.train_paths, hp.batch_tokens, run.dist.rank, run.dist.world_size,
+                         pin_memory=device.type == "cuda")
+    params = list(run.raw_model.parameters())
+    save_path = args.save and checkpoint_path(args.save, run.trial, args.trials)
+    # The first step whose train loss is not finite (-1: none), looked at only outside the timed region.
+    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    train_time, last_val_time, last_val_step = 0.0, 0.0, 0
+    synchronize(device)
+    start = time.perf_counter()
+    for step in range(run.steps + 1):
+        run.step = step
+        validate = is_validation_step(step, run.steps, hp.val_every, hp.val_every_tail)
+        save = save_path and (step == run.steps or (args.save_every and step % args.save_every == 0 and step > 0))
+        if validate or save:
+            synchronize(device)
+            train_time += time.perf_counter() - start
+            if int(bad_step) >= 0:
+                raise NonFiniteLoss(f"train loss is not finite at step {int(bad_step)} (trial {run.trial})")
+            if validate:
+                val_loss = evaluate(run.model, run.val_buffer, run.layout, seq_len, hp.val_tokens)
+                if not math.isfinite(val_loss):
+                    raise NonFiniteLoss(f"val loss is {val_loss} at step {step} (trial {run.trial})")
+                step_avg = 1000 * (train_time - last_val_time) / max(step - last_val_step, 1)
+                run.log.write(val_line(step, run.steps, val_loss, train_time, step_avg))
+                last_val_time, last_val_step = train_time, step
+                if not args.no_diagnostics and run.dist.rank == 0:
+                    write_diagnostics(run, optimizers)
+            if save and run.dist.rank == 0:
+                save_checkpoint(save_path, run.raw_model, optimizers, step, run.recipe, hp)
+            synchronize(device)
+            start = time.perf_counter()
+        if step == run.steps:
+            return
+        buffer = stream.next_batch().to(device, dtype=torch.int64, non_blocking=True)
+        step_loss = torch.zeros((), device=device)
+        for inputs, targets in micro_batches(buffer, seq_len, run.layout.micro_seqs):
+            loss = run.model(inputs, targets)
+            loss.backward()
+            step_loss += loss.detach()
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_loss), step, bad_step)
+        all_reduce_sum([p.grad for p in params])
+        set_lr(optimizers, lr_multiplier(step, run.steps))
+        for optimizer in optimizers:
+            optimizer.step()
+        run.raw_model.zero_grad(set_to_none=True)
+
+
+def write_diagnostics(run, optimizers):
+    inputs, targets = run.probe
+    neurons = neuron_report(run.raw_model, inputs, targets)
+    run.log.event("diag", {"step": run.step, "trial": run.trial, "kind": "neurons", **rounded(neurons)})
+    leverage = leverage_report(run.raw_model, optimizers)
+    if leverage:
+        run.log.event("diag", {"step": run.step, "trial": run.trial, "kind": "leverage",
+                               "matrices": rounded(leverage)})
+
+
+def preflight(args, hp, steps, dist_info):
+    """Every check that needs no device: data present, valid and long enough, a usable world size.
+    Returns (layout, train shard paths, val shard path)."""
+    layout = batch_layout(hp, dist_info.world_size)
+    train_paths = check_train_shards(find_shards(hp.train_files, hp, steps, "train"), steps, hp)
+    val_path = find_shards(hp.val_files, hp, steps, "val")[0]
+    if read_shard_header(val_path) < hp.val_tokens + 1:
+        raise SetupError(f"{val_path}: fewer than the {hp.val_tokens + 1} tokens validation needs")
+    if args.init_from and not os.path.exists(args.init_from):
+        raise SetupError(f"--init-from {args.init_from}: no such file")
+    return layout, train_paths, val_path
+
+
+def config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id):
+    differences = record_differences(hp, recipe, steps, args.init_from)
+    return {"command": shlex.join([sys.executable] + sys.argv), "run_id": run_id, "recipe": recipe.name,
+            "preset": "tiny" if args.tiny else "full",
+            "steps": steps, "trials": args.trials, "seed": args.seed, "world_size": dist_info.world_size,
+            "device": str(device), "compiled": os.environ.get("TORCH_COMPILE_DISABLE", "0") in ("", "0"),
+            "hyperparameters": dataclasses.asdict(hp), "recipe_settings": dataclasses.asdict(recipe),
+            "micro_batch_seqs_used": layout.micro_seqs, "adam_betas": ADAM_BETAS, "adam_eps": ADAM_EPS,
+            "momentum": MOMENTUM, "nesterov": True, "train_shards_used": len(train_paths), "val_shard": val_path,
+            "init_from": args.init_from, "save": args.save, "save_every": args.save_every,
+            "diagnostics": not args.no_diagnostics, "is_record_recipe": not differences,
+            "differs_from_record": differences}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    hp = resolve_hyperparameters(args)
+    recipe = RECIPES[args.recipe]
+    steps = args.steps or hp.steps or recipe.steps
+    dist_info = distributed_from_env()
+    try:
+        layout, train_paths, val_path = preflight(args, hp, steps, dist_info)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = setup_device(dist_info)
+    run_id = args.run_id or f"{recipe.name}-{uuid.uuid4()}"
+    log = RunLog(os.path.join("logs", f"{run_id}.txt") if dist_info.rank == 0 else None)
+    run = None
+    try:
+        log.write(logged_source(), echo=False)
+        log.write(SEPARATOR, echo=False)
+        log.write(running_line(device, dist_info.world_size))
+        log.write(SEPARATOR, echo=False)
+        log.event("config", config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths,
+                                          val_path, run_id))
+        raw_model = GPT(hp.model).to(device)
+        val_buffer = load_val_tokens(val_path, hp.val_tokens, dist_info.rank, dist_info.world_size).to(device)
+        # The diagnostics' fixed probe batch: the first validation micro-batch of a single process.
+        probe_buffer = load_val_tokens(val_path, hp.micro_batch_seqs * hp.model.seq_len, 0, 1).to(device)
+        run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
+                  torch.compile(raw_model, dynamic=False), torch.Generator().manual_seed(args.seed), train_paths,
+                  val_buffer, next(micro_batches(probe_buffer, hp.model.seq_len, hp.micro_batch_seqs)))
+        for trial in range(args.trials):
+            run.trial = trial
+            train_trial(run)
+        done = {"trials": args.trials}
+        if device.type == "cuda":
+            done["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) // 2 ** 20
+        log.event("done", done)
+        return 0
+    except KeyboardInterrupt:
+        log.event("interrupted", {**where(run), "note": "Ctrl-C; the log is complete up to here"})
+        return 130
+    except (NonFiniteLoss, SetupError) as e:
+        log.event("error", {**where(run), "message": str(e)})
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:
+        log.event("error", {**where(run), "message": f"{type(e).__name__}: {e}"})
+        raise
+    finally:
+        log.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def where(run):
+    return {"trial": run.trial, "step": run.step} if run else {"trial": None, "step": None}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
