@@ -307,7 +307,7 @@ def test_world_size_must_divide_the_sequences_of_a_step(data_args, monkeypatch, 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert tg.main(["--tiny", "--steps", "2", *data_args]) == 2
-    assert "world size 3 does not divide the 32 sequences" in capsys.readouterr().err
+    assert "world size 3 does not divide the 16 sequences" in capsys.readouterr().err
 
 
 # ---- model, initialization, schedule, recipes ----
@@ -410,8 +410,8 @@ def test_neuron_report_on_hand_set_fc_rows():
             block.mlp.fc.bias.fill_(1.0)
         model.blocks[0].mlp.fc.bias[:16] = -1.0  # 16 of 64 units of layer 0 never fire
         model.blocks[1].mlp.fc.bias[:8] = 0.0  # pre-activation exactly 0: relu^2 is 0, dead too
-    tokens = torch.randint(0, 64, (2, 9))
-    report = tg.neuron_report(model, tokens[:, :-1], tokens[:, 1:])
+    tokens = torch.randint(0, 64, (2, 8))
+    report = tg.neuron_report(model, tokens)
     assert report["dead_per_layer"] == [0.25, 0.125] and report["nearly_dead_per_layer"] == [0.25, 0.125]
     assert report["dead"] == pytest.approx(0.1875)
     assert not model.blocks[0].mlp.fc._forward_hooks  # the hooks are removed afterwards
