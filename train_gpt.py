@@ -14,7 +14,6 @@ import glob
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -679,9 +678,11 @@ def checkpoint_path(path, trial, trials):
 
 
 def save_checkpoint(path, model, optimizers, step, recipe, hp):
+    """Written beside `path`, then renamed over it, so an interrupted save keeps the previous one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save({"model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
-                "step": step, "recipe": recipe.name, "model_config": dataclasses.asdict(hp.model)}, path)
+                "step": step, "recipe": recipe.name, "model_config": dataclasses.asdict(hp.model)}, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def load_model_weights(model, path):

@@ -193,20 +193,21 @@ def test_two_gloo_processes_give_the_val_losses_of_one(tiny_run, data_args, tmp_
 
 # ---- failures ----
 
-def test_interrupt_leaves_a_complete_log(data_args, tmp_path):
+def test_interrupt_leaves_a_complete_log_and_the_last_checkpoint(data_args, tmp_path):
     process = subprocess.Popen([sys.executable, TRAIN_GPT, "--tiny", "--steps", str(STEPS), "--run-id", "stop",
-                                *data_args], cwd=tmp_path, env=uncompiled_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "logs" / "stop.txt"
+                                "--save", "every.pt", "--save-every", "1", *data_args], cwd=tmp_path,
+                               env=uncompiled_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (log.exists() and "step:0/" in log.read_text()) and time.time() < deadline:
-        time.sleep(0.2)
+    while not (tmp_path / "every.pt").exists() and time.time() < deadline:  # saved after step 1
+        time.sleep(0.1)
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=300)
     assert process.returncode == 130
-    _, lines = split_log(log.read_text())
+    _, lines = split_log((tmp_path / "logs" / "stop.txt").read_text())
     assert val_records(lines)[0][:2] == (0, STEPS)
-    assert lines[-1].startswith("interrupted ") and events(lines, "interrupted")[0]["trial"] == 0
+    (interrupted,) = events(lines, "interrupted")
+    assert lines[-1].startswith("interrupted ") and interrupted["trial"] == 0 and 1 <= interrupted["step"] < STEPS
+    assert 1 <= torch.load(tmp_path / "every.pt", weights_only=True)["step"] <= interrupted["step"]
 
 
 def test_nan_weights_stop_the_run_at_step_0(data_args, tmp_path):
