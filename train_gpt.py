@@ -529,9 +529,8 @@ class RunLog:
     """Rank 0's log file, flushed line by line so a crash or Ctrl-C keeps everything written so far.
     Other ranks get a RunLog(None), which writes nothing."""
 
-    def __init__(self, path, echo=True):
+    def __init__(self, path):
         self.file = None
-        self.echo = echo
         if path is not None:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             self.file = open(path, "w", buffering=1)
@@ -541,7 +540,7 @@ class RunLog:
             return
         self.file.write(text if text.endswith("\n") else text + "\n")
         self.file.flush()
-        if echo and self.echo:
+        if echo:
             print(text, flush=True)
 
     def event(self, kind, payload):
@@ -555,9 +554,10 @@ class RunLog:
 
 def record_differences(hp, recipe, steps, init_from):
     """What makes this run's settings differ from the record recipe's (empty: a record run)."""
-    differences = [f"{f.name}={getattr(hp, f.name)!r} (record: {getattr(FULL, f.name)!r})"
-                   for f in dataclasses.fields(Hyperparameters)
-                   if f.name not in ("steps", "data_command", "data_shard_tokens") and getattr(hp, f.name) != getattr(FULL, f.name)]
+    compared = [f.name for f in dataclasses.fields(Hyperparameters)
+                if f.name not in ("steps", "data_command", "data_shard_tokens")]
+    differences = [f"{name}={getattr(hp, name)!r} (record: {getattr(FULL, name)!r})"
+                   for name in compared if getattr(hp, name) != getattr(FULL, name)]
     if steps != recipe.steps:
         differences.append(f"steps={steps} (record: {recipe.steps})")
     if init_from:
