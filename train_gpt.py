@@ -726,6 +726,23 @@ class Run:
     step: int = 0
 
 
+def train_step(model, optimizers, params, buffer, seq_len, micro_seqs):
+    """One optimizer step: forward and backward over every micro-batch of this rank's buffer, gradients
+    summed across ranks, every optimizer's step, gradients cleared. Returns the rank's summed train
+    loss as a device tensor (no host sync)."""
+    step_loss = torch.zeros((), device=buffer.device)
+    for inputs, targets in micro_batches(buffer, seq_len, micro_seqs):
+        loss = model(inputs, targets)
+        loss.backward()
+        step_loss += loss.detach()
+    all_reduce_sum([p.grad for p in params])
+    for optimizer in optimizers:
+        optimizer.step()
+    for p in params:
+        p.grad = None
+    return step_loss
+
+
 def train_trial(run):
     """One run from initialization to step T, validating (and saving) outside the timed region."""
     hp, args, device, seq_len = run.hp, run.args, run.device, run.hp.model.seq_len
@@ -768,17 +785,9 @@ def train_trial(run):
         if step == run.steps:
             return
         buffer = stream.next_batch().to(device, dtype=torch.int64, non_blocking=True)
-        step_loss = torch.zeros((), device=device)
-        for inputs, targets in micro_batches(buffer, seq_len, run.layout.micro_seqs):
-            loss = run.model(inputs, targets)
-            loss.backward()
-            step_loss += loss.detach()
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_loss), step, bad_step)
-        all_reduce_sum([p.grad for p in params])
         set_lr(optimizers, lr_multiplier(step, run.steps))
-        for optimizer in optimizers:
-            optimizer.step()
-        run.raw_model.zero_grad(set_to_none=True)
+        step_loss = train_step(run.model, optimizers, params, buffer, seq_len, run.layout.micro_seqs)
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_loss), step, bad_step)
 
 
 def write_diagnostics(run, optimizers):

@@ -166,19 +166,11 @@ class RecipeBench:
         """(b): one full training step at the recipe's initial learning rates; returns (seconds, loss)."""
         self.raw_model.zero_grad(set_to_none=True)
         train_gpt.set_lr(self.optimizers, 1.0)
+        params = list(self.raw_model.parameters())
         losses = []
-
-        def step():
-            # The forward/backward/step of train_gpt.train_trial's loop, single process.
-            for inputs, targets in train_gpt.micro_batches(buffer, seq_len, micro_seqs):
-                loss = self.model(inputs, targets)
-                loss.backward()
-                losses.append(loss.detach())
-            for optimizer in self.optimizers:
-                optimizer.step()
-
-        seconds = timed(self.device, step)
-        return seconds, float(sum(losses))
+        seconds = timed(self.device, lambda: losses.append(train_gpt.train_step(
+            self.model, self.optimizers, params, buffer, seq_len, micro_seqs)))
+        return seconds, float(losses[0])
 
 
 def random_gradients(model, generator):
