@@ -20,14 +20,18 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from optimizers import Aurora, Muon, NorMuon  # noqa: E402
+import train_gpt  # noqa: E402  (the repo root must be on sys.path first)
 
-RECORD_OPTIMIZERS = {
-    "muon": (Muon, dict(lr=0.025, weight_decay=0.05)),
-    "normuon": (NorMuon, dict(lr=0.035, weight_decay=0.025)),
-    "aurora": (Aurora, dict(lr=0.0375, contra=0.4, uw_floor=0.35)),
-}
-MODEL_WIDTH, MODEL_BLOCKS = 768, 12
+# The benchmark's fixed model (SPEC 3): its width and depth give the 72 hidden matrices.
+MODEL = train_gpt.ModelConfig()
+
+
+def record_optimizer(name, params, **options):
+    """The matrix optimizer of recipe `name` with the record's settings (train_gpt.RECIPES)."""
+    recipe = train_gpt.RECIPES[name]
+    cls = train_gpt.MATRIX_OPTIMIZERS[recipe.matrix_optimizer]
+    return cls(params, lr=recipe.matrix_lr, weight_decay=recipe.matrix_weight_decay,
+               **recipe.matrix_options, **options)
 
 
 def hidden_matrix_shapes(width, blocks):
@@ -47,22 +51,19 @@ def make_params(shapes, device, seed=0):
     return params
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def timed(device, fn):
+    """Seconds that fn() takes, the device's queued work included."""
+    train_gpt.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    train_gpt.synchronize(device)
+    return time.perf_counter() - start
 
 
 def median_step_ms(optimizer, device, warmup, steps):
     for _ in range(warmup):
         optimizer.step()
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        optimizer.step()
-        synchronize(device)
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return statistics.median(1000 * timed(device, optimizer.step) for _ in range(steps))
 
 
 def device_name(device):
@@ -89,29 +90,28 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     scale = args.scale if args.scale is not None else (1.0 if device.type == "cuda" else 0.25)
-    width = max(8, round(MODEL_WIDTH * scale))
+    width = max(8, round(MODEL.model_dim * scale))
     if args.eager:
         torch._dynamo.config.disable = True
     compiled = not torch._dynamo.config.disable
 
-    shapes = hidden_matrix_shapes(width, MODEL_BLOCKS)
+    shapes = hidden_matrix_shapes(width, MODEL.num_layers)
     print(f"device: {device_name(device)}; torch {torch.__version__}; "
           f"{'compiled' if compiled else 'eager'}; width {width} (scale {scale:g}): "
           f"{len(shapes)} matrices ({width}x{width} x48, {4 * width}x{width} x12, {width}x{4 * width} x12); "
           f"median of {args.steps} steps after {args.warmup} warmup")
     print(f"{'optimizer':<10} {'batched ms':>11} {'one-at-a-time ms':>17} {'batched speedup':>16}")
     batched_ms = {}
-    for name, (cls, settings) in RECORD_OPTIMIZERS.items():
+    for name in ("muon", "normuon", "aurora"):
         params = make_params(shapes, device)
-        batched = median_step_ms(cls(params, **settings), device, args.warmup, args.steps)
+        batched = median_step_ms(record_optimizer(name, params), device, args.warmup, args.steps)
         params = make_params(shapes, device)
-        one_at_a_time = cls([{"params": [p]} for p in params], **settings)
+        one_at_a_time = record_optimizer(name, [{"params": [p]} for p in params])
         single = median_step_ms(one_at_a_time, device, args.warmup, args.steps)
         batched_ms[name] = batched
         print(f"{name:<10} {batched:>11.2f} {single:>17.2f} {single / batched:>15.2f}x")
     if args.riemannian:
-        cls, settings = RECORD_OPTIMIZERS["aurora"]
-        optimizer = cls(make_params(shapes, device), variant="riemannian", **settings)
+        optimizer = record_optimizer("aurora", make_params(shapes, device), variant="riemannian")
         batched = median_step_ms(optimizer, device, args.warmup, args.steps)
         print(f"{'aurora-riemannian':<10} {batched:>11.2f} {'-':>17} {'-':>16}  "
               f"({batched / batched_ms['aurora']:.1f}x vanilla aurora)")

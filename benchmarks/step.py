@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402  (the repo root must be on sys.path first)
-from benchmarks.optimizer_step import device_name  # noqa: E402
+from benchmarks.optimizer_step import device_name, timed  # noqa: E402
 
 BASELINE = "muon"
 # bf16 matmul rate: (size, products per timing). 8192^3 takes ~1.5 ms on an H100, 2048^3 ~0.1 s on 2 CPU cores.
@@ -87,15 +87,6 @@ def describe_flops(config, flops):
 
 # ---------------------------------------------------------------------------------------------------
 # Measurements: timing, the device's bf16 matmul rate, memory
-
-
-def timed(device, fn):
-    """Seconds that fn() takes, the device's queued work included."""
-    train_gpt.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    train_gpt.synchronize(device)
-    return time.perf_counter() - start
 
 
 def matmul_rate(device, size, per_sample):
