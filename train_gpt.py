@@ -596,8 +596,8 @@ def neuron_report(model, inputs):
             hook.remove()
     dead = [d for d, _ in per_layer]
     nearly = [n for _, n in per_layer]
-    return {"dead": sum(dead) / len(dead), "nearly_dead": sum(nearly) / len(nearly),
-            "dead_per_layer": dead, "nearly_dead_per_layer": nearly}
+    return {"dead_fraction": sum(dead) / len(dead), "nearly_dead_fraction": sum(nearly) / len(nearly),
+            "dead_fraction_per_layer": dead, "nearly_dead_fraction_per_layer": nearly}
 
 
 def leverage_stats(leverage):
@@ -608,7 +608,7 @@ def leverage_stats(leverage):
     low = leverage.min()
     return {"cv": (leverage.std(unbiased=False) / mean).item(),
             "max_over_min": (leverage.max() / low).item() if low > 0 else None,
-            "starved": (leverage < STARVED_LEVERAGE * mean).double().mean().item()}
+            "starved_fraction": (leverage < STARVED_LEVERAGE * mean).double().mean().item()}
 
 
 def leverage_report(model, optimizers):

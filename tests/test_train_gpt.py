@@ -126,8 +126,8 @@ def test_diagnostics_at_every_validation(tiny_run):
     neurons = [d for d in diags if d["kind"] == "neurons"]
     assert [(d["trial"], d["step"]) for d in neurons] == [(t, s) for t in (0, 1) for s in (0, STEPS)]
     for d in neurons:
-        assert len(d["dead_per_layer"]) == tg.TINY.model.num_layers
-        assert 0 <= d["dead"] <= d["nearly_dead"] <= 1
+        assert len(d["dead_fraction_per_layer"]) == tg.TINY.model.num_layers
+        assert 0 <= d["dead_fraction"] <= d["nearly_dead_fraction"] <= 1
     leverage = [d for d in diags if d["kind"] == "leverage"]
     # No update before the first step; afterwards every non-square block matrix (fc tall, proj wide).
     assert [(d["trial"], d["step"]) for d in leverage] == [(0, STEPS), (1, STEPS)]
@@ -135,7 +135,21 @@ def test_diagnostics_at_every_validation(tiny_run):
     for d in leverage:
         assert set(d["matrices"]) == expected
         for stats in d["matrices"].values():
-            assert stats["cv"] >= 0 and stats["max_over_min"] >= 1 and 0 <= stats["starved"] <= 1
+            assert stats["cv"] >= 0 and stats["max_over_min"] >= 1 and 0 <= stats["starved_fraction"] <= 1
+
+
+def test_records_tools_read_the_trainers_log(tiny_run):
+    """records/stats.py finds the runs, the recipe and every diagnostic series in a real log."""
+    folder, lines, _ = tiny_run
+    sys.path.insert(0, os.path.join(ROOT, "records"))
+    import stats
+    result = stats.load_result_set([str(folder / "logs" / "tiny.txt")], "a")
+    assert result.n == 2 and stats.recipe_of(result) == "aurora"
+    summary = stats.summarize_diagnostics([result])["aurora"]
+    assert set(summary) == {"dead_fraction", "nearly_dead_fraction", "leverage_cv", "leverage_max_over_min",
+                            "leverage_starved_fraction"}
+    logged = [d["dead_fraction"] for d in events(lines, "diag") if d["kind"] == "neurons" and d["step"] == STEPS]
+    assert summary["dead_fraction"][STEPS].mean == pytest.approx(sum(logged) / 2)
 
 
 def test_saved_checkpoint_holds_the_final_model(tiny_run, data_args):
@@ -413,8 +427,8 @@ def test_neuron_report_on_hand_set_fc_rows():
         model.blocks[1].mlp.fc.bias[:8] = 0.0  # pre-activation exactly 0: relu^2 is 0, dead too
     tokens = torch.randint(0, 64, (2, 8))
     report = tg.neuron_report(model, tokens)
-    assert report["dead_per_layer"] == [0.25, 0.125] and report["nearly_dead_per_layer"] == [0.25, 0.125]
-    assert report["dead"] == pytest.approx(0.1875)
+    assert report["dead_fraction_per_layer"] == [0.25, 0.125] and report["nearly_dead_fraction_per_layer"] == [0.25, 0.125]
+    assert report["dead_fraction"] == pytest.approx(0.1875)
     assert not model.blocks[0].mlp.fc._forward_hooks  # the hooks are removed afterwards
 
 
@@ -422,5 +436,5 @@ def test_leverage_stats_on_a_hand_made_vector():
     stats = tg.leverage_stats(torch.tensor([1.0, 1.0, 1.0, 1.0, 0.05, 1.95]))
     assert stats["cv"] == pytest.approx(math.sqrt((0.95 ** 2 + 0.95 ** 2) / 6))
     assert stats["max_over_min"] == pytest.approx(39.0)
-    assert stats["starved"] == pytest.approx(1 / 6)
+    assert stats["starved_fraction"] == pytest.approx(1 / 6)
     assert tg.leverage_stats(torch.tensor([0.0, 2.0]))["max_over_min"] is None
