@@ -3,12 +3,13 @@
 #   bash run.sh [--setup] [--seeds N] [train_gpt.py arguments...]
 # Installs the packages into .venv (once), then:
 #   with a GPU:    downloads the FineWeb shards the recipe needs and runs torchrun on every visible GPU;
-#   without a GPU: writes the synthetic shards and runs the trainer's CPU preset (--tiny).
+#   without a GPU, or with --tiny: writes the synthetic shards and runs the trainer's CPU preset (--tiny).
 # --setup stops after installing; --seeds N runs N times with --seed 0..N-1.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 setup_only=0
+tiny=0
 seeds=1
 args=()          # passed through to train_gpt.py
 fetch_args=()    # the subset the shard downloader understands
@@ -17,6 +18,7 @@ while [ $# -gt 0 ]; do
     --setup) setup_only=1 ;;
     --seeds) seeds="$2"; shift ;;
     --recipe|--steps) args+=("$1" "$2"); fetch_args+=("$1" "$2"); shift ;;
+    --tiny) tiny=1 ;;
     *) args+=("$1") ;;
   esac
   shift
@@ -41,11 +43,11 @@ fi
 "$PY" -m pip install -q -r requirements-test.txt
 [ "$setup_only" = 1 ] && exit 0
 
-if [ "$has_gpu" = 1 ]; then
+if [ "$has_gpu" = 1 ] && [ "$tiny" = 0 ]; then
   ngpu=$(nvidia-smi -L | wc -l)
   "$PY" data/cached_fineweb10B.py "${fetch_args[@]}"
   for ((s = 0; s < seeds; s++)); do
-    .venv/bin/torchrun --standalone --nproc_per_node="$ngpu" train_gpt.py --seed "$s" "${args[@]}"
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node="$ngpu" train_gpt.py --seed "$s" "${args[@]}"
   done
 else
   "$PY" data/synthetic.py
