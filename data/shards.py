@@ -27,7 +27,17 @@ TOKENS_PER_SHARD = 100_000_000  # every published FineWeb shard but the last
 BATCH_TOKENS = 524_288  # tokens per optimizer step (SPEC §5)
 VAL_TOKENS = 20 * BATCH_TOKENS  # the validation slice of the val shard (SPEC §2)
 
-RECIPE_STEPS = {"aurora": 3200, "normuon": 3300, "muon": 3250}  # T of each record recipe (SPEC §7)
+
+
+def record_recipe_steps():
+    """T of each record recipe (SPEC §7), read from the trainer's recipe table so that the number of
+    shards to fetch follows the recipes the trainer actually runs."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import train_gpt
+    return {name: recipe.steps for name, recipe in train_gpt.RECIPES.items()}
+
+
+RECIPE_STEPS = record_recipe_steps()
 DEFAULT_RECIPE = "aurora"
 
 
