@@ -18,7 +18,7 @@ from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                     RemoteEntryNotFoundError, RepositoryNotFoundError)
 
-from shards import DEFAULT_RECIPE, RECIPE_STEPS, ShardError, recipe_steps, train_shards_needed, validate_shard
+from shards import DEFAULT_RECIPE, ShardError, record_recipe_steps, recipe_steps, train_shards_needed, validate_shard
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 REPO_TYPE = "dataset"
@@ -125,7 +125,7 @@ def main(argv=None):
                                                  f"{REPO_ID} into data/fineweb10B/.")
     parser.add_argument("num_train_shards", nargs="?", type=int, metavar="N",
                         help=f"train shards to fetch (default: what --recipe needs, {DEFAULT_RECIPE} by default)")
-    parser.add_argument("--recipe", choices=sorted(RECIPE_STEPS), default=DEFAULT_RECIPE,
+    parser.add_argument("--recipe", choices=sorted(record_recipe_steps()), default=DEFAULT_RECIPE,
                         help=f"fetch the shards this recipe's step count needs (default {DEFAULT_RECIPE})")
     parser.add_argument("--steps", type=int, help="fetch the shards this many steps need (overrides --recipe)")
     parser.add_argument("--dir", default=DEFAULT_DIR, help="where to put the shards (default data/fineweb10B)")

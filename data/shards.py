@@ -9,6 +9,7 @@ Exit status 0 when every shard is valid and there are enough tokens for the run,
 """
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -26,19 +27,22 @@ MAX_TOKEN_ID = np.iinfo(np.uint16).max
 TOKENS_PER_SHARD = 100_000_000  # every published FineWeb shard but the last
 BATCH_TOKENS = 524_288  # tokens per optimizer step (SPEC §5)
 VAL_TOKENS = 20 * BATCH_TOKENS  # the validation slice of the val shard (SPEC §2)
+DEFAULT_RECIPE = "aurora"
 
+
+@functools.cache
+def trainer():
+    """train_gpt, imported on first use: the step arithmetic and recipe step counts follow the trainer's
+    own, and importing it loads torch, which reading and writing shards do not need."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import train_gpt
+    return train_gpt
 
 
 def record_recipe_steps():
     """T of each record recipe (SPEC §7), read from the trainer's recipe table so that the number of
     shards to fetch follows the recipes the trainer actually runs."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import train_gpt
-    return {name: recipe.steps for name, recipe in train_gpt.RECIPES.items()}
-
-
-RECIPE_STEPS = record_recipe_steps()
-DEFAULT_RECIPE = "aurora"
+    return {name: recipe.steps for name, recipe in trainer().RECIPES.items()}
 
 
 class ShardError(ValueError):
@@ -108,12 +112,9 @@ def read_shard(path):
 
 
 def steps_in_shard(num_tokens, batch=BATCH_TOKENS):
-    """Optimizer steps one train shard feeds under SPEC §2's stream rule: a step reads batch+1 tokens at
-    pos, then pos += batch, and the stream moves on when pos + batch + 1 >= num_tokens.
-    190 for a 100M-token shard; 0 for a shard that cannot fill even one step."""
-    if num_tokens < batch + 1:
-        return 0
-    return max(1, math.ceil((num_tokens - batch - 1) / batch))
+    """Optimizer steps one train shard feeds under SPEC §2's stream rule, as the trainer counts them
+    (a shard of batch + 1 tokens or fewer feeds none; 190 for a 100M-token shard)."""
+    return trainer().steps_in_shard(num_tokens, batch)
 
 
 def train_shards_needed(steps, tokens_per_shard=TOKENS_PER_SHARD, batch=BATCH_TOKENS):
@@ -126,9 +127,10 @@ def train_shards_needed(steps, tokens_per_shard=TOKENS_PER_SHARD, batch=BATCH_TO
 
 
 def recipe_steps(recipe):
-    if recipe not in RECIPE_STEPS:
-        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPE_STEPS)}")
-    return RECIPE_STEPS[recipe]
+    steps = record_recipe_steps()
+    if recipe not in steps:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(steps)}")
+    return steps[recipe]
 
 
 @dataclass
@@ -209,7 +211,7 @@ def main(argv=None):
                                                  "whether they are enough for a recipe.")
     parser.add_argument("folder", nargs="?", default=os.path.join(os.path.dirname(__file__), "fineweb10B"))
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--recipe", choices=sorted(RECIPE_STEPS), default=DEFAULT_RECIPE,
+    which.add_argument("--recipe", choices=sorted(record_recipe_steps()), default=DEFAULT_RECIPE,
                        help=f"record recipe whose step count to check against (default {DEFAULT_RECIPE})")
     which.add_argument("--steps", type=int, help="check against this many steps instead of a recipe")
     parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,

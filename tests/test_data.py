@@ -80,16 +80,15 @@ def test_steps_per_shard_follow_the_stream_rule():
     """Simulate SPEC §2's stream literally and compare with the closed form."""
     def simulated_steps(length, batch):
         pos, steps = 0, 0
-        while True:
+        while pos + batch + 1 < length:  # the stream moves on when pos + batch + 1 >= length
             steps += 1  # reads tokens[pos : pos + batch + 1]
-            assert pos + batch + 1 <= length
             pos += batch
-            if pos + batch + 1 >= length:
-                return steps
+        return steps
     for batch in (4, 7, 16):
         for length in range(batch + 1, 12 * batch):
             assert shards.steps_in_shard(length, batch) == simulated_steps(length, batch), (length, batch)
     assert shards.steps_in_shard(3, 4) == 0
+    assert shards.steps_in_shard(5, 4) == 0  # batch + 1 tokens: the trainer moves on before reading
     assert shards.steps_in_shard(100_000_000) == 190
 
 
@@ -97,7 +96,7 @@ def test_train_shards_needed_for_the_recipes():
     assert shards.train_shards_needed(3200) == 17
     assert shards.train_shards_needed(3300) == 18
     assert shards.train_shards_needed(190) == 1 and shards.train_shards_needed(191) == 2
-    assert {r: shards.train_shards_needed(shards.recipe_steps(r)) for r in shards.RECIPE_STEPS} == \
+    assert {r: shards.train_shards_needed(shards.recipe_steps(r)) for r in shards.record_recipe_steps()} == \
         {"aurora": 17, "normuon": 18, "muon": 18}
     with pytest.raises(ValueError, match="unknown recipe 'adam'"):
         shards.recipe_steps("adam")
