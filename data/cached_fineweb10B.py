@@ -18,7 +18,8 @@ from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                     RemoteEntryNotFoundError, RepositoryNotFoundError)
 
-from shards import DEFAULT_RECIPE, ShardError, record_recipe_steps, recipe_steps, train_shards_needed, validate_shard
+from shards import (DEFAULT_RECIPE, ShardError, record_recipe_steps, recipe_steps, shard_filename, train_shards_needed,
+                    validate_shard)
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 REPO_TYPE = "dataset"
@@ -34,7 +35,7 @@ def shard_filenames(num_train_shards):
     """The val shard, then train shards 1..num_train_shards, as named in the hub repo."""
     if not 0 <= num_train_shards <= LAST_TRAIN_SHARD:
         raise ValueError(f"the dataset has train shards 1..{LAST_TRAIN_SHARD}; asked for {num_train_shards}")
-    return ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, num_train_shards + 1)]
+    return [shard_filename("fineweb", index) for index in range(num_train_shards + 1)]
 
 
 def is_complete(path):

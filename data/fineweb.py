@@ -24,7 +24,7 @@ import numpy as np
 from huggingface_hub import hf_hub_download, list_repo_files
 from tqdm import tqdm
 
-from shards import TOKENS_PER_SHARD, write_shard
+from shards import MAX_TOKEN_ID, TOKENS_PER_SHARD, shard_filename, write_shard
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 HUB_REPO = "HuggingFaceFW/fineweb"
@@ -120,11 +120,6 @@ def encode_document(text, encoder=None):
     return np.array([encoder.eot_token] + encoder.encode_ordinary(text), dtype=np.uint16)
 
 
-def shard_path(out_dir, prefix, index):
-    role = "val" if index == 0 else "train"
-    return os.path.join(out_dir, f"{prefix}_{role}_{index:06d}.bin")
-
-
 def pack_into_shards(token_arrays, out_dir, prefix, shard_size, max_shards=None):
     """Pack the token arrays back to back into shards of shard_size tokens (the last one shorter), val
     first; stop after max_shards shards if given. Returns the written paths."""
@@ -135,7 +130,7 @@ def pack_into_shards(token_arrays, out_dir, prefix, shard_size, max_shards=None)
 
     def flush():
         nonlocal filled, bar
-        path = shard_path(out_dir, prefix, len(paths))
+        path = os.path.join(out_dir, shard_filename(prefix, len(paths)))
         write_shard(path, buffer[:filled])
         paths.append(path)
         filled = 0
@@ -146,7 +141,7 @@ def pack_into_shards(token_arrays, out_dir, prefix, shard_size, max_shards=None)
         while tokens.size:
             if bar is None:
                 bar = tqdm(total=shard_size, unit="tokens", unit_scale=True,
-                           desc=os.path.basename(shard_path(out_dir, prefix, len(paths))))
+                           desc=shard_filename(prefix, len(paths)))
             take = min(shard_size - filled, tokens.size)
             buffer[filled:filled + take] = tokens[:take]
             filled += take
@@ -173,7 +168,7 @@ def tokenize_to_shards(docs, out_dir, encoder, prefix="fineweb", shard_size=TOKE
     """Tokenize an iterable of document strings into shards in out_dir; return the shard paths, val first.
     workers=1 encodes in this process; otherwise a multiprocessing pool of `workers` (default: all cores)
     encodes while this process packs, keeping document order."""
-    if encoder.max_token_value > np.iinfo(np.uint16).max:
+    if encoder.max_token_value > MAX_TOKEN_ID:
         raise ValueError(f"encoder {encoder.name} has ids up to {encoder.max_token_value}; shards store uint16")
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")

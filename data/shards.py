@@ -54,6 +54,13 @@ class ShardError(ValueError):
         self.problem = problem
 
 
+def shard_filename(prefix, index):
+    """The name of shard `index` in a set: 0 is the val shard ({prefix}_val_000000.bin), train shards are
+    numbered from 1 ({prefix}_train_000001.bin, ...), as in FineWeb."""
+    role = "val" if index == 0 else "train"
+    return f"{prefix}_{role}_{index:06d}.bin"
+
+
 def shard_file_size(num_tokens):
     """Bytes of a complete shard holding num_tokens tokens."""
     return HEADER_BYTES + TOKEN_BYTES * num_tokens

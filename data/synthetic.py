@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from shards import write_shard
+from shards import shard_filename, write_shard
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synthetic")
 DEFAULT_VOCAB_SIZE = 512
@@ -35,15 +35,6 @@ ZIPF_EXPONENT = 1.2
 END_PROBABILITY = 1 / 128  # documents are 128 tokens long on average
 PARALLEL_DOCUMENT_STREAMS = 4096  # independent streams generated side by side, then concatenated
 MIN_STREAM_LENGTH = 1024  # each stream starts a fresh document; long streams keep that rare
-
-
-def val_shard_name(prefix="synthetic"):
-    return f"{prefix}_val_{0:06d}.bin"
-
-
-def train_shard_name(index, prefix="synthetic"):
-    """Train shards are numbered from 1 (0 is the val shard), as in FineWeb."""
-    return f"{prefix}_train_{index:06d}.bin"
 
 
 def zipf_probabilities(num_ranks, exponent=ZIPF_EXPONENT):
@@ -131,10 +122,9 @@ def write_synthetic_shards(out_dir=DEFAULT_OUT, vocab_size=DEFAULT_VOCAB_SIZE,
     shard_seeds = np.random.SeedSequence(seed).spawn(2 + train_shards)[1:]
     paths = []
     for index, shard_seed in enumerate(shard_seeds):
-        name = val_shard_name() if index == 0 else train_shard_name(index)
         size = val_tokens if index == 0 else tokens_per_shard
         tokens = generate_stream(table, size, np.random.default_rng(shard_seed))
-        path = os.path.join(out_dir, name)
+        path = os.path.join(out_dir, shard_filename("synthetic", index))
         write_shard(path, tokens)
         paths.append(path)
     return paths

@@ -76,6 +76,12 @@ def test_each_corruption_is_refused_naming_the_file(tmp_path, corrupt, problem):
         assert path in str(info.value) and isinstance(info.value, ValueError)
 
 
+def test_shard_filenames_number_val_zero_then_train_from_one():
+    names = [shards.shard_filename("fineweb", i) for i in range(3)]
+    assert names == ["fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    assert [shards.shard_role(name) for name in names] == ["val", "train", "train"]
+
+
 def test_steps_per_shard_follow_the_stream_rule():
     """Simulate SPEC §2's stream literally and compare with the closed form."""
     def simulated_steps(length, batch):
