@@ -57,16 +57,17 @@ def step_stats(values: list[float]) -> StepStats:
     return StepStats(statistics.fmean(values), std, len(values))
 
 
-def losses_by_step(runs: list[Run]) -> dict[int, list[float]]:
+def mean_over_runs_by_step(per_run: list[dict[int, float]]) -> dict[int, StepStats]:
+    """Per step, in step order, the statistics over the runs that have a value there."""
     by_step: dict[int, list[float]] = {}
-    for run in runs:
-        for step, loss in run.losses().items():
-            by_step.setdefault(step, []).append(loss)
-    return dict(sorted(by_step.items()))
+    for values in per_run:
+        for step, value in values.items():
+            by_step.setdefault(step, []).append(value)
+    return {step: step_stats(v) for step, v in sorted(by_step.items())}
 
 
 def summarize_steps(runs: list[Run]) -> dict[int, StepStats]:
-    return {step: step_stats(values) for step, values in losses_by_step(runs).items()}
+    return mean_over_runs_by_step([run.losses() for run in runs])
 
 
 def bar_statistic(mean_loss: float, n: int) -> float:
@@ -191,15 +192,6 @@ def per_matrix_entries(value) -> list[dict]:
     if isinstance(value, list):
         return [e for v in value for e in per_matrix_entries(v)]
     return []
-
-
-def mean_over_runs_by_step(per_run: list[dict[int, float]]) -> dict[int, StepStats]:
-    """Per step, the mean over the runs that have a value there."""
-    by_step: dict[int, list[float]] = {}
-    for values in per_run:
-        for step, value in values.items():
-            by_step.setdefault(step, []).append(value)
-    return {step: step_stats(v) for step, v in sorted(by_step.items())}
 
 
 def neuron_series(run: Run, field_name: str) -> dict[int, float]:
