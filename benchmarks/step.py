@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import platform
 import resource
 import statistics
@@ -235,7 +234,7 @@ def run_benchmark(recipe_names, tiny, iters, warmup, seed=0):
         recipes[name] = numbers
     return {
         "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-        "compiled": os.environ.get("TORCH_COMPILE_DISABLE", "0") in ("", "0"),
+        "compiled": not torch._dynamo.config.disable,  # torch's switch, set from TORCH_COMPILE_DISABLE
         "size": "tiny" if tiny else "full", "model": dataclasses.asdict(hp.model),
         "tokens_per_step": tokens_per_step, "micro_batches": layout.rank_seqs // layout.micro_seqs,
         "micro_batch": [layout.micro_seqs, seq_len], "data": "uniform random tokens, the same for every recipe",
