@@ -79,7 +79,7 @@ def generate_stream(table, num_tokens, rng):
     return streams.T.reshape(-1)[:num_tokens]
 
 
-def entropy_rate(vocab_size):
+def entropy_rate():
     """Nats per token of the language given the hidden topic (what a perfect model could reach),
     counting rank collisions in the tables as distinct outcomes (a slight overestimate)."""
     p = zipf_probabilities(SUCCESSORS)
@@ -148,7 +148,7 @@ def main(argv=None):
     total = args.val_tokens + args.train_shards * args.tokens_per_shard
     print(f"wrote {len(paths)} shards ({total:,} tokens) to {args.out} in {seconds:.1f}s")
     print(f"entropy (nats/token): log(V) = {math.log(args.vocab_size):.3f}, "
-          f"language given its topics = {entropy_rate(args.vocab_size):.3f}")
+          f"language given its topics = {entropy_rate():.3f}")
     return 0
 
 

@@ -377,8 +377,8 @@ def test_synthetic_is_learnable_well_below_log_vocab(tmp_path):
     bigram = synthetic.conditional_entropy(train, 1, 512)
     assert unigram > 0.97 * log_v  # nothing to learn from frequencies alone
     assert bigram < 0.75 * log_v  # the previous token already removes a quarter of the entropy
-    assert synthetic.entropy_rate(512) < 0.5 * log_v  # what a model that infers the topic can reach
-    assert bigram > synthetic.entropy_rate(512)
+    assert synthetic.entropy_rate() < 0.5 * log_v  # what a model that infers the topic can reach
+    assert bigram > synthetic.entropy_rate()
 
 
 def test_conditional_entropy_on_known_sequences():
