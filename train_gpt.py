@@ -817,7 +817,7 @@ def config_record(args, hp, recipe, steps, dist_info, device, layout, train_path
     return {"command": shlex.join([sys.executable] + sys.argv), "run_id": run_id, "recipe": recipe.name,
             "preset": "tiny" if args.tiny else "full",
             "steps": steps, "trials": args.trials, "seed": args.seed, "world_size": dist_info.world_size,
-            "device": str(device), "compiled": os.environ.get("TORCH_COMPILE_DISABLE", "0") in ("", "0"),
+            "device": str(device), "compiled": not torch._dynamo.config.disable,
             "hyperparameters": dataclasses.asdict(hp), "recipe_settings": dataclasses.asdict(recipe),
             "micro_batch_seqs_used": layout.micro_seqs, "adam_betas": ADAM_BETAS, "adam_eps": ADAM_EPS,
             "momentum": MOMENTUM, "nesterov": True, "train_shards_used": len(train_paths), "val_shard": val_path,
