@@ -258,10 +258,10 @@ def diagnostics_json(summary: dict) -> dict:
 
 def passing_summary(result: ResultSet) -> str:
     if result.first_passing_step is None:
-        return f"never clears the bar (3.28 - L) * sqrt(n) >= {BAR} at a step logged by all runs"
+        return f"never clears the bar ({TARGET_LOSS} - L) * sqrt(n) >= {BAR} at a step logged by all runs"
     mean = result.mean_at_first_passing_step
     return (f"first passing step {result.first_passing_step}, mean val loss {mean:.5f}, "
-            f"(3.28 - L) * sqrt(n) = {bar_statistic(mean, result.n):.5f} with n={result.n}")
+            f"({TARGET_LOSS} - L) * sqrt(n) = {bar_statistic(mean, result.n):.5f} with n={result.n}")
 
 
 def pairwise_line(pairwise: dict, a: ResultSet, b: ResultSet) -> str:
@@ -368,7 +368,7 @@ def plot_curves(results: list[ResultSet], path: str) -> None:
         if result.first_passing_step is not None:
             zoom.axvline(result.first_passing_step, color=line.get_color(), linestyle=":")
     for ax in (full, zoom):
-        ax.axhline(TARGET_LOSS, color="black", linestyle="--", linewidth=1, label="3.28")
+        ax.axhline(TARGET_LOSS, color="black", linestyle="--", linewidth=1, label=str(TARGET_LOSS))
         ax.set_xlabel("step")
         ax.set_ylabel("mean val loss")
         ax.grid(alpha=0.3)

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: records/ is not a package
 
 from logs import LOG_ENCODING, LogFile, parse_log, runs_of  # noqa: E402
-from stats import BAR, passing_summary, summarize_result_set, unique_values  # noqa: E402
+from stats import BAR, TARGET_LOSS, passing_summary, summarize_result_set, unique_values  # noqa: E402
 
 
 @dataclass
@@ -108,7 +108,7 @@ def check(log_paths: list[str], minimum_runs: int | None) -> int:
         print(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")
     failed = [c.name for c in checks if not c.passed]
     print(f"submission {'incomplete: ' + ', '.join(failed) + ' failed' if failed else 'complete'} "
-          f"(bar: (3.28 - L) * sqrt(n) >= {BAR})")
+          f"(bar: ({TARGET_LOSS} - L) * sqrt(n) >= {BAR})")
     return 1 if failed else 0
 
 
