@@ -141,7 +141,7 @@ def main(argv=None):
         print(f"{steps} steps need {num_train_shards} train shards")
     try:
         fetch_shards(num_train_shards, args.dir)
-    except DownloadError as e:
+    except (DownloadError, ValueError) as e:  # ValueError: a shard count the dataset does not have
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args.dir}: val shard and {num_train_shards} train shards complete")

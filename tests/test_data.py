@@ -249,6 +249,11 @@ def test_downloader_rejects_shards_the_dataset_lacks(tmp_path):
         cached_fineweb10B.fetch_shards(104, str(tmp_path))
 
 
+def test_downloader_command_reports_a_shard_count_the_dataset_lacks(tmp_path, capsys):
+    assert cached_fineweb10B.main(["104", "--dir", str(tmp_path)]) == 1
+    assert "train shards 1..103; asked for 104" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- fineweb.py
 
 EOT = 256
