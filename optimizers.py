@@ -1,4 +1,4 @@
-"""Matrix optimizers of the three record recipes: Muon, NorMuon and Aurora (SPEC sections 7 and 8).
+"""Matrix optimizers of the three record recipes: Muon, NorMuon and Aurora (docs/recipes.md).
 
 Use them like any torch.optim optimizer, for the 2-D hidden matrices of a model:
 
@@ -59,7 +59,7 @@ def odd_quintic_polar(X, coefficient_schedule, norm_safety=1.0, dtype=torch.bflo
 
 
 def polar(X, dtype=torch.bfloat16):
-    """The records' polar(X) (SPEC 7): 12 reference iterations in bf16; singular values -> ~1.
+    """The records' polar(X) (docs/recipes.md): 12 reference iterations in bf16; singular values -> ~1.
 
     `dtype` exists for Riemannian Aurora's float32 retraction; the recipes use the bf16 default.
     """
@@ -68,7 +68,7 @@ def polar(X, dtype=torch.bfloat16):
 
 
 def polar_express(X):
-    """Polar Express (SPEC 8): 5 bf16 iterations with per-iteration coefficients. Not a record default."""
+    """Polar Express (docs/recipes.md#variants): 5 bf16 iterations with per-iteration coefficients. Not a record default."""
     return odd_quintic_polar(X, POLAR_EXPRESS_COEFFICIENTS, POLAR_EXPRESS_SAFETY, torch.bfloat16)
 
 
@@ -80,12 +80,12 @@ POLAR_BACKENDS = {"polar": polar, "polar_express": polar_express}
 # --------------------------------------------------------------------------------------------
 
 def momentum_step_(momenta, grads, momentum):
-    """m = lerp(m, g, 1 - mu), in place on lists of buffers (SPEC 7)."""
+    """m = lerp(m, g, 1 - mu), in place on lists of buffers (docs/recipes.md)."""
     torch._foreach_lerp_(momenta, grads, 1 - momentum)
 
 
 def nesterov_direction(grad, momentum_buffer, momentum):
-    """Nesterov direction u = lerp(g, m, mu) from the already updated buffer m (SPEC 7)."""
+    """Nesterov direction u = lerp(g, m, mu) from the already updated buffer m (docs/recipes.md)."""
     return grad.lerp(momentum_buffer, momentum)
 
 
@@ -107,7 +107,7 @@ def rows_to_norm(X, norm):
 
 
 def normuon_normalize(O, second_moment, beta2):
-    """NorMuon (SPEC 7): row (rows >= cols) or column second-moment normalization of the scaled
+    """NorMuon (docs/recipes.md): row (rows >= cols) or column second-moment normalization of the scaled
     orthogonal update O, keeping its Frobenius norm. Returns (normalized O, new second moment)."""
     f = O.float().norm(dim=(-2, -1), keepdim=True)
     reduce_dim = -1 if O.size(-2) >= O.size(-1) else -2
@@ -119,7 +119,7 @@ def normuon_normalize(O, second_moment, beta2):
 
 
 def u_normuon_tall(P):
-    """U-NorMuon (SPEC 8) for a tall polar factor P (m x n): every row at norm sqrt(n/m), i.e.
+    """U-NorMuon (docs/recipes.md#variants) for a tall polar factor P (m x n): every row at norm sqrt(n/m), i.e.
     uniform leverage; this replaces both the aspect factor and the second-moment normalization."""
     return rows_to_norm(P, (P.size(-1) / P.size(-2)) ** 0.5)
 
@@ -163,11 +163,11 @@ def uw_floor(Q, W, floor):
 
 
 # --------------------------------------------------------------------------------------------
-# Aurora's polar factor with uniform leverage: vanilla (the record) and Riemannian (SPEC 8).
+# Aurora's polar factor with uniform leverage: vanilla (the record) and Riemannian (docs/recipes.md#variants).
 # --------------------------------------------------------------------------------------------
 
 def aurora_polar(G, pp_iterations=2, pp_beta=0.5, polar_fn=polar):
-    """Aurora step 2 (SPEC 7): an orthogonal P whose tall-orientation rows have norm ~sqrt(n/m).
+    """Aurora step 2 (docs/recipes.md): an orthogonal P whose tall-orientation rows have norm ~sqrt(n/m).
 
     Square G: polar(G). Otherwise, on the tall orientation U (m x n, float32), row-rescale
     D = 1/||U_i||, then repeat P = polar(D U) and D *= ((n/m) / ||P_i||^2)^pp_beta.
@@ -251,7 +251,7 @@ def retract_uniform_leverage(P, rounds, over_relaxation=1.5):
 
 
 def riemannian_aurora_polar(G, ascent_steps=4, cg_iterations=10, retraction_rounds=6):
-    """Riemannian Aurora (SPEC 8): maximizes <G, P> over P^T P = I with every tall-orientation row
+    """Riemannian Aurora (docs/recipes.md#variants): maximizes <G, P> over P^T P = I with every tall-orientation row
     at norm^2 n/m, by projected Riemannian ascent from polar(G), in float32.
 
     The step length is 0.5 / (RMS singular value of G): a full 1 / RMS overshoots and the
@@ -282,14 +282,14 @@ def leverage_if_rectangular(P):
 
 
 def muon_update(u, polar_fn):
-    """Muon (SPEC 7): polar(u) * sqrt(max(1, rows/cols)). Returns (update, leverage)."""
+    """Muon (docs/recipes.md): polar(u) * sqrt(max(1, rows/cols)). Returns (update, leverage)."""
     P = polar_fn(u)
     update = P * aspect_scale(u.size(-2), u.size(-1))
     return update.float(), leverage_if_rectangular(P)
 
 
 def normuon_update(u, second_moment, beta2, u_normuon, polar_fn):
-    """NorMuon (SPEC 7), or U-NorMuon's tall case (SPEC 8). Returns (update, second moment, leverage)."""
+    """NorMuon (docs/recipes.md), or U-NorMuon's tall case (docs/recipes.md#variants). Returns (update, second moment, leverage)."""
     P = polar_fn(u)
     if u_normuon and u.size(-2) > u.size(-1):
         O = u_normuon_tall(P)
@@ -299,7 +299,7 @@ def normuon_update(u, second_moment, beta2, u_normuon, polar_fn):
 
 
 def aurora_update(u, W, pp_iterations, pp_beta, contra, floor, variant, polar_fn):
-    """Aurora (SPEC 7 steps 1-5; variant "riemannian": SPEC 8). Returns (update, leverage)."""
+    """Aurora (docs/recipes.md#aurora; variant "riemannian": docs/recipes.md#variants). Returns (update, leverage)."""
     if variant == "riemannian":
         P = riemannian_aurora_polar(u)
     else:
@@ -471,7 +471,7 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
 
 
 class Muon(_ShardedOrthogonalOptimizer):
-    """Muon (SPEC 7, record #36 with lr=0.025, weight_decay=0.05): W *= 1 - lr*wd;
+    """Muon (docs/recipes.md, record #36 with lr=0.025, weight_decay=0.05): W *= 1 - lr*wd;
     W -= lr * polar(u) * sqrt(max(1, rows/cols)), u the Nesterov momentum direction."""
 
     update_math = staticmethod(muon_update)
@@ -486,10 +486,10 @@ class Muon(_ShardedOrthogonalOptimizer):
 
 
 class NorMuon(_ShardedOrthogonalOptimizer):
-    """NorMuon (SPEC 7, record #10 with lr=0.035, weight_decay=0.025): Muon's scaled polar factor
+    """NorMuon (docs/recipes.md, record #10 with lr=0.035, weight_decay=0.025): Muon's scaled polar factor
     normalized by a running second moment per row (rows >= cols) or per column.
 
-    u_normuon=True gives U-NorMuon (SPEC 8): tall matrices get rows of norm sqrt(n/m) instead."""
+    u_normuon=True gives U-NorMuon (docs/recipes.md#variants): tall matrices get rows of norm sqrt(n/m) instead."""
 
     update_math = staticmethod(normuon_update)
     stacked_state = ("second_moment",)
@@ -518,10 +518,10 @@ AURORA_VARIANTS = ("vanilla", "riemannian")
 
 
 class Aurora(_ShardedOrthogonalOptimizer):
-    """Aurora (SPEC 7, record #17 with lr=0.0375, contra=0.4, uw_floor=0.35): Muon with a
+    """Aurora (docs/recipes.md, record #17 with lr=0.0375, contra=0.4, uw_floor=0.35): Muon with a
     leverage-equalized polar factor (aurora_polar), an optional Contra-Muon mix and u/w floor.
 
-    variant="riemannian" replaces aurora_polar by riemannian_aurora_polar (SPEC 8)."""
+    variant="riemannian" replaces aurora_polar by riemannian_aurora_polar (docs/recipes.md#variants)."""
 
     update_math = staticmethod(aurora_update)
 

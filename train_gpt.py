@@ -1,5 +1,5 @@
-"""The modded-nanoGPT optimization-track harness (SPEC §2-§6) with the Aurora, NorMuon and Muon record
-recipes (SPEC §7) and neuron-death diagnostics (SPEC §9), in one file as the leaderboard requires.
+"""The modded-nanoGPT optimization-track harness (docs/benchmark.md) with the Aurora, NorMuon and Muon record
+recipes (docs/recipes.md) and neuron-death diagnostics (docs/diagnostics.md), in one file as the leaderboard requires.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py --recipe aurora   # a record run
     python train_gpt.py --tiny                                              # CPU preset, synthetic data
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from optimizers import Muon, NorMuon, Aurora
 
 # ---------------------------------------------------------------------------------------------------
-# Configuration: the fixed benchmark (SPEC §2, §3, §5), the CPU preset, and the three recipes (SPEC §7)
+# Configuration: the fixed benchmark (docs/benchmark.md), the CPU preset, and the three recipes (docs/recipes.md)
 
 
 @dataclass(frozen=True)
@@ -114,20 +114,20 @@ class NonFiniteLoss(RuntimeError):
 
 
 def lr_multiplier(step, steps):
-    """SPEC §5: 1 for the first 30% of training, then linear to 0 at step T."""
+    """docs/benchmark.md#training-loop: 1 for the first 30% of training, then linear to 0 at step T."""
     progress = step / steps
     return 1.0 if progress < 0.3 else (1 - progress) / 0.7
 
 
 def is_validation_step(step, steps, every, tail_every):
-    """SPEC §5: step 0, every `every` steps while step/T < 0.9, every `tail_every` after, and T."""
+    """docs/benchmark.md#training-loop: step 0, every `every` steps while step/T < 0.9, every `tail_every` after, and T."""
     if step == 0 or step == steps:
         return True
     return step % (every if 10 * step < 9 * steps else tail_every) == 0
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data: shards (SPEC §2), the train stream and its rank slices, the validation tokens
+# Data: shards (docs/benchmark.md#data), the train stream and its rank slices, the validation tokens
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -203,7 +203,7 @@ def check_train_shards(paths, steps, hp):
 
 
 class TrainStream:
-    """SPEC §2: each step takes B contiguous tokens (+1 for the shifted targets); rank r reads the slice
+    """docs/benchmark.md#data: each step takes B contiguous tokens (+1 for the shifted targets); rank r reads the slice
     at pos + r*B/W of length B/W + 1; the next shard starts when pos + B + 1 >= len(shard)."""
 
     def __init__(self, paths, batch_tokens, rank, world_size, pin_memory=False):
@@ -271,7 +271,7 @@ def batch_layout(hp, world_size):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model (SPEC §3) and initialization (SPEC §4)
+# Model (docs/benchmark.md#model) and initialization (docs/benchmark.md#initialization)
 
 
 class Linear(nn.Linear):
@@ -378,7 +378,7 @@ class GPT(nn.Module):
 
 @torch.no_grad()
 def init_parameters(model, generator):
-    """SPEC §4, drawn on the CPU from `generator` so every device gets the same weights."""
+    """docs/benchmark.md#initialization, drawn on the CPU from `generator` so every device gets the same weights."""
     for name, param in model.named_parameters():
         if name.endswith("gains"):
             value = torch.ones(param.shape)
@@ -392,7 +392,7 @@ def init_parameters(model, generator):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Optimizer setup (SPEC §7)
+# Optimizer setup (docs/recipes.md)
 
 
 def build_optimizers(model, recipe):
@@ -492,7 +492,7 @@ def broadcast_parameters(model):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Logging (SPEC §6)
+# Logging (docs/benchmark.md#log-format)
 
 SEPARATOR = "=" * 100
 OPTIMIZERS_IMPORT = "from optimizers import Muon, NorMuon, Aurora"
@@ -566,7 +566,7 @@ def record_differences(hp, recipe, steps, init_from):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Diagnostics (SPEC §9): dead MLP neurons on a fixed probe batch, leverage of the orthogonal updates
+# Diagnostics (docs/diagnostics.md): dead MLP neurons on a fixed probe batch, leverage of the orthogonal updates
 
 NEARLY_DEAD_ACTIVITY = 0.001  # active on fewer than 0.1% of the probe tokens
 STARVED_LEVERAGE = 0.1  # l_i below 10% of the mean
@@ -632,7 +632,7 @@ def rounded(value, digits=6):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Training loop (SPEC §5)
+# Training loop (docs/benchmark.md#training-loop)
 
 
 def parse_args(argv):
@@ -696,7 +696,7 @@ def load_model_weights(model, path):
 
 @torch.no_grad()
 def evaluate(model, val_buffer, layout, seq_len, val_tokens):
-    """Mean token loss over the validation tokens of all ranks (SPEC §2)."""
+    """Mean token loss over the validation tokens of all ranks (docs/benchmark.md#data)."""
     total = torch.zeros((), dtype=torch.float64, device=val_buffer.device)
     for inputs, targets in micro_batches(val_buffer, seq_len, layout.micro_seqs):
         total += model(inputs, targets).double()

@@ -1,5 +1,5 @@
-"""Times one optimizer step of Muon, NorMuon and Aurora (record settings, SPEC 7) over the 72 hidden
-matrices of the 124M model (SPEC 3): per block q, k, v, o (d x d), fc (4d x d, tall) and proj
+"""Times one optimizer step of Muon, NorMuon and Aurora (record settings, docs/recipes.md) over the 72 hidden
+matrices of the 124M model (docs/benchmark.md#model): per block q, k, v, o (d x d), fc (4d x d, tall) and proj
 (d x 4d, wide), 12 blocks. Each optimizer runs batched (one param group: same-shape matrices share
 one stacked polar) and one matrix at a time (one param group per matrix, so every polar call sees a
 single matrix), and the table gives the median milliseconds per step.
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt  # noqa: E402  (the repo root must be on sys.path first)
 
-# The benchmark's fixed model (SPEC 3): its width and depth give the 72 hidden matrices.
+# The benchmark's fixed model (docs/benchmark.md#model): its width and depth give the 72 hidden matrices.
 MODEL = train_gpt.ModelConfig()
 
 
@@ -41,7 +41,7 @@ def hidden_matrix_shapes(width, blocks):
 
 
 def make_params(shapes, device, seed=0):
-    """Random weights (SPEC 4 scale) with random gradients attached."""
+    """Random weights (docs/benchmark.md#initialization scale) with random gradients attached."""
     gen = torch.Generator(device=device).manual_seed(seed)
     params = []
     for rows, cols in shapes:
@@ -86,7 +86,7 @@ def main():
     parser.add_argument("--eager", action="store_true", help="run the update math uncompiled")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--riemannian", action="store_true",
-                        help="also time Aurora(variant='riemannian') (SPEC 8), batched only")
+                        help="also time Aurora(variant='riemannian') (docs/recipes.md#variants), batched only")
     args = parser.parse_args()
     device = torch.device(args.device)
     scale = args.scale if args.scale is not None else (1.0 if device.type == "cuda" else 0.25)

@@ -1,6 +1,6 @@
 """Step time, tokens/s, peak memory and MFU of the three record recipes, measured side by side.
 
-    python benchmarks/step.py                  # full size (SPEC §3, §5) on the GPU
+    python benchmarks/step.py                  # full size (docs/benchmark.md#model, #training-loop) on the GPU
     python benchmarks/step.py --tiny           # train_gpt's CPU preset sizes, seconds on a CPU
     python benchmarks/step.py --json --iters 20 --warmup 3 --recipes aurora,muon
 

@@ -1,4 +1,4 @@
-"""Token shards (SPEC §2): the one reader, writer and validator for the data scripts, the arithmetic of
+"""Token shards (docs/benchmark.md#data): the one reader, writer and validator for the data scripts, the arithmetic of
 how many train shards a run needs, and a command that checks a data folder.
 
     python data/shards.py data/fineweb10B                  # list, check against the default recipe
@@ -25,8 +25,8 @@ TOKEN_BYTES = 2  # uint16
 MAX_TOKEN_ID = np.iinfo(np.uint16).max
 
 TOKENS_PER_SHARD = 100_000_000  # every published FineWeb shard but the last
-BATCH_TOKENS = 524_288  # tokens per optimizer step (SPEC §5)
-VAL_TOKENS = 20 * BATCH_TOKENS  # the validation slice of the val shard (SPEC §2)
+BATCH_TOKENS = 524_288  # tokens per optimizer step (docs/benchmark.md#training-loop)
+VAL_TOKENS = 20 * BATCH_TOKENS  # the validation slice of the val shard (docs/benchmark.md#data)
 DEFAULT_RECIPE = "aurora"
 
 
@@ -40,13 +40,13 @@ def trainer():
 
 
 def record_recipe_steps():
-    """T of each record recipe (SPEC §7), read from the trainer's recipe table so that the number of
+    """T of each record recipe (docs/recipes.md), read from the trainer's recipe table so that the number of
     shards to fetch follows the recipes the trainer actually runs."""
     return {name: recipe.steps for name, recipe in trainer().RECIPES.items()}
 
 
 class ShardError(ValueError):
-    """A shard file that does not follow SPEC §2; the message names the file and what is wrong."""
+    """A shard file that does not follow docs/benchmark.md#data; the message names the file and what is wrong."""
 
     def __init__(self, path, problem):
         super().__init__(f"{path}: {problem}")
@@ -119,7 +119,7 @@ def read_shard(path):
 
 
 def steps_in_shard(num_tokens, batch=BATCH_TOKENS):
-    """Optimizer steps one train shard feeds under SPEC §2's stream rule, as the trainer counts them
+    """Optimizer steps one train shard feeds under docs/benchmark.md#data's stream rule, as the trainer counts them
     (a shard of batch + 1 tokens or fewer feeds none; 190 for a 100M-token shard)."""
     return trainer().steps_in_shard(num_tokens, batch)
 

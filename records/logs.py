@@ -1,10 +1,10 @@
-"""Parse training logs in the leaderboard format (SPEC §6), ours and the leaderboard's.
+"""Parse training logs in the leaderboard format (docs/benchmark.md#log-format), ours and the leaderboard's.
 
 A log is: the run's source code, a line of exactly 100 '=', then free-form lines of which these
 matter:
 - val lines `step:{s}/{T} val_loss:{x} [train_time:{t}s|ms] [step_avg:{a}ms]`; a line with
   `step:0/` starts a new trial (several trials may share one log);
-- `diag {json}` lines (our diagnostics, SPEC §9), attached to the trial they were measured in;
+- `diag {json}` lines (our diagnostics, docs/diagnostics.md), attached to the trial they were measured in;
 - `config {json}` lines (our resolved configuration; the "recipe" key names the recipe);
 - `Running PyTorch ... on {device} with world_size {W}` (the hardware).
 Everything else is ignored, so the leaderboard's own logs parse too.

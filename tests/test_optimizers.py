@@ -1,5 +1,5 @@
 """Tests of optimizers.py: the polar factors against float64 SVD references, each optimizer against
-an independent one-matrix-at-a-time transcription of SPEC 7, sharding over gloo ranks, state_dict
+an independent one-matrix-at-a-time transcription of docs/recipes.md, sharding over gloo ranks, state_dict
 resume, compilation. Everything runs on the CPU and eagerly (torch's TORCH_COMPILE_DISABLE switch,
 set through torch._dynamo.config.disable) except the tests that check compilation itself."""
 import io
@@ -17,7 +17,7 @@ import optimizers
 from optimizers import Aurora, Muon, NorMuon, aurora_polar, polar, polar_express, riemannian_aurora_polar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECORD_SETTINGS = {  # SPEC 7 hyperparameters of the three matrix optimizers
+RECORD_SETTINGS = {  # docs/recipes.md hyperparameters of the three matrix optimizers
     "muon": (Muon, dict(lr=0.025, weight_decay=0.05)),
     "normuon": (NorMuon, dict(lr=0.035, weight_decay=0.025)),
     "aurora": (Aurora, dict(lr=0.0375, contra=0.4, uw_floor=0.35)),
@@ -107,7 +107,7 @@ def test_polar_express_singular_values_are_near_one(shape):
 
 
 def aurora_polar_float64(G, pp_iterations=2, pp_beta=0.5):
-    """SPEC 7 step 2 in float64 with the exact (SVD) polar factor; tall G only."""
+    """docs/recipes.md#aurora step 2 in float64 with the exact (SVD) polar factor; tall G only."""
     U = G.double()
     m, n = U.shape
     D = 1 / U.norm(dim=1, keepdim=True).clamp_min(1e-7)
@@ -223,7 +223,7 @@ def test_u_normuon_tall_rows_have_norm_sqrt_n_over_m():
 
 
 # ----------------------------------------------------------------------------------------------
-# The optimizers against an independent transcription of SPEC 7 (one matrix at a time)
+# The optimizers against an independent transcription of docs/recipes.md (one matrix at a time)
 # ----------------------------------------------------------------------------------------------
 
 def make_problem(seed=0, steps=2):
@@ -254,7 +254,7 @@ def run_optimizer(cls, settings, weights, grads):
 
 
 def spec_polar_factor(recipe, u, settings, polar_fn):
-    """The orthogonal factor each recipe starts from (Aurora: SPEC 7 step 2)."""
+    """The orthogonal factor each recipe starts from (Aurora: docs/recipes.md#aurora step 2)."""
     rows, cols = u.shape
     if recipe != "aurora" or rows == cols:
         return polar_fn(u)
@@ -272,7 +272,7 @@ def spec_polar_factor(recipe, u, settings, polar_fn):
 
 
 def spec_run(recipe, settings, weights, grads, polar_fn=polar, dtype=torch.float32):
-    """SPEC 7 transcribed literally, one matrix at a time; returns weights and NorMuon's v."""
+    """docs/recipes.md transcribed literally, one matrix at a time; returns weights and NorMuon's v."""
     lr, wd = settings["lr"], settings.get("weight_decay", 0.0)
     mu, beta2 = 0.95, settings.get("beta2", 0.95)
     W = [w.to(dtype) for w in weights]
@@ -297,7 +297,7 @@ def spec_run(recipe, settings, weights, grads, polar_fn=polar, dtype=torch.float
                 v[i] = torch.lerp(v[i] if v[i] is not None else torch.zeros_like(r), r, 1 - beta2)
                 scale = torch.rsqrt(torch.clamp(v[i], min=1e-10))
                 O = O * (scale.to(O.dtype) if O.dtype == torch.bfloat16 else scale)
-                # The final rescale leaves bf16 (a choice: SPEC 7 gives no dtype for it).
+                # The final rescale leaves bf16 (a choice: docs/recipes.md gives no dtype for it).
                 update = O.to(f.dtype) * f / torch.clamp(O.to(f.dtype).norm(), min=1e-10)
             else:
                 c, floor = settings.get("contra", 0.0), settings.get("uw_floor", 0.0)
@@ -342,7 +342,7 @@ def test_two_steps_match_spec_transcription(recipe):
 
 @pytest.mark.parametrize("recipe", ["muon", "normuon", "aurora"])
 def test_two_steps_match_float64_math_with_exact_polar(recipe):
-    """The bf16 record math against SPEC 7 in float64 with the SVD polar factor: on
+    """The bf16 record math against docs/recipes.md in float64 with the SVD polar factor: on
     well-conditioned gradients the steps agree to bf16 accuracy."""
     cls, settings = RECORD_SETTINGS[recipe]
     gen = torch.Generator().manual_seed(1)

@@ -1,4 +1,4 @@
-"""records/logs.py and records/stats.py on logs written here in the leaderboard format (SPEC §6)."""
+"""records/logs.py and records/stats.py on logs written here in the leaderboard format (docs/benchmark.md#log-format)."""
 
 import json
 import math

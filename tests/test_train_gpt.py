@@ -1,4 +1,4 @@
-"""train_gpt.py: the harness of SPEC §2-§6 on tiny sizes, on CPU, uncompiled (TORCH_COMPILE_DISABLE=1)."""
+"""train_gpt.py: the harness of docs/benchmark.md on tiny sizes, on CPU, uncompiled (TORCH_COMPILE_DISABLE=1)."""
 
 import json
 import math
@@ -76,7 +76,7 @@ def tiny_run(tmp_path_factory, data_args):
     return folder, lines, code
 
 
-# ---- the log of a tiny run (SPEC §6) ----
+# ---- the log of a tiny run (docs/benchmark.md#log-format) ----
 
 def test_tiny_run_log_follows_the_leaderboard_format(tiny_run):
     _, lines, _ = tiny_run
