@@ -107,15 +107,17 @@ def rows_to_norm(X, norm):
 
 
 def normuon_normalize(O, second_moment, beta2):
-    """NorMuon (docs/recipes.md): row (rows >= cols) or column second-moment normalization of the scaled
-    orthogonal update O, keeping its Frobenius norm. Returns (normalized O, new second moment)."""
-    f = O.float().norm(dim=(-2, -1), keepdim=True)
+    """NorMuon (docs/recipes.md#normuon): row (rows >= cols) or column second-moment normalization of the
+    scaled orthogonal update O, keeping its Frobenius norm. Returns (normalized O, new second moment).
+
+    Everything but the float32 second moment stays in O's dtype, as in record #10: for the bf16 polar
+    factor the norms, the mean squares, the scale and the result are all bf16-rounded."""
+    f = O.norm(dim=(-2, -1), keepdim=True)
     reduce_dim = -1 if O.size(-2) >= O.size(-1) else -2
-    mean_square = O.float().square().mean(dim=reduce_dim, keepdim=True)
-    second_moment = second_moment.lerp(mean_square, 1 - beta2)
+    mean_square = (O * O).mean(dim=reduce_dim, keepdim=True)
+    second_moment = second_moment.lerp(mean_square.to(second_moment.dtype), 1 - beta2)
     O = O * second_moment.clamp_min(1e-10).rsqrt().to(O.dtype)
-    O = O * f / O.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
-    return O, second_moment
+    return O * (f / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)), second_moment
 
 
 def u_normuon_tall(P):
@@ -148,10 +150,10 @@ def contra_direction(U):
 
 
 def contra_mix(P, g, contra):
-    """Aurora step 3: Q = P - (c/2) g, rescaled back to ||P||_F."""
-    P = P.float()
+    """Aurora step 3: Q = P - (c/2) g (float32), rescaled back to ||P||_F. The norm f is taken in P's own
+    dtype, as in the record: for the bf16 polar factor, f is bf16-rounded."""
     f = P.norm(dim=(-2, -1), keepdim=True)
-    Q = P - (contra / 2) * g
+    Q = P.float() - (contra / 2) * g
     return Q * f / Q.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
 
 

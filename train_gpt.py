@@ -291,9 +291,10 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(head_dim, seq_len):
-    """Half-truncated rotary: d/4 frequencies (1/1024)^(j/(d/4-1)), then d/4 zeros (unrotated pairs)."""
+    """Half-truncated rotary: d/4 frequencies (1/1024)^(j/(d/4-1)), then d/4 zeros (unrotated pairs).
+    The exponents come from linspace, as in the record: arange/(d/4-1) rounds some of them differently."""
     quarter = head_dim // 4
-    freqs = (1 / 1024) ** (torch.arange(quarter, dtype=torch.float32) / (quarter - 1))
+    freqs = (1 / 1024) ** torch.linspace(0, 1, quarter, dtype=torch.float32)
     freqs = torch.cat([freqs, freqs.new_zeros(quarter)])
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
     return angles.cos(), angles.sin()
@@ -371,9 +372,13 @@ class GPT(nn.Module):
 
     def forward(self, inputs, targets):
         """Summed cross-entropy over every token of the (batch, time) inputs."""
-        logits = self.proj(self.norm_b(self.features(inputs))).float()
-        logits = 15 * logits / torch.sqrt(logits.square() + 15 ** 2)
+        logits = soft_cap(self.proj(self.norm_b(self.features(inputs))).float())
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+
+
+def soft_cap(logits):
+    """15 z / sqrt(z^2 + 15^2), written with rsqrt as the record does (a division by sqrt rounds differently)."""
+    return 15 * logits * torch.rsqrt(logits.square() + 15 ** 2)
 
 
 @torch.no_grad()

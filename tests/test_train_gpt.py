@@ -370,6 +370,24 @@ def test_half_truncated_rotary_tables():
     assert torch.all(cos[:, 4:] == 1) and torch.all(sin[:, 4:] == 0)  # the second half does not rotate
     assert torch.allclose(sin[:, 0], torch.sin(torch.arange(5.0)))  # f_0 = 1
     assert torch.allclose(sin[:, 3], torch.sin(torch.arange(5.0) / 1024))  # f_{d/4-1} = 1/1024
+    # At full size the exponents are the record's linspace(0, 1, 32); arange/31 differs in 4 of them.
+    cos, sin = tg.rotary_tables(head_dim=128, seq_len=2)
+    freqs = (1 / 1024) ** torch.linspace(0, 1, 32, dtype=torch.float32)
+    assert torch.equal(sin[1, :32], freqs.sin()) and torch.equal(cos[1, :32], freqs.cos())
+
+
+def test_logits_are_soft_capped_with_rsqrt_as_in_the_record():
+    z = torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * 30
+    capped = tg.soft_cap(z)
+    assert torch.equal(capped, 15 * z * torch.rsqrt(z.square() + 225))
+    assert not torch.equal(capped, 15 * z / torch.sqrt(z.square() + 225))  # the other rounding differs
+    assert capped.abs().max() < 15
+    model = small_full_vocab_model()
+    inputs, targets = torch.randint(0, 50304, (2, 1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = tg.soft_cap(model.proj(model.norm_b(model.features(inputs))).float())
+        expected = torch.nn.functional.cross_entropy(logits.view(-1, 50304), targets.view(-1), reduction="sum")
+        assert torch.equal(model(inputs, targets), expected)
 
 
 def test_lr_schedule_and_validation_schedule():
