@@ -252,22 +252,33 @@ class BatchLayout:
     val_rank_seqs: int
 
 
-def batch_layout(hp, world_size):
+def splits_evenly(step_seqs, val_seqs, micro_batch_seqs, world_size):
+    """Whether every rank gets the same whole number of train and val micro-batches."""
+    if step_seqs % world_size or val_seqs % world_size:
+        return False
+    micro_seqs = min(micro_batch_seqs, step_seqs // world_size)
+    return (step_seqs // world_size) % micro_seqs == 0 and (val_seqs // world_size) % micro_seqs == 0
+
+
+def batch_layout(hp, world_size, ranks_are="processes"):
+    """How a step's sequences split over `world_size` ranks; `ranks_are` names the ranks in errors
+    ("GPUs" on CUDA, "processes" on CPU)."""
     seq_len = hp.model.seq_len
-    step_seqs = hp.batch_tokens // seq_len
     if hp.batch_tokens % seq_len or hp.val_tokens % seq_len:
         raise SetupError(f"batch_tokens {hp.batch_tokens} and val_tokens {hp.val_tokens} must be multiples of "
                          f"seq_len {seq_len}")
-    if step_seqs % world_size:
-        raise SetupError(f"world size {world_size} does not divide the {step_seqs} sequences of a step: run with "
-                         f"a number of processes that divides {step_seqs} (1, 2, 4 or 8 GPUs per node)")
+    step_seqs, val_seqs = hp.batch_tokens // seq_len, hp.val_tokens // seq_len
+    if not splits_evenly(step_seqs, val_seqs, hp.micro_batch_seqs, world_size):
+        usable = [str(n) for n in range(1, 9) if splits_evenly(step_seqs, val_seqs, hp.micro_batch_seqs, n)]
+        if not usable:
+            raise SetupError(f"the {step_seqs} train and {val_seqs} val sequences of a step do not split into "
+                             f"micro-batches of {hp.micro_batch_seqs} sequences")
+        counts = " or ".join([", ".join(usable[:-1]), usable[-1]] if len(usable) > 1 else usable)
+        raise SetupError(f"world size {world_size} does not divide the {step_seqs} sequences of a step into "
+                         f"whole micro-batches of {hp.micro_batch_seqs} per rank: run on {counts} {ranks_are} "
+                         f"(torchrun --nproc_per_node)")
     rank_seqs = step_seqs // world_size
-    micro_seqs = min(hp.micro_batch_seqs, rank_seqs)
-    val_seqs = hp.val_tokens // seq_len
-    if rank_seqs % micro_seqs or val_seqs % world_size or (val_seqs // world_size) % micro_seqs:
-        raise SetupError(f"world size {world_size}: the {rank_seqs} train and {val_seqs / world_size:g} val "
-                         f"sequences per rank must be whole multiples of the micro-batch of {micro_seqs}")
-    return BatchLayout(rank_seqs, micro_seqs, val_seqs // world_size)
+    return BatchLayout(rank_seqs, min(hp.micro_batch_seqs, rank_seqs), val_seqs // world_size)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -525,9 +536,10 @@ def val_line(step, steps, val_loss, train_time, step_avg_ms):
 
 
 def running_line(device, world_size):
+    """The leaderboard's header line; a torch built without CUDA says so instead of 'CUDA None'."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return (f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda} on {name} "
-            f"with world_size {world_size}")
+    build = f"compiled for CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+    return f"Running PyTorch {torch.__version__} {build} on {name} with world_size {world_size}"
 
 
 class RunLog:
@@ -807,7 +819,7 @@ def write_diagnostics(run, optimizers):
 def preflight(args, hp, steps, dist_info):
     """Every check that needs no device: data present, valid and long enough, a usable world size.
     Returns (layout, train shard paths, val shard path)."""
-    layout = batch_layout(hp, dist_info.world_size)
+    layout = batch_layout(hp, dist_info.world_size, "GPUs" if torch.cuda.is_available() else "processes")
     train_paths = check_train_shards(find_shards(hp.train_files, hp, steps, "train"), steps, hp)
     val_path = find_shards(hp.val_files, hp, steps, "val")[0]
     if read_shard_header(val_path) < hp.val_tokens + 1:
@@ -817,12 +829,20 @@ def preflight(args, hp, steps, dist_info):
     return layout, train_paths, val_path
 
 
+def compile_is_active():
+    """Whether torch.compile really compiles in this process, as torch itself decides. Two switches turn
+    it off in different ways: TORCH_COMPILE_DISABLE=1 sets torch._dynamo.config.disable (checked at every
+    call), and TORCHDYNAMO_DISABLE=1 makes torch.compile hand back the module unwrapped."""
+    probe = nn.Identity()
+    return not torch._dynamo.config.disable and torch.compile(probe) is not probe
+
+
 def config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id):
     differences = record_differences(hp, recipe, steps, args.init_from)
     return {"command": shlex.join([sys.executable] + sys.argv), "run_id": run_id, "recipe": recipe.name,
             "preset": "tiny" if args.tiny else "full",
             "steps": steps, "trials": args.trials, "seed": args.seed, "world_size": dist_info.world_size,
-            "device": str(device), "compiled": not torch._dynamo.config.disable,
+            "device": str(device), "compiled": compile_is_active(),
             "hyperparameters": dataclasses.asdict(hp), "recipe_settings": dataclasses.asdict(recipe),
             "micro_batch_seqs_used": layout.micro_seqs, "adam_betas": ADAM_BETAS, "adam_eps": ADAM_EPS,
             "momentum": MOMENTUM, "nesterov": True, "train_shards_used": len(train_paths), "val_shard": val_path,
@@ -840,6 +860,10 @@ def main(argv=None):
     try:
         layout, train_paths, val_path = preflight(args, hp, steps, dist_info)
     except SetupError as e:
+        # Every rank finds the same problem; rank 0 reports it and fails. The others stop quietly with
+        # status 0: a rank that failed first would make torchrun kill rank 0 before it had printed.
+        if dist_info.rank != 0:
+            return 0
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = setup_device(dist_info)

@@ -93,7 +93,7 @@ def main():
     width = max(8, round(MODEL.model_dim * scale))
     if args.eager:
         torch._dynamo.config.disable = True
-    compiled = not torch._dynamo.config.disable
+    compiled = train_gpt.compile_is_active()
 
     shapes = hidden_matrix_shapes(width, MODEL.num_layers)
     print(f"device: {device_name(device)}; torch {torch.__version__}; "

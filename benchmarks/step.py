@@ -234,7 +234,7 @@ def run_benchmark(recipe_names, tiny, iters, warmup, seed=0):
         recipes[name] = numbers
     return {
         "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-        "compiled": not torch._dynamo.config.disable,  # torch's switch, set from TORCH_COMPILE_DISABLE
+        "compiled": train_gpt.compile_is_active(),
         "size": "tiny" if tiny else "full", "model": dataclasses.asdict(hp.model),
         "tokens_per_step": tokens_per_step, "micro_batches": layout.rank_seqs // layout.micro_seqs,
         "micro_batch": [layout.micro_seqs, seq_len], "data": "uniform random tokens, the same for every recipe",
@@ -253,7 +253,7 @@ def format_report(result):
     model = result["model"]
     lines = [
         f"device: {result['device']}   torch {result['torch']}   "
-        f"{'compiled' if result['compiled'] else 'uncompiled (TORCH_COMPILE_DISABLE=1)'}",
+        f"{'compiled' if result['compiled'] else 'uncompiled'}",
         f"size: {result['size']} ({model['num_layers']} layers, width {model['model_dim']}, head dim "
         f"{model['head_dim']}, vocab {model['vocab_size']}); {result['tokens_per_step']:,} tokens per step = "
         f"{result['micro_batches']} micro-batches of {result['micro_batch'][0]}x{result['micro_batch'][1]}; "

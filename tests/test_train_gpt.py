@@ -23,7 +23,7 @@ from synthetic import write_synthetic_shards  # noqa: E402
 TRAIN_GPT = os.path.join(ROOT, "train_gpt.py")
 LEADERBOARD_PATTERN = re.compile(r"step:(\d+)/(\d+)\s+val_loss:([0-9.]+)")
 VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\d+\.\d{5}) train_time:(\d+\.\d{3})s step_avg:(\d+\.\d{2})ms")
-RUNNING_LINE = re.compile(r"Running PyTorch \S+ compiled for CUDA \S+ on .+ with world_size (\d+)")
+RUNNING_LINE = re.compile(r"Running PyTorch \S+ (?:compiled for CUDA \S+|built without CUDA) on .+ with world_size (\d+)")
 STEPS = 12  # the tiny preset validates at 0 and 12 (T); few steps keep the file fast on a busy CPU
 TINY_BATCH = tg.TINY.batch_tokens
 
@@ -82,6 +82,7 @@ def test_tiny_run_log_follows_the_leaderboard_format(tiny_run):
     _, lines, _ = tiny_run
     assert lines[0] == tg.SEPARATOR and lines[2] == tg.SEPARATOR
     assert RUNNING_LINE.fullmatch(lines[1]) and RUNNING_LINE.fullmatch(lines[1])[1] == "1"
+    assert "CUDA None" not in lines[1]
     for line in lines[3:]:
         is_val_line = VAL_LINE.fullmatch(line) is not None
         # The leaderboard's pattern finds exactly the val lines, and nothing else.
@@ -117,6 +118,7 @@ def test_config_line_records_the_settings_and_says_it_is_not_a_record(tiny_run):
     assert config["hyperparameters"]["model"]["vocab_size"] == 512
     assert "--tiny" in config["command"]
     assert config["is_record_recipe"] is False
+    assert config["compiled"] is False  # the fixture runs with TORCH_COMPILE_DISABLE=1
     assert any(d.startswith(f"steps={STEPS}") for d in config["differs_from_record"])
 
 
@@ -322,7 +324,26 @@ def test_world_size_must_divide_the_sequences_of_a_step(data_args, monkeypatch, 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert tg.main(["--tiny", "--steps", "2", *data_args]) == 2
-    assert "world size 3 does not divide the 16 sequences" in capsys.readouterr().err
+    message = capsys.readouterr().err
+    assert "world size 3 does not divide the 16 sequences" in message
+    assert "run on 1, 2, 4 or 8 processes" in message and "GPU" not in message  # this is a CPU run
+    # Any other rank stops quietly, with status 0, and leaves the report to rank 0.
+    monkeypatch.setenv("RANK", "1")
+    assert tg.main(["--tiny", "--steps", "2", *data_args]) == 0
+    assert capsys.readouterr().err == ""
+    with pytest.raises(tg.SetupError, match="run on 1, 2, 4 or 8 GPUs"):
+        tg.batch_layout(tg.FULL, 6, "GPUs")
+
+
+def test_world_size_error_under_torchrun_is_printed_once(data_args, tmp_path):
+    result = run_trainer(["--tiny", "--steps", "2", *data_args], cwd=tmp_path, check=False,
+                         launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3"))
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1, output[-3000:]
+    assert "world size 3 does not divide" in errors[0] and "processes" in errors[0]
+    # torchrun reports rank 0's failure its own way; nothing in the trainer raised.
+    assert 'train_gpt.py", line' not in output
 
 
 # ---- model, initialization, schedule, recipes ----
@@ -362,6 +383,24 @@ def test_initialization_follows_the_name_rules():
     for name in ("blocks.0.attn.q.weight", "blocks.1.mlp.fc.weight"):
         assert params[name].std().item() == pytest.approx(math.sqrt(0.33 / 64), rel=0.05)
     assert all(p.dtype == torch.float32 for n, p in params.items() if n != "embed.weight")
+
+
+@pytest.mark.parametrize("env, compiled", [({}, True), ({"TORCHDYNAMO_DISABLE": "1"}, False)])
+def test_compiled_flag_follows_what_torch_does(env, compiled):
+    """TORCH_COMPILE_DISABLE=1 is covered by the tiny run's config line."""
+    clean = {k: v for k, v in uncompiled_env().items() if k not in ("TORCH_COMPILE_DISABLE", "TORCHDYNAMO_DISABLE")}
+    result = subprocess.run([sys.executable, "-c", "import train_gpt; print(train_gpt.compile_is_active())"],
+                            cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == str(compiled), result.stderr[-2000:]
+
+
+def test_running_line_without_cuda_says_so(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert tg.running_line(torch.device("cpu"), 2) == (f"Running PyTorch {torch.__version__} built without CUDA "
+                                                       f"on cpu with world_size 2")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert RUNNING_LINE.fullmatch(tg.running_line(torch.device("cpu"), 1))
+    assert "compiled for CUDA 13.0 on cpu" in tg.running_line(torch.device("cpu"), 1)
 
 
 def test_half_truncated_rotary_tables():
