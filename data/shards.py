@@ -3,6 +3,7 @@ how many train shards a run needs, and a command that checks a data folder.
 
     python data/shards.py data/fineweb10B                  # list, check against the default recipe
     python data/shards.py data/fineweb10B --recipe muon
+    python data/shards.py --tiny                           # data/synthetic against the CPU preset
     python data/shards.py data/synthetic --steps 300 --batch-tokens 8192 --val-tokens 65536
 
 Exit status 0 when every shard is valid and there are enough tokens for the run, 1 otherwise.
@@ -216,24 +217,37 @@ def folder_report(folder, steps, batch=BATCH_TOKENS, val_tokens=VAL_TOKENS):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="List a folder's token shards, check them, and say "
                                                  "whether they are enough for a recipe.")
-    parser.add_argument("folder", nargs="?", default=os.path.join(os.path.dirname(__file__), "fineweb10B"))
+    parser.add_argument("folder", nargs="?",
+                        help="default: data/fineweb10B, or data/synthetic with --tiny")
+    parser.add_argument("--tiny", action="store_true",
+                        help="check against the trainer's CPU preset (python train_gpt.py --tiny) instead of the "
+                             "full-size benchmark")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--recipe", choices=sorted(record_recipe_steps()), default=DEFAULT_RECIPE,
-                       help=f"record recipe whose step count to check against (default {DEFAULT_RECIPE})")
+                       help=f"record recipe whose step count to check against (default {DEFAULT_RECIPE}; "
+                            f"the CPU preset runs every recipe for the same steps)")
     which.add_argument("--steps", type=int, help="check against this many steps instead of a recipe")
-    parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
-                        help=f"tokens per step (default {BATCH_TOKENS})")
-    parser.add_argument("--val-tokens", type=int, default=VAL_TOKENS,
-                        help=f"tokens the validation reads from the val shard (default {VAL_TOKENS})")
+    parser.add_argument("--batch-tokens", type=int,
+                        help=f"tokens per step (default {BATCH_TOKENS}, or the CPU preset's with --tiny)")
+    parser.add_argument("--val-tokens", type=int,
+                        help=f"tokens the validation reads from the val shard (default {VAL_TOKENS}, or the "
+                             f"CPU preset's with --tiny)")
     args = parser.parse_args(argv)
-    if not os.path.isdir(args.folder):
-        print(f"{args.folder}: no such folder. Fetch FineWeb with `python data/cached_fineweb10B.py` "
+    # The trainer's own presets, so the check follows what `train_gpt.py [--tiny]` will read.
+    preset = trainer().TINY if args.tiny else trainer().FULL
+    folder = args.folder or os.path.join(os.path.dirname(__file__), "synthetic" if args.tiny else "fineweb10B")
+    if not os.path.isdir(folder):
+        print(f"{folder}: no such folder. Fetch FineWeb with `python data/cached_fineweb10B.py` "
               f"or write synthetic shards with `python data/synthetic.py`.", file=sys.stderr)
         return 1
-    steps = args.steps if args.steps is not None else recipe_steps(args.recipe)
-    print(f"{args.folder}:")
-    lines, ok = folder_report(args.folder, steps, args.batch_tokens, args.val_tokens)
+    steps = args.steps if args.steps is not None else preset.steps or recipe_steps(args.recipe)
+    batch_tokens = args.batch_tokens or preset.batch_tokens
+    val_tokens = args.val_tokens or preset.val_tokens
+    print(f"{folder}: checked against {'the CPU preset (--tiny)' if args.tiny else 'the full-size benchmark'}")
+    lines, ok = folder_report(folder, steps, batch_tokens, val_tokens)
     print("\n".join(lines))
+    if not ok and not args.tiny:
+        print("(shards for the CPU preset, such as data/synthetic, are checked with --tiny)")
     return 0 if ok else 1
 
 

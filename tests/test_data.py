@@ -150,6 +150,18 @@ def test_listing_command_uses_recipe_step_counts(tmp_path):
     assert missing.returncode == 1 and "cached_fineweb10B.py" in missing.stderr
 
 
+def test_listing_command_checks_the_cpu_preset_with_tiny(tmp_path):
+    """--tiny checks against train_gpt.TINY: 200 steps of 4,096 tokens and a val slice of 16,384 tokens."""
+    synthetic.write_synthetic_shards(str(tmp_path), vocab_size=512, train_shards=1, tokens_per_shard=201 * 4096,
+                                     val_tokens=20_000)
+    tiny = run_listing(tmp_path, "--tiny")
+    assert tiny.returncode == 0, tiny.stdout + tiny.stderr
+    assert "CPU preset" in tiny.stdout and "the run needs 200" in tiny.stdout and "OK: valid and enough" in tiny.stdout
+    full = run_listing(tmp_path)  # the same folder against the full-size benchmark
+    assert full.returncode == 1 and "the run needs 3200" in full.stdout and "--tiny" in full.stdout
+    assert run_listing(tmp_path, "--tiny", "--steps", 300).returncode == 1
+
+
 # ---------------------------------------------------------------- cached_fineweb10B.py
 
 class FakeHub:
