@@ -15,9 +15,11 @@ clears the bar.
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: records/ is not a package
@@ -52,9 +54,16 @@ class ResultSet:
         return len(self.runs)
 
 
+def decimal_mean(values: list[float]) -> float:
+    """The mean of logged numbers, summed as the decimals the log wrote (repr gives back that text) rather
+    than as binary floats: the #17 log's step-3175 mean is exactly 3.278845, and float summation leaves it
+    at 3.2788449999999996, which would round to 3.27884 instead of 3.27885."""
+    return float(sum(Decimal(repr(value)) for value in values) / len(values))
+
+
 def step_stats(values: list[float]) -> StepStats:
     std = statistics.stdev(values) if len(values) > 1 else None
-    return StepStats(statistics.fmean(values), std, len(values))
+    return StepStats(decimal_mean(values), std, len(values))
 
 
 def mean_over_runs_by_step(per_run: list[dict[int, float]]) -> dict[int, StepStats]:
@@ -426,8 +435,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def figure_path_problem(path: str) -> str | None:
+    """Why a figure cannot be written at `path` (checked before any work), or None."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist; create it or write the figure elsewhere"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {folder} is not writable"
+    return None
+
+
+def write_figure(flag: str, path: str, plot, *plot_args) -> bool:
+    try:
+        plot(*plot_args, path)
+    except OSError as error:
+        print(f"error: {flag} {path}: {error.strerror or error}", file=sys.stderr)
+        return False
+    print(f"wrote {path}", file=sys.stderr)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for flag, path in (("--plot", args.plot), ("--plot-diagnostics", args.plot_diagnostics)):
+        problem = path and figure_path_problem(path)
+        if problem:
+            print(f"error: {flag} {path}: {problem}", file=sys.stderr)
+            return 2
     try:
         results = [load_result_set(args.logs, args.label)]
         if args.vs:
@@ -456,12 +490,11 @@ def main(argv: list[str] | None = None) -> int:
             print(pairwise_line(pairwise, *results))
     if args.diagnostics and not args.json:
         print(diagnostics_report(diagnostics))
-    if args.plot:
-        plot_curves(results, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
-    if args.plot_diagnostics:
-        plot_diagnostics(diagnostics, args.plot_diagnostics)
-        print(f"wrote {args.plot_diagnostics}", file=sys.stderr)
+    if args.plot and not write_figure("--plot", args.plot, plot_curves, results):
+        return 2
+    if args.plot_diagnostics and not write_figure("--plot-diagnostics", args.plot_diagnostics, plot_diagnostics,
+                                                  diagnostics):
+        return 2
     return 0
 
 

@@ -256,3 +256,43 @@ def test_command_line_script(tmp_path, set_a):
     missing = subprocess.run([sys.executable, os.path.join(RECORDS, "stats.py"), str(tmp_path / "nope.txt")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "nope.txt" in missing.stderr
+
+
+def test_missing_figure_folder_is_refused_before_any_output(tmp_path, set_a):
+    for flag in ("--plot", "--plot-diagnostics"):
+        target = str(tmp_path / "missing" / "x.png")
+        done = subprocess.run([sys.executable, os.path.join(RECORDS, "stats.py"), *set_a, flag, target],
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+        assert done.stderr.splitlines() == [f"error: {flag} {target}: the folder {tmp_path / 'missing'} does not "
+                                            "exist; create it or write the figure elsewhere"]
+    # A path the figure cannot be written to (here a folder) fails with one line, after the table.
+    folder = tmp_path / "taken.png"
+    folder.mkdir()
+    done = subprocess.run([sys.executable, os.path.join(RECORDS, "stats.py"), *set_a, "--plot", str(folder)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [f"error: --plot {folder}: Is a directory"]
+
+
+# ---- the public log of leaderboard result #17 (Aurora, 20 runs), measured lines only ----
+
+RECORD17 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "record17_aurora_298f02bc.txt")
+
+
+def test_record17_log_gives_the_published_result(capsys):
+    result = run_stats_json(capsys, [RECORD17])
+    assert result["n"] == 20 and result["first_passing_step"] == 3175
+    # Exactly 3.278845: summed as logged decimals it rounds to the published 3.27885.
+    assert f"{result['mean_at_first_passing_step']:.5f}" == "3.27885"
+    steps = result["steps"]
+    assert f"{steps['3150']['mean']:.5f}" == "3.28039" and f"{steps['3200']['mean']:.5f}" == "3.27811"
+    assert all(s["n"] == 20 for s in steps.values()) and f"{steps['3175']['std']:.5f}" == "0.00111"
+    assert steps["0"]["mean"] == pytest.approx(10.82584, abs=1e-9)  # every trial starts at ln(50304)
+    # 3150 misses the bar ((3.28 - 3.28039) * sqrt(20) < 0.004), 3175 clears it.
+    assert not stats.clears_bar(stats.bar_statistic(steps["3150"]["mean"], 20))
+
+
+def test_record17_log_markdown_row(capsys):
+    assert stats.main([RECORD17, "--markdown"]) == 0
+    assert "| a | 3200 | 3175 | 20 | 3.27885 | 0.00111 | 157.3 ms | 8x NVIDIA H100 80GB HBM3 |" in capsys.readouterr().out

@@ -118,3 +118,16 @@ def test_extract_keeps_bytes_that_are_not_utf8(tmp_path):
     out = tmp_path / "x.py"
     assert submission.main(["extract", str(log), "-o", str(out)]) == 0
     assert out.read_bytes() == code
+
+
+RECORD17 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "record17_aurora_298f02bc.txt")
+
+
+def test_record17_log_is_a_complete_submission_of_20_runs(capsys):
+    """The public #17 log, measured part only: its 'code' is our credit line, the same in the one log."""
+    code, out = run_check(capsys, [RECORD17], "--n", "20")
+    assert code == 0, out
+    assert "PASS steps: every run trained and validated to step T=3200" in out
+    assert "PASS runs: 20 run(s)" in out and "first passing step 3175, mean val loss 3.27885" in out
+    code, out = run_check(capsys, [RECORD17], "--n", "21")
+    assert code == 1 and "FAIL runs: 20 run(s), fewer than the required 21" in out
