@@ -8,6 +8,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+fail() { echo "run.sh: $*" >&2; exit 2; }
+need_value() {  # EXAMPLE "$@": the flag in $1 must be followed by a value (not by the end or another flag)
+  local example="$1"; shift
+  if [ $# -lt 2 ] || [[ "$2" == --* ]]; then fail "$1 needs a value, e.g. $1 $example"; fi
+}
+
 setup_only=0
 tiny=0
 seeds=1
@@ -16,8 +22,13 @@ fetch_args=()    # the subset the shard downloader understands
 while [ $# -gt 0 ]; do
   case "$1" in
     --setup) setup_only=1 ;;
-    --seeds) seeds="$2"; shift ;;
-    --recipe|--steps) args+=("$1" "$2"); fetch_args+=("$1" "$2"); shift ;;
+    --seeds)
+      need_value 20 "$@"
+      [[ "$2" =~ ^[1-9][0-9]*$ ]] || fail "--seeds takes a whole number of runs (1 or more), got '$2'"
+      seeds="$2"; shift ;;
+    --recipe|--steps)
+      if [ "$1" = --recipe ]; then need_value aurora "$@"; else need_value 500 "$@"; fi
+      args+=("$1" "$2"); fetch_args+=("$1" "$2"); shift ;;
     --tiny) tiny=1 ;;
     *) args+=("$1") ;;
   esac
