@@ -62,8 +62,9 @@ class Hyperparameters:
 
 
 FULL = Hyperparameters()
-# CPU preset on the shards `python data/synthetic.py` writes (vocabulary 512, EOT 511): about two
-# minutes on 2 cores with torch.compile (2.5 min with a cold compile cache, 1 min warm); 11 val lines.
+# CPU preset on the shards `python data/synthetic.py` writes (vocabulary 512, EOT 511); 11 val lines.
+# Measured with torch.compile on a 2-core AMD EPYC box: 1 min (warm compile cache) to 2 min 13 s (cold),
+# 6 min 17 s while other jobs shared the cores.
 TINY = Hyperparameters(
     model=ModelConfig(vocab_size=512, num_layers=4, model_dim=128, head_dim=32, seq_len=256),
     batch_tokens=16 * 256,
@@ -656,7 +657,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="aurora")
     parser.add_argument("--tiny", action="store_true",
-                        help="CPU preset: small model on data/synthetic/ (python data/synthetic.py), ~2 minutes")
+                        help="CPU preset: small model on data/synthetic/ (python data/synthetic.py); "
+                             "1 to 6 minutes on 2 CPU cores")
     parser.add_argument("--steps", type=int, help="training steps T (default: the recipe's; --tiny: 200)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the initialization of every trial")
     parser.add_argument("--trials", type=int, default=1, help="independent runs in this process (one compile)")
