@@ -59,7 +59,8 @@ def odd_quintic_polar(X, coefficient_schedule, norm_safety=1.0, dtype=torch.bflo
 
 
 def polar(X, dtype=torch.bfloat16):
-    """The records' polar(X) (docs/recipes.md): 12 reference iterations in bf16; singular values -> ~1.
+    """The records' polar(X) (docs/recipes.md#polar-factor): 12 reference iterations in bf16; singular
+    values -> ~1.
 
     `dtype` exists for Riemannian Aurora's float32 retraction; the recipes use the bf16 default.
     """
@@ -68,7 +69,8 @@ def polar(X, dtype=torch.bfloat16):
 
 
 def polar_express(X):
-    """Polar Express (docs/recipes.md#variants): 5 bf16 iterations with per-iteration coefficients. Not a record default."""
+    """Polar Express (docs/recipes.md#variants): 5 bf16 iterations, each with its own coefficients. Not a
+    record default."""
     return odd_quintic_polar(X, POLAR_EXPRESS_COEFFICIENTS, POLAR_EXPRESS_SAFETY, torch.bfloat16)
 
 
@@ -169,7 +171,7 @@ def uw_floor(Q, W, floor):
 # --------------------------------------------------------------------------------------------
 
 def aurora_polar(G, pp_iterations=2, pp_beta=0.5, polar_fn=polar):
-    """Aurora step 2 (docs/recipes.md): an orthogonal P whose tall-orientation rows have norm ~sqrt(n/m).
+    """Aurora step 2 (docs/recipes.md#aurora): an orthogonal P whose tall-orientation rows have norm ~sqrt(n/m).
 
     Square G: polar(G). Otherwise, on the tall orientation U (m x n, float32), row-rescale
     D = 1/||U_i||, then repeat P = polar(D U) and D *= ((n/m) / ||P_i||^2)^pp_beta.
@@ -253,8 +255,8 @@ def retract_uniform_leverage(P, rounds, over_relaxation=1.5):
 
 
 def riemannian_aurora_polar(G, ascent_steps=4, cg_iterations=10, retraction_rounds=6):
-    """Riemannian Aurora (docs/recipes.md#variants): maximizes <G, P> over P^T P = I with every tall-orientation row
-    at norm^2 n/m, by projected Riemannian ascent from polar(G), in float32.
+    """Riemannian Aurora (docs/recipes.md#variants): maximizes <G, P> over P^T P = I with every
+    tall-orientation row at norm^2 n/m, by projected Riemannian ascent from polar(G), in float32.
 
     The step length is 0.5 / (RMS singular value of G): a full 1 / RMS overshoots and the
     objective falls again after two steps; 0.5 raises it monotonically (measured on 48x16 to 192x48).
@@ -284,14 +286,15 @@ def leverage_if_rectangular(P):
 
 
 def muon_update(u, polar_fn):
-    """Muon (docs/recipes.md): polar(u) * sqrt(max(1, rows/cols)). Returns (update, leverage)."""
+    """Muon (docs/recipes.md#muon): polar(u) * sqrt(max(1, rows/cols)). Returns (update, leverage)."""
     P = polar_fn(u)
     update = P * aspect_scale(u.size(-2), u.size(-1))
     return update.float(), leverage_if_rectangular(P)
 
 
 def normuon_update(u, second_moment, beta2, u_normuon, polar_fn):
-    """NorMuon (docs/recipes.md), or U-NorMuon's tall case (docs/recipes.md#variants). Returns (update, second moment, leverage)."""
+    """NorMuon (docs/recipes.md#normuon), or U-NorMuon's tall case (docs/recipes.md#variants).
+    Returns (update, second moment, leverage)."""
     P = polar_fn(u)
     if u_normuon and u.size(-2) > u.size(-1):
         O = u_normuon_tall(P)
@@ -301,7 +304,8 @@ def normuon_update(u, second_moment, beta2, u_normuon, polar_fn):
 
 
 def aurora_update(u, W, pp_iterations, pp_beta, contra, floor, variant, polar_fn):
-    """Aurora (docs/recipes.md#aurora; variant "riemannian": docs/recipes.md#variants). Returns (update, leverage)."""
+    """Aurora (docs/recipes.md#aurora; variant "riemannian": docs/recipes.md#variants).
+    Returns (update, leverage)."""
     if variant == "riemannian":
         P = riemannian_aurora_polar(u)
     else:
@@ -473,7 +477,7 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
 
 
 class Muon(_ShardedOrthogonalOptimizer):
-    """Muon (docs/recipes.md, record #36 with lr=0.025, weight_decay=0.05): W *= 1 - lr*wd;
+    """Muon (docs/recipes.md#muon, record #36 with lr=0.025, weight_decay=0.05): W *= 1 - lr*wd;
     W -= lr * polar(u) * sqrt(max(1, rows/cols)), u the Nesterov momentum direction."""
 
     update_math = staticmethod(muon_update)
@@ -488,10 +492,11 @@ class Muon(_ShardedOrthogonalOptimizer):
 
 
 class NorMuon(_ShardedOrthogonalOptimizer):
-    """NorMuon (docs/recipes.md, record #10 with lr=0.035, weight_decay=0.025): Muon's scaled polar factor
-    normalized by a running second moment per row (rows >= cols) or per column.
+    """NorMuon (docs/recipes.md#normuon, record #10 with lr=0.035, weight_decay=0.025): Muon's scaled polar
+    factor normalized by a running second moment per row (rows >= cols) or per column.
 
-    u_normuon=True gives U-NorMuon (docs/recipes.md#variants): tall matrices get rows of norm sqrt(n/m) instead."""
+    u_normuon=True gives U-NorMuon (docs/recipes.md#variants): tall matrices get rows of norm sqrt(n/m)
+    instead."""
 
     update_math = staticmethod(normuon_update)
     stacked_state = ("second_moment",)
@@ -520,7 +525,7 @@ AURORA_VARIANTS = ("vanilla", "riemannian")
 
 
 class Aurora(_ShardedOrthogonalOptimizer):
-    """Aurora (docs/recipes.md, record #17 with lr=0.0375, contra=0.4, uw_floor=0.35): Muon with a
+    """Aurora (docs/recipes.md#aurora, record #17 with lr=0.0375, contra=0.4, uw_floor=0.35): Muon with a
     leverage-equalized polar factor (aurora_polar), an optional Contra-Muon mix and u/w floor.
 
     variant="riemannian" replaces aurora_polar by riemannian_aurora_polar (docs/recipes.md#variants)."""

@@ -1,5 +1,6 @@
-"""The modded-nanoGPT optimization-track harness (docs/benchmark.md) with the Aurora, NorMuon and Muon record
-recipes (docs/recipes.md) and neuron-death diagnostics (docs/diagnostics.md), in one file as the leaderboard requires.
+"""The modded-nanoGPT optimization-track harness (docs/benchmark.md) with the Aurora, NorMuon and Muon
+record recipes (docs/recipes.md) and neuron-death diagnostics (docs/diagnostics.md), in one file as the
+leaderboard requires.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py --recipe aurora   # a record run
     python train_gpt.py --tiny                                              # CPU preset, synthetic data
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from optimizers import Muon, NorMuon, Aurora
 
 # ---------------------------------------------------------------------------------------------------
-# Configuration: the fixed benchmark (docs/benchmark.md), the CPU preset, and the three recipes (docs/recipes.md)
+# Configuration: the fixed benchmark (docs/benchmark.md), the CPU preset and the three recipes (docs/recipes.md)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ def lr_multiplier(step, steps):
 
 
 def is_validation_step(step, steps, every, tail_every):
-    """docs/benchmark.md#training-loop: step 0, every `every` steps while step/T < 0.9, every `tail_every` after, and T."""
+    """docs/benchmark.md#training-loop: step 0, every `every` steps while step/T < 0.9, every `tail_every`
+    after, and T."""
     if step == 0 or step == steps:
         return True
     return step % (every if 10 * step < 9 * steps else tail_every) == 0
@@ -204,8 +206,9 @@ def check_train_shards(paths, steps, hp):
 
 
 class TrainStream:
-    """docs/benchmark.md#data: each step takes B contiguous tokens (+1 for the shifted targets); rank r reads the slice
-    at pos + r*B/W of length B/W + 1; the next shard starts when pos + B + 1 >= len(shard)."""
+    """The train stream of docs/benchmark.md#data: each step takes B contiguous tokens (+1 for the shifted
+    targets); rank r reads the slice at pos + r*B/W of length B/W + 1; the next shard starts when
+    pos + B + 1 >= len(shard)."""
 
     def __init__(self, paths, batch_tokens, rank, world_size, pin_memory=False):
         self.paths = paths
@@ -395,7 +398,8 @@ def soft_cap(logits):
 
 @torch.no_grad()
 def init_parameters(model, generator):
-    """docs/benchmark.md#initialization, drawn on the CPU from `generator` so every device gets the same weights."""
+    """docs/benchmark.md#initialization, drawn on the CPU from `generator` so every device gets the same
+    weights."""
     for name, param in model.named_parameters():
         if name.endswith("gains"):
             value = torch.ones(param.shape)

@@ -41,7 +41,7 @@ def hidden_matrix_shapes(width, blocks):
 
 
 def make_params(shapes, device, seed=0):
-    """Random weights (docs/benchmark.md#initialization scale) with random gradients attached."""
+    """Random weights at the scale of docs/benchmark.md#initialization, with random gradients attached."""
     gen = torch.Generator(device=device).manual_seed(seed)
     params = []
     for rows, cols in shapes:

@@ -1,4 +1,5 @@
-"""Download the pre-tokenized FineWeb 10B shards (docs/benchmark.md#data) from the Hugging Face hub into data/fineweb10B/.
+"""Download the pre-tokenized FineWeb 10B shards (docs/benchmark.md#data) from the Hugging Face hub into
+data/fineweb10B/.
 
     python data/cached_fineweb10B.py                   # val + the 17 train shards the aurora recipe needs
     python data/cached_fineweb10B.py 8                 # val + the first 8 train shards

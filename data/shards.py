@@ -1,5 +1,5 @@
-"""Token shards (docs/benchmark.md#data): the one reader, writer and validator for the data scripts, the arithmetic of
-how many train shards a run needs, and a command that checks a data folder.
+"""Token shards (docs/benchmark.md#data): the one reader, writer and validator for the data scripts, the
+arithmetic of how many train shards a run needs, and a command that checks a data folder.
 
     python data/shards.py data/fineweb10B                  # list, check against the default recipe
     python data/shards.py data/fineweb10B --recipe muon
@@ -47,7 +47,7 @@ def record_recipe_steps():
 
 
 class ShardError(ValueError):
-    """A shard file that does not follow docs/benchmark.md#data; the message names the file and what is wrong."""
+    """A shard file not in the format of docs/benchmark.md#data; the message names the file and the problem."""
 
     def __init__(self, path, problem):
         super().__init__(f"{path}: {problem}")
@@ -120,8 +120,8 @@ def read_shard(path):
 
 
 def steps_in_shard(num_tokens, batch=BATCH_TOKENS):
-    """Optimizer steps one train shard feeds under docs/benchmark.md#data's stream rule, as the trainer counts them
-    (a shard of batch + 1 tokens or fewer feeds none; 190 for a 100M-token shard)."""
+    """Optimizer steps one train shard feeds under the stream rule of docs/benchmark.md#data, as the trainer
+    counts them (a shard of batch + 1 tokens or fewer feeds none; 190 for a 100M-token shard)."""
     return trainer().steps_in_shard(num_tokens, batch)
 
 

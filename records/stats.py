@@ -1,4 +1,5 @@
-"""Statistics that decide a record (docs/benchmark.md#rules-and-statistics) over one or two sets of logs, plus figures.
+"""Statistics that decide a record (docs/benchmark.md#rules-and-statistics) over one or two sets of logs,
+plus figures.
 
     python records/stats.py LOG... [--vs LOG...] [--plot out.png] [--markdown] [--json]
                             [--diagnostics] [--plot-diagnostics out.png] [--label A] [--vs-label B]
@@ -7,7 +8,7 @@ Every trial of every log is one run. Per validation step: mean, sample std (ddof
 single run) and n over the runs that logged that step. The reported step is the smallest step
 logged by ALL runs whose mean clears `(3.28 - L) * sqrt(n) >= 0.004`; a step that some runs did
 not log (a crashed run, a different T) cannot be the reported step, since its mean is not over all
-n runs. With --vs, the pairwise bar of docs/benchmark.md#rules-and-statistics compares the first set (a) with the second (b) at
+n runs. With --vs, the pairwise bar (same page) compares the first set (a) with the second (b) at
 their reported steps; its statistic is positive when a is better and null when either set never
 clears the bar.
 """
@@ -28,7 +29,7 @@ from logs import Run, parse_log, runs_of  # noqa: E402
 
 TARGET_LOSS = 3.28
 BAR = 0.004  # one-sided z-test with sigma 0.0013 at p < 0.001 (docs/benchmark.md#rules-and-statistics)
-LOSS_PER_STEP = 0.0045 / 100  # the leaderboard's measured slope near the target (docs/benchmark.md#rules-and-statistics)
+LOSS_PER_STEP = 0.0045 / 100  # the leaderboard's measured slope near the target (same section)
 # Logged losses are decimals (5 places); comparisons allow for the float error of their arithmetic so
 # that a mean sitting exactly on the bar counts as clearing it, as `>=` says.
 FLOAT_SLACK = 1e-12
@@ -98,8 +99,8 @@ def first_passing_step(steps: dict[int, StepStats], n_runs: int) -> int | None:
 
 def pairwise_statistic(step_a: int, loss_a: float, n_a: int,
                        step_b: int, loss_b: float, n_b: int) -> float:
-    """docs/benchmark.md#rules-and-statistics: ((L_B - L_A) + (S_B - S_A) * 0.0045/100) / sqrt(1/n_A + 1/n_B); positive when A is
-    better (lower loss, fewer steps)."""
+    """The pairwise bar of docs/benchmark.md#rules-and-statistics:
+    ((L_B - L_A) + (S_B - S_A) * 0.0045/100) / sqrt(1/n_A + 1/n_B); positive when A is better (lower loss, fewer steps)."""
     return ((loss_b - loss_a) + (step_b - step_a) * LOSS_PER_STEP) / math.sqrt(1 / n_a + 1 / n_b)
 
 

@@ -7,7 +7,8 @@
 is how the leaderboard reproduces a submission. `check` verifies what a submission needs: every log
 has a code section and it is the same in every log; every run has the same step count T and logged
 its final step T (no per-run early stopping); there are n runs (at least N if given); the mean over
-all runs clears the bar of docs/benchmark.md#rules-and-statistics. It prints each check and exits 1 if any fails.
+all runs clears the bar of docs/benchmark.md#rules-and-statistics. It prints each check and exits 1 if any
+fails.
 """
 
 import argparse

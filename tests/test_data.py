@@ -83,7 +83,7 @@ def test_shard_filenames_number_val_zero_then_train_from_one():
 
 
 def test_steps_per_shard_follow_the_stream_rule():
-    """Simulate docs/benchmark.md#data's stream literally and compare with the closed form."""
+    """Simulate the stream rule of docs/benchmark.md#data literally and compare with the closed form."""
     def simulated_steps(length, batch):
         pos, steps = 0, 0
         while pos + batch + 1 < length:  # the stream moves on when pos + batch + 1 >= length

@@ -1,4 +1,5 @@
-"""records/logs.py and records/stats.py on logs written here in the leaderboard format (docs/benchmark.md#log-format)."""
+"""records/logs.py and records/stats.py on logs in the leaderboard format (docs/benchmark.md#log-format),
+written here or taken from the leaderboard (tests/data/)."""
 
 import json
 import math

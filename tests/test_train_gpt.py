@@ -1,4 +1,5 @@
-"""train_gpt.py: the harness of docs/benchmark.md on tiny sizes, on CPU, uncompiled (TORCH_COMPILE_DISABLE=1)."""
+"""train_gpt.py: the harness of docs/benchmark.md at tiny sizes, on CPU, uncompiled
+(TORCH_COMPILE_DISABLE=1)."""
 
 import json
 import math
