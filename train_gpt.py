@@ -279,8 +279,8 @@ def batch_layout(hp, world_size, ranks_are="processes"):
                              f"micro-batches of {hp.micro_batch_seqs} sequences")
         counts = " or ".join([", ".join(usable[:-1]), usable[-1]] if len(usable) > 1 else usable)
         raise SetupError(f"world size {world_size} does not divide the {step_seqs} sequences of a step into "
-                         f"whole micro-batches of {hp.micro_batch_seqs} per rank: run on {counts} {ranks_are} "
-                         f"(torchrun --nproc_per_node)")
+                         f"whole micro-batches (of up to {hp.micro_batch_seqs}) per rank: run on {counts} "
+                         f"{ranks_are} (torchrun --nproc_per_node)")
     rank_seqs = step_seqs // world_size
     return BatchLayout(rank_seqs, min(hp.micro_batch_seqs, rank_seqs), val_seqs // world_size)
 
