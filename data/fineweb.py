@@ -1,4 +1,4 @@
-"""Tokenize raw text into shards of docs/benchmark.md#data with tiktoken's GPT-2 encoding.
+"""Tokenize raw text with tiktoken's GPT-2 encoding into shards in the format of docs/benchmark.md#data.
 
     python data/fineweb.py docs/ more.jsonl --out data/mytokens          # local files
     python data/fineweb.py --hub --max-shards 18                         # FineWeb sample-10BT from the hub
