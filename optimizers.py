@@ -163,7 +163,7 @@ def uw_floor(Q, W, floor):
     """Aurora step 5: scales Q up so that ||Q||_F / ||W||_F is at least `floor`."""
     w = W.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
     q = Q.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
-    return torch.where(q / w < floor, Q * floor * w / q, Q)
+    return torch.where(q / w < floor, Q * (floor * w / q), Q)  # the scale first, as the record rounds it
 
 
 # --------------------------------------------------------------------------------------------

@@ -333,7 +333,7 @@ def spec_run(recipe, settings, weights, grads, polar_fn=polar, dtype=torch.float
                 w_norm = torch.clamp(W[i].norm(), min=1e-8)
                 q_norm = torch.clamp(Q.norm(), min=1e-8)
                 if q_norm / w_norm < floor:
-                    Q = Q * floor * w_norm / q_norm
+                    Q = Q * (floor * w_norm / q_norm)  # the record forms the scale first
                 update = Q
             W[i] = W[i] - lr * update.to(dtype)
     return W, v
