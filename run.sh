@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine.
 #   bash run.sh [--setup] [--seeds N] [train_gpt.py arguments...]
-# Installs the packages into .venv (once), then:
+# Makes .venv (reusing the torch python3 imports, if any), installs what .venv cannot import, then:
 #   with a GPU:    downloads the FineWeb shards the recipe needs and runs torchrun on every visible GPU;
 #   without a GPU, or with --tiny: writes the synthetic shards and runs the trainer's CPU preset (--tiny).
 # --setup stops after installing; --seeds N runs N times with --seed 0..N-1.
@@ -39,19 +39,40 @@ has_gpu=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then has_gpu=1; fi
 
 PY=.venv/bin/python
-if [ ! -x "$PY" ]; then
-  if [ "$has_gpu" = 1 ]; then
-    # Reuse the machine's CUDA build of torch instead of downloading another one.
-    python3 -m venv --system-site-packages .venv
-  else
-    python3 -m venv .venv
-  fi
+[ -x "$PY" ] || python3 -m venv .venv
+# Reuse a working torch: when python3 imports torch (any build; python3 may itself be a virtualenv
+# holding the machine's CUDA torch, which `venv --system-site-packages` would not see), .venv gets
+# python3's site directories behind its own through a .pth file, so torch is never installed twice.
+if ! "$PY" -c "import torch" >/dev/null 2>&1 && python3 -c "import torch" >/dev/null 2>&1; then
+  python3 -c 'import site
+dirs = ([site.getusersitepackages()] if site.ENABLE_USER_SITE else []) + site.getsitepackages()
+print("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in dirs))' \
+    > "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/python3-site-packages.pth"
 fi
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  # Pinned so that pip takes the CPU build where one lies on disk instead of a multi-GB CUDA build.
-  "$PY" -m pip install -q torch==2.13.0
-fi
-"$PY" -m pip install -q -r requirements-test.txt
+# Install only the requirements .venv cannot import (their names are their import names): with
+# everything present pip never runs, so no package index is contacted.
+missing=$("$PY" - requirements-test.txt <<'EOF'
+import importlib, os, re, sys
+
+def requirements(path):
+    for line in open(path):
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            yield from requirements(os.path.join(os.path.dirname(path), line[3:].strip()))
+        elif line:
+            yield line
+
+for spec in requirements(sys.argv[1]):
+    name = re.match(r"[A-Za-z0-9_.-]+", spec)[0]
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        # torch pinned so that pip takes the CPU build where one lies on disk, not a multi-GB CUDA build.
+        print("torch==2.13.0" if name == "torch" else spec)
+EOF
+)
+# shellcheck disable=SC2086  # one requirement per word
+if [ -n "$missing" ]; then "$PY" -m pip install -q $missing; fi
 [ "$setup_only" = 1 ] && exit 0
 
 if [ "$has_gpu" = 1 ] && [ "$tiny" = 0 ]; then

@@ -272,6 +272,9 @@ def batch_layout(hp, world_size, ranks_are="processes"):
         raise SetupError(f"batch_tokens {hp.batch_tokens} and val_tokens {hp.val_tokens} must be multiples of "
                          f"seq_len {seq_len}")
     step_seqs, val_seqs = hp.batch_tokens // seq_len, hp.val_tokens // seq_len
+    if step_seqs % hp.micro_batch_seqs:
+        raise SetupError(f"the {step_seqs} sequences of a step must be a whole number of micro-batches of "
+                         f"{hp.micro_batch_seqs} sequences")
     if not splits_evenly(step_seqs, val_seqs, hp.micro_batch_seqs, world_size):
         usable = [str(n) for n in range(1, 9) if splits_evenly(step_seqs, val_seqs, hp.micro_batch_seqs, n)]
         if not usable:
@@ -465,18 +468,40 @@ def distributed_from_env():
                        int(os.environ.get("LOCAL_RANK", 0)), True)
 
 
-def setup_device(dist_info):
-    if torch.cuda.is_available():
-        device = torch.device("cuda", dist_info.local_rank)
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def uses_cuda(choice):
+    """--device: "auto" is CUDA when torch sees a GPU and the CPU otherwise."""
+    return choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+
+
+def resolve_device(choice, local_rank, local_world_size=1):
+    """The device of --device `choice`; "cuda" without a usable GPU is a SetupError. Each process of a
+    node takes the GPU of its LOCAL_RANK; the check uses the node's process count so that every rank
+    finds the same problem (rank 0 reports it)."""
+    if not uses_cuda(choice):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise SetupError(f"--device cuda: torch {torch.__version__} ({build}) sees no CUDA GPU; "
+                         f"run with --device cpu, or install a CUDA build of torch on a GPU machine")
+    count, needed = torch.cuda.device_count(), max(local_rank + 1, local_world_size)
+    if needed > count:
+        raise SetupError(f"{needed} processes on this node need {needed} GPUs but {count} are visible: start at "
+                         f"most {count} per node (torchrun --nproc_per_node={count}) or use --device cpu")
+    return torch.device("cuda", local_rank)
+
+
+def setup_device(dist_info, device):
+    """Binds this process to `device` and, under torchrun, joins the process group (NCCL on CUDA, gloo on CPU)."""
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if dist_info.launched:
         if device.type == "cuda":
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-    return device
 
 
 def synchronize(device):
@@ -664,6 +689,12 @@ def parse_args(argv):
                         help="CPU preset: small model on data/synthetic/ (python data/synthetic.py); "
                              "1 to 6 minutes on 2 CPU cores")
     parser.add_argument("--steps", type=int, help="training steps T (default: the recipe's; --tiny: 200)")
+    parser.add_argument("--batch-seqs", type=int, metavar="N",
+                        help="sequences per step over all ranks (default: the benchmark's 512; --tiny: 16); a "
+                             "research knob for fewer GPUs: a multiple of the micro-batch (64; --tiny: 8) and of "
+                             "the world size. The lr schedule still spans --steps; the log flags the run")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                        help="auto (default): CUDA when torch sees a GPU, else the CPU")
     parser.add_argument("--seed", type=int, default=0, help="seeds the initialization of every trial")
     parser.add_argument("--trials", type=int, default=1, help="independent runs in this process (one compile)")
     parser.add_argument("--train-files", help="glob of train shards (default: the preset's)")
@@ -674,7 +705,7 @@ def parse_args(argv):
     parser.add_argument("--init-from", metavar="PATH", help="start every trial from the model weights in PATH")
     parser.add_argument("--run-id", help="log name under logs/ (default: recipe and a random id)")
     args = parser.parse_args(argv)
-    for name in ("steps", "trials", "save_every"):
+    for name in ("steps", "batch_seqs", "trials", "save_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -690,6 +721,8 @@ def resolve_hyperparameters(args):
         overrides["train_files"] = args.train_files
     if args.val_files:
         overrides["val_files"] = args.val_files
+    if args.batch_seqs:
+        overrides["batch_tokens"] = args.batch_seqs * hp.model.seq_len
     return dataclasses.replace(hp, **overrides)
 
 
@@ -825,7 +858,11 @@ def write_diagnostics(run, optimizers):
 def preflight(args, hp, steps, dist_info):
     """Every check that needs no device: data present, valid and long enough, a usable world size.
     Returns (layout, train shard paths, val shard path)."""
-    layout = batch_layout(hp, dist_info.world_size, "GPUs" if torch.cuda.is_available() else "processes")
+    ranks_are = "GPUs" if uses_cuda(args.device) else "processes"
+    try:
+        layout = batch_layout(hp, dist_info.world_size, ranks_are)
+    except SetupError as e:
+        raise SetupError(f"--batch-seqs {args.batch_seqs}: {e}" if args.batch_seqs else str(e)) from e
     train_paths = check_train_shards(find_shards(hp.train_files, hp, steps, "train"), steps, hp)
     val_path = find_shards(hp.val_files, hp, steps, "val")[0]
     if read_shard_header(val_path) < hp.val_tokens + 1:
@@ -850,7 +887,8 @@ def config_record(args, hp, recipe, steps, dist_info, device, layout, train_path
             "steps": steps, "trials": args.trials, "seed": args.seed, "world_size": dist_info.world_size,
             "device": str(device), "compiled": compile_is_active(),
             "hyperparameters": dataclasses.asdict(hp), "recipe_settings": dataclasses.asdict(recipe),
-            "micro_batch_seqs_used": layout.micro_seqs, "adam_betas": ADAM_BETAS, "adam_eps": ADAM_EPS,
+            "batch_seqs": hp.batch_tokens // hp.model.seq_len, "micro_batch_seqs_used": layout.micro_seqs,
+            "adam_betas": ADAM_BETAS, "adam_eps": ADAM_EPS,
             "momentum": MOMENTUM, "nesterov": True, "train_shards_used": len(train_paths), "val_shard": val_path,
             "init_from": args.init_from, "save": args.save, "save_every": args.save_every,
             "diagnostics": not args.no_diagnostics, "is_record_recipe": not differences,
@@ -865,6 +903,7 @@ def main(argv=None):
     dist_info = distributed_from_env()
     try:
         layout, train_paths, val_path = preflight(args, hp, steps, dist_info)
+        device = resolve_device(args.device, dist_info.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     except SetupError as e:
         # Every rank finds the same problem; rank 0 reports it and fails. The others stop quietly with
         # status 0: a rank that failed first would make torchrun kill rank 0 before it had printed.
@@ -872,7 +911,7 @@ def main(argv=None):
             return 0
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = setup_device(dist_info)
+    setup_device(dist_info, device)
     run_id = args.run_id or f"{recipe.name}-{uuid.uuid4()}"
     log = RunLog(os.path.join("logs", f"{run_id}.txt") if dist_info.rank == 0 else None)
     run = None

@@ -77,18 +77,22 @@ def device_name(device):
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=None,
                         help="multiplies the model width 768 (default 1 on CUDA, 0.25 on CPU)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--eager", action="store_true", help="run the update math uncompiled")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=train_gpt.DEVICE_CHOICES, default="auto",
+                        help="auto (default): CUDA when torch sees a GPU, else the CPU")
     parser.add_argument("--riemannian", action="store_true",
                         help="also time Aurora(variant='riemannian') (docs/recipes.md#variants), batched only")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    args = parser.parse_args(argv)
+    try:
+        device = train_gpt.resolve_device(args.device, 0)
+    except train_gpt.SetupError as e:
+        parser.error(str(e))
     scale = args.scale if args.scale is not None else (1.0 if device.type == "cuda" else 0.25)
     width = max(8, round(MODEL.model_dim * scale))
     if args.eager:

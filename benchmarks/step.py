@@ -2,6 +2,7 @@
 
     python benchmarks/step.py                  # full size (docs/benchmark.md#model, #training-loop) on the GPU
     python benchmarks/step.py --tiny           # train_gpt's CPU preset sizes, seconds on a CPU
+    python benchmarks/step.py --tiny --device cpu   # --device auto|cpu|cuda (auto: CUDA when there is a GPU)
     python benchmarks/step.py --json --iters 20 --warmup 3 --recipes aurora,muon
 
 For every recipe of train_gpt.RECIPES, in one process, it times:
@@ -183,8 +184,7 @@ def ratios_vs_baseline(recipes, keys, baseline=BASELINE):
 RATIO_KEYS = ("matrix_step_ms", "optimizer_set_ms", "train_step_ms")
 
 
-def run_benchmark(recipe_names, tiny, iters, warmup, seed=0):
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def run_benchmark(recipe_names, tiny, iters, warmup, device, seed=0):
     hp = train_gpt.TINY if tiny else train_gpt.FULL
     layout = train_gpt.batch_layout(hp, 1)
     seq_len = hp.model.seq_len
@@ -291,6 +291,8 @@ def parse_args(argv):
     parser.add_argument("--recipes", default="aurora,normuon,muon",
                         help=f"comma-separated, of {', '.join(train_gpt.RECIPES)}; ratios are vs {BASELINE}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=train_gpt.DEVICE_CHOICES, default="auto",
+                        help="auto (default): CUDA when torch sees a GPU, else the CPU")
     args = parser.parse_args(argv)
     args.recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
     unknown = [name for name in args.recipes if name not in train_gpt.RECIPES]
@@ -299,15 +301,19 @@ def parse_args(argv):
                      f"{', '.join(train_gpt.RECIPES)} (unknown: {', '.join(unknown) or 'none'})")
     if args.iters < 1 or args.warmup < 0:
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
-    if not args.tiny and not torch.cuda.is_available():
+    try:
+        args.device = train_gpt.resolve_device(args.device, 0)
+    except train_gpt.SetupError as e:
+        parser.error(str(e))
+    if not args.tiny and args.device.type != "cuda":
         parser.error("full size needs a CUDA GPU (a step holds ~13 GiB of fp32 logits per micro-batch); "
-                     "on this machine run with --tiny")
+                     "on the CPU run with --tiny")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    result = run_benchmark(args.recipes, args.tiny, args.iters, args.warmup, args.seed)
+    result = run_benchmark(args.recipes, args.tiny, args.iters, args.warmup, args.device, args.seed)
     print(json.dumps(result) if args.json else format_report(result))
     return 0
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_gpt
+from benchmarks import optimizer_step
 from benchmarks.step import (causal_attention_flops_per_token, flops_per_token, matmul_params, parse_args,
                               ratios_vs_baseline)
 
@@ -55,9 +56,9 @@ def test_ratios_vs_baseline():
 
 
 def test_tiny_benchmark_json_cpu():
-    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([sys.executable, "benchmarks/step.py", "--tiny", "--json", "--iters", "1", "--warmup", "0"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1")
+    done = subprocess.run([sys.executable, "benchmarks/step.py", "--tiny", "--device", "cpu", "--json", "--iters", "1",
+                           "--warmup", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["size"] == "tiny" and result["device_type"] == "cpu" and not result["compiled"]
@@ -91,8 +92,17 @@ def test_arguments_are_checked(capsys):
     assert parse_args(["--tiny", "--recipes", "muon, aurora"]).recipes == ["muon", "aurora"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="full size is refused only without a GPU")
-def test_full_size_without_gpu_points_to_tiny(capsys):
+def test_full_size_on_the_cpu_points_to_tiny(capsys):
     with pytest.raises(SystemExit):
-        parse_args([])
-    assert "--tiny" in capsys.readouterr().err
+        parse_args(["--device", "cpu"])
+    assert "full size needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="only a machine without a GPU refuses --device cuda")
+def test_device_cuda_without_a_gpu_is_refused_by_both_benchmarks(capsys):
+    assert parse_args(["--tiny"]).device == torch.device("cpu")  # auto
+    for main in (parse_args, optimizer_step.main):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--tiny", "--device", "cuda"] if main is parse_args else ["--device", "cuda"])
+        assert exit_info.value.code == 2
+        assert "--device cuda: torch " in capsys.readouterr().err

@@ -36,8 +36,12 @@ def uncompiled_env():
     return env
 
 
+# The CPU tests choose the CPU explicitly, so they give the same results on a GPU machine (and gloo).
+ON_CPU = ("--device", "cpu")
+
+
 def run_trainer(args, cwd, script=TRAIN_GPT, launcher=(), check=True):
-    result = subprocess.run([sys.executable, *launcher, script, *args], cwd=cwd, env=uncompiled_env(),
+    result = subprocess.run([sys.executable, *launcher, script, *ON_CPU, *args], cwd=cwd, env=uncompiled_env(),
                             capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -113,6 +117,7 @@ def test_config_line_records_the_settings_and_says_it_is_not_a_record(tiny_run):
     (config,) = events(lines, "config")
     assert config["recipe"] == "aurora" and config["steps"] == STEPS and config["trials"] == 2
     assert config["seed"] == 0 and config["world_size"] == 1 and config["preset"] == "tiny"
+    assert config["device"] == "cpu" and config["batch_seqs"] == 16
     assert config["recipe_settings"]["matrix_lr"] == 0.0375
     assert config["recipe_settings"]["matrix_options"] == {"pp_iterations": 2, "pp_beta": 0.5, "contra": 0.4,
                                                            "uw_floor": 0.35}
@@ -184,8 +189,8 @@ def test_log_code_is_train_gpt_with_the_optimizers_inlined(tiny_run):
 def test_code_cut_from_the_log_reruns_alone_with_the_same_losses(tiny_run, data_args, tmp_path):
     _, lines, code = tiny_run
     (tmp_path / "run.py").write_text(code)
-    result = subprocess.run([sys.executable, "run.py", "--tiny", "--steps", str(STEPS), "--run-id", "cut",
-                             "--no-diagnostics", *data_args], cwd=tmp_path, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "run.py", *ON_CPU, "--tiny", "--steps", str(STEPS), "--run-id",
+                             "cut", "--no-diagnostics", *data_args], cwd=tmp_path, capture_output=True, text=True,
                             timeout=600, env={k: v for k, v in uncompiled_env().items() if k != "PYTHONPATH"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["logs", "run.py"]
@@ -211,8 +216,8 @@ def test_two_gloo_processes_give_the_val_losses_of_one(tiny_run, data_args, tmp_
 # ---- failures ----
 
 def test_interrupt_leaves_a_complete_log_and_the_last_checkpoint(data_args, tmp_path):
-    process = subprocess.Popen([sys.executable, TRAIN_GPT, "--tiny", "--steps", str(STEPS), "--run-id", "stop",
-                                "--save", "every.pt", "--save-every", "1", *data_args], cwd=tmp_path,
+    process = subprocess.Popen([sys.executable, TRAIN_GPT, *ON_CPU, "--tiny", "--steps", str(STEPS), "--run-id",
+                                "stop", "--save", "every.pt", "--save-every", "1", *data_args], cwd=tmp_path,
                                env=uncompiled_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (tmp_path / "every.pt").exists() and time.time() < deadline:  # saved after step 1
@@ -345,6 +350,52 @@ def test_world_size_error_under_torchrun_is_printed_once(data_args, tmp_path):
     assert "world size 3 does not divide" in errors[0] and "processes" in errors[0]
     # torchrun reports rank 0's failure its own way; nothing in the trainer raised.
     assert 'train_gpt.py", line' not in output
+
+
+def test_batch_seqs_sets_the_step_size_and_flags_the_run():
+    def config_of(argv):
+        args = tg.parse_args(argv)
+        hp = tg.resolve_hyperparameters(args)
+        layout = tg.batch_layout(hp, 1)
+        config = tg.config_record(args, hp, tg.RECIPES["aurora"], 3200, tg.Distributed(0, 1, 0, False),
+                                  torch.device("cpu"), layout, ["train.bin"], "val.bin", "run")
+        return hp, layout, config
+
+    hp, layout, config = config_of([])
+    assert hp == tg.FULL and config["batch_seqs"] == 512 and config["is_record_recipe"]
+    hp, layout, config = config_of(["--batch-seqs", "128"])
+    assert hp.batch_tokens == 128 * 1024 and (layout.rank_seqs, layout.micro_seqs) == (128, 64)
+    assert config["batch_seqs"] == 128 and not config["is_record_recipe"]
+    assert config["differs_from_record"] == ["batch_tokens=131072 (record: 524288)"]
+    # --tiny: sequences of 256 tokens, micro-batches of 8.
+    hp, layout, config = config_of(["--tiny", "--batch-seqs", "8"])
+    assert hp.batch_tokens == 8 * 256 and (layout.rank_seqs, layout.micro_seqs) == (8, 8)
+    assert "batch_tokens=2048 (record: 524288)" in config["differs_from_record"]
+
+
+def test_batch_seqs_that_do_not_split_evenly_are_refused(data_args, monkeypatch, capsys):
+    assert tg.main(["--tiny", "--batch-seqs", "12", *data_args]) == 2
+    assert capsys.readouterr().err == ("error: --batch-seqs 12: the 12 sequences of a step must be a whole number "
+                                       "of micro-batches of 8 sequences\n")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert tg.main(["--batch-seqs", "128"]) == 2
+    assert "--batch-seqs 128: world size 3 does not divide the 128 sequences" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # 96 sequences per rank: not whole micro-batches of 64
+    assert tg.main(["--batch-seqs", "192"]) == 2
+    assert "--batch-seqs 192: world size 2 does not divide the 192 sequences" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tg.parse_args(["--batch-seqs", "0"])
+    assert "--batch-seqs must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="only a machine without a GPU refuses --device cuda")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(data_args, capsys):
+    assert tg.resolve_device("auto", 0) == tg.resolve_device("cpu", 0) == torch.device("cpu")
+    assert tg.main(["--tiny", "--device", "cuda", "--steps", "2", "--run-id", "nogpu", *data_args]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: --device cuda: torch ") and "--device cpu" in message
+    assert message.count("\n") == 1 and not os.path.exists("logs/nogpu.txt")
 
 
 # ---- model, initialization, schedule, recipes ----
