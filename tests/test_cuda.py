@@ -228,7 +228,8 @@ def test_one_full_size_step_under_torchrun_with_nccl(tmp_path, capsys):
                "--train-files", str(data / "synthetic_train_*.bin"), "--val-files", str(data / "synthetic_val_*.bin")]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    lines = (tmp_path / "logs" / "nccl.txt").read_text().split(tg.SEPARATOR + "\n", 1)[1].splitlines()
+    log = (tmp_path / "logs" / "nccl.txt").read_text().splitlines()
+    lines = log[log.index(tg.SEPARATOR) + 1:]  # after the code: the running line, separator, config, ...
     assert lines[0].endswith(f"on {torch.cuda.get_device_name(0)} with world_size 1")
     config = json.loads(next(line for line in lines if line.startswith("config "))[len("config "):])
     assert config["device"] == "cuda:0" and config["world_size"] == 1 and config["compiled"]
