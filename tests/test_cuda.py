@@ -34,6 +34,11 @@ CONFIG = tg.FULL.model
 SEQ_LEN = CONFIG.seq_len
 MICRO_SEQS = tg.FULL.micro_batch_seqs  # 64
 GPT2_VOCAB = 50257  # token ids of real (and full-vocabulary synthetic) shards lie below this
+# Tolerances of the bf16 comparisons, each a few times what the same comparison measured on the CPU
+# (see the tests' docstrings); a wrong computation is off by O(1).
+LOSS_TOLERANCE = 2e-3  # nats per token, compiled bf16 model vs float32 (measured on the CPU: 2.2e-4)
+GRAD_TOLERANCE = 0.08  # relative, worst parameter gradient (measured: 0.025, median 0.013)
+OPT_TOLERANCE = 0.05  # relative, worst matrix move after two optimizer steps (measured: 0.011)
 FUSED_ATTENTION = ("aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention",
                    "aten::_scaled_dot_product_efficient_attention")
 
@@ -120,9 +125,10 @@ def test_compiled_full_size_forward_and_backward_match_float32(full_model, step_
     inputs and outputs of about ten matmuls, norms and the attention, forward and again backward, and
     these independent roundings add up like a random walk: sqrt(12 blocks * ~20) * 0.2% = 3% relative
     error on a gradient, and less on the loss, where the per-token errors average out over 65,536
-    tokens. The same comparison on the CPU (2 sequences; CPU bf16 matmuls also accumulate in fp32)
-    measured a mean-loss difference of LOSS_MEASURED and gradient errors of at most GRAD_MEASURED. A
-    wrong graph (a dropped term, a wrong transpose or scale) is off by O(1) instead."""
+    tokens. The same comparison on the CPU (eager, 2 sequences; CPU bf16 matmuls also accumulate in
+    fp32) measured a mean-loss difference of 2.2e-4 nats and gradient errors of 1.3% (median) to 2.5%
+    (the last blocks' q and k); the tolerances are 2e-3 and 8%. A wrong graph (a dropped term, a wrong
+    transpose or scale) is off by O(1) instead."""
     raw, compiled = full_model
     inputs, targets = next(tg.micro_batches(step_tokens[:MICRO_SEQS * SEQ_LEN + 1], SEQ_LEN, MICRO_SEQS))
     tokens = inputs.numel()
@@ -160,9 +166,10 @@ def test_compiled_optimizer_steps_on_cuda_match_the_cpu(recipe, capsys):
     the rare tie): 1e-3. The matrix optimizers run 12 (Aurora: 2 x 12) bf16 Newton-Schulz iterations;
     the two devices round each product differently (accumulation order, and inductor fuses
     `b * A + c * A @ A` where eager rounds every op), and the iteration does not amplify such errors
-    (its derivative at singular value 1 is 0), so the moves differ by a few bf16 roundings, ~1%. The
-    CPU alone, compiled against eager, measured at most OPT_MEASURED. A bug (a lost state, a wrong
-    scale, a transposed update) moves a matrix by an O(1) different amount."""
+    (its derivative at singular value 1 is 0), so the moves differ by a few bf16 roundings. The CPU
+    alone, compiled against eager on one block's full-size matrices, measured 0.6% to 1.1% for all
+    three recipes; the tolerance is 5%. A bug (a lost state, a wrong scale, a transposed update)
+    moves a matrix by an O(1) different amount."""
     cpu_model = random_full_size_model(CPU)
     cuda_model = copy.deepcopy(cpu_model).to(CUDA)
     generator = torch.Generator().manual_seed(2)
@@ -205,8 +212,9 @@ def test_full_size_step_with_8_micro_batches_fits_in_60_gib(full_model, step_tok
     loss = tg.train_step(compiled, optimizers, params, step_tokens, SEQ_LEN, layout.micro_seqs)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
     report(capsys, f"full-size aurora step (8 x 64x1024 tokens) on {torch.cuda.get_device_name()}: peak "
-                   f"{peak / 2 ** 30:.2f} GiB allocated of {torch.cuda.get_device_properties(0).total_memory / 2 ** 30:.0f}")
+                   f"{peak / 2 ** 30:.2f} GiB allocated of {total / 2 ** 30:.0f} GiB")
     assert math.isfinite(loss.item())
     assert peak < 60 * 2 ** 30
     del optimizers
