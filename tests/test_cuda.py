@@ -85,8 +85,11 @@ def test_device_choice_on_a_gpu_machine():
     assert tg.resolve_device("auto", 0) == CUDA
     assert tg.resolve_device("cuda", 0) == CUDA
     assert tg.resolve_device("cpu", 0) == CPU
-    with pytest.raises(tg.SetupError, match=f"LOCAL_RANK {torch.cuda.device_count()} needs cuda:"):
-        tg.resolve_device("cuda", torch.cuda.device_count())
+    count = torch.cuda.device_count()
+    with pytest.raises(tg.SetupError, match=f"{count + 1} processes on this node need {count + 1} GPUs"):
+        tg.resolve_device("cuda", 0, count + 1)
+    with pytest.raises(tg.SetupError, match=f"{count + 1} processes on this node need"):
+        tg.resolve_device("cuda", count)
 
 
 def test_train_stream_pins_uint16_tokens_and_copies_them_without_blocking(tmp_path):
