@@ -5,12 +5,14 @@ Use them like any torch.optim optimizer, for the 2-D hidden matrices of a model:
     opt = Aurora(model.blocks.parameters(), lr=0.0375, contra=0.4, uw_floor=0.35)
     loss.backward(); opt.step(); opt.zero_grad()
 
-The math is a set of small pure functions (polar, aurora_polar, ...). Each optimizer stacks the
-matrices of one shape so one batched polar serves them all, runs that update math through
+The math is a set of small pure functions (polar, aurora_polar, ...). Each optimizer stacks
+same-shape matrices so one batched polar serves them all, runs that update math through
 torch.compile (TORCH_COMPILE_DISABLE=1 runs it eagerly), and, when a torch.distributed process
-group is initialized, splits the stacked matrices across ranks and all-gathers the results, so that
-every rank ends the step with the same parameters and optimizer state. Gradients must already be
-summed across ranks (the trainer does that) before step().
+group is initialized, splits the work across ranks by a bucket plan (bucket_plan: a wide matrix
+joins the bucket of its transpose's shape, so ranks get equal work) and all-gathers the results, so
+that every rank ends the step with the same parameters and optimizer state. Gradients must already
+be summed across ranks (the trainer does that) before step(). Given a `found_inf` tensor, as
+GradScaler gives fused AdamW, a step never waits for the device (see _ShardedOrthogonalOptimizer).
 
 This file imports only the standard library and torch and has no top-level side effects:
 train_gpt.py inlines its text into the single-file script that every log carries.
@@ -75,6 +77,7 @@ def polar_express(X):
 
 
 POLAR_BACKENDS = {"polar": polar, "polar_express": polar_express}
+POLAR_ITERATIONS = {"polar": REFERENCE_POLAR_ITERATIONS, "polar_express": len(POLAR_EXPRESS_COEFFICIENTS)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,6 +323,59 @@ def aurora_update(u, W, pp_iterations, pp_beta, contra, floor, variant, polar_fn
 
 
 # --------------------------------------------------------------------------------------------
+# Bucket plan: which matrices share a batch and an all-gather, and which rank updates which.
+# A pure function of the shapes, so the work per rank can be counted without starting any rank.
+# --------------------------------------------------------------------------------------------
+
+def bucket_plan(shapes, join_transposes=True):
+    """Buckets of matrix indices (into `shapes`): each bucket's updates are computed rank by rank
+    and collected by one all-gather. A bucket holds the matrices of one shape in order and, with
+    join_transposes, then the wide matrices whose transpose has that shape. A GPT's 12 fc
+    (3072x768) and 12 proj (768x3072) thus form one bucket of 24, 3 per rank on 8 ranks, where two
+    buckets of 12 would leave two ranks computing on padding. Every matrix is still updated in its
+    own orientation (see _ShardedOrthogonalOptimizer.start_bucket), so joining changes no number."""
+    buckets = {}
+    for index, (rows, cols) in enumerate(shapes):
+        key = (max(rows, cols), min(rows, cols)) if join_transposes else (rows, cols)
+        buckets.setdefault(key, []).append(index)
+    return [sorted(bucket, key=lambda i: shapes[i][0] < shapes[i][1]) for bucket in buckets.values()]
+
+
+def rank_slice(bucket_size, rank, world_size):
+    """(lo, hi, share): the rank updates members lo:hi of a bucket; every rank sends `share` rows."""
+    share = -(-bucket_size // world_size)
+    return min(rank * share, bucket_size), min((rank + 1) * share, bucket_size), share
+
+
+def same_shape_runs(indices, shapes):
+    """Consecutive indices grouped into runs of equal shape (one batched update each)."""
+    runs = []
+    for i in indices:
+        if runs and shapes[runs[-1][-1]] == shapes[i]:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def polar_flops(rows, cols, iterations):
+    """Matmul FLOPs of one odd-quintic polar, on the wide orientation n x N (n <= N): per iteration
+    A = X X^T (2 n^2 N), A A (2 n^3) and B X (2 n^2 N)."""
+    n, N = min(rows, cols), max(rows, cols)
+    return iterations * (4 * n * n * N + 2 * n ** 3)
+
+
+def flops_per_rank(plan, shapes, world_size, matrix_flops):
+    """Each rank's summed matrix_flops(shape) over the matrices `plan` gives it on world_size ranks."""
+    totals = [0] * world_size
+    for bucket in plan:
+        for rank in range(world_size):
+            lo, hi, _ = rank_slice(len(bucket), rank, world_size)
+            totals[rank] += sum(matrix_flops(shapes[i]) for i in bucket[lo:hi])
+    return totals
+
+
+# --------------------------------------------------------------------------------------------
 # Optimizers.
 # --------------------------------------------------------------------------------------------
 
@@ -327,21 +383,6 @@ def rank_and_world_size():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def same_shape_buckets(params):
-    """Parameters with a gradient, grouped by shape in order of first appearance."""
-    buckets = {}
-    for p in params:
-        if p.grad is not None:
-            buckets.setdefault(tuple(p.shape), []).append(p)
-    return list(buckets.values())
-
-
-def padded_stack(tensors, count, like):
-    """torch.stack(tensors) padded with zero slices up to `count` (a rank's fixed share size)."""
-    pad = [torch.zeros_like(like)] * (count - len(tensors))
-    return torch.stack(list(tensors) + pad)
 
 
 def with_leverage(new_state, leverage):
@@ -358,16 +399,29 @@ def gather_from_ranks(chunk, world_size):
     return out, gather(out, chunk, async_op=True)
 
 
+def all_finite(tensors):
+    """Device bool: no tensor holds inf or NaN (by one fused norm per tensor; a norm beyond the
+    float32 range also counts as not finite)."""
+    return torch.stack(torch._foreach_norm(tensors)).isfinite().all()
+
+
 class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
     """Common step of the three optimizers; subclasses give the per-shape update math.
 
     Subclasses define `update_math` (a pure function, compiled once per stacked shape),
     `stacked_state` (names of per-matrix state the update math reads and rewrites) and
     `run_update_math(group, u, params, stacked) -> (stacked update, {state name: stacked state})`
-    for one rank's share (params) of a bucket.
+    for a stack of same-shape matrices (params) of this rank's share of a bucket.
+
+    Non-finite updates: with `found_inf` set (GradScaler's protocol, a float32 device tensor, as
+    fused AdamW reads it), step() does not look at any value on the host. It adds a non-finite
+    update of its own to found_inf and leaves the weights untouched while found_inf is 1; the
+    momentum and other state of such a step are not restored. Without found_inf it raises
+    FloatingPointError naming the matrix (one host sync per step).
     """
 
     stacked_state = ()
+    join_transposes = True  # False: one bucket per exact shape (what benchmarks compare against)
 
     def __init__(self, params, defaults):
         if defaults["lr"] < 0:
@@ -401,6 +455,22 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
         """{parameter: float32 leverage of its latest orthogonal update} for non-square matrices."""
         return {p: s["leverage"] for p, s in self.state.items() if "leverage" in s}
 
+    def matrix_flops(self, shape, group):
+        """Matmul FLOPs of one matrix's update: its polar factor(s)."""
+        return polar_flops(*shape, POLAR_ITERATIONS[group["polar_backend"]])
+
+    def flops_per_rank(self, world_size, join_transposes=None):
+        """Matrix FLOPs of each of world_size ranks in one step, from the bucket plan those ranks
+        would follow (every matrix counted, as after the first step)."""
+        join = self.join_transposes if join_transposes is None else join_transposes
+        totals = [0] * world_size
+        for group in self.param_groups:
+            shapes = [tuple(p.shape) for p in group["params"]]
+            per_rank = flops_per_rank(bucket_plan(shapes, join), shapes, world_size,
+                                      lambda shape: self.matrix_flops(shape, group))
+            totals = [a + b for a, b in zip(totals, per_rank)]
+        return totals
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -410,69 +480,98 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
         rank, world_size = rank_and_world_size()
         launched = []
         for group in self.param_groups:
-            for params in same_shape_buckets(group["params"]):
-                launched.append((group, params, self.start_bucket(group, params, rank, world_size)))
+            params = [p for p in group["params"] if p.grad is not None]
+            for bucket in bucket_plan([tuple(p.shape) for p in params], self.join_transposes):
+                members = [params[i] for i in bucket]
+                launched.append((group, members, self.start_bucket(group, members, rank, world_size)))
         finished = [(group, params, finish()) for group, params, finish in launched]
-        self.check_finite(finished)
-        for group, params, update in finished:
-            torch._foreach_add_(params, list(update.unbind(0)), alpha=-group["lr"])
+        self.apply_updates(finished, getattr(self, "found_inf", None))
         return loss
 
     def start_bucket(self, group, params, rank, world_size):
-        """Weight decay, momentum, and this rank's share of the update math for one bucket of
-        same-shape matrices.
+        """Momentum, and this rank's share of the update math for one bucket.
 
-        Returns a callable that waits for the other ranks' shares, writes the gathered state back
-        and returns the stacked updates of the whole bucket."""
+        The share is computed in runs of same-shape matrices, each in its own orientation: a wide
+        matrix in a bucket of tall ones gets exactly the update it would get in a bucket of its
+        own shape. Returns a callable that waits for the other ranks' shares, writes the gathered
+        state back and returns the list of the bucket's updates."""
         states = [self.init_state(p) for p in params]
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
         # Every rank updates every momentum buffer: the grads are identical on all ranks, so the
         # buffers stay identical without communication. The polar work is then split.
         momenta = [s["momentum_buffer"] for s in states]
         momentum_step_(momenta, [p.grad for p in params], group["momentum"])
-        share = -(-len(params) // world_size)
-        lo, hi = min(rank * share, len(params)), min((rank + 1) * share, len(params))
-        directions = momenta[lo:hi]
-        if group["nesterov"]:
-            directions = [nesterov_direction(p.grad, m, group["momentum"])
-                          for p, m in zip(params[lo:hi], directions)]
-        u = padded_stack(directions, share, params[0])
-        stacked = {name: padded_stack([s[name] for s in states[lo:hi]], share, states[0][name])
-                   for name in self.stacked_state}
-        update, new_state = self.run_update_math(group, u, params[lo:hi], stacked)
+        lo, hi, share = rank_slice(len(params), rank, world_size)
+        shapes = [p.shape for p in params]
+        results = []  # (indices, stacked update, {name: stacked state}) per run
+        for run in same_shape_runs(range(lo, hi), shapes):
+            directions = [momenta[i] for i in run]
+            if group["nesterov"]:
+                directions = [nesterov_direction(params[i].grad, momenta[i], group["momentum"]) for i in run]
+            stacked = {name: torch.stack([states[i][name] for i in run]) for name in self.stacked_state}
+            update, new_state = self.run_update_math(group, torch.stack(directions), [params[i] for i in run],
+                                                     stacked)
+            results.append((run, update, new_state))
         if world_size == 1:
-            return lambda: self.write_back(states, update, new_state)
-        names = sorted(new_state)
-        pieces = [update] + [new_state[name] for name in names]
-        chunk = torch.cat([t.reshape(share, -1).float() for t in pieces], dim=1)
+            return lambda: self.write_back(states, results)
+        # Every state but the momentum travels with the update, one row per matrix.
+        names = sorted(name for name in states[0] if name != "momentum_buffer")
+        widths = [params[0].numel()] + [states[0][name].numel() for name in names]
+        chunk = torch.zeros(share, sum(widths), device=params[0].device)
+        for run, update, new_state in results:
+            rows = [t.reshape(len(run), -1).float() for t in [update] + [new_state[name] for name in names]]
+            chunk[run[0] - lo:run[-1] + 1 - lo] = torch.cat(rows, dim=1)
         gathered, work = gather_from_ranks(chunk, world_size)
 
         def finish():
             work.wait()
-            full = gathered[:len(params)].split([t[0].numel() for t in pieces], dim=1)
-            unpacked = [t.reshape(len(params), *piece.shape[1:]) for t, piece in zip(full, pieces)]
-            return self.write_back(states, unpacked[0], dict(zip(names, unpacked[1:])))
+            pieces = gathered[:len(params)].split(widths, dim=1)
+            for name, piece in zip(names, pieces[1:]):
+                torch._foreach_copy_([s[name] for s in states],
+                                     [row.view_as(s[name]) for row, s in zip(piece.unbind(0), states)])
+            return [row.view_as(p) for row, p in zip(pieces[0].unbind(0), params)]
         return finish
 
     @staticmethod
-    def write_back(states, update, new_state):
-        """Copies the stacked new state into each matrix's state; returns the stacked update."""
-        for name, stacked in new_state.items():
-            torch._foreach_copy_([s[name] for s in states], list(stacked[:len(states)].unbind(0)))
-        return update[:len(states)]
+    def write_back(states, results):
+        """One process: copies each run's stacked new state into its matrices' state; returns the updates."""
+        updates = []
+        for run, update, new_state in results:
+            for name, stacked in new_state.items():
+                torch._foreach_copy_([states[i][name] for i in run], list(stacked.unbind(0)))
+            updates.extend(update.unbind(0))
+        return updates
+
+    def apply_updates(self, finished, found_inf):
+        """Decoupled weight decay and W -= lr * update for every bucket, refused for non-finite updates."""
+        if not finished:
+            return
+        keep = None
+        if found_inf is None:
+            self.check_finite(finished)
+        else:
+            found_inf.copy_(torch.where(all_finite([u for _, _, updates in finished for u in updates]),
+                                        found_inf, 1.0))
+            keep = found_inf == 0
+        for group, params, updates in finished:
+            decay = 1 - group["lr"] * group["weight_decay"]
+            if keep is not None:
+                decay = torch.where(keep, decay, 1.0)
+                updates = [torch.where(keep, u, 0.0) for u in updates]
+            if group["weight_decay"] != 0:
+                torch._foreach_mul_(params, decay)
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
 
     def check_finite(self, finished):
         """One host sync per step: refuse to apply an update holding inf or NaN."""
-        if not finished or bool(torch.stack([u.isfinite().all() for _, _, u in finished]).all()):
+        if bool(all_finite([u for _, _, updates in finished for u in updates])):
             return
-        for group, params, update in finished:
-            for index, (p, matrix_update) in enumerate(zip(params, update)):
-                if not bool(matrix_update.isfinite().all()):
+        for group, params, updates in finished:
+            for index, (p, update) in enumerate(zip(params, updates)):
+                if not bool(update.isfinite().all()):
                     raise FloatingPointError(
                         f"{type(self).__name__}: non-finite update for the parameter of shape "
                         f"{tuple(p.shape)} (param group {self.param_groups.index(group)}, matrix "
-                        f"{index} of that shape); its gradient or momentum holds inf/NaN: the loss has "
+                        f"{index} of its bucket); its gradient or momentum holds inf/NaN: the loss has "
                         f"probably diverged, lower the learning rate")
 
 
@@ -544,8 +643,16 @@ class Aurora(_ShardedOrthogonalOptimizer):
                                       polar_backend=polar_backend))
 
     def run_update_math(self, group, u, params, stacked):
-        weights = padded_stack(params, u.size(0), u[0])
+        weights = torch.stack(params)
+        if group["weight_decay"] != 0:  # the floor sees W after this step's decay, as the parameters get it
+            weights = weights * (1 - group["lr"] * group["weight_decay"])
         update, leverage = self._compiled_update_math(
             u, weights, group["pp_iterations"], group["pp_beta"], group["contra"], group["uw_floor"],
             group["variant"], POLAR_BACKENDS[group["polar_backend"]])
         return update, with_leverage({}, leverage)
+
+    def matrix_flops(self, shape, group):
+        """Matmul FLOPs of one matrix's update: pp_iterations polars for a rectangular matrix, one for a
+        square one (the Riemannian variant's extra float32 work is not counted)."""
+        polars = 1 if shape[0] == shape[1] else group["pp_iterations"]
+        return polars * super().matrix_flops(shape, group)
