@@ -10,8 +10,10 @@ of a log runs on its own and reproduces the run.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import glob
+import inspect
 import json
 import math
 import os
@@ -26,11 +28,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 # ---------------------------------------------------------------------------------------------------
 # Optimizers: this import line is replaced by the text of optimizers.py in the logged source.
 
-from optimizers import Muon, NorMuon, Aurora
+from optimizers import Muon, NorMuon, Aurora, all_finite
 
 # ---------------------------------------------------------------------------------------------------
 # Configuration: the fixed benchmark (docs/benchmark.md), the CPU preset and the three recipes (docs/recipes.md)
@@ -509,26 +512,31 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def all_reduce_sum(tensors, bucket_elements=32 * 2 ** 20):
-    """Sum tensors in place across ranks, flattened into a few large buckets (one per dtype and size
-    limit) instead of one collective per tensor."""
+def sum_gradients(process_group, bucket):
+    """DDP communication hook: sums a gradient bucket over the ranks (DDP's own hook averages), so
+    every rank holds the summed gradient of the whole batch, as the recipes' learning rates expect."""
+    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return work.get_future().then(lambda future: future.value()[0])
+
+
+def distributed_model(model, device, bucket_cap_mb=25):
+    """The model wrapped in DistributedDataParallel when several processes train it, else the model.
+
+    Why DDP rather than hand-written post-accumulate-grad hooks: under torch.compile the backward is
+    one AOT graph, so per-parameter hooks would all fire at its end; DDP + torch.compile splits the
+    graph at DDP's bucket boundaries (dynamo's DDPOptimizer), so each bucket's all-reduce starts as
+    soon as the last micro-batch's backward has made its gradients final, eager or compiled. The
+    earlier micro-batches run under no_sync (train_step). Buffers are not broadcast (the rotary
+    tables are equal everywhere), gradients live in DDP's buckets (no copies)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    buckets, pending = [], {}
-    for tensor in tensors:
-        bucket = pending.setdefault(tensor.dtype, [])
-        bucket.append(tensor)
-        if sum(t.numel() for t in bucket) >= bucket_elements:
-            buckets.append(pending.pop(tensor.dtype))
-    buckets.extend(pending.values())
-    reductions = []
-    for bucket in buckets:
-        flat = torch.cat([t.reshape(-1) for t in bucket])
-        reductions.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
-    for bucket, flat, work in reductions:
-        work.wait()
-        for tensor, chunk in zip(bucket, flat.split([t.numel() for t in bucket])):
-            tensor.copy_(chunk.view_as(tensor))
+        return model
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers; 2.11 knows only the old name.
+    options = inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
+    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                  gradient_as_bucket_view=True, bucket_cap_mb=bucket_cap_mb, **{no_buffer_sync: False})
+    ddp.register_comm_hook(None, sum_gradients)
+    return ddp
 
 
 def broadcast_parameters(model):
@@ -541,7 +549,7 @@ def broadcast_parameters(model):
 # Logging (docs/benchmark.md#log-format)
 
 SEPARATOR = "=" * 100
-OPTIMIZERS_IMPORT = "from optimizers import Muon, NorMuon, Aurora"
+OPTIMIZERS_IMPORT = "from optimizers import Muon, NorMuon, Aurora, all_finite"
 
 
 def logged_source():
@@ -773,7 +781,7 @@ class Run:
     layout: BatchLayout
     log: RunLog
     raw_model: GPT
-    model: nn.Module  # the compiled raw_model
+    model: nn.Module  # the compiled raw_model (in DistributedDataParallel when several processes train)
     generator: torch.Generator  # initializations, one draw per trial
     train_paths: list
     val_buffer: torch.Tensor
@@ -782,18 +790,33 @@ class Run:
     step: int = 0
 
 
-def train_step(model, optimizers, params, buffer, seq_len, micro_seqs):
+def train_step(model, optimizers, params, buffer, seq_len, micro_seqs, found_inf):
     """One optimizer step: forward and backward over every micro-batch of this rank's buffer, gradients
     summed across ranks, every optimizer's step, gradients cleared. Returns the rank's summed train
-    loss as a device tensor (no host sync)."""
+    loss as a device tensor. Never waits for the device (no host sync).
+
+    found_inf (float32, shape ()) is GradScaler's flag, here sticky: it becomes 1 at the first step whose
+    loss, gradients or matrix update is not finite, and from then on fused AdamW and the matrix optimizers
+    leave the weights untouched. The caller looks at it outside the timed region."""
     step_loss = torch.zeros((), device=buffer.device)
-    for inputs, targets in micro_batches(buffer, seq_len, micro_seqs):
-        loss = model(inputs, targets)
-        loss.backward()
+    batches = list(micro_batches(buffer, seq_len, micro_seqs))
+    for index, (inputs, targets) in enumerate(batches):
+        # A DistributedDataParallel model sums each gradient bucket across ranks during the last
+        # micro-batch's backward; the earlier backward passes only accumulate.
+        last = index == len(batches) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            loss = model(inputs, targets)
+            loss.backward()
         step_loss += loss.detach()
-    all_reduce_sum([p.grad for p in params])
-    for optimizer in optimizers:
+    # The loss is this rank's, the gradients are summed: a non-finite loss makes every rank's gradients
+    # non-finite, so all ranks agree on the flag.
+    finite = all_finite([p.grad for p in params if p.grad is not None]) & step_loss.isfinite()
+    found_inf.copy_(torch.where(finite, found_inf, 1.0))
+    # Matrix optimizers first: a non-finite update of theirs then stops AdamW's step too.
+    for optimizer in sorted(optimizers, key=lambda opt: isinstance(opt, torch.optim.AdamW)):
+        optimizer.found_inf = found_inf  # GradScaler's protocol (fused AdamW reads it)
         optimizer.step()
+        del optimizer.found_inf
     for p in params:
         p.grad = None
     return step_loss
@@ -811,8 +834,10 @@ def train_trial(run):
                          pin_memory=device.type == "cuda")
     params = list(run.raw_model.parameters())
     save_path = args.save and checkpoint_path(args.save, run.trial, args.trials)
-    # The first step whose train loss is not finite (-1: none), looked at only outside the timed region.
+    # The first step whose loss, gradients or update is not finite (-1: none), and train_step's flag;
+    # both stay on the device and are looked at only outside the timed region.
     bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    found_inf = torch.zeros((), dtype=torch.float32, device=device)
     train_time, last_val_time, last_val_step = 0.0, 0.0, 0
     synchronize(device)
     start = time.perf_counter()
@@ -824,7 +849,8 @@ def train_trial(run):
             synchronize(device)
             train_time += time.perf_counter() - start
             if int(bad_step) >= 0:
-                raise NonFiniteLoss(f"train loss is not finite at step {int(bad_step)} (trial {run.trial})")
+                raise NonFiniteLoss(f"train loss, gradient or update is not finite at step {int(bad_step)} "
+                                    f"(trial {run.trial}); the weights are those from before that step")
             if validate:
                 val_loss = evaluate(run.model, run.val_buffer, run.layout, seq_len, hp.val_tokens)
                 if not math.isfinite(val_loss):
@@ -842,8 +868,8 @@ def train_trial(run):
             return
         buffer = stream.next_batch().to(device, dtype=torch.int64, non_blocking=True)
         set_lr(optimizers, lr_multiplier(step, run.steps))
-        step_loss = train_step(run.model, optimizers, params, buffer, seq_len, run.layout.micro_seqs)
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_loss), step, bad_step)
+        train_step(run.model, optimizers, params, buffer, seq_len, run.layout.micro_seqs, found_inf)
+        bad_step = torch.where((bad_step < 0) & (found_inf > 0), step, bad_step)
 
 
 def write_diagnostics(run, optimizers):
@@ -928,7 +954,7 @@ def main(argv=None):
         probe_buffer = load_val_tokens(val_path, hp.micro_batch_seqs * hp.model.seq_len, 0, 1).to(device)
         probe_inputs, _ = next(micro_batches(probe_buffer, hp.model.seq_len, hp.micro_batch_seqs))
         run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
-                  torch.compile(raw_model, dynamic=False), torch.Generator().manual_seed(args.seed), train_paths,
+                  torch.compile(distributed_model(raw_model, device), dynamic=False), torch.Generator().manual_seed(args.seed), train_paths,
                   val_buffer, probe_inputs)
         for trial in range(args.trials):
             run.trial = trial
