@@ -555,6 +555,146 @@ def test_gloo_ranks_give_the_same_parameters_and_state_as_one_process(tmp_path):
                     assert torch.equal(value, ranked_state[index][name]), (recipe, rank, name)
 
 
+def gpt_matrix_shapes(width=768, layers=12):
+    d = width
+    return ([(d, d)] * 4 + [(4 * d, d), (d, 4 * d)]) * layers
+
+
+def test_bucket_plan_joins_each_wide_matrix_to_the_bucket_of_its_transpose():
+    shapes = gpt_matrix_shapes()
+    plan = optimizers.bucket_plan(shapes)
+    assert [len(bucket) for bucket in plan] == [48, 24]
+    assert [shapes[i] for i in plan[1]] == [(3072, 768)] * 12 + [(768, 3072)] * 12  # tall first
+    assert sorted(i for bucket in plan for i in bucket) == list(range(len(shapes)))
+    # On 8 ranks every rank gets 6 square and 3 rectangular matrices: no padding anywhere.
+    for rank in range(8):
+        assert [optimizers.rank_slice(len(bucket), rank, 8) for bucket in plan] == [(6 * rank, 6 * rank + 6, 6),
+                                                                                    (3 * rank, 3 * rank + 3, 3)]
+    by_shape = optimizers.bucket_plan(shapes, join_transposes=False)
+    assert [len(bucket) for bucket in by_shape] == [48, 12, 12]
+    assert optimizers.rank_slice(12, 7, 8) == (12, 12, 2)  # the last two ranks of a bucket of 12 compute nothing
+
+
+@pytest.mark.parametrize("cls", [Muon, NorMuon, Aurora])
+def test_flops_per_rank_are_balanced_on_8_ranks_only_with_joined_transposes(cls):
+    with torch.device("meta"):
+        params = [torch.nn.Parameter(torch.empty(s)) for s in gpt_matrix_shapes()]
+    opt = cls(params, lr=0.02)
+    joined, by_shape = opt.flops_per_rank(8), opt.flops_per_rank(8, join_transposes=False)
+    assert sum(joined) == sum(by_shape) == sum(opt.flops_per_rank(1))
+    assert max(joined) == min(joined)
+    # By shape, ranks 0-5 get 2 fc + 2 proj and ranks 6-7 none: max / mean = 4 / 3 of the rectangular work.
+    rectangular = opt.matrix_flops((3072, 768), opt.param_groups[0])
+    assert max(by_shape) - max(joined) == rectangular
+    # 12 iterations of A = X X^T, A A, B X on the 768 x 3072 orientation (Aurora: 2 polars).
+    polars = 2 if cls is Aurora else 1
+    assert rectangular == polars * 12 * (4 * 768 ** 2 * 3072 + 2 * 768 ** 3)
+
+
+def test_found_inf_refuses_a_non_finite_update_on_the_device():
+    weights, grads = make_problem(steps=2)
+    for cls, settings in RECORD_SETTINGS.values():
+        params, opt = run_optimizer(cls, settings, weights, grads[:1])
+        before = [p.detach().clone() for p in params]
+        opt.found_inf = torch.zeros(())
+        for p, g in zip(params, grads[1]):
+            p.grad = g.clone()
+        params[4].grad[0, 0] = float("inf")
+        opt.step()  # no exception: the flag records it
+        assert opt.found_inf.item() == 1
+        assert all(torch.equal(a, b) for a, b in zip(before, params))
+        opt.found_inf.zero_()  # a clean flag and finite gradients: the step applies
+        params[4].grad = grads[1][4].clone()
+        params[1].grad = grads[1][1].clone()
+        opt.state.clear()
+        opt.step()
+        assert opt.found_inf.item() == 0 and not torch.equal(before[0], params[0])
+
+
+def full_model_problem(width=32, layers=12, steps=2, seed=3):
+    """The hidden matrices of train_gpt's GPT in its order (per block q, k, v, attention proj: d x d;
+    MLP fc: 4d x d; MLP proj: d x 4d) at a reduced width, with rows of very different scales."""
+    d = width
+    shapes = [(d, d)] * 4 + [(4 * d, d), (d, 4 * d)]
+    shapes = shapes * layers
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(*s, generator=gen) / s[1] ** 0.5 for s in shapes]
+    grads = [[torch.randn(*s, generator=gen) * torch.logspace(-2, 1, s[0])[torch.randperm(s[0], generator=gen)][:, None]
+              for s in shapes] for _ in range(steps)]
+    return weights, grads
+
+
+def run_both_bucketings():
+    """{(recipe, join_transposes): (parameters, state_dict state)} after two steps of the full model's
+    matrices, with transposes joined (the plan) and with one bucket per shape (the bucketing before)."""
+    weights, grads = full_model_problem()
+    results = {}
+    for recipe, (cls, settings) in RECORD_SETTINGS.items():
+        for join in (True, False):
+            params = [torch.nn.Parameter(w.clone()) for w in weights]
+            opt = cls(params, **settings)
+            opt.join_transposes = join
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = g.clone()
+                opt.step()
+            results[recipe, join] = ([p.detach() for p in params], opt.state_dict()["state"])
+    return results
+
+
+def bucketings_worker(rank, world_size, store_path, out_dir):
+    torch._dynamo.config.disable = True
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        torch.save(run_both_bucketings(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def assert_same_results(a, b, what):
+    (params_a, state_a), (params_b, state_b) = a, b
+    for i, (x, y) in enumerate(zip(params_a, params_b)):
+        assert torch.equal(x, y), (what, "parameter", i)
+    assert state_a.keys() == state_b.keys()
+    for index, state in state_a.items():
+        assert state.keys() == state_b[index].keys(), (what, index)
+        for name, value in state.items():
+            assert value.shape == state_b[index][name].shape and torch.equal(value, state_b[index][name]), \
+                (what, index, name)
+
+
+@pytest.fixture(scope="module")
+def one_process_bucketings():
+    with torch._dynamo.config.patch(disable=True):
+        return run_both_bucketings()
+
+
+def test_joined_transposes_give_bit_identical_steps_in_one_process(one_process_bucketings):
+    """Old (one bucket per shape) and new (wide matrices in the bucket of their transpose) bucketing:
+    the same parameters and state, to the bit, for every recipe on the full model's shapes. (Against
+    the optimizers before bucket_plan existed they were bit-identical too, eager and compiled.)"""
+    results = one_process_bucketings
+    for recipe in RECORD_SETTINGS:
+        assert_same_results(results[recipe, True], results[recipe, False], recipe)
+        _, state = results[recipe, True]
+        if recipe == "normuon":  # a wide matrix keeps its column moments (1 x cols)
+            assert state[5]["second_moment"].shape == (1, 128) and state[4]["second_moment"].shape == (128, 1)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_gloo_ranks_give_bit_identical_steps_for_both_bucketings(tmp_path, world_size, one_process_bucketings):
+    """1 process against 2, 4 and 8 gloo processes, each with both bucketings, on the full model's
+    shapes at width 32: every rank ends with the parameters and state of the single process."""
+    mp.spawn(bucketings_worker, args=(world_size, str(tmp_path / "store"), str(tmp_path)),
+             nprocs=world_size, join=True)
+    for rank in range(world_size):
+        ranked = torch.load(tmp_path / f"rank{rank}.pt")
+        for key, result in one_process_bucketings.items():
+            assert_same_results(result, ranked[key], (key, world_size, rank))
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------

@@ -618,3 +618,52 @@ def test_train_step_makes_no_host_sync(recipe, compiled):
         float(loss)
     assert counter.calls == ["__float__"]
     assert found_inf.item() == 0 and all(not torch.equal(a, b) for a, b in zip(before, params))
+
+
+@pytest.mark.parametrize("recipe", sorted(tg.RECIPES))
+def test_non_finite_step_leaves_the_weights_of_the_last_finite_step(recipe):
+    with torch._dynamo.config.patch(disable=True):
+        model, runnable, optimizers, buffer = step_setup(recipe, False)
+        params = list(model.parameters())
+        found_inf = torch.zeros(())
+        for _ in range(2):
+            tg.train_step(runnable, optimizers, params, buffer, STEP_CONFIG.seq_len, 2, found_inf)
+        last_finite = [p.detach().clone() for p in params]
+        adam = optimizers[0]
+        adam_state = {p: {k: v.clone() for k, v in s.items()} for p, s in adam.state.items()}
+        poison = model.blocks[1].mlp.fc.weight.register_hook(lambda grad: grad * float("nan"))
+        tg.train_step(runnable, optimizers, params, buffer, STEP_CONFIG.seq_len, 2, found_inf)
+        poison.remove()
+        assert found_inf.item() == 1
+        tg.train_step(runnable, optimizers, params, buffer, STEP_CONFIG.seq_len, 2, found_inf)  # finite again
+    assert found_inf.item() == 1  # sticky: nothing moves after the first bad step
+    for before, after in zip(last_finite, params):
+        assert torch.equal(before, after)
+    for p, state in adam_state.items():  # fused AdamW honoured found_inf: its state did not move either
+        for name, value in state.items():
+            assert torch.equal(adam.state[p][name], value), name
+
+
+def test_first_non_finite_step_is_named_at_the_next_validation(data_args, tmp_path, monkeypatch, capsys):
+    bad_step = 5
+    per_step = TINY_BATCH // (tg.TINY.micro_batch_seqs * tg.TINY.model.seq_len)
+    forward, training_calls = tg.GPT.forward, []
+
+    def diverging_forward(self, inputs, targets):
+        loss = forward(self, inputs, targets)
+        if torch.is_grad_enabled():
+            training_calls.append(1)
+            if len(training_calls) > bad_step * per_step:
+                loss = loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(tg.GPT, "forward", diverging_forward)
+    monkeypatch.chdir(tmp_path)
+    with torch._dynamo.config.patch(disable=True):
+        code = tg.main(["--tiny", "--steps", str(STEPS), "--run-id", "diverged", "--no-diagnostics", *data_args])
+    assert code == 3
+    assert f"not finite at step {bad_step} (trial 0)" in capsys.readouterr().err
+    _, lines = split_log((tmp_path / "logs" / "diverged.txt").read_text())
+    (error,) = events(lines, "error")
+    assert error["step"] == STEPS and f"at step {bad_step}" in error["message"]
+    assert [step for step, _, _ in val_records(lines)] == [0]
