@@ -515,8 +515,9 @@ def synchronize(device):
 def sum_gradients(process_group, bucket):
     """DDP communication hook: sums a gradient bucket over the ranks (DDP's own hook averages), so
     every rank holds the summed gradient of the whole batch, as the recipes' learning rates expect."""
-    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
-    return work.get_future().then(lambda future: future.value()[0])
+    buffer = bucket.buffer()
+    work = dist.all_reduce(buffer, group=process_group, async_op=True)
+    return work.get_future().then(lambda _: buffer)  # the all-reduce sums in place
 
 
 def distributed_model(model, device, bucket_cap_mb=25):

@@ -11,7 +11,12 @@ For every recipe of train_gpt.RECIPES, in one process, it times:
       matrix optimizer). The learning rates are set to 0 for (a), which does the same work but leaves
       the weights to (b);
   (b) a full training step on one device: forward and backward over every micro-batch of one step
-      (8 micro-batches of 64x1024 tokens at full size), then the optimizers' steps.
+      (8 micro-batches of 64x1024 tokens at full size), then the optimizers' steps;
+  (c) per-step counts: the host syncs of one training step as timed in (b); the collectives and the
+      bytes one rank of --world-size N sends in a step, counted in an uncompiled step of rank 0 under
+      torch's fake process group (no other process, no data moved); and each of the N ranks' matrix
+      FLOPs from the matrix optimizer's bucket plan, with max/mean (1.00: balanced), also for the
+      plan without joined transposes (one bucket per shape).
 Recipes run round-robin (aurora, normuon, muon, aurora, ...) so drift on a shared machine hits them
 alike; warmup iterations (compilation) are excluded; the numbers are medians. The data are uniform
 random tokens, the same for every recipe. MFU is the full step's model FLOP/s (flops_per_token below)
@@ -19,6 +24,7 @@ over the bf16 matmul rate this process measures on the same device.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402  (the repo root must be on sys.path first)
@@ -125,6 +132,90 @@ def resident_bytes(model, optimizers, device):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Per-step counts (c): host syncs, collectives, matrix FLOPs per rank
+
+# What makes the host wait for a CUDA device when called from Python: reading values, truth tests,
+# copies to the host, data-dependent shapes. (On a CPU nothing waits; the calls are counted all the same.)
+SYNCING_TENSOR_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__",
+                          "nonzero")
+SYNCING_TORCH_FUNCTIONS = ("equal", "allclose", "is_nonzero", "nonzero", "unique", "masked_select")
+COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "all_gather", "reduce_scatter_tensor",
+               "broadcast")
+
+
+@contextlib.contextmanager
+def calls_recorded(targets, record):
+    """Within the block, every call of owner.name for (owner, name) in targets first runs record(name, args)."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name in targets if hasattr(owner, name)]
+
+    def wrapped(name, original):
+        def call(*args, **kwargs):
+            record(name, args)
+            return original(*args, **kwargs)
+        return call
+    for owner, name, original in originals:
+        setattr(owner, name, wrapped(name, original))
+    try:
+        yield
+    finally:
+        for owner, name, original in reversed(originals):
+            setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def host_syncs_counted():
+    """Yields the list of syncing calls (their names) made within the block."""
+    calls = []
+    targets = [(torch.Tensor, name) for name in SYNCING_TENSOR_METHODS] + \
+              [(torch, name) for name in SYNCING_TORCH_FUNCTIONS]
+    with calls_recorded(targets, lambda name, args: calls.append(name)):
+        yield calls
+
+
+def collective_payload_bytes(name, args):
+    """Bytes this rank puts into a collective: the tensor of all_reduce/broadcast, the input of a gather."""
+    tensor = args[1] if name in ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_tensor") else args[0]
+    tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def flops_balance(flops):
+    return {"per_rank": flops, "max_over_mean": max(flops) / (sum(flops) / len(flops)) if sum(flops) else 1.0}
+
+
+def matrix_flops_per_rank(matrix_optimizer, world_size):
+    """The matrix optimizer's FLOPs on each of world_size ranks, from its bucket plan (no process needed)."""
+    return {"joined_transposes": flops_balance(matrix_optimizer.flops_per_rank(world_size)),
+            "one_bucket_per_shape": flops_balance(matrix_optimizer.flops_per_rank(world_size, join_transposes=False))}
+
+
+def collectives_of_one_rank(raw_model, optimizers, buffer, seq_len, micro_seqs, world_size, device):
+    """{"collectives": {name: count}, "bytes": total} of rank 0 of world_size in one uncompiled training
+    step, through train_gpt's own DDP wrapping and the optimizers' all-gathers, under torch's fake
+    process group (one process; nothing is sent, so this step's numbers are garbage and it is the
+    last thing done with the model). None when a real process group already exists."""
+    if dist.is_initialized():
+        return None
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    counts, payload = {}, []
+
+    def record(name, args):
+        counts[name] = counts.get(name, 0) + 1
+        payload.append(collective_payload_bytes(name, args))
+    try:
+        with torch._dynamo.config.patch(disable=True):
+            model = train_gpt.distributed_model(raw_model, device)
+            found_inf = torch.zeros((), device=device)
+            with calls_recorded([(dist, name) for name in COLLECTIVES], record):
+                train_gpt.train_step(model, optimizers, list(raw_model.parameters()), buffer, seq_len, micro_seqs,
+                                     found_inf)
+    finally:
+        dist.destroy_process_group()
+    return {"collectives": counts, "bytes": sum(payload)}
+
+
+# ---------------------------------------------------------------------------------------------------
 # One recipe: its own model and optimizers
 
 
@@ -158,10 +249,19 @@ class RecipeBench:
         self.raw_model.zero_grad(set_to_none=True)
         train_gpt.set_lr(self.optimizers, 1.0)
         params = list(self.raw_model.parameters())
+        found_inf = torch.zeros((), device=self.device)
         losses = []
         seconds = timed(self.device, lambda: losses.append(train_gpt.train_step(
-            self.model, self.optimizers, params, buffer, seq_len, micro_seqs)))
+            self.model, self.optimizers, params, buffer, seq_len, micro_seqs, found_inf)))
         return seconds, float(losses[0])
+
+    def host_syncs(self, buffer, seq_len, micro_seqs):
+        """(c): the syncing calls one training step (b) makes."""
+        params = list(self.raw_model.parameters())
+        found_inf = torch.zeros((), device=self.device)
+        with host_syncs_counted() as calls:
+            train_gpt.train_step(self.model, self.optimizers, params, buffer, seq_len, micro_seqs, found_inf)
+        return calls
 
 
 def random_gradients(model, generator):
@@ -184,7 +284,7 @@ def ratios_vs_baseline(recipes, keys, baseline=BASELINE):
 RATIO_KEYS = ("matrix_step_ms", "optimizer_set_ms", "train_step_ms")
 
 
-def run_benchmark(recipe_names, tiny, iters, warmup, device, seed=0):
+def run_benchmark(recipe_names, tiny, iters, warmup, device, seed=0, world_size=8):
     hp = train_gpt.TINY if tiny else train_gpt.FULL
     layout = train_gpt.batch_layout(hp, 1)
     seq_len = hp.model.seq_len
@@ -226,11 +326,18 @@ def run_benchmark(recipe_names, tiny, iters, warmup, device, seed=0):
 
     recipes = {}
     for name in recipe_names:
+        bench = benches[name]
+        per_step = {"world_size": world_size,
+                    "host_syncs": len(bench.host_syncs(buffer, seq_len, layout.micro_seqs)),
+                    "matrix_flops": matrix_flops_per_rank(bench.matrix_optimizer, world_size)}
+        per_step.update(collectives_of_one_rank(bench.raw_model, bench.optimizers, buffer, seq_len,
+                                                layout.micro_seqs, world_size, device) or {})
         numbers = {key: statistics.median(values) for key, values in times[name].items()}
         numbers["samples_ms"] = times[name]
         tokens_per_s = tokens_per_step / (numbers["train_step_ms"] / 1000)
         numbers.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops["total"] / rate,
-                       peak_memory_mib=peaks[name] / 2 ** 20, hidden_matrices=benches[name].hidden_matrices)
+                       peak_memory_mib=peaks[name] / 2 ** 20, hidden_matrices=bench.hidden_matrices,
+                       per_step=per_step)
         recipes[name] = numbers
     return {
         "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
@@ -276,6 +383,17 @@ def format_report(result):
         lines.append(f"{name:<8} {r['hidden_matrices']:>8} {r['matrix_step_ms']:>14.2f} {r['optimizer_set_ms']:>15.2f} "
                      f"{r['train_step_ms']:>12.2f} {r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>6.2f}% "
                      f"{r['peak_memory_mib']:>9,.0f}")
+    lines.append("")
+    lines.append("(c) per step: host syncs of (b); collectives and bytes sent by one of N ranks (fake process "
+                 "group); matrix FLOPs per rank from the bucket plan, max/mean (joined transposes | one bucket per shape)")
+    for name, r in result["recipes"].items():
+        c = r["per_step"]
+        flops = c["matrix_flops"]
+        collectives = ", ".join(f"{count} {kind}" for kind, count in c.get("collectives", {}).items()) or "n/a"
+        lines.append(f"{name:<8} N={c['world_size']}  host syncs {c['host_syncs']}  collectives: {collectives}  "
+                     f"{c.get('bytes', 0) / 2 ** 20:,.1f} MiB  matrix FLOPs max/mean "
+                     f"{flops['joined_transposes']['max_over_mean']:.2f} | "
+                     f"{flops['one_bucket_per_shape']['max_over_mean']:.2f}")
     for pair, ratios in result["ratios"].items():
         lines.append(f"{pair:<14} (a) matrix {ratios['matrix_step_ms']:.3f}x   (a) opt set "
                      f"{ratios['optimizer_set_ms']:.3f}x   (b) train step {ratios['train_step_ms']:.3f}x")
@@ -293,6 +411,8 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=train_gpt.DEVICE_CHOICES, default="auto",
                         help="auto (default): CUDA when torch sees a GPU, else the CPU")
+    parser.add_argument("--world-size", type=int, default=8,
+                        help="ranks N for the per-step counts (c): collectives, bytes, matrix FLOPs per rank")
     args = parser.parse_args(argv)
     args.recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
     unknown = [name for name in args.recipes if name not in train_gpt.RECIPES]
@@ -301,6 +421,8 @@ def parse_args(argv):
                      f"{', '.join(train_gpt.RECIPES)} (unknown: {', '.join(unknown) or 'none'})")
     if args.iters < 1 or args.warmup < 0:
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
+    if args.world_size < 1:
+        parser.error(f"--world-size must be >= 1, got {args.world_size}")
     try:
         args.device = train_gpt.resolve_device(args.device, 0)
     except train_gpt.SetupError as e:
@@ -313,7 +435,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    result = run_benchmark(args.recipes, args.tiny, args.iters, args.warmup, args.device, args.seed)
+    result = run_benchmark(args.recipes, args.tiny, args.iters, args.warmup, args.device, args.seed,
+                           args.world_size)
     print(json.dumps(result) if args.json else format_report(result))
     return 0
 

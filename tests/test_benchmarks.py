@@ -10,8 +10,8 @@ import torch
 
 import train_gpt
 from benchmarks import optimizer_step
-from benchmarks.step import (causal_attention_flops_per_token, flops_per_token, matmul_params, parse_args,
-                              ratios_vs_baseline)
+from benchmarks.step import (causal_attention_flops_per_token, flops_per_token, host_syncs_counted, matmul_params,
+                              matrix_flops_per_rank, parse_args, ratios_vs_baseline)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = train_gpt.ModelConfig(vocab_size=16, num_layers=2, model_dim=8, head_dim=4, seq_len=4)
@@ -75,6 +75,15 @@ def test_tiny_benchmark_json_cpu():
         assert math.isclose(numbers["tokens_per_s"], result["tokens_per_step"] / (numbers["train_step_ms"] / 1000))
         assert math.isclose(numbers["mfu"], numbers["tokens_per_s"] * result["flops_per_token"]["total"]
                             / result["matmul_rate_flops"])
+        per_step = numbers["per_step"]
+        assert per_step["world_size"] == 8 and per_step["host_syncs"] == 0
+        # One summed all-reduce per DDP gradient bucket and one all-gather per bucket of the plan (squares;
+        # fc with proj^T), each carrying this rank's share; every rank computes 3 of the 24 matrices.
+        assert per_step["collectives"]["all_gather_single"] == 2 and per_step["collectives"]["all_reduce"] >= 1
+        grad_bytes = sum(p.numel() * p.element_size() for p in train_gpt.GPT(train_gpt.TINY.model).parameters())
+        assert per_step["bytes"] > grad_bytes
+        assert per_step["matrix_flops"]["joined_transposes"]["max_over_mean"] == 1.0
+        assert per_step["matrix_flops"]["one_bucket_per_shape"]["max_over_mean"] > 1.5
     assert set(result["ratios"]) == {"aurora/muon", "normuon/muon"}
     for pair, ratios in result["ratios"].items():
         name = pair.split("/")[0]
@@ -83,12 +92,38 @@ def test_tiny_benchmark_json_cpu():
             assert math.isclose(ratio, result["recipes"][name][key] / result["recipes"]["muon"][key])
 
 
+@pytest.mark.parametrize("recipe", sorted(train_gpt.RECIPES))
+def test_benchmark_model_matrix_flops_are_balanced_on_8_ranks(recipe):
+    """What `benchmarks/step.py --world-size 8 --json` reports for the full-size model on a GPU, here
+    from the same function on a meta-device model."""
+    with torch.device("meta"):
+        model = train_gpt.GPT(train_gpt.FULL.model)
+    _, matrix = train_gpt.build_optimizers(model, train_gpt.RECIPES[recipe])
+    flops = matrix_flops_per_rank(matrix, 8)
+    assert flops["joined_transposes"]["max_over_mean"] == 1.0
+    assert len(set(flops["joined_transposes"]["per_rank"])) == 1
+    assert flops["one_bucket_per_shape"]["max_over_mean"] >= 1.2  # Muon: 108 / 90; ranks 6 and 7 idle in both rectangular buckets
+
+
+def test_host_syncs_counted_sees_python_level_syncs():
+    x = torch.ones(3)
+    with host_syncs_counted() as calls:
+        x.sum().item()
+        bool(x.any())
+        torch.equal(x, x)
+        x + 1
+    assert calls == ["item", "__bool__", "equal"]
+    assert torch.Tensor.item is not None and x.sum().item() == 3.0  # restored afterwards
+
+
 def test_arguments_are_checked(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--tiny", "--recipes", "aurora,adam"])
     assert "adam" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--tiny", "--iters", "0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--tiny", "--world-size", "0"])
     assert parse_args(["--tiny", "--recipes", "muon, aurora"]).recipes == ["muon", "aurora"]
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from benchmarks.step import host_syncs_counted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))
@@ -551,46 +552,11 @@ def test_leverage_stats_on_a_hand_made_vector():
 
 # ---- the training step: no host sync, non-finite steps refused on the device, overlapped all-reduce ----
 
-# What makes the host wait for a CUDA device when called from Python on a tensor (on a CPU they are
-# only counted): reading values, truth tests, copies to the host, data-dependent shapes.
-SYNCING_TENSOR_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__",
-                          "nonzero")
-SYNCING_TORCH_FUNCTIONS = ("equal", "allclose", "is_nonzero", "nonzero", "unique", "masked_select")
-
-
-class HostSyncCounter:
-    """Counts calls of the syncing Tensor methods and torch functions while active (by wrapping them)."""
-
-    def __init__(self):
-        self.calls = []
-        self.originals = []
-
-    def wrap(self, owner, name):
-        original = getattr(owner, name)
-        calls = self.calls
-
-        def counted(*args, **kwargs):
-            calls.append(name)
-            return original(*args, **kwargs)
-        self.originals.append((owner, name, original))
-        setattr(owner, name, counted)
-
-    def __enter__(self):
-        for name in SYNCING_TENSOR_METHODS:
-            self.wrap(torch.Tensor, name)
-        for name in SYNCING_TORCH_FUNCTIONS:
-            self.wrap(torch, name)
-        return self
-
-    def __exit__(self, *exc):
-        for owner, name, original in reversed(self.originals):
-            setattr(owner, name, original)
-
-
 STEP_CONFIG = tg.ModelConfig(vocab_size=64, num_layers=2, model_dim=32, head_dim=8, seq_len=16)
 
 
 def step_setup(recipe, compiled):
+    """A small model, its recipe's optimizers and one step's tokens (2 micro-batches of 2 sequences)."""
     model = tg.GPT(STEP_CONFIG)
     tg.init_parameters(model, torch.Generator().manual_seed(0))
     optimizers = tg.build_optimizers(model, tg.RECIPES[recipe])
@@ -610,13 +576,13 @@ def test_train_step_makes_no_host_sync(recipe, compiled):
         for _ in range(2):  # compiles; after two steps every weight gets a gradient (zero-initialized projections)
             tg.train_step(runnable, optimizers, params, buffer, STEP_CONFIG.seq_len, 2, found_inf)
         before = [p.detach().clone() for p in params]
-        with HostSyncCounter() as counter:
+        with host_syncs_counted() as calls:
             loss = tg.train_step(runnable, optimizers, params, buffer, STEP_CONFIG.seq_len, 2, found_inf)
-        assert counter.calls == []
+        assert calls == []
     # The counter does see a sync, and the step did train.
-    with HostSyncCounter() as counter:
+    with host_syncs_counted() as calls:
         float(loss)
-    assert counter.calls == ["__float__"]
+    assert calls == ["__float__"]
     assert found_inf.item() == 0 and all(not torch.equal(a, b) for a, b in zip(before, params))
 
 
@@ -667,3 +633,53 @@ def test_first_non_finite_step_is_named_at_the_next_validation(data_args, tmp_pa
     (error,) = events(lines, "error")
     assert error["step"] == STEPS and f"at step {bad_step}" in error["message"]
     assert [step for step, _, _ in val_records(lines)] == [0]
+
+
+def overlap_worker(rank, world_size, store_path, out_dir):
+    torch._dynamo.config.disable = True
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        model, _, optimizers, _ = step_setup("muon", False)
+        buffers = [torch.randint(0, STEP_CONFIG.vocab_size, (4 * STEP_CONFIG.seq_len + 1,),
+                                 generator=torch.Generator().manual_seed(10 + r)) for r in range(world_size)]
+        # Each rank's own gradient, accumulated over its micro-batches as train_step does, on a plain copy.
+        local = tg.GPT(STEP_CONFIG)
+        local.load_state_dict(model.state_dict())
+        expected = None
+        for buffer in buffers:
+            for inputs, targets in tg.micro_batches(buffer, STEP_CONFIG.seq_len, 2):
+                local(inputs, targets).backward()
+            grads = [p.grad.clone() for p in local.parameters()]
+            expected = grads if expected is None else [e + g for e, g in zip(expected, grads)]
+            local.zero_grad(set_to_none=True)
+        events = []
+        summing = tg.sum_gradients
+        tg.sum_gradients = lambda group, bucket: events.append("all_reduce") or summing(group, bucket)
+        ddp = tg.distributed_model(model, torch.device("cpu"), bucket_cap_mb=0.05)  # several buckets
+        model.embed.weight.register_post_accumulate_grad_hook(lambda p: events.append("embedding gradient"))
+        summed = []
+        adam = optimizers[0]
+        adam_step = adam.step
+        adam.step = lambda: summed.extend(p.grad.clone() for p in model.parameters()) or adam_step()
+        tg.train_step(ddp, optimizers, list(model.parameters()), buffers[rank], STEP_CONFIG.seq_len, 2,
+                      torch.zeros(()))
+        torch.save({"events": events, "summed": summed, "expected": expected}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_gradient_buckets_are_summed_during_the_last_backward(tmp_path):
+    """DDP with train_gpt's hook: no all-reduce in the first micro-batch's backward (no_sync); in the
+    last one the first buckets' all-reduces start before the embedding (the first layer, so the end of
+    the backward) has its gradient; the result is the plain sum of the ranks' gradients, to the bit."""
+    torch.multiprocessing.spawn(overlap_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        events = result["events"]
+        first, last = [i for i, event in enumerate(events) if event == "embedding gradient"]
+        assert "all_reduce" not in events[:first]
+        assert "all_reduce" in events[first + 1:last] and events[-1] == "all_reduce"
+        for summed, expected in zip(result["summed"], result["expected"]):
+            assert torch.equal(summed, expected)
