@@ -77,7 +77,10 @@ def polar_express(X):
 
 
 POLAR_BACKENDS = {"polar": polar, "polar_express": polar_express}
-POLAR_ITERATIONS = {"polar": REFERENCE_POLAR_ITERATIONS, "polar_express": len(POLAR_EXPRESS_COEFFICIENTS)}
+POLAR_ITERATIONS = {
+    "polar": REFERENCE_POLAR_ITERATIONS,
+    "polar_express": len(POLAR_EXPRESS_COEFFICIENTS),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,7 +536,8 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def write_back(states, results):
-        """One process: copies each run's stacked new state into its matrices' state; returns the updates."""
+        """One process: copies each run's stacked new state into its matrices' state; returns the
+        updates."""
         updates = []
         for run, update, new_state in results:
             for name, stacked in new_state.items():

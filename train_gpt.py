@@ -535,7 +535,8 @@ def distributed_model(model, device, bucket_cap_mb=25):
     options = inspect.signature(DistributedDataParallel).parameters
     no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
     ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                  gradient_as_bucket_view=True, bucket_cap_mb=bucket_cap_mb, **{no_buffer_sync: False})
+                                  gradient_as_bucket_view=True, bucket_cap_mb=bucket_cap_mb,
+                                  **{no_buffer_sync: False})
     ddp.register_comm_hook(None, sum_gradients)
     return ddp
 
@@ -955,7 +956,8 @@ def main(argv=None):
         probe_buffer = load_val_tokens(val_path, hp.micro_batch_seqs * hp.model.seq_len, 0, 1).to(device)
         probe_inputs, _ = next(micro_batches(probe_buffer, hp.model.seq_len, hp.micro_batch_seqs))
         run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
-                  torch.compile(distributed_model(raw_model, device), dynamic=False), torch.Generator().manual_seed(args.seed), train_paths,
+                  torch.compile(distributed_model(raw_model, device), dynamic=False),
+                  torch.Generator().manual_seed(args.seed), train_paths,
                   val_buffer, probe_inputs)
         for trial in range(args.trials):
             run.trial = trial

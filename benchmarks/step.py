@@ -385,7 +385,8 @@ def format_report(result):
                      f"{r['peak_memory_mib']:>9,.0f}")
     lines.append("")
     lines.append("(c) per step: host syncs of (b); collectives and bytes sent by one of N ranks (fake process "
-                 "group); matrix FLOPs per rank from the bucket plan, max/mean (joined transposes | one bucket per shape)")
+                 "group); matrix FLOPs per rank from the bucket plan, max/mean (joined transposes | one bucket "
+                 "per shape)")
     for name, r in result["recipes"].items():
         c = r["per_step"]
         flops = c["matrix_flops"]
