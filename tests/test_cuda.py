@@ -209,16 +209,17 @@ def test_full_size_step_with_8_micro_batches_fits_in_60_gib(full_model, step_tok
     params = list(raw.parameters())
     layout = tg.batch_layout(tg.FULL, 1)
     assert layout.rank_seqs // layout.micro_seqs == 8
-    tg.train_step(compiled, optimizers, params, step_tokens, SEQ_LEN, layout.micro_seqs)
+    found_inf = torch.zeros((), device="cuda")
+    tg.train_step(compiled, optimizers, params, step_tokens, SEQ_LEN, layout.micro_seqs, found_inf)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    loss = tg.train_step(compiled, optimizers, params, step_tokens, SEQ_LEN, layout.micro_seqs)
+    loss = tg.train_step(compiled, optimizers, params, step_tokens, SEQ_LEN, layout.micro_seqs, found_inf)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     total = torch.cuda.get_device_properties(0).total_memory
     report(capsys, f"full-size aurora step (8 x 64x1024 tokens) on {torch.cuda.get_device_name()}: peak "
                    f"{peak / 2 ** 30:.2f} GiB allocated of {total / 2 ** 30:.0f} GiB")
-    assert math.isfinite(loss.item())
+    assert math.isfinite(loss.item()) and found_inf.item() == 0
     assert peak < 60 * 2 ** 30
     del optimizers
 
