@@ -13,6 +13,8 @@ joins the bucket of its transpose's shape, so ranks get equal work) and all-gath
 that every rank ends the step with the same parameters and optimizer state. Gradients must already
 be summed across ranks (the trainer does that) before step(). Given a `found_inf` tensor, as
 GradScaler gives fused AdamW, a step never waits for the device (see _ShardedOrthogonalOptimizer).
+Parameters sharded by FSDP2's fully_shard (DTensors, Shard(0)) are taken as they are: each whole
+matrix is updated on one owner rank, with the same result (see the FSDP2 section below).
 
 This file imports only the standard library and torch and has no top-level side effects:
 train_gpt.py inlines its text into the single-file script that every log carries.
@@ -20,6 +22,7 @@ train_gpt.py inlines its text into the single-file script that every log carries
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 
 # --------------------------------------------------------------------------------------------
 # Orthogonalization: odd quintic Newton-Schulz iterations towards the polar factor U V^T.
@@ -309,10 +312,15 @@ def normuon_update(u, second_moment, beta2, u_normuon, polar_fn):
     return O.float(), second_moment, leverage_if_rectangular(P)
 
 
-def aurora_update(u, W, pp_iterations, pp_beta, contra, floor, variant, polar_fn):
+def aurora_update(u, W, pp_iterations, pp_beta, contra, floor, variant, polar_fn, use_aurora_polar=True):
     """Aurora (docs/recipes.md#aurora; variant "riemannian": docs/recipes.md#variants).
-    Returns (update, leverage)."""
-    if variant == "riemannian":
+    Returns (update, leverage).
+
+    use_aurora_polar=False (a matrix the orientation policy leaves out) takes plain Muon's polar
+    factor instead; the Contra-Muon mix and the u/w floor still apply."""
+    if not use_aurora_polar:
+        P = polar_fn(u)
+    elif variant == "riemannian":
         P = riemannian_aurora_polar(u)
     else:
         P = aurora_polar(u, pp_iterations, pp_beta, polar_fn)
@@ -408,6 +416,132 @@ def all_finite(tensors):
     return torch.stack(torch._foreach_norm(tensors)).isfinite().all()
 
 
+# --------------------------------------------------------------------------------------------
+# FSDP2 parameters (DTensor, Shard(0) on a 1-D mesh): every rank holds a block of rows of each
+# matrix. The update math needs whole matrices, so each matrix gets an owner rank: one all-to-all
+# brings the owner every rank's rows of the momentum direction (and of what else the math reads),
+# the owner runs the same batched update math as for replicated parameters, and a second
+# all-to-all returns each rank its rows of the update and of the new state. An all-to-all moves
+# the same bytes as a gather to each owner plus a scatter back, but in 2 collectives per shape
+# instead of 2 per matrix, with every rank's link busy instead of one owner's at a time.
+# --------------------------------------------------------------------------------------------
+
+def shard_sizes(length, world_size):
+    """Lengths of the pieces Shard(d) gives ranks 0..world_size-1 of a dim of `length`
+    (torch.chunk's split: ceil(length / world_size) each, trailing ranks may get less or none)."""
+    chunk = -(-length // world_size)
+    return [max(0, min(chunk, length - r * chunk)) for r in range(world_size)]
+
+
+def local_shape(shape, dim, rank, world_size):
+    """Shape of `rank`'s piece of a tensor of `shape` sharded along `dim`."""
+    shape = list(shape)
+    shape[dim] = shard_sizes(shape[dim], world_size)[rank]
+    return tuple(shape)
+
+
+def rank_piece(t, dim, rank, world_size):
+    """`rank`'s piece (a view) of the full tensor t sharded along `dim`."""
+    sizes = shard_sizes(t.size(dim), world_size)
+    return t.narrow(dim, sum(sizes[:rank]), sizes[rank])
+
+
+def unsupported_placement(p):
+    """Why the DTensor p cannot be optimized as a whole matrix per owner rank, or None."""
+    if p.device_mesh.ndim != 1:
+        return (f"has placements {tuple(p.placements)!r} on a {p.device_mesh.ndim}-D mesh: only 1-D meshes are "
+                f"supported (fully_shard over one mesh dimension, no HSDP)")
+    if tuple(p.placements) != (Shard(0),):
+        return (f"has placement {p.placements[0]!r}: only Shard(0), fully_shard's default, is supported "
+                f"(a shard_placement_fn choosing another placement is not)")
+    return None
+
+
+def sharded_state_zeros(p, shape):
+    """float32 zeros of `shape` for the state of the DTensor p, sharded over p's mesh along its
+    longest dim (a row vector (1, cols) along its columns), so every rank keeps about 1/world of it."""
+    dim = max(range(len(shape)), key=lambda d: shape[d])
+    return torch.distributed.tensor.zeros(*shape, dtype=torch.float32, device_mesh=p.device_mesh,
+                                          placements=[Shard(dim)])
+
+
+def owner_ranges(count, world_size):
+    """Matrices each rank owns in a bucket of `count`: rank_slice's, as start_bucket splits."""
+    return [range(*rank_slice(count, r, world_size)[:2]) for r in range(world_size)]
+
+
+def field_numel(fields, rank, world_size):
+    """Elements of `rank`'s pieces of one matrix's fields ((full shape, shard dim, dtype) each)."""
+    return sum(torch.Size(local_shape(shape, dim, rank, world_size)).numel() for shape, dim, _ in fields)
+
+
+def exchange_pieces(pieces_for, numels_from, like, group):
+    """Starts an all-to-all: the tensors pieces_for[r] (flattened, float32) go to rank r, and
+    numels_from[r] elements come from rank r. Returns (received buffer split per source, work)."""
+    flat = [t.reshape(-1).float() for pieces in pieces_for for t in pieces]
+    send = torch.cat(flat) if flat else like.new_zeros(0, dtype=torch.float32)
+    received = like.new_empty(sum(numels_from), dtype=torch.float32)
+    work = dist.all_to_all_single(received, send, output_split_sizes=list(numels_from),
+                                  input_split_sizes=[sum(t.numel() for t in pieces) for pieces in pieces_for],
+                                  group=group, async_op=True)
+    return received.split(list(numels_from)), work
+
+
+def unpack_pieces(buffer, count, fields, rank, world_size):
+    """Inverse of the packing: `buffer` holds, for `count` matrices in turn, `rank`'s piece of each
+    field. Returns one (count, *piece shape) tensor per field, in the field's dtype."""
+    shapes = [local_shape(shape, dim, rank, world_size) for shape, dim, _ in fields]
+    numels = [torch.Size(s).numel() for s in shapes]
+    columns = buffer.reshape(count, sum(numels)).split(numels, dim=1)
+    return [c.reshape(count, *s).to(dtype) for c, s, (_, _, dtype) in zip(columns, shapes, fields)]
+
+
+def assemble_on_owners(pieces, fields, owned, mesh):
+    """All-to-all 1: pieces[i] are this rank's pieces of matrix i's fields; returns, for the
+    matrices this rank owns, each field whole: (owned count, *full shape), in the field's dtype."""
+    group, rank, world_size = mesh.get_group(), mesh.get_local_rank(), mesh.size()
+    count = len(owned[rank])
+    received, work = exchange_pieces([[t for i in owned[r] for t in pieces[i]] for r in range(world_size)],
+                                     [count * field_numel(fields, r, world_size) for r in range(world_size)],
+                                     pieces[0][0], group)
+    work.wait()
+    per_source = [unpack_pieces(b, count, fields, r, world_size) for r, b in enumerate(received)]
+    # Each field's pieces concatenated along its shard dim (+1 for the stack).
+    return [torch.cat([source[f] for source in per_source], dim=dim + 1)
+            for f, (_, dim, _) in enumerate(fields)]
+
+
+def start_return_to_ranks(results, fields, owned, mesh, like):
+    """All-to-all 2: results are the owner's (owned count, *full shape) fields; every rank gets
+    its pieces back. Returns a callable that waits and returns, per field, this rank's pieces of
+    every matrix of the bucket: (bucket size, *piece shape)."""
+    group, rank, world_size = mesh.get_group(), mesh.get_local_rank(), mesh.size()
+    pieces_for = [[rank_piece(t[j], dim, r, world_size) for j in range(len(owned[rank]))
+                   for t, (_, dim, _) in zip(results, fields)] for r in range(world_size)]
+    received, work = exchange_pieces(pieces_for, [len(owned[r]) * field_numel(fields, rank, world_size)
+                                                  for r in range(world_size)], like, group)
+
+    def finish():
+        work.wait()
+        per_owner = [unpack_pieces(b, len(owned[r]), fields, rank, world_size) for r, b in enumerate(received)]
+        return [torch.cat([owner[f] for owner in per_owner]) for f in range(len(fields))]
+    return finish
+
+
+def local_tensor(p):
+    """The tensor a step writes into: p itself, or this rank's rows of a DTensor p."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def sharded_buckets(params):
+    """DTensor parameters with a gradient, grouped by shape and mesh in order of first appearance."""
+    buckets = {}
+    for p in params:
+        if isinstance(p, DTensor) and p.grad is not None:
+            buckets.setdefault((tuple(p.shape), p.device_mesh), []).append(p)
+    return list(buckets.values())
+
+
 class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
     """Common step of the three optimizers; subclasses give the per-shape update math.
 
@@ -436,14 +570,31 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
         self._compiled_update_math = torch.compile(type(self).update_math, dynamic=False)
 
     def add_param_group(self, param_group):
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        for p in params:
-            if p.ndim != 2:
-                raise ValueError(
-                    f"{type(self).__name__} only optimizes 2-D matrices, but got a parameter of shape "
-                    f"{tuple(p.shape)}; give embeddings, heads, biases and gains to AdamW instead")
+        """torch.optim's, plus refusing what the matrix math cannot take (named in the error: pass
+        model.named_parameters()-style (name, tensor) pairs to get parameter names there)."""
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.get("param_names") or [None] * len(group["params"])
+        for index, (name, p) in enumerate(zip(names, group["params"])):
+            problem = None
+            if p.ndim != 2:
+                problem = ("is not a 2-D matrix; give embeddings, heads, biases and gains to AdamW "
+                           "instead")
+            elif isinstance(p, DTensor):
+                problem = unsupported_placement(p)
+            if problem is not None:
+                self.param_groups.pop()
+                label = repr(name) if name is not None else f"#{index} of param group {len(self.param_groups)}"
+                if isinstance(p, DTensor):
+                    label += f" (DTensor {tuple(p.placements)!r})"
+                raise ValueError(f"{type(self).__name__}: parameter {label} of shape {tuple(p.shape)} "
+                                 f"{problem}")
+
+    def state_zeros(self, p, shape):
+        """float32 zeros for per-matrix state of p: a plain tensor, or sharded like p (DTensor)."""
+        if isinstance(p, DTensor):
+            return sharded_state_zeros(p, shape)
+        return torch.zeros(shape, dtype=torch.float32, device=p.device)
 
     def init_state(self, p):
         """Fills self.state[p] on first use (all tensors in `state` so state_dict carries them)."""
@@ -451,7 +602,7 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p)
             if p.size(0) != p.size(1):
-                state["leverage"] = torch.zeros(max(p.shape), dtype=torch.float32, device=p.device)
+                state["leverage"] = self.state_zeros(p, (max(p.shape),))
         return state
 
     def leverage(self):
@@ -483,10 +634,12 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
         rank, world_size = rank_and_world_size()
         launched = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None and not isinstance(p, DTensor)]
             for bucket in bucket_plan([tuple(p.shape) for p in params], self.join_transposes):
                 members = [params[i] for i in bucket]
                 launched.append((group, members, self.start_bucket(group, members, rank, world_size)))
+            for params in sharded_buckets(group["params"]):
+                launched.append((group, params, self.start_sharded_bucket(group, params)))
         finished = [(group, params, finish()) for group, params, finish in launched]
         self.apply_updates(finished, getattr(self, "found_inf", None))
         return loss
@@ -510,9 +663,8 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
             directions = [momenta[i] for i in run]
             if group["nesterov"]:
                 directions = [nesterov_direction(params[i].grad, momenta[i], group["momentum"]) for i in run]
-            stacked = {name: torch.stack([states[i][name] for i in run]) for name in self.stacked_state}
-            update, new_state = self.run_update_math(group, torch.stack(directions), [params[i] for i in run],
-                                                     stacked)
+            update, new_state = self.update_run(group, directions, [params[i] for i in run],
+                                                [states[i] for i in run], len(params))
             results.append((run, update, new_state))
         if world_size == 1:
             return lambda: self.write_back(states, results)
@@ -532,6 +684,96 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
                 torch._foreach_copy_([s[name] for s in states],
                                      [row.view_as(s[name]) for row, s in zip(piece.unbind(0), states)])
             return [row.view_as(p) for row, p in zip(pieces[0].unbind(0), params)]
+        return finish
+
+    def update_run(self, group, directions, weights, states, bucket_size):
+        """run_update_math on one run of same-shape matrices (lists: directions, weights, states).
+
+        A lone matrix of a bucket of several is stacked with a zero matrix: torch's batched
+        matmul takes another kernel for a batch of one, whose bf16 rounding differs (14 of 180
+        (48, 16) polars on a CPU), so without it a matrix's update would depend on how many ranks
+        share its bucket. Returns the stacked update and state of the run's matrices."""
+        count = len(directions)
+
+        def stack(tensors):
+            lone = count == 1 < bucket_size
+            return torch.stack(tensors + [torch.zeros_like(tensors[0])] if lone else tensors)
+        stacked = {name: stack([s[name] for s in states]) for name in self.stacked_state}
+        update, new_state = self.run_update_math(group, stack(directions), list(stack(weights).unbind(0)),
+                                                 stacked)
+        return update[:count], {name: t[:count] for name, t in new_state.items()}
+
+    def reads_full_weights(self, group):
+        """Whether run_update_math reads the weights themselves (Aurora's u/w floor)."""
+        return False
+
+    def start_sharded_bucket(self, group, params):
+        """start_bucket for DTensor parameters of one shape (Shard(0) on one 1-D mesh): momentum
+        and the Nesterov direction on the local rows, then whole matrices on their owner rank (see
+        the section above); weight decay is apply_updates' as for replicated parameters.
+
+        Rank r owns the matrices [r * share, (r + 1) * share) of the bucket, as in start_bucket.
+        The owner gets the full direction u, the full weights when the math reads them (Aurora's
+        floor needs ||W||_F of the whole matrix; computing it from the whole matrix keeps the
+        result bit-identical to one process) and the full per-matrix state (NorMuon's row or
+        column second moment), all assembled from the pieces. State lives sharded between steps.
+
+        Returns a callable that waits for this rank's rows of the update and the new state, writes
+        the state and returns the list of this rank's rows of the updates."""
+        mesh = params[0].device_mesh
+        rank, world_size = mesh.get_local_rank(), mesh.size()
+        states = [self.init_state(p) for p in params]
+        for p in params:
+            if not (isinstance(p.grad, DTensor) and p.grad.placements == p.placements):
+                raise ValueError(f"{type(self).__name__}: the gradient of the DTensor parameter of shape "
+                                 f"{tuple(p.shape)} must be a DTensor placed like it ({p.placements}), "
+                                 f"as fully_shard's backward makes it")
+        local_params = [p.to_local() for p in params]
+        # Elementwise steps on each rank's rows give bit-for-bit the rows of the whole-matrix result.
+        momenta = [s["momentum_buffer"].to_local() for s in states]
+        grads = [p.grad.to_local() for p in params]
+        momentum_step_(momenta, grads, group["momentum"])
+        directions = momenta
+        if group["nesterov"]:
+            directions = [nesterov_direction(g, m, group["momentum"]) for g, m in zip(grads, momenta)]
+
+        # What the owner reads, as (full shape, shard dim, dtype) fields, and this rank's pieces.
+        shape, dtype = tuple(params[0].shape), params[0].dtype
+        fields = [(shape, 0, dtype)]
+        pieces = [[d] for d in directions]
+        if self.reads_full_weights(group):
+            fields.append((shape, 0, dtype))
+            for matrix_pieces, w in zip(pieces, local_params):
+                matrix_pieces.append(w)
+        for name in self.stacked_state:
+            fields.append((tuple(states[0][name].shape), states[0][name].placements[0].dim, torch.float32))
+            for matrix_pieces, s in zip(pieces, states):
+                matrix_pieces.append(s[name].to_local())
+        owned = owner_ranges(len(params), world_size)
+        whole = assemble_on_owners(pieces, fields, owned, mesh)
+
+        # What comes back: the update and every state but the momentum.
+        names = sorted(name for name in states[0] if name != "momentum_buffer")
+        back_fields = [(shape, 0, torch.float32)] + [
+            (tuple(states[0][n].shape), states[0][n].placements[0].dim, torch.float32) for n in names]
+        results = []  # this rank's owned matrices' update and state (none if it owns none)
+        count = len(owned[rank])
+        if count:
+            # (zeros stand in for weights the math does not read)
+            weights = whole[1] if self.reads_full_weights(group) else torch.zeros_like(whole[0])
+            state_fields = whole[len(fields) - len(self.stacked_state):]
+            owned_states = [{name: t[j] for name, t in zip(self.stacked_state, state_fields)}
+                            for j in range(count)]
+            update, new_state = self.update_run(group, list(whole[0].unbind(0)), list(weights.unbind(0)),
+                                                owned_states, len(params))
+            results = [update] + [new_state[n] for n in names]
+        receive = start_return_to_ranks(results, back_fields, owned, mesh, directions[0])
+
+        def finish():
+            update, *new_state = receive()
+            for name, stacked in zip(names, new_state):
+                torch._foreach_copy_([s[name].to_local() for s in states], list(stacked.unbind(0)))
+            return list(update.unbind(0))
         return finish
 
     @staticmethod
@@ -561,9 +803,10 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
             if keep is not None:
                 decay = torch.where(keep, decay, 1.0)
                 updates = [torch.where(keep, u, 0.0) for u in updates]
+            targets = [local_tensor(p) for p in params]
             if group["weight_decay"] != 0:
-                torch._foreach_mul_(params, decay)
-            torch._foreach_add_(params, updates, alpha=-group["lr"])
+                torch._foreach_mul_(targets, decay)
+            torch._foreach_add_(targets, updates, alpha=-group["lr"])
 
     def check_finite(self, finished):
         """One host sync per step: refuse to apply an update holding inf or NaN."""
@@ -614,7 +857,7 @@ class NorMuon(_ShardedOrthogonalOptimizer):
         state = super().init_state(p)
         if "second_moment" not in state:
             shape = (p.size(0), 1) if p.size(0) >= p.size(1) else (1, p.size(1))
-            state["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state["second_moment"] = self.state_zeros(p, shape)
         return state
 
     def run_update_math(self, group, u, params, stacked):
@@ -625,26 +868,52 @@ class NorMuon(_ShardedOrthogonalOptimizer):
 
 
 AURORA_VARIANTS = ("vanilla", "riemannian")
+# Which matrices get Aurora's polar factor: every non-square one (record #17), only tall ones (the
+# shape the Aurora authors designed it for) or only wide ones (entries that apply it to the wide
+# mlp.proj alone). The others get plain Muon's polar; square matrices get polar either way.
+AURORA_ORIENTATIONS = ("non_square", "tall", "wide")
+
+
+def takes_aurora_polar(orientation, rows, cols):
+    """Whether the orientation policy gives a rows x cols matrix Aurora's polar factor."""
+    if orientation == "tall":
+        return rows >= cols
+    if orientation == "wide":
+        return rows <= cols
+    return True
 
 
 class Aurora(_ShardedOrthogonalOptimizer):
     """Aurora (docs/recipes.md#aurora, record #17 with lr=0.0375, contra=0.4, uw_floor=0.35): Muon with a
     leverage-equalized polar factor (aurora_polar), an optional Contra-Muon mix and u/w floor.
 
-    variant="riemannian" replaces aurora_polar by riemannian_aurora_polar (docs/recipes.md#variants)."""
+    variant="riemannian" replaces aurora_polar by riemannian_aurora_polar (docs/recipes.md#variants).
+    orientation ("non_square", the record's; "tall"; "wide") picks the matrices that get Aurora's
+    polar factor; the others get Muon's polar, with the same Contra-Muon mix and u/w floor."""
 
     update_math = staticmethod(aurora_update)
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, pp_iterations=2,
-                 pp_beta=0.5, contra=0.0, uw_floor=0.0, variant="vanilla", polar_backend="polar"):
+                 pp_beta=0.5, contra=0.0, uw_floor=0.0, variant="vanilla", polar_backend="polar",
+                 orientation="non_square"):
         if variant not in AURORA_VARIANTS:
             raise ValueError(f"Aurora: variant must be one of {AURORA_VARIANTS}, got {variant!r}")
+        if orientation not in AURORA_ORIENTATIONS:
+            raise ValueError(f"Aurora: orientation must be one of {AURORA_ORIENTATIONS}, got {orientation!r}")
         if pp_iterations < 1:
             raise ValueError(f"Aurora: pp_iterations must be >= 1, got {pp_iterations}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       nesterov=nesterov, pp_iterations=pp_iterations, pp_beta=pp_beta,
                                       contra=contra, uw_floor=uw_floor, variant=variant,
-                                      polar_backend=polar_backend))
+                                      polar_backend=polar_backend, orientation=orientation))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # state_dicts saved before the orientation policy existed
+            group.setdefault("orientation", "non_square")
+
+    def reads_full_weights(self, group):
+        return group["uw_floor"] != 0
 
     def run_update_math(self, group, u, params, stacked):
         weights = torch.stack(params)
@@ -652,7 +921,8 @@ class Aurora(_ShardedOrthogonalOptimizer):
             weights = weights * (1 - group["lr"] * group["weight_decay"])
         update, leverage = self._compiled_update_math(
             u, weights, group["pp_iterations"], group["pp_beta"], group["contra"], group["uw_floor"],
-            group["variant"], POLAR_BACKENDS[group["polar_backend"]])
+            group["variant"], POLAR_BACKENDS[group["polar_backend"]],
+            takes_aurora_polar(group["orientation"], u.size(-2), u.size(-1)))
         return update, with_leverage({}, leverage)
 
     def matrix_flops(self, shape, group):

@@ -519,26 +519,36 @@ def test_lr_and_weight_decay_can_be_changed_between_steps():
 # Sharding across gloo ranks
 # ----------------------------------------------------------------------------------------------
 
-def distributed_worker(rank, world_size, store_path, out_dir):
+def gloo_process(rank, worker, world_size, store_path, args):
     torch._dynamo.config.disable = True
     torch.set_num_threads(1)  # several processes share this machine's cores
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
-        results = {}
-        weights, grads = make_problem(steps=2)
-        for recipe, (cls, settings) in RECORD_SETTINGS.items():
-            params, opt = run_optimizer(cls, settings, weights, grads)
-            results[recipe] = ([p.detach() for p in params], opt.state_dict()["state"])
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        worker(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
+
+
+def run_on_gloo_ranks(worker, world_size, tmp_path, *args):
+    """Runs worker(rank, world_size, *args) (a module-level function) in world_size spawned CPU
+    processes joined in one gloo process group, eagerly and one thread each."""
+    store_path = tmp_path / f"gloo-store-{world_size}-{len(os.listdir(tmp_path))}"
+    mp.spawn(gloo_process, args=(worker, world_size, str(store_path), args), nprocs=world_size, join=True)
+
+
+def distributed_worker(rank, world_size, out_dir):
+    results = {}
+    weights, grads = make_problem(steps=2)
+    for recipe, (cls, settings) in RECORD_SETTINGS.items():
+        params, opt = run_optimizer(cls, settings, weights, grads)
+        results[recipe] = ([p.detach() for p in params], opt.state_dict()["state"])
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.distributed
 def test_gloo_ranks_give_the_same_parameters_and_state_as_one_process(tmp_path):
     world_size = 2
-    mp.spawn(distributed_worker, args=(world_size, str(tmp_path / "store"), str(tmp_path)),
-             nprocs=world_size, join=True)
+    run_on_gloo_ranks(distributed_worker, world_size, tmp_path, str(tmp_path))
     weights, grads = make_problem(steps=2)
     for rank in range(world_size):
         results = torch.load(tmp_path / f"rank{rank}.pt")
