@@ -46,6 +46,7 @@ class ModelConfig:
     model_dim: int = 768
     head_dim: int = 128
     seq_len: int = 1024
+    mlp_ratio: int = 4  # MLP hidden width / model_dim; a research knob (--mlp-ratio), 4 in the benchmark
 
 
 @dataclass(frozen=True)
@@ -352,10 +353,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, ratio):
         super().__init__()
-        self.fc = Linear(dim, 4 * dim)
-        self.proj = Linear(4 * dim, dim)
+        self.fc = Linear(dim, ratio * dim)
+        self.proj = Linear(ratio * dim, dim)
 
     def forward(self, x):
         return self.proj(F.relu(self.fc(x)).square())
@@ -367,7 +368,7 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(config.model_dim)
         self.attn = Attention(config)
         self.norm2 = RMSNorm(config.model_dim)
-        self.mlp = MLP(config.model_dim)
+        self.mlp = MLP(config.model_dim, config.mlp_ratio)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -629,32 +630,130 @@ NEARLY_DEAD_ACTIVITY = 0.001  # active on fewer than 0.1% of the probe tokens
 STARVED_LEVERAGE = 0.1  # l_i below 10% of the mean
 
 
-def dead_neuron_fractions(preacts):
-    """preacts: (..., hidden) fc outputs over a batch. Returns (dead, nearly_dead): the fractions of
-    hidden units with pre-activation > 0 on no token, and on fewer than 0.1% of tokens (dead included)."""
-    flat = preacts.reshape(-1, preacts.size(-1))
-    active = (flat > 0).sum(dim=0)
+def active_token_counts(preacts):
+    """preacts: (..., hidden) fc outputs over a batch. Per hidden unit, the tokens with pre-activation > 0."""
+    return (preacts.reshape(-1, preacts.size(-1)) > 0).sum(dim=0)
+
+
+def dead_fractions_from_counts(active, tokens):
+    """(dead, nearly_dead): the fractions of units active on no token, and on fewer than 0.1% of the
+    `tokens` (dead included)."""
     dead = (active == 0).float().mean().item()
-    nearly_dead = (active < NEARLY_DEAD_ACTIVITY * flat.size(0)).float().mean().item()
+    nearly_dead = (active < NEARLY_DEAD_ACTIVITY * tokens).float().mean().item()
     return dead, nearly_dead
 
 
+def dead_neuron_fractions(preacts):
+    """preacts: (..., hidden) fc outputs over a batch. Returns (dead, nearly_dead): the fractions of
+    hidden units with pre-activation > 0 on no token, and on fewer than 0.1% of tokens (dead included)."""
+    return dead_fractions_from_counts(active_token_counts(preacts), preacts.numel() // preacts.size(-1))
+
+
+@dataclass
+class FcProbe:
+    """One MLP's fc on the probe batch."""
+    active: torch.Tensor  # (hidden,) tokens on which each unit's pre-activation is > 0
+    tokens: int
+    mean_input: torch.Tensor  # (dim,) the fc input averaged over the probe tokens, fp32
+
+
 @torch.no_grad()
-def neuron_report(model, inputs):
-    """Per-layer dead and nearly-dead fractions of the MLP units on the probe batch. Runs the uncompiled
-    model up to the last block (the head's logits of a full-size probe would take gigabytes)."""
-    per_layer = []
-    hooks = [block.mlp.fc.register_forward_hook(lambda module, args, out: per_layer.append(dead_neuron_fractions(out)))
-             for block in model.blocks]
+def probe_mlps(model, inputs):
+    """One FcProbe per block. Runs the uncompiled model up to the last block (the head's logits of a
+    full-size probe would take gigabytes); hooks reduce each fc's input and output on the spot."""
+    probes = []
+
+    def record(module, args, out):
+        x = args[0].reshape(-1, args[0].size(-1))
+        probes.append(FcProbe(active_token_counts(out), x.size(0), x.float().mean(dim=0)))
+
+    hooks = [block.mlp.fc.register_forward_hook(record) for block in model.blocks]
     try:
         model.features(inputs)
     finally:
         for hook in hooks:
             hook.remove()
+    return probes
+
+
+def neuron_report(probes):
+    """Per-layer dead and nearly-dead fractions of the MLP units on the probe batch."""
+    per_layer = [dead_fractions_from_counts(p.active, p.tokens) for p in probes]
     dead = [d for d, _ in per_layer]
     nearly = [n for _, n in per_layer]
     return {"dead_fraction": sum(dead) / len(dead), "nearly_dead_fraction": sum(nearly) / len(nearly),
             "dead_fraction_per_layer": dead, "nearly_dead_fraction_per_layer": nearly}
+
+
+# Rows of a layer's fate tensor: one column per MLP unit.
+FIRST_DEAD, REVIVALS, DEAD_AT_LAST_PROBE = 0, 1, 2
+
+
+def new_fate(hidden, device):
+    """The fate of a layer's units before any probe: never seen dead, never revived, not dead."""
+    fate = torch.zeros(3, hidden, dtype=torch.int64, device=device)
+    fate[FIRST_DEAD] = -1
+    return fate
+
+
+def update_fate(fate, dead, step):
+    """Records one probe's dead mask in `fate` (in place): the step a unit is first seen dead, and a
+    revival each time a unit dead at the last probe is alive at this one."""
+    fate[FIRST_DEAD] = torch.where((fate[FIRST_DEAD] < 0) & dead, step, fate[FIRST_DEAD])
+    fate[REVIVALS] += (fate[DEAD_AT_LAST_PROBE].bool() & ~dead).long()
+    fate[DEAD_AT_LAST_PROBE] = dead.long()
+
+
+def fate_counts(fate, step):
+    """One layer's units (the neurons line counts those dead now): ever seen dead; permanent (dead at
+    every probe since first seen dead, so dead now and never revived); revived (seen dead before,
+    alive now); revivals (all dead-to-alive transitions so far); newly dead (first seen dead at `step`)."""
+    ever = fate[FIRST_DEAD] >= 0
+    dead = fate[DEAD_AT_LAST_PROBE].bool()
+    return {"ever_dead": int(ever.sum()),
+            "permanent": int((dead & (fate[REVIVALS] == 0)).sum()), "revived": int((ever & ~dead).sum()),
+            "revivals": int(fate[REVIVALS].sum()), "newly_dead": int((fate[FIRST_DEAD] == step).sum())}
+
+
+def fate_report(fates, step):
+    """Unit counts per layer and, over all layers, each count of units as a fraction of the units (and
+    the total number of revivals)."""
+    per_layer = [fate_counts(fate, step) for fate in fates]
+    units = sum(fate.size(1) for fate in fates)
+    report = {f"{name}_fraction": sum(layer[name] for layer in per_layer) / units for name in per_layer[0]
+              if name != "revivals"}
+    report["revivals"] = sum(layer["revivals"] for layer in per_layer)
+    report |= {f"{name}_per_layer": [layer[name] for layer in per_layer] for name in per_layer[0]}
+    return {"units_per_layer": [fate.size(1) for fate in fates], **report}
+
+
+def mean_or_none(values, mask):
+    return values[mask].mean().item() if mask.any() else None
+
+
+def dead_live_updates(weight_before, bias_before, weight, bias, dead, mean_input):
+    """What one fc applied to its dead rows (`dead`: the units dead when `weight_before` was kept) and
+    to the live ones since then: the mean norm of the row's weight change, and the mean change of
+    the unit's pre-activation over the probe tokens (mean_input: their fc input), bias included."""
+    delta = (weight - weight_before).float()
+    norms = delta.norm(dim=1)
+    preact_change = delta @ mean_input + (bias - bias_before).float()
+    return {"dead_rows": int(dead.sum()), "live_rows": int((~dead).sum()),
+            "dead_update_norm": mean_or_none(norms, dead), "live_update_norm": mean_or_none(norms, ~dead),
+            "dead_preact_change": mean_or_none(preact_change, dead),
+            "live_preact_change": mean_or_none(preact_change, ~dead)}
+
+
+@dataclass
+class DiagnosticsState:
+    """What the diagnostics of one trial keep between probes (rank 0): each layer's fate tensor, and
+    each fc's weight, bias and dead mask at the last probe."""
+    trial: int
+    step: int
+    fates: list
+    fc_weights: list
+    fc_biases: list
+    dead: list
 
 
 def leverage_stats(leverage):
@@ -679,8 +778,9 @@ def leverage_report(model, optimizers):
 
 
 def rounded(value, digits=6):
+    """`digits` significant digits: update norms can be far below 1e-6."""
     if isinstance(value, float):
-        return round(value, digits)
+        return float(f"{value:.{digits}g}")
     if isinstance(value, dict):
         return {k: rounded(v, digits) for k, v in value.items()}
     if isinstance(value, list):
@@ -710,12 +810,14 @@ def parse_args(argv):
     parser.add_argument("--train-files", help="glob of train shards (default: the preset's)")
     parser.add_argument("--val-files", help="glob of val shards; the first one is used (default: the preset's)")
     parser.add_argument("--no-diagnostics", action="store_true", help="skip neuron and leverage diagnostics")
+    parser.add_argument("--mlp-ratio", type=int, metavar="R",
+                        help="MLP hidden width = R x model width (default 4, the benchmark's; other values are not a record)")
     parser.add_argument("--save", metavar="PATH", help="write model + optimizer state here at the end of a trial")
     parser.add_argument("--save-every", type=int, metavar="K", help="with --save: also every K steps")
     parser.add_argument("--init-from", metavar="PATH", help="start every trial from the model weights in PATH")
     parser.add_argument("--run-id", help="log name under logs/ (default: recipe and a random id)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_seqs", "trials", "save_every"):
+    for name in ("steps", "batch_seqs", "trials", "save_every", "mlp_ratio"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -733,6 +835,8 @@ def resolve_hyperparameters(args):
         overrides["val_files"] = args.val_files
     if args.batch_seqs:
         overrides["batch_tokens"] = args.batch_seqs * hp.model.seq_len
+    if args.mlp_ratio:
+        overrides["model"] = dataclasses.replace(hp.model, mlp_ratio=args.mlp_ratio)
     return dataclasses.replace(hp, **overrides)
 
 
@@ -790,6 +894,7 @@ class Run:
     probe: torch.Tensor  # the input tokens of the diagnostics' probe batch
     trial: int = 0
     step: int = 0
+    diagnostics: DiagnosticsState | None = None  # what write_diagnostics keeps between probes
 
 
 def train_step(model, optimizers, params, buffer, seq_len, micro_seqs, found_inf):
@@ -875,12 +980,32 @@ def train_trial(run):
 
 
 def write_diagnostics(run, optimizers):
-    neurons = neuron_report(run.raw_model, run.probe)
-    run.log.event("diag", {"step": run.step, "trial": run.trial, "kind": "neurons", **rounded(neurons)})
+    """The `diag` lines of one validation: neurons, fate, fc_updates (from the second probe of a
+    trial on) and leverage. Keeps this trial's DiagnosticsState in run.diagnostics."""
+    probes = probe_mlps(run.raw_model, run.probe)
+    fcs = [block.mlp.fc for block in run.raw_model.blocks]
+    dead = [p.active == 0 for p in probes]
+    state = run.diagnostics
+    if state is None or state.trial != run.trial:  # a new trial (or a resumed one) starts afresh
+        state = DiagnosticsState(run.trial, run.step, [new_fate(d.numel(), d.device) for d in dead], [], [], [])
+    head = {"step": run.step, "trial": run.trial}
+    run.log.event("diag", {**head, "kind": "neurons", **rounded(neuron_report(probes))})
+    for fate, layer_dead in zip(state.fates, dead):
+        update_fate(fate, layer_dead, run.step)
+    run.log.event("diag", {**head, "kind": "fate", **rounded(fate_report(state.fates, run.step))})
+    if state.fc_weights:
+        updates = {f"blocks.{i}.mlp.fc.weight": dead_live_updates(w, b, fc.weight, fc.bias, d, p.mean_input)
+                   for i, (w, b, fc, d, p) in enumerate(zip(state.fc_weights, state.fc_biases, fcs, state.dead,
+                                                            probes))}
+        run.log.event("diag", {**head, "kind": "fc_updates", "since_step": state.step,
+                               "matrices": rounded(updates)})
+    state.step, state.dead = run.step, dead
+    state.fc_weights = [fc.weight.detach().clone() for fc in fcs]
+    state.fc_biases = [fc.bias.detach().clone() for fc in fcs]
+    run.diagnostics = state
     leverage = leverage_report(run.raw_model, optimizers)
     if leverage:
-        run.log.event("diag", {"step": run.step, "trial": run.trial, "kind": "leverage",
-                               "matrices": rounded(leverage)})
+        run.log.event("diag", {**head, "kind": "leverage", "matrices": rounded(leverage)})
 
 
 def preflight(args, hp, steps, dist_info):

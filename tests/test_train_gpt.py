@@ -137,6 +137,15 @@ def test_diagnostics_at_every_validation(tiny_run):
     for d in neurons:
         assert len(d["dead_fraction_per_layer"]) == tg.TINY.model.num_layers
         assert 0 <= d["dead_fraction"] <= d["nearly_dead_fraction"] <= 1
+    fates = [d for d in diags if d["kind"] == "fate"]
+    assert [(d["trial"], d["step"]) for d in fates] == [(t, s) for t in (0, 1) for s in (0, STEPS)]
+    assert all(d["units_per_layer"] == [4 * tg.TINY.model.model_dim] * tg.TINY.model.num_layers for d in fates)
+    updates = [d for d in diags if d["kind"] == "fc_updates"]
+    # From the second probe of each trial on: what each fc received since the previous one.
+    assert [(d["trial"], d["step"], d["since_step"]) for d in updates] == [(0, STEPS, 0), (1, STEPS, 0)]
+    for d in updates:
+        assert set(d["matrices"]) == {f"blocks.{i}.mlp.fc.weight" for i in range(tg.TINY.model.num_layers)}
+        assert all(m["live_update_norm"] > 0 for m in d["matrices"].values())
     leverage = [d for d in diags if d["kind"] == "leverage"]
     # No update before the first step; afterwards every non-square block matrix (fc tall, proj wide).
     assert [(d["trial"], d["step"]) for d in leverage] == [(0, STEPS), (1, STEPS)]
@@ -536,7 +545,7 @@ def test_neuron_report_on_hand_set_fc_rows():
         model.blocks[0].mlp.fc.bias[:16] = -1.0  # 16 of 64 units of layer 0 never fire
         model.blocks[1].mlp.fc.bias[:8] = 0.0  # pre-activation exactly 0: relu^2 is 0, dead too
     tokens = torch.randint(0, 64, (2, 8))
-    report = tg.neuron_report(model, tokens)
+    report = tg.neuron_report(tg.probe_mlps(model, tokens))
     assert report["dead_fraction_per_layer"] == [0.25, 0.125] and report["nearly_dead_fraction_per_layer"] == [0.25, 0.125]
     assert report["dead_fraction"] == pytest.approx(0.1875)
     assert not model.blocks[0].mlp.fc._forward_hooks  # the hooks are removed afterwards
@@ -683,3 +692,134 @@ def test_gradient_buckets_are_summed_during_the_last_backward(tmp_path):
         assert "all_reduce" in events[first + 1:last] and events[-1] == "all_reduce"
         for summed, expected in zip(result["summed"], result["expected"]):
             assert torch.equal(summed, expected)
+
+
+# ---- neuron fate and what dead units receive (docs/diagnostics.md) ----
+
+def fate_model(mlp_ratio=4):
+    """Two layers of 16 x mlp_ratio units, every fc row zero with bias +1: each unit fires on every token."""
+    config = tg.ModelConfig(vocab_size=64, num_layers=2, model_dim=16, head_dim=8, seq_len=8, mlp_ratio=mlp_ratio)
+    model = tg.GPT(config)
+    tg.init_parameters(model, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.fc.weight.zero_()
+            block.mlp.fc.bias.fill_(1.0)
+    return model
+
+
+def diagnostics_run(model, tmp_path, probe):
+    """The parts of a Run that write_diagnostics reads."""
+    return type("DiagnosticsRun", (), dict(raw_model=model, probe=probe, log=tg.RunLog(str(tmp_path / "diag.txt")),
+                                           trial=0, step=0, diagnostics=None))()
+
+
+def logged_diags(tmp_path, kind):
+    lines = (tmp_path / "diag.txt").read_text().splitlines()
+    return [d for d in events(lines, "diag") if d["kind"] == kind]
+
+
+def test_fate_counts_a_unit_dead_while_its_row_says_so_and_one_revival_when_reset(tmp_path):
+    model = fate_model()
+    run = diagnostics_run(model, tmp_path, torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1)))
+    fc = model.blocks[1].mlp.fc
+    weight_before = fc.weight[5].clone()
+    # (step, what is done to unit 5 of layer 1 before the probe)
+    for step, row in [(0, None), (10, "kill"), (20, None), (30, "reset"), (40, None), (50, "kill")]:
+        with torch.no_grad():
+            if row == "kill":  # a row whose pre-activation is negative on every token
+                fc.weight[5] = -weight_before.abs() - 0.5
+                fc.bias[5] = -3.0
+            elif row == "reset":
+                fc.weight[5] = weight_before
+                fc.bias[5] = 1.0
+        run.step = step
+        tg.write_diagnostics(run, [])
+    fates = logged_diags(tmp_path, "fate")
+    assert [d["step"] for d in fates] == [0, 10, 20, 30, 40, 50] and fates[0]["units_per_layer"] == [64, 64]
+    per_step = {d["step"]: {k: d[f"{k}_per_layer"][1] for k in ("ever_dead", "permanent", "revived", "revivals",
+                                                              "newly_dead")} for d in fates}
+    assert per_step[0] == dict(ever_dead=0, permanent=0, revived=0, revivals=0, newly_dead=0)
+    assert per_step[10] == dict(ever_dead=1, permanent=1, revived=0, revivals=0, newly_dead=1)
+    assert per_step[20] == dict(ever_dead=1, permanent=1, revived=0, revivals=0, newly_dead=0)
+    assert per_step[30] == dict(ever_dead=1, permanent=0, revived=1, revivals=1, newly_dead=0)
+    assert per_step[40] == per_step[30]
+    # Dead again, but not permanently: it came back once.
+    assert per_step[50] == dict(ever_dead=1, permanent=0, revived=0, revivals=1, newly_dead=0)
+    assert all(d["ever_dead_per_layer"][0] == 0 for d in fates)
+    assert fates[1]["permanent_fraction"] == pytest.approx(1 / 128, abs=1e-6) and fates[-1]["revivals"] == 1
+    assert [d["dead_fraction_per_layer"][1] for d in logged_diags(tmp_path, "neurons")] == [0, 1 / 64, 1 / 64, 0, 0,
+                                                                                          1 / 64]
+    assert tg.fate_report([run.diagnostics.fates[1]], 50)["units_per_layer"] == [64]
+    # The state is one (3, units) tensor per layer; a new trial starts it afresh.
+    assert [tuple(f.shape) for f in run.diagnostics.fates] == [(3, 64), (3, 64)]
+    run.trial, run.step = 1, 0
+    tg.write_diagnostics(run, [])
+    assert logged_diags(tmp_path, "fate")[-1]["ever_dead_per_layer"] == [0, 1]  # dead from its first probe
+    assert logged_diags(tmp_path, "fate")[-1]["newly_dead_per_layer"] == [0, 1]
+
+
+def fc_input_mean(model, tokens, layer):
+    """The fc input of `layer`, averaged over the tokens, computed by hand from the blocks' pieces."""
+    with torch.no_grad():
+        x = model.norm_a(model.embed(tokens))
+        for block in model.blocks[:layer]:
+            x = block(x)
+        block = model.blocks[layer]
+        x = x + block.attn(block.norm1(x))
+        return block.norm2(x).float().reshape(-1, x.size(-1)).mean(dim=0)
+
+
+@pytest.mark.parametrize("recipe", sorted(tg.RECIPES))
+def test_dead_and_live_update_norms_match_a_hand_computation_on_one_step(recipe, tmp_path):
+    with torch._dynamo.config.patch(disable=True):
+        model = fate_model()
+        generator = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for block in model.blocks:  # live random rows, and output weights so that gradients flow
+                block.mlp.fc.weight.copy_(torch.randn(block.mlp.fc.weight.shape, generator=generator) * 0.3)
+                block.mlp.fc.bias.zero_()
+                block.mlp.proj.weight.copy_(torch.randn(block.mlp.proj.weight.shape, generator=generator) * 0.1)
+            model.proj.weight.copy_(torch.randn(model.proj.weight.shape, generator=generator) * 0.1)
+            model.blocks[0].mlp.fc.bias[:12] = -50.0  # 12 of 64 units of layer 0 never fire: dead
+        probe = torch.randint(0, 64, (2, 8), generator=generator)
+        run = diagnostics_run(model, tmp_path, probe)
+        optimizers = tg.build_optimizers(model, tg.RECIPES[recipe])
+        tg.write_diagnostics(run, optimizers)
+        fc = model.blocks[0].mlp.fc
+        weight_before, bias_before = fc.weight.detach().clone(), fc.bias.detach().clone()
+        tokens = torch.randint(0, 64, (4, 9), generator=generator)
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        run.step = 1
+        tg.write_diagnostics(run, optimizers)
+    (line,) = logged_diags(tmp_path, "fc_updates")
+    assert line["step"] == 1 and line["since_step"] == 0
+    assert set(line["matrices"]) == {"blocks.0.mlp.fc.weight", "blocks.1.mlp.fc.weight"}
+    got = line["matrices"]["blocks.0.mlp.fc.weight"]
+    dead = torch.arange(64) < 12
+    delta = (fc.weight - weight_before).detach().double()
+    norms = delta.norm(dim=1)
+    preact = delta @ fc_input_mean(model, probe, 0).double() + (fc.bias - bias_before).detach().double()
+    assert got["dead_rows"] == 12 and got["live_rows"] == 52
+    assert got["dead_update_norm"] == pytest.approx(norms[dead].mean().item(), rel=1e-4, abs=1e-7)
+    assert got["live_update_norm"] == pytest.approx(norms[~dead].mean().item(), rel=1e-4)
+    assert got["live_update_norm"] > 0
+    assert got["dead_preact_change"] == pytest.approx(preact[dead].mean().item(), rel=1e-3, abs=1e-6)
+    assert got["live_preact_change"] == pytest.approx(preact[~dead].mean().item(), rel=1e-3, abs=1e-6)
+    # Layer 1 has no dead unit: its dead-row means are null.
+    assert line["matrices"]["blocks.1.mlp.fc.weight"]["dead_update_norm"] is None
+
+
+def test_mlp_ratio_sets_the_hidden_width_and_is_not_a_record():
+    args = tg.parse_args(["--mlp-ratio", "8"])
+    hp = tg.resolve_hyperparameters(args)
+    assert hp.model.mlp_ratio == 8 and tg.resolve_hyperparameters(tg.parse_args([])).model.mlp_ratio == 4
+    model = fate_model(mlp_ratio=8)
+    assert model.blocks[0].mlp.fc.weight.shape == (128, 16) and model.blocks[0].mlp.proj.weight.shape == (16, 128)
+    differences = tg.record_differences(hp, tg.RECIPES["aurora"], 3200, None)
+    assert len(differences) == 1 and "mlp_ratio=8" in differences[0]
+    assert tg.record_differences(tg.FULL, tg.RECIPES["aurora"], 3200, None) == []
+    with pytest.raises(SystemExit):
+        tg.parse_args(["--mlp-ratio", "0"])
