@@ -5,7 +5,8 @@ matter:
 - val lines `step:{s}/{T} val_loss:{x} [train_time:{t}s|ms] [step_avg:{a}ms]`; a line with
   `step:0/` starts a new trial (several trials may share one log);
 - `diag {json}` lines (our diagnostics, docs/diagnostics.md), attached to the trial they were measured in;
-- `config {json}` lines (our resolved configuration; the "recipe" key names the recipe);
+- `config {json}` lines (our resolved configuration; the "recipe" key names the recipe, and
+  hyperparameters.model.mlp_ratio the MLP width ratio);
 - `Running PyTorch ... on {device} with world_size {W}` (the hardware).
 Everything else is ignored, so the leaderboard's own logs parse too.
 """
@@ -43,6 +44,7 @@ class Run:
     hardware: str | None
     points: list[ValPoint] = field(default_factory=list)
     diagnostics: list[dict] = field(default_factory=list)
+    mlp_ratio: int | None = None  # None: the log does not say (the benchmark's is 4)
 
     @property
     def total_steps(self) -> int:
@@ -115,6 +117,12 @@ def parse_hardware(line: str) -> str | None:
     return f"{world_size}x {device.strip()}"
 
 
+def mlp_ratio_of(config: dict) -> int | None:
+    model = (config.get("hyperparameters") or {}).get("model") or {}
+    ratio = model.get("mlp_ratio") if isinstance(model, dict) else None
+    return ratio if isinstance(ratio, int) else None
+
+
 def diag_step(diag: dict) -> int | None:
     step = diag.get("step")
     return step if isinstance(step, int) else None
@@ -124,7 +132,7 @@ def parse_log_text(text: str, path: str = "<text>") -> LogFile:
     code, rest = split_code(text)
     runs: list[Run] = []
     configs: list[dict] = []
-    recipe = hardware = None
+    recipe = hardware = mlp_ratio = None
     # Diagnostics whose step lies before the current trial's latest step were measured in the next
     # trial (written just before its `step:0/` line); they wait here until that trial starts.
     pending_diagnostics: list[dict] = []
@@ -133,7 +141,8 @@ def parse_log_text(text: str, path: str = "<text>") -> LogFile:
         point = parse_val_line(line)
         if point is not None:
             if point.step == 0 or not runs:
-                runs.append(Run(path, len(runs), recipe, hardware, diagnostics=pending_diagnostics))
+                runs.append(Run(path, len(runs), recipe, hardware, diagnostics=pending_diagnostics,
+                                mlp_ratio=mlp_ratio))
                 pending_diagnostics = []
                 latest_step = -1
             runs[-1].points.append(point)
@@ -156,6 +165,9 @@ def parse_log_text(text: str, path: str = "<text>") -> LogFile:
                 recipe = config["recipe"]
                 for run in runs:
                     run.recipe = run.recipe or recipe
+            mlp_ratio = mlp_ratio_of(config) or mlp_ratio
+            for run in runs:
+                run.mlp_ratio = run.mlp_ratio or mlp_ratio
             continue
         if hardware is None:
             hardware = parse_hardware(line)

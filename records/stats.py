@@ -182,6 +182,9 @@ def display_name(result: ResultSet) -> str:
 
 NEURON_FIELDS = ("dead_fraction", "nearly_dead_fraction")
 LEVERAGE_FIELDS = ("cv", "max_over_min", "starved_fraction")
+FATE_FIELDS = ("ever_dead_fraction", "permanent_fraction", "revived_fraction")
+# fc_updates values, per fc matrix, divided by the steps of their validation interval.
+FC_UPDATE_FIELDS = ("dead_update_norm", "live_update_norm", "dead_preact_change", "live_preact_change")
 
 
 def diagnostics_of_kind(run: Run, kind: str) -> list[dict]:
@@ -219,27 +222,83 @@ def leverage_series(run: Run, field_name: str) -> dict[int, float]:
     return {step: statistics.fmean(v) for step, v in values.items()}
 
 
+def fate_series(run: Run, field_name: str) -> dict[int, float]:
+    return {d["step"]: float(d[field_name]) for d in diagnostics_of_kind(run, "fate")
+            if is_number(d.get(field_name))}
+
+
+def permanent_share_series(run: Run) -> dict[int, float]:
+    """Per step, the share of the units ever seen dead that have stayed dead at every probe since."""
+    return {d["step"]: d["permanent_fraction"] / d["ever_dead_fraction"] for d in diagnostics_of_kind(run, "fate")
+            if is_number(d.get("permanent_fraction")) and is_number(d.get("ever_dead_fraction"))
+            and d["ever_dead_fraction"] > 0}
+
+
+def pooled_fc_updates(run: Run) -> dict[int, dict[str, float]]:
+    """Per fc_updates line (by step): each value as the mean over the dead (or live) rows of all fc
+    matrices together, divided by the steps of its validation interval; a dead-row value only where
+    some row was dead. Adds dead_over_live_update_norm, the dead rows' mean update norm over the
+    live rows' (1: dead rows move as much as live ones)."""
+    pooled = {}
+    for diag in diagnostics_of_kind(run, "fc_updates"):
+        since, matrices = diag.get("since_step"), diag.get("matrices")
+        if not (isinstance(since, int) and diag["step"] > since and isinstance(matrices, dict)):
+            continue
+        sums: dict[str, float] = {}
+        rows: dict[str, int] = {}
+        for matrix in matrices.values():
+            for name in FC_UPDATE_FIELDS:
+                count = matrix.get(f"{name.split('_')[0]}_rows")
+                if is_number(matrix.get(name)) and is_number(count) and count > 0:
+                    sums[name] = sums.get(name, 0.0) + matrix[name] * count
+                    rows[name] = rows.get(name, 0) + count
+        values = {name: sums[name] / rows[name] / (diag["step"] - since) for name in sums}
+        if values.get("dead_update_norm") is not None and values.get("live_update_norm"):
+            values["dead_over_live_update_norm"] = values["dead_update_norm"] / values["live_update_norm"]
+        pooled[diag["step"]] = values
+    return pooled
+
+
+def fc_update_series(run: Run, field_name: str) -> dict[int, float]:
+    return {step: values[field_name] for step, values in pooled_fc_updates(run).items() if field_name in values}
+
+
+def group_name(run: Run, label: str | None, show_ratio: bool) -> str:
+    name = run.recipe or "unknown"
+    if show_ratio:
+        name += f" mlp×{run.mlp_ratio or '?'}"
+    return f"{label}:{name}" if label else name
+
+
 def diagnostics_groups(results: list[ResultSet]) -> dict[str, list[Run]]:
-    """Runs grouped by recipe ('unknown' without a config line), prefixed by the set's label when
-    two sets are compared."""
+    """Runs grouped by recipe ('unknown' without a config line) and, when the runs differ in MLP
+    ratio, by ratio too; prefixed by the set's label when two sets are compared."""
+    runs = [run for result in results for run in result.runs]
+    show_ratio = len({run.mlp_ratio or 4 for run in runs}) > 1
     groups: dict[str, list[Run]] = {}
     for result in results:
+        label = result.label if len(results) > 1 else None
         for run in result.runs:
-            recipe = run.recipe or "unknown"
-            name = f"{result.label}:{recipe}" if len(results) > 1 else recipe
-            groups.setdefault(name, []).append(run)
+            groups.setdefault(group_name(run, label, show_ratio), []).append(run)
     return groups
 
 
 def summarize_diagnostics(results: list[ResultSet]) -> dict[str, dict[str, dict[int, StepStats]]]:
-    """{group: {statistic: {step: mean over runs}}}: dead/nearly-dead neuron fractions and the mean
-    over matrices of each leverage statistic; statistics no run reported are left out."""
+    """{group: {statistic: {step: mean over runs}}}: dead/nearly-dead neuron fractions, the mean over
+    matrices of each leverage statistic, the fate fractions, and the fc update values per step
+    (means over the dead or live rows of all fc matrices); statistics no run reported are left out."""
     summary = {}
     for name, runs in diagnostics_groups(results).items():
         series = {f: mean_over_runs_by_step([neuron_series(r, f) for r in runs])
                   for f in NEURON_FIELDS}
         series |= {f"leverage_{f}": mean_over_runs_by_step([leverage_series(r, f) for r in runs])
                    for f in LEVERAGE_FIELDS}
+        series |= {f: mean_over_runs_by_step([fate_series(r, f) for r in runs]) for f in FATE_FIELDS}
+        series["permanent_of_ever_dead"] = mean_over_runs_by_step([permanent_share_series(r) for r in runs])
+        series |= {f"fc_{f}_per_step": mean_over_runs_by_step([fc_update_series(r, f) for r in runs])
+                   for f in FC_UPDATE_FIELDS}
+        series["fc_dead_over_live_update_norm"] = mean_over_runs_by_step(
+            [fc_update_series(r, "dead_over_live_update_norm") for r in runs])
         summary[name] = {f: s for f, s in series.items() if s}
     return summary
 
@@ -317,19 +376,33 @@ def markdown_report(results: list[ResultSet], pairwise: dict | None) -> str:
     return "\n".join(lines)
 
 
+DIAGNOSTICS_TABLES = {
+    "neurons and leverage": ["dead_fraction", "nearly_dead_fraction"] + [f"leverage_{f}" for f in LEVERAGE_FIELDS],
+    "neuron fate": [*FATE_FIELDS, "permanent_of_ever_dead"],
+    "fc updates per step, dead vs live rows": [f"fc_{f}_per_step" for f in FC_UPDATE_FIELDS]
+                                              + ["fc_dead_over_live_update_norm"],
+}
+
+
+def diagnostics_table(series: dict) -> list[str]:
+    names = list(series)
+    steps = sorted({step for s in series.values() for step in s})
+    lines = [f"{'step':>6}  " + "  ".join(names)]
+    for step in steps:
+        cells = ["-" if step not in series[name] else f"{series[name][step].mean:.5g}" for name in names]
+        lines.append(f"{step:>6}  " + "  ".join(f"{c:>{len(n)}}" for c, n in zip(cells, names)))
+    return lines
+
+
 def diagnostics_report(summary: dict) -> str:
     lines = []
     for group, series in summary.items():
-        lines.append(f"== diagnostics, {group} (mean over runs)")
         if not series:
-            lines.append("no diag lines")
-            continue
-        names = list(series)
-        steps = sorted({step for s in series.values() for step in s})
-        lines.append(f"{'step':>6}  " + "  ".join(names))
-        for step in steps:
-            cells = [fmt(series[name][step].mean if step in series[name] else None) for name in names]
-            lines.append(f"{step:>6}  " + "  ".join(f"{c:>{len(n)}}" for c, n in zip(cells, names)))
+            lines += [f"== diagnostics, {group} (mean over runs)", "no diag lines"]
+        for table, names in DIAGNOSTICS_TABLES.items():
+            present = {name: series[name] for name in names if name in series}
+            if present:
+                lines += [f"== diagnostics, {group}: {table} (mean over runs)", *diagnostics_table(present)]
     return "\n".join(lines)
 
 
@@ -391,29 +464,78 @@ def plot_curves(results: list[ResultSet], path: str) -> None:
     plt.close(fig)
 
 
+def group_styles(groups: list[str]) -> dict[str, dict]:
+    """One hue per recipe; a recipe's groups of other MLP ratios get its lighter shade, drawn wider."""
+    plt = pyplot()
+    palette = plt.get_cmap("tab20").colors
+    bases: dict[str, int] = {}
+    styles = {}
+    for group in groups:
+        base = group.split(" mlp×")[0]
+        shade = sum(other.split(" mlp×")[0] == base for other in styles)
+        hue = bases.setdefault(base, len(bases))
+        styles[group] = {"color": palette[(2 * hue + min(shade, 1)) % len(palette)],
+                         "linewidth": 1.5 + 0.8 * min(shade, 1)}
+    return styles
+
+
+def plot_series(ax, series: dict, name: str, style: dict, linestyle: str, label: str | None):
+    if name in series:
+        ax.plot(list(series[name]), [s.mean for s in series[name].values()], linestyle=linestyle, label=label,
+                **style)
+
+
+# The panels of the diagnostics figure: (title, y label, [(statistic, line style)], y scale). The
+# last four need the fate and fc_updates lines, and are drawn when some group has them.
+BASIC_PANELS = [
+    ("MLP neurons dead (solid) and nearly dead (dashed)", "fraction of units",
+     [("dead_fraction", "-"), ("nearly_dead_fraction", "--")], "linear"),
+    ("leverage: starved-row fraction, mean over matrices", "fraction of rows",
+     [("leverage_starved_fraction", "-")], "linear"),
+]
+FATE_PANELS = [
+    ("fate: ever dead (dashed), permanent (solid), revived (dotted)", "fraction of units",
+     [("ever_dead_fraction", "--"), ("permanent_fraction", "-"), ("revived_fraction", ":")], "linear"),
+    ("fc update norm per step: live rows (solid), dead rows (dashed)", "mean row norm of the weight change",
+     [("fc_live_update_norm_per_step", "-"), ("fc_dead_update_norm_per_step", "--")], "log"),
+    ("fc update norm, dead rows / live rows", "ratio of mean row norms",
+     [("fc_dead_over_live_update_norm", "-")], "log"),
+    ("pre-activation change per step: live (solid), dead (dashed)", "mean change on the probe tokens",
+     [("fc_live_preact_change_per_step", "-"), ("fc_dead_preact_change_per_step", "--")], "symlog"),
+]
+
+
 def plot_diagnostics(summary: dict, path: str) -> None:
     plt = pyplot()
-    fig, (neurons, leverage) = plt.subplots(1, 2, figsize=(13, 5))
-    for group, series in summary.items():
-        color = None
-        for name, style in (("dead_fraction", "-"), ("nearly_dead_fraction", "--")):
-            if name in series:
-                line, = neurons.plot(list(series[name]), [s.mean for s in series[name].values()],
-                                     linestyle=style, color=color, label=f"{group} {name}")
-                color = line.get_color()
-        if "leverage_starved_fraction" in series:
-            s = series["leverage_starved_fraction"]
-            leverage.plot(list(s), [v.mean for v in s.values()], color=color, label=group)
-    neurons.set_title("MLP neurons: dead (solid) and nearly dead (dashed), mean over runs")
-    neurons.set_ylabel("fraction of neurons")
-    leverage.set_title("leverage: starved-row fraction, mean over matrices and runs")
-    leverage.set_ylabel("fraction of rows")
-    for ax in (neurons, leverage):
+    with_fate = any(name in series for series in summary.values()
+                    for name in ("permanent_fraction", "fc_dead_over_live_update_norm"))
+    panels = ([BASIC_PANELS[0], FATE_PANELS[0], BASIC_PANELS[1], *FATE_PANELS[1:]] if with_fate
+              else BASIC_PANELS)
+    rows = 2 if with_fate else 1
+    fig, axes = plt.subplots(rows, len(panels) // rows, figsize=(6.5 * len(panels) // rows, 4.6 * rows),
+                             squeeze=False)
+    styles = group_styles(list(summary))
+    for ax, (title, ylabel, lines, scale) in zip(axes.flat, panels):
+        for group, series in summary.items():
+            for k, (name, linestyle) in enumerate(lines):
+                plot_series(ax, series, name, styles[group], linestyle, group if k == 0 else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    fig.tight_layout()
+        if scale == "symlog":
+            values = [abs(s.mean) for series in summary.values() for name, _ in lines if name in series
+                      for s in series[name].values() if s.mean != 0]
+            ax.set_yscale("symlog", linthresh=min(values) if values else 1.0)
+            ax.axhline(0, color="black", linewidth=0.8)
+        elif scale == "log" and ax.lines:
+            ax.set_yscale("log")
+    handles = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6),
+                   frameon=False)
+    fig.suptitle("diagnostics, mean over runs (colour: group)")
+    fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

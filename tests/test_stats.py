@@ -297,3 +297,55 @@ def test_record17_log_gives_the_published_result(capsys):
 def test_record17_log_markdown_row(capsys):
     assert stats.main([RECORD17, "--markdown"]) == 0
     assert "| a | 3200 | 3175 | 20 | 3.27885 | 0.00111 | 157.3 ms | 8x NVIDIA H100 80GB HBM3 |" in capsys.readouterr().out
+
+
+def fate_lines(trial, step):
+    """A fate line and, after step 0, an fc_updates line over the interval since the previous probe
+    (250 steps here): matrix A has 2 dead rows of 8, matrix B none."""
+    fate = {"step": step, "trial": trial, "kind": "fate", "ever_dead_fraction": 0.4 * step / 1000,
+            "permanent_fraction": 0.3 * step / 1000, "revived_fraction": 0.1 * step / 1000}
+    lines = [f"diag {json.dumps(fate)}"]
+    if step > 0:
+        updates = {"step": step, "trial": trial, "kind": "fc_updates", "since_step": step - 250, "matrices": {
+            "blocks.0.mlp.fc.weight": {"dead_rows": 2, "live_rows": 6, "dead_update_norm": 1.0, "live_update_norm": 2.0,
+                                       "dead_preact_change": -0.5, "live_preact_change": 0.1},
+            "blocks.1.mlp.fc.weight": {"dead_rows": 0, "live_rows": 8, "dead_update_norm": None,
+                                       "live_update_norm": 4.0, "dead_preact_change": None,
+                                       "live_preact_change": 0.3}}}
+        lines.append(f"diag {json.dumps(updates)}")
+    return lines
+
+
+def test_fate_and_fc_update_summaries_pool_rows_and_divide_by_the_interval(tmp_path):
+    config = 'config {"recipe": "aurora", "hyperparameters": {"model": {"mlp_ratio": 8}}}'
+    trials = [{0: 6.0, 250: 5.0, 500: 4.0}] * 2
+    path = write_log(tmp_path / "f.txt", trials, 500, extra_before=[config], extra_per_step=fate_lines)
+    (run,) = logs.parse_log(path).runs[:1]
+    assert run.mlp_ratio == 8
+    summary = stats.summarize_diagnostics([stats.load_result_set([path], "a")])["aurora"]
+    assert summary["permanent_fraction"][500].mean == pytest.approx(0.15) and summary["permanent_fraction"][500].n == 2
+    assert summary["permanent_of_ever_dead"][500].mean == pytest.approx(0.75)
+    assert 0 not in summary["permanent_of_ever_dead"]  # nothing ever dead: no share
+    # Dead rows: only matrix A's 2 -> 1.0; live rows: (6 * 2.0 + 8 * 4.0) / 14; both per step of 250.
+    assert summary["fc_dead_update_norm_per_step"][500].mean == pytest.approx(1.0 / 250)
+    assert summary["fc_live_update_norm_per_step"][500].mean == pytest.approx(44 / 14 / 250)
+    assert summary["fc_dead_over_live_update_norm"][500].mean == pytest.approx(14 / 44)
+    assert summary["fc_dead_preact_change_per_step"][500].mean == pytest.approx(-0.5 / 250)
+    assert summary["fc_live_preact_change_per_step"][500].mean == pytest.approx((6 * 0.1 + 8 * 0.3) / 14 / 250)
+    assert sorted(summary["fc_dead_over_live_update_norm"]) == [250, 500]
+    report = stats.diagnostics_report({"aurora": summary})
+    assert "neuron fate" in report and "fc_dead_over_live_update_norm" in report
+
+
+def test_diagnostics_groups_split_by_mlp_ratio_only_when_ratios_differ(tmp_path):
+    def log(name, recipe, ratio):
+        config = json.dumps({"recipe": recipe, "hyperparameters": {"model": {"mlp_ratio": ratio}}})
+        return write_log(tmp_path / name, [{0: 6.0, 250: 5.0}], 250, extra_before=[f"config {config}"],
+                         extra_per_step=fate_lines)
+    same = stats.load_result_set([log("a4.txt", "aurora", 4), log("m4.txt", "muon", 4)], "a")
+    assert list(stats.diagnostics_groups([same])) == ["aurora", "muon"]
+    mixed = stats.load_result_set([log("a4.txt", "aurora", 4), log("a8.txt", "aurora", 8)], "a")
+    assert list(stats.diagnostics_groups([mixed])) == ["aurora mlp×4", "aurora mlp×8"]
+    png = tmp_path / "fate.png"
+    stats.plot_diagnostics(stats.summarize_diagnostics([mixed]), str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
