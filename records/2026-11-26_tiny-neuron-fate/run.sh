@@ -3,12 +3,13 @@
 #     nice -n 5 bash records/2026-11-26_tiny-neuron-fate/run.sh
 # One process per recipe x MLP ratio, one after another, most important first (the Aurora / Muon
 # pair at both ratios, then NorMuon); the logs land in this folder, and times.txt gets each
-# process's wall-clock start and end. Uncompiled and one trial each: see the README for why.
+# process's wall-clock start and end. One trial each and one thread (OMP_NUM_THREADS=1): see the
+# README for why.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=records/2026-11-26_tiny-neuron-fate
 python=${PYTHON:-python}
-export TORCH_COMPILE_DISABLE=1
+export OMP_NUM_THREADS=1
 $python data/synthetic.py
 for run in aurora:4 muon:4 aurora:8 muon:8 normuon:4 normuon:8; do
     recipe=${run%:*} ratio=${run#*:}
