@@ -498,8 +498,8 @@ FATE_PANELS = [
      [("ever_dead_fraction", "--"), ("permanent_fraction", "-"), ("revived_fraction", ":")], "linear"),
     ("fc update norm per step: live rows (solid), dead rows (dashed)", "mean row norm of the weight change",
      [("fc_live_update_norm_per_step", "-"), ("fc_dead_update_norm_per_step", "--")], "log"),
-    ("fc update norm, dead rows / live rows", "ratio of mean row norms",
-     [("fc_dead_over_live_update_norm", "-")], "log"),
+    ("fc update norm, dead rows / live rows (1: as large)", "ratio of mean row norms",
+     [("fc_dead_over_live_update_norm", "-")], "ratio"),
     ("pre-activation change per step: live (solid), dead (dashed)", "mean change on the probe tokens",
      [("fc_live_preact_change_per_step", "-"), ("fc_dead_preact_change_per_step", "--")], "symlog"),
 ]
@@ -523,13 +523,17 @@ def plot_diagnostics(summary: dict, path: str) -> None:
         ax.set_ylabel(ylabel)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if scale == "symlog":
+        if scale == "symlog":  # signed values over decades: logarithmic down to 1/1000 of the largest
             values = [abs(s.mean) for series in summary.values() for name, _ in lines if name in series
-                      for s in series[name].values() if s.mean != 0]
-            ax.set_yscale("symlog", linthresh=min(values) if values else 1.0)
+                      for s in series[name].values()]
+            ax.set_yscale("symlog", linthresh=max(values) / 1000 if values and max(values) > 0 else 1.0)
             ax.axhline(0, color="black", linewidth=0.8)
-        elif scale == "log" and ax.lines:
+        elif scale in ("log", "ratio") and ax.lines:
             ax.set_yscale("log")
+        if scale == "ratio" and ax.lines:
+            ax.axhline(1, color="black", linewidth=0.8)
+            ax.yaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
     handles = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6),
