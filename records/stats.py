@@ -523,17 +523,22 @@ def plot_diagnostics(summary: dict, path: str) -> None:
         ax.set_ylabel(ylabel)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if scale == "symlog":  # signed values over decades: logarithmic down to 1/1000 of the largest
-            values = [abs(s.mean) for series in summary.values() for name, _ in lines if name in series
-                      for s in series[name].values()]
-            ax.set_yscale("symlog", linthresh=max(values) / 1000 if values and max(values) > 0 else 1.0)
+        values = [s.mean for series in summary.values() for name, _ in lines if name in series
+                  for s in series[name].values()]
+        if scale == "symlog" and values:  # signed values over decades: logarithmic down to 1/1000 of the largest
+            largest = max(abs(v) for v in values) or 1.0
+            ax.set_yscale("symlog", linthresh=largest / 1000)
+            # Ticks at 0 and the decades outside the linear band only: inside it they crowd the 0 label.
+            decades = [10.0 ** k for k in range(math.floor(math.log10(largest / 100)), math.ceil(math.log10(largest)) + 1)]
+            ax.set_yticks([-d for d in reversed(decades) if -d >= 10 * min(values)] + [0]
+                          + [d for d in decades if d <= 10 * max(values)])
             ax.axhline(0, color="black", linewidth=0.8)
-        elif scale in ("log", "ratio") and ax.lines:
+        elif scale == "log" and values:
             ax.set_yscale("log")
-        if scale == "ratio" and ax.lines:
+        elif scale == "ratio" and values:  # log only when the ratios span more than a decade
             ax.axhline(1, color="black", linewidth=0.8)
-            ax.yaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
-            ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
+            if min(values) > 0 and max(values) / min(values) > 10:
+                ax.set_yscale("log")
     handles = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6),
