@@ -19,28 +19,32 @@ def scaled(value: float | None) -> str:
     return stats.fmt(None if value is None else value * 1e3, 2)
 
 
-def row(path: str) -> str:
-    result = stats.load_result_set([path], Path(path).stem)
-    (summary,) = stats.summarize_diagnostics([result]).values()
-    run = result.runs[0]
-    last = max(result.steps)
+def rows(paths: list[str]) -> list[str]:
+    """One row per recipe and MLP ratio, each value a mean over its runs (val loss: mean ± std)."""
+    result = stats.load_result_set(paths, "all")
+    summaries = stats.summarize_diagnostics([result])
+    lines = []
+    for name, runs in stats.diagnostics_groups([result]).items():
+        summary, losses = summaries[name], stats.summarize_steps(runs)
+        last = max(losses)
+        loss = f"{losses[last].mean:.4f}" + ("" if losses[last].std is None else f" ± {losses[last].std:.4f}")
 
-    def at_end(name, digits=3):
-        return stats.fmt(summary[name][last].mean if name in summary and last in summary[name] else None, digits)
+        def at_end(field):
+            return stats.fmt(summary[field][last].mean if last in summary.get(field, {}) else None, 3)
 
-    dead_steps = list(summary.get("fc_dead_update_norm_per_step", {}))
-    cells = [run.recipe, str(run.mlp_ratio), str(result.n), stats.fmt(result.steps[last].mean, 4),
-             at_end("dead_fraction"), at_end("ever_dead_fraction"), at_end("permanent_fraction"),
-             at_end("revived_fraction"), at_end("permanent_of_ever_dead"),
-             stats.fmt(mean_over_steps(summary.get("fc_dead_over_live_update_norm", {}), dead_steps), 2),
-             scaled(mean_over_steps(summary.get("fc_dead_preact_change_per_step", {}), dead_steps)),
-             scaled(mean_over_steps(summary.get("fc_live_preact_change_per_step", {}), dead_steps))]
-    return "| " + " | ".join(cells) + " |"
+        dead_steps = list(summary.get("fc_dead_update_norm_per_step", {}))
+        cells = [runs[0].recipe, str(runs[0].mlp_ratio), str(len(runs)), loss,
+                 at_end("dead_fraction"), at_end("ever_dead_fraction"), at_end("permanent_fraction"),
+                 at_end("revived_fraction"), at_end("permanent_of_ever_dead"),
+                 stats.fmt(mean_over_steps(summary.get("fc_dead_over_live_update_norm", {}), dead_steps), 2),
+                 scaled(mean_over_steps(summary.get("fc_dead_preact_change_per_step", {}), dead_steps)),
+                 scaled(mean_over_steps(summary.get("fc_live_preact_change_per_step", {}), dead_steps))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return sorted(lines)
 
 
 if __name__ == "__main__":
     print("| recipe | MLP ratio | n | val loss at T | dead at T | ever dead | permanent | revived | permanent / ever dead "
           "| dead/live update norm | dead pre-act change per step (1e-3) | live pre-act change per step (1e-3) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for path in sys.argv[1:]:
-        print(row(path))
+    print("\n".join(rows(sys.argv[1:])))
