@@ -624,7 +624,8 @@ def record_differences(hp, recipe, steps, init_from):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Diagnostics (docs/diagnostics.md): dead MLP neurons on a fixed probe batch, leverage of the orthogonal updates
+# Diagnostics (docs/diagnostics.md): dead MLP neurons on a fixed probe batch, their fate across probes and
+# the fc updates dead and live units receive, leverage of the orthogonal updates
 
 NEARLY_DEAD_ACTIVITY = 0.001  # active on fewer than 0.1% of the probe tokens
 STARVED_LEVERAGE = 0.1  # l_i below 10% of the mean
@@ -980,8 +981,9 @@ def train_trial(run):
 
 
 def write_diagnostics(run, optimizers):
-    """The `diag` lines of one validation: neurons, fate, fc_updates (from the second probe of a
-    trial on) and leverage. Keeps this trial's DiagnosticsState in run.diagnostics."""
+    """The `diag` lines of one validation: neurons, fate, fc_updates (from the second probe of a trial
+    on; docs/diagnostics.md#neuron-fate-and-what-dead-units-receive) and leverage. Keeps this trial's
+    DiagnosticsState in run.diagnostics."""
     probes = probe_mlps(run.raw_model, run.probe)
     fcs = [block.mlp.fc for block in run.raw_model.blocks]
     dead = [p.active == 0 for p in probes]
