@@ -21,6 +21,7 @@ import shlex
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -234,6 +235,18 @@ class TrainStream:
         start = self.pos + self.offset
         self.pos += self.batch_tokens
         return self.tokens[start:start + self.rank_tokens + 1]
+
+    def state_dict(self):
+        """Where the stream stands; the same on every rank, so it resumes at any world size."""
+        return {"shard_index": self.shard_index, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        if not 0 <= state["shard_index"] < len(self.paths):
+            raise SetupError(f"the checkpoint's data position is in train shard {state['shard_index'] + 1}, "
+                             f"but only {len(self.paths)} shards match (same --train-files as the saved run?)")
+        if state["shard_index"] != self.shard_index:
+            self.tokens = load_shard(self.paths[state["shard_index"]], self.pin_memory)
+        self.shard_index, self.pos = state["shard_index"], state["pos"]
 
 
 def load_val_tokens(path, val_tokens, rank, world_size):
@@ -813,17 +826,25 @@ def parse_args(argv):
     parser.add_argument("--no-diagnostics", action="store_true", help="skip neuron and leverage diagnostics")
     parser.add_argument("--mlp-ratio", type=int, metavar="R",
                         help="MLP hidden width = R x model width (default 4, the benchmark's; other values are not a record)")
-    parser.add_argument("--save", metavar="PATH", help="write model + optimizer state here at the end of a trial")
-    parser.add_argument("--save-every", type=int, metavar="K", help="with --save: also every K steps")
+    parser.add_argument("--save", metavar="PATH", help="write a checkpoint (model, optimizers, step, data "
+                        "position, RNG) here at the end of a trial")
+    parser.add_argument("--save-every", type=int, metavar="K",
+                        help="with --save: also every K steps, to PATH with .stepS before the extension")
+    parser.add_argument("--keep-last", type=int, default=2, metavar="N",
+                        help="with --save-every: keep only the newest N of those periodic checkpoints (default 2)")
+    parser.add_argument("--resume", metavar="PATH", help="continue the run saved in the checkpoint PATH "
+                        "(same recipe, --steps and preset; any world size)")
     parser.add_argument("--init-from", metavar="PATH", help="start every trial from the model weights in PATH")
     parser.add_argument("--run-id", help="log name under logs/ (default: recipe and a random id)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_seqs", "trials", "save_every", "mlp_ratio"):
+    for name in ("steps", "batch_seqs", "trials", "save_every", "keep_last", "mlp_ratio"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.save_every and not args.save:
         parser.error("--save-every needs --save PATH")
+    if args.resume and args.init_from:
+        parser.error("--resume restores the weights itself; leave out --init-from")
     return args
 
 
@@ -848,21 +869,162 @@ def checkpoint_path(path, trial, trials):
     return f"{root}.trial{trial}{ext}"
 
 
-def save_checkpoint(path, model, optimizers, step, recipe, hp):
+def periodic_checkpoint_path(path, step):
+    root, ext = os.path.splitext(path)
+    return f"{root}.step{step}{ext}"
+
+
+def periodic_checkpoints(path):
+    """The periodic checkpoints of `path` on disk, oldest step first."""
+    root, ext = os.path.splitext(path)
+    found = []
+    for name in glob.glob(f"{glob.escape(root)}.step*{glob.escape(ext)}"):
+        step = name[len(root) + len(".step"):len(name) - len(ext)]
+        if step.isdigit():
+            found.append((int(step), name))
+    return [name for _, name in sorted(found)]
+
+
+def check_save_path(path):
+    """A --save path that cannot be written is refused before anything is compiled or trained: a
+    probe file is created beside it and removed again."""
+    if os.path.isdir(path):
+        raise SetupError(f"--save {path}: is a directory; give a file path such as {os.path.join(path, 'ckpt.pt')}")
+    folder = os.path.dirname(path) or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SetupError(f"--save {path}: {folder} is a file, not a folder; give a writable file path")
+    probe = path + ".tmp"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise SetupError(f"--save {path}: cannot write there ({e.strerror or e}); give a writable file path") from None
+
+
+def save_checkpoint(path, checkpoint):
     """Written beside `path`, then renamed over it, so an interrupted save keeps the previous one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save({"model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
-                "step": step, "recipe": recipe.name, "model_config": dataclasses.asdict(hp.model)}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_model_weights(model, path):
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint["model"] if "model" in checkpoint else checkpoint
     try:
-        model.load_state_dict(state)
+        torch.save(checkpoint, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+
+
+def checkpoint_state(run, optimizers, stream, step):
+    """Everything a resumed run needs to continue bit-identically, plus what it must match."""
+    rng = {"init": run.generator.get_state(), "torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    return {"model": run.raw_model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+            "step": step, "steps": run.steps, "trial": run.trial, "recipe": run.recipe.name,
+            "model_config": dataclasses.asdict(run.hp.model), "batch_tokens": run.hp.batch_tokens,
+            "stream": stream.state_dict(), "rng": rng}
+
+
+def save_trial_checkpoint(run, optimizers, stream, step, save_path):
+    """The final checkpoint at step T goes to save_path; the periodic ones beside it, newest --keep-last kept."""
+    if step == run.steps:
+        save_checkpoint(save_path, checkpoint_state(run, optimizers, stream, step))
+        return
+    save_checkpoint(periodic_checkpoint_path(save_path, step), checkpoint_state(run, optimizers, stream, step))
+    for old in periodic_checkpoints(save_path)[:-run.args.keep_last]:
+        os.remove(old)
+
+
+def read_checkpoint(path):
+    """torch.load of a checkpoint (tensors and plain containers only), every failure one SetupError line."""
+    if not os.path.exists(path):
+        raise SetupError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise SetupError(f"{path}: is a directory, not a checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise SetupError(f"{path}: empty file, not a checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch reports a bad file in many types; its text may suggest unsafe loading
+        raise SetupError(f"{path}: not a readable checkpoint ({type(e).__name__}: truncated, corrupt or not "
+                         f"written by torch.save)") from None
+    if not isinstance(checkpoint, dict):
+        raise SetupError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint or a state dict")
+    return checkpoint
+
+
+def model_state_of(checkpoint, path):
+    """The model weights of a checkpoint of this script or of a bare model state dict."""
+    state = checkpoint.get("model", checkpoint)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SetupError(f"{path}: holds no model state dict (a dict of tensors, or one under 'model')")
+    return state
+
+
+def load_model_state(model, state, path):
+    """Strict load: every parameter present, none extra, every shape equal; else one line saying which."""
+    try:
+        with warnings.catch_warnings():  # into a meta model (check_model_state) the copy is a no-op, as meant
+            warnings.filterwarnings("ignore", message=".*to a meta parameter.*")
+            model.load_state_dict(state)
     except RuntimeError as e:
-        raise SetupError(f"{path}: its weights do not fit this model ({e})") from e
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:])
+        raise SetupError(f"{path}: its weights do not fit this model: {detail[:800]}") from None
+
+
+def check_model_state(state, config, path):
+    """load_model_state into a weightless (meta) model, so a misfit is found before anything runs. (Not
+    assign=True: that model then aliases the checkpoint's tensors, and a resumed run diverged; cause not found.)"""
+    with torch.device("meta"):
+        model = GPT(config)
+    load_model_state(model, state, path)
+
+
+def check_resumable(checkpoint, path, recipe, steps, hp):
+    """A checkpoint continues only the run it came from: the same recipe, T, model and batch."""
+    if "stream" not in checkpoint:
+        raise SetupError(f"{path}: holds weights only, not a run to resume (use --init-from for weights)")
+    expected = {"recipe": recipe.name, "steps": steps, "model_config": dataclasses.asdict(hp.model),
+                "batch_tokens": hp.batch_tokens}
+    differences = [f"{name} {checkpoint.get(name)!r} (this run: {value!r})"
+                   for name, value in expected.items() if checkpoint.get(name) != value]
+    if differences:
+        raise SetupError(f"{path}: saved by a different run: {'; '.join(differences)}")
+    check_model_state(checkpoint["model"], hp.model, path)
+
+
+def read_start_checkpoints(args, hp, recipe, steps):
+    """--init-from weights and the --resume checkpoint, read and checked before anything is compiled."""
+    init_weights = resume = None
+    if args.init_from:
+        init_weights = model_state_of(read_checkpoint(args.init_from), args.init_from)
+        check_model_state(init_weights, hp.model, args.init_from)
+    if args.resume:
+        resume = read_checkpoint(args.resume)
+        check_resumable(resume, args.resume, recipe, steps, hp)
+        if resume["trial"] >= args.trials:
+            raise SetupError(f"{args.resume}: saved in trial {resume['trial']}, but this run has --trials {args.trials}")
+    return init_weights, resume
+
+
+def restore_checkpoint(run, checkpoint, optimizers, stream):
+    """Puts the model, optimizers, data position and RNG back as saved; returns the saved step."""
+    path = run.args.resume
+    load_model_state(run.raw_model, checkpoint["model"], path)
+    if len(checkpoint["optimizers"]) != len(optimizers):
+        raise SetupError(f"{path}: holds {len(checkpoint['optimizers'])} optimizer states, this run has "
+                         f"{len(optimizers)}")
+    for optimizer, state in zip(optimizers, checkpoint["optimizers"]):
+        try:
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError) as e:
+            raise SetupError(f"{path}: its {type(optimizer).__name__} state does not fit: {e}") from None
+    stream.load_state_dict(checkpoint["stream"])
+    run.generator.set_state(checkpoint["rng"]["init"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if run.device.type == "cuda" and "cuda" in checkpoint["rng"]:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], run.device)
+    return checkpoint["step"]
 
 
 @torch.no_grad()
@@ -893,6 +1055,8 @@ class Run:
     train_paths: list
     val_buffer: torch.Tensor
     probe: torch.Tensor  # the input tokens of the diagnostics' probe batch
+    init_weights: dict | None  # --init-from's model state
+    resume: dict | None  # --resume's checkpoint, until its trial has taken it
     trial: int = 0
     step: int = 0
     diagnostics: DiagnosticsState | None = None  # what write_diagnostics keeps between probes
@@ -934,12 +1098,16 @@ def train_trial(run):
     """One run from initialization to step T, validating (and saving) outside the timed region."""
     hp, args, device, seq_len = run.hp, run.args, run.device, run.hp.model.seq_len
     init_parameters(run.raw_model, run.generator)
-    if args.init_from:
-        load_model_weights(run.raw_model, args.init_from)
+    if run.init_weights is not None:
+        load_model_state(run.raw_model, run.init_weights, args.init_from)
     broadcast_parameters(run.raw_model)
     optimizers = build_optimizers(run.raw_model, run.recipe)
     stream = TrainStream(run.train_paths, hp.batch_tokens, run.dist.rank, run.dist.world_size,
                          pin_memory=device.type == "cuda")
+    first_step = 0
+    if run.resume is not None:  # rank 0 saved it; every rank restores the same state
+        first_step = restore_checkpoint(run, run.resume, optimizers, stream)
+        run.resume = None
     params = list(run.raw_model.parameters())
     save_path = args.save and checkpoint_path(args.save, run.trial, args.trials)
     # The first step whose loss, gradients or update is not finite (-1: none), and train_step's flag;
@@ -949,10 +1117,11 @@ def train_trial(run):
     train_time, last_val_time, last_val_step = 0.0, 0.0, 0
     synchronize(device)
     start = time.perf_counter()
-    for step in range(run.steps + 1):
+    for step in range(first_step, run.steps + 1):
         run.step = step
         validate = is_validation_step(step, run.steps, hp.val_every, hp.val_every_tail)
-        save = save_path and (step == run.steps or (args.save_every and step % args.save_every == 0 and step > 0))
+        save = save_path and (step == run.steps or (args.save_every and step % args.save_every == 0
+                                                    and step > first_step))
         if validate or save:
             synchronize(device)
             train_time += time.perf_counter() - start
@@ -969,7 +1138,7 @@ def train_trial(run):
                 if not args.no_diagnostics and run.dist.rank == 0:
                     write_diagnostics(run, optimizers)
             if save and run.dist.rank == 0:
-                save_checkpoint(save_path, run.raw_model, optimizers, step, run.recipe, hp)
+                save_trial_checkpoint(run, optimizers, stream, step, save_path)
             synchronize(device)
             start = time.perf_counter()
         if step == run.steps:
@@ -1022,8 +1191,6 @@ def preflight(args, hp, steps, dist_info):
     val_path = find_shards(hp.val_files, hp, steps, "val")[0]
     if read_shard_header(val_path) < hp.val_tokens + 1:
         raise SetupError(f"{val_path}: fewer than the {hp.val_tokens + 1} tokens validation needs")
-    if args.init_from and not os.path.exists(args.init_from):
-        raise SetupError(f"--init-from {args.init_from}: no such file")
     return layout, train_paths, val_path
 
 
@@ -1045,7 +1212,8 @@ def config_record(args, hp, recipe, steps, dist_info, device, layout, train_path
             "batch_seqs": hp.batch_tokens // hp.model.seq_len, "micro_batch_seqs_used": layout.micro_seqs,
             "adam_betas": ADAM_BETAS, "adam_eps": ADAM_EPS,
             "momentum": MOMENTUM, "nesterov": True, "train_shards_used": len(train_paths), "val_shard": val_path,
-            "init_from": args.init_from, "save": args.save, "save_every": args.save_every,
+            "init_from": args.init_from, "resume": args.resume, "save": args.save, "save_every": args.save_every,
+            "keep_last": args.keep_last,
             "diagnostics": not args.no_diagnostics, "is_record_recipe": not differences,
             "differs_from_record": differences}
 
@@ -1058,6 +1226,9 @@ def main(argv=None):
     dist_info = distributed_from_env()
     try:
         layout, train_paths, val_path = preflight(args, hp, steps, dist_info)
+        init_weights, resume = read_start_checkpoints(args, hp, recipe, steps)
+        if args.save and dist_info.rank == 0:
+            check_save_path(args.save)
         device = resolve_device(args.device, dist_info.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     except SetupError as e:
         # Every rank finds the same problem; rank 0 reports it and fails. The others stop quietly with
@@ -1085,8 +1256,8 @@ def main(argv=None):
         run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
                   torch.compile(distributed_model(raw_model, device), dynamic=False),
                   torch.Generator().manual_seed(args.seed), train_paths,
-                  val_buffer, probe_inputs)
-        for trial in range(args.trials):
+                  val_buffer, probe_inputs, init_weights, resume)
+        for trial in range(resume["trial"] if resume else 0, args.trials):
             run.trial = trial
             train_trial(run)
         done = {"trials": args.trials}
