@@ -76,13 +76,83 @@ def rows_of_different_scales(shape, seed):
 # polar, polar_express, aurora_polar, riemannian_aurora_polar
 # ----------------------------------------------------------------------------------------------
 
+# docs/recipes.md#polar-factor, written out here rather than read from optimizers.py: X / (||X||_F + 1e-7)
+# on the wide orientation, then 12 times A = X X^T, X = 2X + (-1.5A + 0.5A^2) X.
+RECORD_POLAR_SCHEDULE = ((2.0, -1.5, 0.5),) * 12
+# Polar Express as the modded-nanogpt speedrun uses it: the per-iteration minimax quintics of Amsel,
+# Persson, Musco and Gower, "The Polar Express" (arXiv:2505.16932, Algorithm 1 and Appendix G), recomputed
+# by the speedrun for 5 iterations with a 2% safety margin; input scaled by 1 / (1.02 ||X||_F). The paper's
+# own Algorithm 1 table (8 iterations, 1.01 margin) starts (8.28721201814563, -23.595886519098837,
+# 17.300387312530933); these rows are the speedrun's, which is the variant docs/recipes.md#variants names.
+POLAR_EXPRESS_SCHEDULE = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def quintic_schedule_float64(X, schedule, safety=1.0):
+    """The odd quintic iteration of docs/recipes.md#polar-factor in float64, one matrix."""
+    X = X.double()
+    tall = X.size(0) > X.size(1)
+    X = X.T if tall else X
+    X = X / (X.norm() * safety + 1e-7)
+    for a, b, c in schedule:
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+def with_singular_values(shape, singular_values, seed):
+    """A float32 matrix U diag(s) V^T with random orthonormal U, V."""
+    gen = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(shape[0], len(singular_values), generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(shape[1], len(singular_values), generator=gen, dtype=torch.float64))
+    return ((U * singular_values) @ V.T).float()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_polar_runs_the_record_schedule(shape):
+    """In float32, on singular values from 1 down to 1e-4 of the largest: after 12 iterations the smallest
+    are still on their way to 1 (1e-4 -> 0.39), so every iteration and coefficient shows. Measured error
+    against the float64 transcription: 6e-6 to 1.1e-5; 10 instead of 12 iterations moves entries by >= 0.12,
+    (2, -1.45, 0.45) instead of (2, -1.5, 0.5) by >= 1.5e-3. Tolerance 5e-5: 4.5x the rounding, 30x below
+    the smallest of those changes."""
+    X = with_singular_values(shape, torch.logspace(0, -4, min(shape), dtype=torch.float64), seed=20)
+    expected = quintic_schedule_float64(X, RECORD_POLAR_SCHEDULE)
+    assert (polar(X, dtype=torch.float32).double() - expected).abs().max() < 5e-5
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_polar_is_the_svd_polar_factor_in_bf16(shape):
+    """bf16 (the record's dtype) on well-conditioned input, where 12 iterations converge: measured 2.8e-3 to
+    5.3e-3 from both the float64 transcription and the SVD polar factor; tolerance 1e-2 (2x margin)."""
     X = well_conditioned(shape, 0)
     P = polar(X)
     assert P.dtype == torch.bfloat16 and P.shape == X.shape
-    assert (P.double() - svd_polar(X)).abs().max() < 0.03
+    assert (P.double() - quintic_schedule_float64(X, RECORD_POLAR_SCHEDULE)).abs().max() < 1e-2
+    assert (P.double() - svd_polar(X)).abs().max() < 1e-2
     assert orthogonality_error(P) < 0.03
+
+
+def test_polar_express_coefficients_are_the_speedruns():
+    assert optimizers.POLAR_EXPRESS_COEFFICIENTS == POLAR_EXPRESS_SCHEDULE
+    assert optimizers.POLAR_EXPRESS_SAFETY == 1.02
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_polar_express_runs_its_schedule(shape):
+    """The module's iteration with the Polar Express table, in float32, against the float64 transcription
+    on singular values 1 .. 1e-3 (the paper's design range): measured error below 2e-5; tolerance 1e-4."""
+    X = with_singular_values(shape, torch.logspace(0, -3, min(shape), dtype=torch.float64), seed=21)
+    expected = quintic_schedule_float64(X, POLAR_EXPRESS_SCHEDULE, safety=1.02)
+    P = optimizers.odd_quintic_polar(X, optimizers.POLAR_EXPRESS_COEFFICIENTS, optimizers.POLAR_EXPRESS_SAFETY,
+                                     torch.float32)
+    assert (P.double() - expected).abs().max() < 1e-4
+    torch.testing.assert_close(polar_express(X), optimizers.odd_quintic_polar(
+        X, POLAR_EXPRESS_SCHEDULE, 1.02, torch.bfloat16), rtol=0, atol=0)
 
 
 def test_polar_is_batched_over_leading_dims():
@@ -747,3 +817,59 @@ def test_torch_compile_disable_env_runs_the_update_math_eagerly():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+# ----------------------------------------------------------------------------------------------
+# Aurora where the u/w floor and the D clamp act (docs/recipes.md#aurora steps 2 and 5)
+# ----------------------------------------------------------------------------------------------
+
+def floor_problem(steps=2):
+    """Weights at given Frobenius norms, so the floor 0.35 decides: a tall 48x16 update has ||Q||_F =
+    sqrt(48) = 6.9 after the aspect scale (4 before it), so ||W||_F = 15 is floored only if the floor came
+    before the aspect scale, and 40 is floored either way (to 14 here, 24 if it came first); the square
+    24x24 has ||Q||_F = 4.9, floored at 40. The last matrix's gradient rows have norms 1e-9 .. 1e-6, some
+    below Aurora's D clamp 1e-7 (with 1e-4 every row would be clamped and none equalized)."""
+    gen = torch.Generator().manual_seed(30)
+    shapes = [(48, 16), (48, 16), (16, 48), (24, 24), (24, 24), (48, 16)]
+    norms = [40.0, 15.0, 40.0, 40.0, 1.0, 1.0]
+    weights = []
+    for shape, norm in zip(shapes, norms):
+        w = torch.randn(*shape, generator=gen)
+        weights.append(w * (norm / w.norm()))
+    tiny_rows = torch.logspace(-9, -6, 48).unsqueeze(1)
+    grads = [[torch.randn(*shape, generator=gen) for shape in shapes] for _ in range(steps)]
+    for step_grads in grads:
+        step_grads[-1] = step_grads[-1] / step_grads[-1].norm(dim=1, keepdim=True) * tiny_rows
+    return weights, grads
+
+
+def test_aurora_floor_and_clamp_end_to_end():
+    """Two Aurora steps against the one-matrix transcription (spec_run): the floor raises matrices 0, 2
+    and 3 and leaves 1 (15 < 19.8), 4 and 5 alone; measured difference 0 to 2.4e-7 on weights of norm up
+    to 40 (float32 ulp there 2.4e-7 to 4.8e-7); tolerance 1e-6."""
+    cls, settings = RECORD_SETTINGS["aurora"]
+    weights, grads = floor_problem()
+    params, _ = run_optimizer(cls, settings, weights, grads)
+    expected, _ = spec_run("aurora", settings, weights, grads)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-6)
+    ratios = [((p.detach() - w).norm() / (settings["lr"] * w.norm())).item() for p, w in zip(params, weights)]
+    # First step's ||update|| / ||W||: exactly the floor where it acts (the second step moves W slightly).
+    params_one, _ = run_optimizer(cls, settings, weights, grads[:1])
+    first = [((p.detach() - w).norm() / (settings["lr"] * w.norm())).item() for p, w in zip(params_one, weights)]
+    assert first[0] == pytest.approx(0.35, rel=1e-5) and first[2] == pytest.approx(0.35, rel=1e-5)
+    assert first[3] == pytest.approx(0.35, rel=1e-5)
+    assert first[1] == pytest.approx(math.sqrt(48) / 15, rel=1e-2)  # not floored: sqrt(48)/15 = 0.46
+    assert all(r > 0 for r in ratios)
+
+
+def test_aurora_polar_reaches_the_d_clamp():
+    """aurora_polar with the exact (SVD) polar, so only its own float32 arithmetic differs from the float64
+    transcription: rows of norm 1e-9 .. 1e-6, 32 of 48 under the clamp 1e-7. Measured difference 3e-7;
+    tolerance 1e-5. With the clamp at 1e-4 every row gets the same D and entries move by > 0.1."""
+    G = well_conditioned((48, 16), 31)
+    G = G / G.norm(dim=1, keepdim=True) * torch.logspace(-9, -6, 48).unsqueeze(1)
+    P = aurora_polar(G, polar_fn=lambda X: svd_polar(X).float())
+    expected = aurora_polar_float64(G)
+    assert (G.norm(dim=1) < 1e-7).sum() == 32
+    assert (P.double() - expected).abs().max() < 1e-5
