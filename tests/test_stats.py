@@ -349,3 +349,43 @@ def test_diagnostics_groups_split_by_mlp_ratio_only_when_ratios_differ(tmp_path)
     png = tmp_path / "fate.png"
     stats.plot_diagnostics(stats.summarize_diagnostics([mixed]), str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# Each constant of the bar decides one of these sets (runs x losses at step 100; a step-0 line first):
+# passes with the real constants, and the other way with a plausible wrong value.
+@pytest.mark.parametrize("losses, passes, decided_by", [
+    # (3.28 - 3.2765) * 1 = 0.0035: fails the bar 0.004, would pass a bar of 0.003.
+    ([3.2765], False, "bar 0.004"),
+    # (3.28 - 3.2785) * sqrt(4) = 0.003 fails; times n = 4 instead it would be 0.006 and pass.
+    ([3.2785] * 4, False, "sqrt(n)"),
+    # (3.28 - 3.2762) * 1 = 0.0038 fails; with a target of 3.2805 it would be 0.0043 and pass.
+    ([3.2762], False, "target 3.28"),
+    # (3.28 - 3.278) * 2 = 0.004 exactly, which float arithmetic gives as 0.0039999999999995595: the
+    # slack makes it pass, as `>=` says; without it it would fail.
+    ([3.278] * 4, True, "float slack"),
+    # The same bar crossed with n = 16 and 25 (0.0039999999999995595, 0.003999999999997339 in floats).
+    ([3.279] * 16, True, "float slack"),
+    ([3.2792] * 25, True, "float slack"),
+])
+def test_each_constant_of_the_bar_decides_a_case(tmp_path, losses, passes, decided_by):
+    path = write_log(tmp_path / "x.txt", [{0: 10.8, 100: loss} for loss in losses], 100)
+    result = stats.load_result_set([path], "x")
+    assert result.n == len(losses)
+    assert (result.first_passing_step == 100) is passes, decided_by
+
+
+def test_bar_statistic_and_slack_values():
+    assert stats.bar_statistic(3.277, 4) == pytest.approx(0.006, abs=1e-15)  # (3.28 - 3.277) * sqrt(4)
+    assert stats.bar_statistic(3.2775, 9) == pytest.approx(0.0075, abs=1e-15)  # sqrt(9) = 3, not 9
+    assert stats.clears_bar(0.004) and stats.clears_bar(0.004 - 1e-13)
+    assert not stats.clears_bar(0.004 - 1e-9)  # the slack covers float error only, not a real shortfall
+    assert not stats.clears_bar(0.0035) and not stats.clears_bar(0.0039)
+
+
+def test_step_exchange_rate_decides_a_pairwise_verdict():
+    # a: S=3000, L=3.2790, n=4; b: S=3100, L=3.2785, n=4. a's 100 fewer steps are worth 100 * 0.0045/100 =
+    # 0.0045 of loss: (-0.0005 + 0.0045) / sqrt(1/4 + 1/4) = 0.0056569 >= 0.004, significant. At a tenth of
+    # the rate it would be (-0.0005 + 0.00045) / 0.7071 < 0; at 0.003/100, 0.0035355 < 0.004.
+    statistic = stats.pairwise_statistic(3000, 3.2790, 4, 3100, 3.2785, 4)
+    assert statistic == pytest.approx(0.004 / math.sqrt(0.5), rel=1e-9)
+    assert stats.clears_bar(statistic)
