@@ -570,13 +570,8 @@ def test_dead_neuron_fractions_count_dead_and_nearly_dead():
 
 
 def test_neuron_report_on_hand_set_fc_rows():
-    config = tg.ModelConfig(vocab_size=64, num_layers=2, model_dim=16, head_dim=8, seq_len=8)
-    model = tg.GPT(config)
-    tg.init_parameters(model, torch.Generator().manual_seed(0))
+    model = fate_model()
     with torch.no_grad():
-        for block in model.blocks:
-            block.mlp.fc.weight.zero_()
-            block.mlp.fc.bias.fill_(1.0)
         model.blocks[0].mlp.fc.bias[:16] = -1.0  # 16 of 64 units of layer 0 never fire
         model.blocks[1].mlp.fc.bias[:8] = 0.0  # pre-activation exactly 0: relu^2 is 0, dead too
     tokens = torch.randint(0, 64, (2, 8))
