@@ -4,6 +4,7 @@
     python benchmarks/step.py --tiny           # train_gpt's CPU preset sizes, seconds on a CPU
     python benchmarks/step.py --tiny --device cpu   # --device auto|cpu|cuda (auto: CUDA when there is a GPU)
     python benchmarks/step.py --json --iters 20 --warmup 3 --recipes aurora,muon
+    python benchmarks/step.py --plan-only --world-size 8   # (c)'s per-rank matrix FLOPs only, any machine
 
 For every recipe of train_gpt.RECIPES, in one process, it times:
   (a) the optimizer step alone, with fixed random gradients: the matrix optimizer (Muon, NorMuon or
@@ -187,6 +188,21 @@ def matrix_flops_per_rank(matrix_optimizer, world_size):
     """The matrix optimizer's FLOPs on each of world_size ranks, from its bucket plan (no process needed)."""
     return {"joined_transposes": flops_balance(matrix_optimizer.flops_per_rank(world_size)),
             "one_bucket_per_shape": flops_balance(matrix_optimizer.flops_per_rank(world_size, join_transposes=False))}
+
+
+def plan_report(recipe_names, tiny, world_size):
+    """(c)'s matrix FLOPs per rank alone, for a model built on the meta device: the bucket plan needs
+    only the shapes, so this runs at full size on any machine in a second."""
+    hp = train_gpt.TINY if tiny else train_gpt.FULL
+    with torch.device("meta"):
+        model = train_gpt.GPT(hp.model)
+    recipes = {}
+    for name in recipe_names:
+        _, matrix_optimizer = train_gpt.build_optimizers(model, train_gpt.RECIPES[name])
+        recipes[name] = {"per_step": {"world_size": world_size,
+                                      "matrix_flops": matrix_flops_per_rank(matrix_optimizer, world_size)}}
+    return {"size": "tiny" if tiny else "full", "model": dataclasses.asdict(hp.model), "plan_only": True,
+            "recipes": recipes}
 
 
 def collectives_of_one_rank(raw_model, optimizers, buffer, seq_len, micro_seqs, world_size, device):
@@ -414,6 +430,8 @@ def parse_args(argv):
                         help="auto (default): CUDA when torch sees a GPU, else the CPU")
     parser.add_argument("--world-size", type=int, default=8,
                         help="ranks N for the per-step counts (c): collectives, bytes, matrix FLOPs per rank")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="only (c)'s matrix FLOPs per rank from the bucket plan: no timing, any size on any device")
     args = parser.parse_args(argv)
     args.recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
     unknown = [name for name in args.recipes if name not in train_gpt.RECIPES]
@@ -428,14 +446,25 @@ def parse_args(argv):
         args.device = train_gpt.resolve_device(args.device, 0)
     except train_gpt.SetupError as e:
         parser.error(str(e))
-    if not args.tiny and args.device.type != "cuda":
+    if not args.tiny and args.device.type != "cuda" and not args.plan_only:
         parser.error("full size needs a CUDA GPU (a step holds ~13 GiB of fp32 logits per micro-batch); "
-                     "on the CPU run with --tiny")
+                     "on the CPU run with --tiny, or --plan-only for the per-rank FLOPs")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan_only:
+        result = plan_report(args.recipes, args.tiny, args.world_size)
+        if not args.json:
+            for name, numbers in result["recipes"].items():
+                flops = numbers["per_step"]["matrix_flops"]
+                print(f"{name}: matrix FLOPs per rank max/mean on {args.world_size} ranks "
+                      f"{flops['joined_transposes']['max_over_mean']:.2f} (one bucket per shape: "
+                      f"{flops['one_bucket_per_shape']['max_over_mean']:.2f})")
+            return 0
+        print(json.dumps(result))
+        return 0
     result = run_benchmark(args.recipes, args.tiny, args.iters, args.warmup, args.device, args.seed,
                            args.world_size)
     print(json.dumps(result) if args.json else format_report(result))
