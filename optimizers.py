@@ -316,8 +316,9 @@ def aurora_update(u, W, pp_iterations, pp_beta, contra, floor, variant, polar_fn
     """Aurora (docs/recipes.md#aurora; variant "riemannian": docs/recipes.md#variants).
     Returns (update, leverage).
 
-    use_aurora_polar=False (a matrix the orientation policy leaves out) takes plain Muon's polar
-    factor instead; the Contra-Muon mix and the u/w floor still apply."""
+    W: the stacked weights, read only by the u/w floor (None when floor is 0). use_aurora_polar=False
+    (a matrix the orientation policy leaves out) takes plain Muon's polar factor instead; the
+    Contra-Muon mix and the u/w floor still apply."""
     if not use_aurora_polar:
         P = polar_fn(u)
     elif variant == "riemannian":
@@ -547,8 +548,9 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
 
     Subclasses define `update_math` (a pure function, compiled once per stacked shape),
     `stacked_state` (names of per-matrix state the update math reads and rewrites) and
-    `run_update_math(group, u, params, stacked) -> (stacked update, {state name: stacked state})`
-    for a stack of same-shape matrices (params) of this rank's share of a bucket.
+    `run_update_math(group, u, weights, stacked) -> (stacked update, {state name: stacked state})`
+    for a stack of same-shape matrices of this rank's share of a bucket (`weights`: their stacked
+    values where reads_full_weights says the math reads them, else None).
 
     Non-finite updates: with `found_inf` set (GradScaler's protocol, a float32 device tensor, as
     fused AdamW reads it), step() does not look at any value on the host. It adds a non-finite
@@ -687,7 +689,8 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
         return finish
 
     def update_run(self, group, directions, weights, states, bucket_size):
-        """run_update_math on one run of same-shape matrices (lists: directions, weights, states).
+        """run_update_math on one run of same-shape matrices (lists: directions, weights, states; the
+        weights are stacked only where the math reads them).
 
         A lone matrix of a bucket of several is stacked with a zero matrix: torch's batched
         matmul takes another kernel for a batch of one, whose bf16 rounding differs (14 of 180
@@ -699,8 +702,8 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
             lone = count == 1 < bucket_size
             return torch.stack(tensors + [torch.zeros_like(tensors[0])] if lone else tensors)
         stacked = {name: stack([s[name] for s in states]) for name in self.stacked_state}
-        update, new_state = self.run_update_math(group, stack(directions), list(stack(weights).unbind(0)),
-                                                 stacked)
+        weights = stack(weights) if self.reads_full_weights(group) else None
+        update, new_state = self.run_update_math(group, stack(directions), weights, stacked)
         return update[:count], {name: t[:count] for name, t in new_state.items()}
 
     def reads_full_weights(self, group):
@@ -759,13 +762,12 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
         results = []  # this rank's owned matrices' update and state (none if it owns none)
         count = len(owned[rank])
         if count:
-            # (zeros stand in for weights the math does not read)
-            weights = whole[1] if self.reads_full_weights(group) else torch.zeros_like(whole[0])
+            weights = list(whole[1].unbind(0)) if self.reads_full_weights(group) else None
             state_fields = whole[len(fields) - len(self.stacked_state):]
             owned_states = [{name: t[j] for name, t in zip(self.stacked_state, state_fields)}
                             for j in range(count)]
-            update, new_state = self.update_run(group, list(whole[0].unbind(0)), list(weights.unbind(0)),
-                                                owned_states, len(params))
+            update, new_state = self.update_run(group, list(whole[0].unbind(0)), weights, owned_states,
+                                                len(params))
             results = [update] + [new_state[n] for n in names]
         receive = start_return_to_ranks(results, back_fields, owned, mesh, directions[0])
 
@@ -832,7 +834,7 @@ class Muon(_ShardedOrthogonalOptimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       nesterov=nesterov, polar_backend=polar_backend))
 
-    def run_update_math(self, group, u, params, stacked):
+    def run_update_math(self, group, u, weights, stacked):
         update, leverage = self._compiled_update_math(u, POLAR_BACKENDS[group["polar_backend"]])
         return update, with_leverage({}, leverage)
 
@@ -860,7 +862,7 @@ class NorMuon(_ShardedOrthogonalOptimizer):
             state["second_moment"] = self.state_zeros(p, shape)
         return state
 
-    def run_update_math(self, group, u, params, stacked):
+    def run_update_math(self, group, u, weights, stacked):
         update, second_moment, leverage = self._compiled_update_math(
             u, stacked["second_moment"], group["beta2"], group["u_normuon"],
             POLAR_BACKENDS[group["polar_backend"]])
@@ -915,9 +917,8 @@ class Aurora(_ShardedOrthogonalOptimizer):
     def reads_full_weights(self, group):
         return group["uw_floor"] != 0
 
-    def run_update_math(self, group, u, params, stacked):
-        weights = torch.stack(params)
-        if group["weight_decay"] != 0:  # the floor sees W after this step's decay, as the parameters get it
+    def run_update_math(self, group, u, weights, stacked):
+        if weights is not None and group["weight_decay"] != 0:  # the floor sees W after this step's decay, as the parameters get it
             weights = weights * (1 - group["lr"] * group["weight_decay"])
         update, leverage = self._compiled_update_math(
             u, weights, group["pp_iterations"], group["pp_beta"], group["contra"], group["uw_floor"],
