@@ -160,12 +160,27 @@ def read_shard_header(path):
     return num_tokens
 
 
-def load_shard(path, pin_memory=False):
-    """The tokens of a shard as a uint16 tensor (in page-locked memory for fast copies to a GPU)."""
+def check_token_ids(path, tokens, vocab_size):
+    """Refuse a shard holding a token id the model's embedding has no row for: such an id would reach
+    the (compiled) forward and abort the process. tokens: the shard's uint16 ids (a numpy array or a
+    CPU tensor; torch has no max for uint16, numpy's takes milliseconds for 100M ids)."""
+    highest = int(np.asarray(tokens).max()) if len(tokens) else -1
+    if highest >= vocab_size:
+        raise SetupError(f"{path}: holds token id {highest}, but the model's vocabulary has {vocab_size} ids "
+                         f"(0..{vocab_size - 1}): the shard was tokenized for another vocabulary. Write it with "
+                         f"this preset's tokenizer (--tiny: python data/synthetic.py, vocabulary 512; full size: "
+                         f"GPT-2, python data/cached_fineweb10B.py or python data/fineweb.py)")
+
+
+def load_shard(path, vocab_size, pin_memory=False):
+    """The tokens of a shard as a uint16 tensor (in page-locked memory for fast copies to a GPU), every id
+    checked to be below vocab_size."""
     num_tokens = read_shard_header(path)
     with open(path, "rb") as f:
         f.seek(HEADER_INTS * 4)
-        tokens = torch.from_numpy(np.fromfile(f, dtype="<u2", count=num_tokens))
+        tokens = np.fromfile(f, dtype="<u2", count=num_tokens)
+    check_token_ids(path, tokens, vocab_size)
+    tokens = torch.from_numpy(tokens)
     return tokens.pin_memory() if pin_memory else tokens
 
 
@@ -215,14 +230,15 @@ class TrainStream:
     targets); rank r reads the slice at pos + r*B/W of length B/W + 1; the next shard starts when
     pos + B + 1 >= len(shard)."""
 
-    def __init__(self, paths, batch_tokens, rank, world_size, pin_memory=False):
+    def __init__(self, paths, batch_tokens, rank, world_size, vocab_size, pin_memory=False):
         self.paths = paths
+        self.vocab_size = vocab_size
         self.pin_memory = pin_memory
         self.batch_tokens = batch_tokens
         self.rank_tokens = batch_tokens // world_size
         self.offset = rank * self.rank_tokens
         self.shard_index = 0
-        self.tokens = load_shard(paths[0], pin_memory)
+        self.tokens = load_shard(paths[0], vocab_size, pin_memory)
         self.pos = 0
 
     def next_batch(self):
@@ -230,7 +246,7 @@ class TrainStream:
             self.shard_index += 1
             if self.shard_index == len(self.paths):
                 raise SetupError(f"the train shards {self.paths[0]} ... ran out (the pre-training check missed it)")
-            self.tokens = load_shard(self.paths[self.shard_index], self.pin_memory)
+            self.tokens = load_shard(self.paths[self.shard_index], self.vocab_size, self.pin_memory)
             self.pos = 0
         start = self.pos + self.offset
         self.pos += self.batch_tokens
@@ -245,13 +261,13 @@ class TrainStream:
             raise SetupError(f"the checkpoint's data position is in train shard {state['shard_index'] + 1}, "
                              f"but only {len(self.paths)} shards match (same --train-files as the saved run?)")
         if state["shard_index"] != self.shard_index:
-            self.tokens = load_shard(self.paths[state["shard_index"]], self.pin_memory)
+            self.tokens = load_shard(self.paths[state["shard_index"]], self.vocab_size, self.pin_memory)
         self.shard_index, self.pos = state["shard_index"], state["pos"]
 
 
-def load_val_tokens(path, val_tokens, rank, world_size):
+def load_val_tokens(path, val_tokens, rank, world_size, vocab_size):
     """The first val_tokens (+1) tokens of the val shard, sliced across ranks like one train step."""
-    tokens = load_shard(path)
+    tokens = load_shard(path, vocab_size)
     if len(tokens) < val_tokens + 1:
         raise SetupError(f"{path}: {len(tokens)} tokens, validation needs {val_tokens + 1}")
     rank_tokens = val_tokens // world_size
@@ -1102,7 +1118,7 @@ def train_trial(run):
         load_model_state(run.raw_model, run.init_weights, args.init_from)
     broadcast_parameters(run.raw_model)
     optimizers = build_optimizers(run.raw_model, run.recipe)
-    stream = TrainStream(run.train_paths, hp.batch_tokens, run.dist.rank, run.dist.world_size,
+    stream = TrainStream(run.train_paths, hp.batch_tokens, run.dist.rank, run.dist.world_size, hp.model.vocab_size,
                          pin_memory=device.type == "cuda")
     first_step = 0
     if run.resume is not None:  # rank 0 saved it; every rank restores the same state
@@ -1249,9 +1265,11 @@ def main(argv=None):
         log.event("config", config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths,
                                           val_path, run_id))
         raw_model = GPT(hp.model).to(device)
-        val_buffer = load_val_tokens(val_path, hp.val_tokens, dist_info.rank, dist_info.world_size).to(device)
+        val_buffer = load_val_tokens(val_path, hp.val_tokens, dist_info.rank, dist_info.world_size,
+                                     hp.model.vocab_size).to(device)
         # The diagnostics' fixed probe batch: the first validation micro-batch of a single process.
-        probe_buffer = load_val_tokens(val_path, hp.micro_batch_seqs * hp.model.seq_len, 0, 1).to(device)
+        probe_buffer = load_val_tokens(val_path, hp.micro_batch_seqs * hp.model.seq_len, 0, 1,
+                                       hp.model.vocab_size).to(device)
         probe_inputs, _ = next(micro_batches(probe_buffer, hp.model.seq_len, hp.micro_batch_seqs))
         run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
                   torch.compile(distributed_model(raw_model, device), dynamic=False),

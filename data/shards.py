@@ -119,6 +119,16 @@ def read_shard(path):
     return np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_BYTES).astype(np.uint16)
 
 
+def check_token_ids(path, vocab_size):
+    """Raise ShardError if the shard holds an id the model has no embedding row for (vocabulary ids are
+    0..vocab_size-1): it was tokenized for another vocabulary, and the trainer refuses it."""
+    tokens = read_shard(path)
+    highest = int(tokens.max()) if tokens.size else -1
+    if highest >= vocab_size:
+        raise ShardError(path, f"token id {highest}, but the vocabulary has {vocab_size} ids (0..{vocab_size - 1}); "
+                               f"tokenized for another vocabulary")
+
+
 def steps_in_shard(num_tokens, batch=BATCH_TOKENS):
     """Optimizer steps one train shard feeds under the stream rule of docs/benchmark.md#data, as the trainer
     counts them (a shard of batch + 1 tokens or fewer feeds none; 190 for a 100M-token shard)."""
@@ -156,16 +166,18 @@ def shard_role(filename):
     return None
 
 
-def inspect_folder(folder):
-    """Status of every .bin shard in folder, grouped by role, each group in sorted filename order (the
-    order the trainer streams them)."""
+def inspect_folder(folder, vocab_size):
+    """Status of every .bin shard in folder (header, size and token ids below vocab_size), grouped by role,
+    each group in sorted filename order (the order the trainer streams them)."""
     groups = {"val": [], "train": [], "other": []}
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".bin"):
             continue
         path = os.path.join(folder, name)
         try:
-            status = ShardStatus(path, validate_shard(path), None)
+            num_tokens = validate_shard(path)
+            check_token_ids(path, vocab_size)
+            status = ShardStatus(path, num_tokens, None)
         except ShardError as e:
             status = ShardStatus(path, None, e.problem)
         groups[shard_role(name) or "other"].append(status)
@@ -183,10 +195,11 @@ def steps_available(train_statuses, batch=BATCH_TOKENS):
     return total
 
 
-def folder_report(folder, steps, batch=BATCH_TOKENS, val_tokens=VAL_TOKENS):
+def folder_report(folder, steps, batch, val_tokens, vocab_size):
     """(report lines, ok): every shard with its token count and validity, then whether the folder
-    holds enough valid data for `steps` steps of `batch` tokens and a val slice of val_tokens."""
-    groups = inspect_folder(folder)
+    holds enough valid data for `steps` steps of `batch` tokens and a val slice of val_tokens, in a
+    vocabulary of vocab_size ids."""
+    groups = inspect_folder(folder, vocab_size)
     lines, problems = [], []
     for role in ("val", "train", "other"):
         for status in groups[role]:
@@ -232,6 +245,8 @@ def main(argv=None):
     parser.add_argument("--val-tokens", type=int,
                         help=f"tokens the validation reads from the val shard (default {VAL_TOKENS}, or the "
                              f"CPU preset's with --tiny)")
+    parser.add_argument("--vocab-size", type=int,
+                        help="token ids must lie below this (default: the model's, 50304, or 512 with --tiny)")
     args = parser.parse_args(argv)
     # The trainer's own presets, so the check follows what `train_gpt.py [--tiny]` will read.
     preset = trainer().TINY if args.tiny else trainer().FULL
@@ -243,8 +258,9 @@ def main(argv=None):
     steps = args.steps if args.steps is not None else preset.steps or recipe_steps(args.recipe)
     batch_tokens = args.batch_tokens or preset.batch_tokens
     val_tokens = args.val_tokens or preset.val_tokens
+    vocab_size = args.vocab_size or preset.model.vocab_size
     print(f"{folder}: checked against {'the CPU preset (--tiny)' if args.tiny else 'the full-size benchmark'}")
-    lines, ok = folder_report(folder, steps, batch_tokens, val_tokens)
+    lines, ok = folder_report(folder, steps, batch_tokens, val_tokens, vocab_size)
     print("\n".join(lines))
     if not ok and not args.tiny:
         print("(shards for the CPU preset, such as data/synthetic, are checked with --tiny)")

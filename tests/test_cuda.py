@@ -94,7 +94,8 @@ def test_device_choice_on_a_gpu_machine():
 
 def test_train_stream_pins_uint16_tokens_and_copies_them_without_blocking(tmp_path):
     write_shard(str(tmp_path / "train.bin"), np.arange(4000) % GPT2_VOCAB + 40000)  # ids past int16's range
-    stream = tg.TrainStream([str(tmp_path / "train.bin")], 1024, 0, 1, pin_memory=True)
+    stream = tg.TrainStream([str(tmp_path / "train.bin")], 1024, 0, 1, tg.FULL.model.vocab_size,
+                            pin_memory=True)
     batch = stream.next_batch()
     assert batch.dtype == torch.uint16 and batch.is_pinned()
     on_gpu = batch.to(CUDA, dtype=torch.int64, non_blocking=True)  # as train_trial copies it

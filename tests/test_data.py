@@ -160,6 +160,12 @@ def test_listing_command_checks_the_cpu_preset_with_tiny(tmp_path):
     full = run_listing(tmp_path)  # the same folder against the full-size benchmark
     assert full.returncode == 1 and "the run needs 3200" in full.stdout and "--tiny" in full.stdout
     assert run_listing(tmp_path, "--tiny", "--steps", 300).returncode == 1
+    # A shard of another vocabulary (GPT-2 ids) in the same folder: a correct header, refused by its ids.
+    write_shard(str(tmp_path / "synthetic_train_000002.bin"), np.arange(5000) + 45000)
+    other = run_listing(tmp_path, "--tiny")
+    assert other.returncode == 1
+    assert ("synthetic_train_000002.bin  INVALID: token id 49999, but the vocabulary has 512 ids (0..511)"
+            in other.stdout), other.stdout
 
 
 # ---------------------------------------------------------------- cached_fineweb10B.py

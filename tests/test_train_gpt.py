@@ -190,7 +190,7 @@ def test_saved_checkpoint_holds_the_final_model(tiny_run, data_args):
     path = str(folder / "ck.trial0.pt")
     tg.load_model_state(model, tg.model_state_of(tg.read_checkpoint(path), path), path)
     val_path = data_args[3].replace("*", "000000")
-    val_buffer = tg.load_val_tokens(val_path, tg.TINY.val_tokens, 0, 1)
+    val_buffer = tg.load_val_tokens(val_path, tg.TINY.val_tokens, 0, 1, 512)
     layout = tg.batch_layout(tg.TINY, 1)
     loss = tg.evaluate(model, val_buffer, layout, tg.TINY.model.seq_len, tg.TINY.val_tokens)
     assert f"{loss:.5f}" == f"{val_records(lines)[1][2]:.5f}"
@@ -331,14 +331,30 @@ def test_corrupt_shard_is_refused_with_its_name(data_args, tmp_path, capsys, cor
     assert str(bad) in message and problem in message
 
 
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_token_id_outside_the_vocabulary_is_one_error_line_naming_the_shard(data_args, tmp_path, which):
+    """A shard with a valid header but ids from another tokenizer never reaches the forward."""
+    bad = tmp_path / f"other_{which}_000001.bin"
+    tokens = np.arange(4 * TINY_BATCH if which == "train" else tg.TINY.val_tokens + 1) % 512
+    tokens[100] = 600
+    write_shard(str(bad), tokens)
+    files = {"train": data_args[1], "val": data_args[3], which: str(bad)}
+    result = run_trainer(["--tiny", "--steps", "2", "--train-files", files["train"], "--val-files", files["val"]],
+                         cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: {bad}: holds token id 600, but the model's vocabulary has 512 ids")
+    assert result.stderr.count("\n") == 1 and "python data/synthetic.py" in result.stderr, result.stderr
+    assert "step:" not in result.stdout  # refused before the first forward
+
+
 def test_train_stream_slices_ranks_and_moves_to_the_next_shard(tmp_path):
     batch = 8
     write_shard(str(tmp_path / "a.bin"), np.arange(30))  # pos 0, 8, 16 fit (16 + 9 < 30); pos 24 does not
     write_shard(str(tmp_path / "b.bin"), np.arange(100, 120))  # pos 0, 8
     paths = [str(tmp_path / "a.bin"), str(tmp_path / "b.bin")]
     assert [tg.steps_in_shard(n, batch) for n in (30, 20)] == [3, 2]
-    one = tg.TrainStream(paths, batch, 0, 1)
-    ranks = [tg.TrainStream(paths, batch, r, 2) for r in (0, 1)]
+    one = tg.TrainStream(paths, batch, 0, 1, 512)
+    ranks = [tg.TrainStream(paths, batch, r, 2, 512) for r in (0, 1)]
     starts = [0, 8, 16, 100, 108]
     for start in starts:
         whole = one.next_batch()
@@ -355,7 +371,7 @@ def test_validation_slices_per_rank(tmp_path, world_size):
     """Rank r gets tokens [r*V/W, (r+1)*V/W + 1) of the first V + 1: like one train step of size V."""
     write_shard(str(tmp_path / "val.bin"), np.arange(50))
     val_tokens = 32
-    slices = [tg.load_val_tokens(str(tmp_path / "val.bin"), val_tokens, r, world_size) for r in range(world_size)]
+    slices = [tg.load_val_tokens(str(tmp_path / "val.bin"), val_tokens, r, world_size, 512) for r in range(world_size)]
     share = val_tokens // world_size
     for rank, tokens in enumerate(slices):
         assert tokens.dtype == torch.int64
@@ -456,7 +472,7 @@ def test_step_0_loss_is_log_vocab_and_fc_gradients_are_zero(tmp_path):
     model = small_full_vocab_model()
     write_shard(str(tmp_path / "val.bin"), np.random.default_rng(0).integers(0, 50257, 4 * 32 + 1))
     hp = tg.Hyperparameters(model=model.config, batch_tokens=4 * 32, micro_batch_seqs=2, val_tokens=4 * 32)
-    buffer = tg.load_val_tokens(str(tmp_path / "val.bin"), hp.val_tokens, 0, 1)
+    buffer = tg.load_val_tokens(str(tmp_path / "val.bin"), hp.val_tokens, 0, 1, 50304)
     val_loss = tg.evaluate(model, buffer, tg.batch_layout(hp, 1), 32, hp.val_tokens)
     assert val_loss == pytest.approx(math.log(50304), abs=1e-5)
     for inputs, targets in tg.micro_batches(buffer, 32, 2):
@@ -1049,10 +1065,10 @@ def test_train_stream_position_round_trips(tmp_path):
     write_shard(str(tmp_path / "a.bin"), np.arange(30))
     write_shard(str(tmp_path / "b.bin"), np.arange(100, 120))
     paths = [str(tmp_path / "a.bin"), str(tmp_path / "b.bin")]
-    stream = tg.TrainStream(paths, 8, 0, 1)
+    stream = tg.TrainStream(paths, 8, 0, 1, 512)
     for _ in range(4):  # into the second shard
         stream.next_batch()
-    resumed = tg.TrainStream(paths, 8, 1, 2)  # another rank and world size: the position is global
+    resumed = tg.TrainStream(paths, 8, 1, 2, 512)  # another rank and world size: the position is global
     resumed.load_state_dict(stream.state_dict())
     assert stream.state_dict() == {"shard_index": 1, "pos": 8}
     assert resumed.next_batch().tolist() == stream.next_batch()[4:].tolist()
