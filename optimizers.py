@@ -800,11 +800,15 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
             found_inf.copy_(torch.where(all_finite([u for _, _, updates in finished for u in updates]),
                                         found_inf, 1.0))
             keep = found_inf == 0
+            refused = ~keep
         for group, params, updates in finished:
             decay = 1 - group["lr"] * group["weight_decay"]
             if keep is not None:
                 decay = torch.where(keep, decay, 1.0)
-                updates = [torch.where(keep, u, 0.0) for u in updates]
+                # The updates are this step's own buffers: zeroed in place when refused, no copies. A fill,
+                # not a product with 0, which would turn an inf or NaN update into NaN weights.
+                for update in updates:
+                    update.masked_fill_(refused, 0.0)
             targets = [local_tensor(p) for p in params]
             if group["weight_decay"] != 0:
                 torch._foreach_mul_(targets, decay)

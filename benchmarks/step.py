@@ -15,7 +15,9 @@ For every recipe of train_gpt.RECIPES, in one process, it times:
       (8 micro-batches of 64x1024 tokens at full size), then the optimizers' steps;
   (c) per-step counts: the host syncs of one training step as timed in (b); the collectives and the
       bytes one rank of --world-size N sends in a step, counted in an uncompiled step of rank 0 under
-      torch's fake process group (no other process, no data moved); and each of the N ranks' matrix
+      torch's fake process group (no other process, no data moved) with that rank's micro-batch count
+      but one sequence per micro-batch (what is sent depends on the parameters, not on the batch; an
+      eager full-size micro-batch would keep ~80 GiB for backward); and each of the N ranks' matrix
       FLOPs from the matrix optimizer's bucket plan, with max/mean (1.00: balanced), also for the
       plan without joined transposes (one bucket per shape).
 Recipes run round-robin (aurora, normuon, muon, aurora, ...) so drift on a shared machine hits them
@@ -205,13 +207,19 @@ def plan_report(recipe_names, tiny, world_size):
             "recipes": recipes}
 
 
-def collectives_of_one_rank(raw_model, optimizers, buffer, seq_len, micro_seqs, world_size, device):
+def collectives_of_one_rank(raw_model, optimizers, hp, world_size, device):
     """{"collectives": {name: count}, "bytes": total} of rank 0 of world_size in one uncompiled training
     step, through train_gpt's own DDP wrapping and the optimizers' all-gathers, under torch's fake
     process group (one process; nothing is sent, so this step's numbers are garbage and it is the
-    last thing done with the model). None when a real process group already exists."""
+    last thing done with the model). The step has as many micro-batches as rank 0 of world_size
+    (no_sync on all but the last) of one sequence each: gradient buckets and optimizer gathers are
+    shaped by the parameters alone, and a small batch keeps this eager step's memory small. None when
+    a real process group already exists."""
     if dist.is_initialized():
         return None
+    layout = train_gpt.batch_layout(hp, world_size)
+    seq_len = hp.model.seq_len
+    buffer = torch.zeros(layout.rank_seqs // layout.micro_seqs * seq_len + 1, dtype=torch.int64, device=device)
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     counts, payload = {}, []
@@ -224,8 +232,7 @@ def collectives_of_one_rank(raw_model, optimizers, buffer, seq_len, micro_seqs, 
             model = train_gpt.distributed_model(raw_model, device)
             found_inf = torch.zeros((), device=device)
             with calls_recorded([(dist, name) for name in COLLECTIVES], record):
-                train_gpt.train_step(model, optimizers, list(raw_model.parameters()), buffer, seq_len, micro_seqs,
-                                     found_inf)
+                train_gpt.train_step(model, optimizers, list(raw_model.parameters()), buffer, seq_len, 1, found_inf)
     finally:
         dist.destroy_process_group()
     return {"collectives": counts, "bytes": sum(payload)}
@@ -346,8 +353,7 @@ def run_benchmark(recipe_names, tiny, iters, warmup, device, seed=0, world_size=
         per_step = {"world_size": world_size,
                     "host_syncs": len(bench.host_syncs(buffer, seq_len, layout.micro_seqs)),
                     "matrix_flops": matrix_flops_per_rank(bench.matrix_optimizer, world_size)}
-        per_step.update(collectives_of_one_rank(bench.raw_model, bench.optimizers, buffer, seq_len,
-                                                layout.micro_seqs, world_size, device) or {})
+        per_step.update(collectives_of_one_rank(bench.raw_model, bench.optimizers, hp, world_size, device) or {})
         numbers = {key: statistics.median(values) for key, values in times[name].items()}
         numbers["samples_ms"] = times[name]
         tokens_per_s = tokens_per_step / (numbers["train_step_ms"] / 1000)
@@ -442,6 +448,10 @@ def parse_args(argv):
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
     if args.world_size < 1:
         parser.error(f"--world-size must be >= 1, got {args.world_size}")
+    try:
+        train_gpt.batch_layout(train_gpt.TINY if args.tiny else train_gpt.FULL, args.world_size)
+    except train_gpt.SetupError as e:
+        parser.error(f"--world-size {args.world_size}: {e}")
     try:
         args.device = train_gpt.resolve_device(args.device, 0)
     except train_gpt.SetupError as e:

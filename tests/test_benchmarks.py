@@ -125,6 +125,9 @@ def test_arguments_are_checked(capsys):
         parse_args(["--tiny", "--iters", "0"])
     with pytest.raises(SystemExit):
         parse_args(["--tiny", "--world-size", "0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--tiny", "--world-size", "3"])  # the 16 sequences of a tiny step do not split over 3
+    assert "--world-size 3: world size 3 does not divide" in capsys.readouterr().err
     assert parse_args(["--tiny", "--recipes", "muon, aurora"]).recipes == ["muon", "aurora"]
 
 

@@ -692,6 +692,34 @@ def test_found_inf_refuses_a_non_finite_update_on_the_device():
         assert opt.found_inf.item() == 0 and not torch.equal(before[0], params[0])
 
 
+def test_found_inf_gate_changes_nothing_when_clear_and_everything_when_set():
+    """The gate zeroes refused updates in place: a clear flag gives bit for bit the steps without a
+    flag, and a set flag leaves every weight untouched, also when an update is inf or NaN (a product
+    with 0 would make those NaN weights)."""
+    weights, grads = make_problem(steps=2)
+    for cls, settings in RECORD_SETTINGS.values():
+        unflagged, _ = run_optimizer(cls, settings, weights, grads)
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = cls(params, **settings)
+        opt.found_inf = torch.zeros(())
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        assert opt.found_inf.item() == 0
+        assert all(torch.equal(a, b) for a, b in zip(unflagged, params)), cls.__name__
+        before = [p.detach().clone() for p in params]
+        for bad in (None, float("nan"), float("-inf")):  # set flag with finite, NaN and inf gradients
+            opt.found_inf.fill_(1)
+            for p, g in zip(params, grads[1]):
+                p.grad = g.clone()
+            if bad is not None:
+                params[0].grad[1, 2] = bad
+            opt.step()
+            assert opt.found_inf.item() == 1
+            assert all(torch.equal(a, b) for a, b in zip(before, params)), (cls.__name__, bad)
+
+
 def full_model_problem(width=32, layers=12, steps=2, seed=3):
     """The hidden matrices of train_gpt's GPT in its order (per block q, k, v, attention proj: d x d;
     MLP fc: 4d x d; MLP proj: d x 4d) at a reduced width, with rows of very different scales."""
