@@ -632,9 +632,14 @@ class RunLog:
         if echo:
             print(text, flush=True)
 
-    def event(self, kind, payload):
+    def event(self, kind, payload, echo=True):
         """A `kind {json}` line: config, diag, error, interrupted, done."""
-        self.write(f"{kind} {json.dumps(payload)}")
+        self.write(f"{kind} {json.dumps(payload)}", echo)
+
+    def echo(self, text):
+        """A console line that is not part of the log file (rank 0 only, like the log)."""
+        if self.file is not None:
+            print(text, flush=True)
 
     def close(self):
         if self.file is not None:
@@ -807,6 +812,47 @@ def leverage_report(model, optimizers):
             for param, leverage in optimizer.leverage().items():
                 report[names[param]] = leverage_stats(leverage)
     return report
+
+
+def percentages(report):
+    """'dead 35.1%' for every scalar `*_fraction` of a report, in its order (new fractions show up as added)."""
+    return [f"{key[:-len('_fraction')].replace('_', ' ')} {100 * value:.1f}%" for key, value in report.items()
+            if key.endswith("_fraction") and isinstance(value, (int, float))]
+
+
+def mean_of_matrices(matrices, stat, group=lambda name: None):
+    """{group: mean of `stat` over the matrices of that group}, skipping matrices without a number for it."""
+    values = {}
+    for name, stats in matrices.items():
+        if isinstance(stats, dict) and isinstance(stats.get(stat), (int, float)):
+            values.setdefault(group(name), []).append(stats[stat])
+    return {key: sum(v) / len(v) for key, v in values.items()}
+
+
+def diagnostics_summary(reports):
+    """The console's one line for one validation's diagnostics, from the reports the `diag` lines log
+    ({kind: report}): every fraction of the neurons, fate and unknown reports as a percentage, the
+    revivals, the mean leverage CV per kind of matrix (fc, proj) and the mean fc update norms of dead and
+    live rows. Keys it does not know are skipped or, if fractions, shown; missing ones are left out."""
+    parts = []
+    for kind, report in reports.items():
+        matrices = report.get("matrices") if isinstance(report.get("matrices"), dict) else {}
+        if kind == "leverage":
+            cvs = mean_of_matrices(matrices, "cv", group=lambda name: name.split(".")[-2] if "." in name else name)
+            fields = [f"{name} {cv:.2f}" for name, cv in cvs.items()]
+            label = "leverage cv "
+        elif kind == "fc_updates":
+            fields = [f"{row} {norm:.3g}" for row in ("dead", "live")
+                      for norm in mean_of_matrices(matrices, f"{row}_update_norm").values()]
+            label = "fc update norm "
+        else:
+            fields = percentages(report)
+            if isinstance(report.get("revivals"), int):
+                fields.append(f"{report['revivals']} revivals")
+            label = "" if kind == "neurons" else f"{kind.replace('_', ' ')}: "
+        if fields:
+            parts.append(label + ", ".join(fields))
+    return "diag: " + " | ".join(parts)
 
 
 def rounded(value, digits=6):
@@ -1078,6 +1124,22 @@ class Run:
     trial: int = 0
     step: int = 0
     diagnostics: DiagnosticsState | None = None  # what write_diagnostics keeps between probes
+    first_calls_done: set = field(default_factory=set)  # what first_call has timed
+
+
+def first_call(run, what, call):
+    """call(); the first time `what` runs in a process that compiles, the console says that it compiles
+    (torch.compile compiles a graph on its first call) and, after, how long that first call took."""
+    if what in run.first_calls_done:
+        return call()
+    run.first_calls_done.add(what)
+    if not compile_is_active():
+        return call()
+    run.log.echo(f"compiling the {what} with torch.compile (on its first call; minutes on a CPU) ...")
+    start = time.perf_counter()
+    result = call()
+    run.log.echo(f"compiled the {what}: its first call took {time.perf_counter() - start:.1f}s")
+    return result
 
 
 def train_step(model, optimizers, params, buffer, seq_len, micro_seqs, found_inf):
@@ -1147,7 +1209,8 @@ def train_trial(run):
                 raise NonFiniteLoss(f"train loss, gradient or update is not finite at step {int(bad_step)} "
                                     f"(trial {run.trial}); the weights are those from before that step")
             if validate:
-                val_loss = evaluate(run.model, run.val_buffer, run.layout, seq_len, hp.val_tokens)
+                val_loss = first_call(run, "validation forward", lambda: evaluate(
+                    run.model, run.val_buffer, run.layout, seq_len, hp.val_tokens))
                 if not math.isfinite(val_loss):
                     raise NonFiniteLoss(f"val loss is {val_loss} at step {step} (trial {run.trial})")
                 step_avg = 1000 * (train_time - last_val_time) / max(step - last_val_step, 1)
@@ -1163,7 +1226,8 @@ def train_trial(run):
             return
         buffer = stream.next_batch().to(device, dtype=torch.int64, non_blocking=True)
         set_lr(optimizers, lr_multiplier(step, run.steps))
-        train_step(run.model, optimizers, params, buffer, seq_len, run.layout.micro_seqs, found_inf)
+        first_call(run, "training step", lambda: train_step(
+            run.model, optimizers, params, buffer, seq_len, run.layout.micro_seqs, found_inf))
         bad_step = torch.where((bad_step < 0) & (found_inf > 0), step, bad_step)
 
 
@@ -1177,24 +1241,26 @@ def write_diagnostics(run, optimizers):
     state = run.diagnostics
     if state is None or state.trial != run.trial:  # a new trial (or a resumed one) starts afresh
         state = DiagnosticsState(run.trial, run.step, [new_fate(d.numel(), d.device) for d in dead], [], [], [])
-    head = {"step": run.step, "trial": run.trial}
-    run.log.event("diag", {**head, "kind": "neurons", **rounded(neuron_report(probes))})
+    reports = {"neurons": rounded(neuron_report(probes))}
     for fate, layer_dead in zip(state.fates, dead):
         update_fate(fate, layer_dead, run.step)
-    run.log.event("diag", {**head, "kind": "fate", **rounded(fate_report(state.fates, run.step))})
+    reports["fate"] = rounded(fate_report(state.fates, run.step))
     if state.fc_weights:
         updates = {f"blocks.{i}.mlp.fc.weight": dead_live_updates(w, b, fc.weight, fc.bias, d, p.mean_input)
                    for i, (w, b, fc, d, p) in enumerate(zip(state.fc_weights, state.fc_biases, fcs, state.dead,
                                                             probes))}
-        run.log.event("diag", {**head, "kind": "fc_updates", "since_step": state.step,
-                               "matrices": rounded(updates)})
+        reports["fc_updates"] = {"since_step": state.step, "matrices": rounded(updates)}
     state.step, state.dead = run.step, dead
     state.fc_weights = [fc.weight.detach().clone() for fc in fcs]
     state.fc_biases = [fc.bias.detach().clone() for fc in fcs]
     run.diagnostics = state
     leverage = leverage_report(run.raw_model, optimizers)
     if leverage:
-        run.log.event("diag", {**head, "kind": "leverage", "matrices": rounded(leverage)})
+        reports["leverage"] = {"matrices": rounded(leverage)}
+    # The JSON goes to the log file (records/stats.py reads it); the console gets one readable line.
+    for kind, report in reports.items():
+        run.log.event("diag", {"step": run.step, "trial": run.trial, "kind": kind, **report}, echo=False)
+    run.log.echo(diagnostics_summary(reports))
 
 
 def preflight(args, hp, steps, dist_info):

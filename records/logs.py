@@ -189,6 +189,9 @@ def read_log_text(path: str | Path) -> str:
 
 def parse_log(path: str | Path) -> LogFile:
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a log file; pass the log files in it, e.g. "
+                                f"{path / '*.txt'}")
     if not path.is_file():
         raise FileNotFoundError(f"log file not found: {path} (pass paths to logs/*.txt files)")
     return parse_log_text(read_log_text(path), str(path))

@@ -11,6 +11,10 @@ not log (a crashed run, a different T) cannot be the reported step, since its me
 n runs. With --vs, the pairwise bar (same page) compares the first set (a) with the second (b) at
 their reported steps; its statistic is positive when a is better and null when either set never
 clears the bar.
+
+Exit status: 0; 1 when a run's log stops before its final step T (cut off: crashed, killed, or still
+running): everything is printed, with a warning naming the log and its last step, but the numbers are
+not those of complete runs; 2 when a log or figure path is unusable (nothing is computed).
 """
 
 import argparse
@@ -151,6 +155,13 @@ def consistency_warnings(result: ResultSet) -> list[str]:
         warnings.append(f"set {result.label}: {len(partial)} step(s) not logged by every run "
                         f"(e.g. {partial[:5]}); they cannot be the reported step")
     return warnings
+
+
+def cut_off_runs(result: ResultSet) -> list[str]:
+    """One line for each run whose log stops before its final step T."""
+    return [f"{run.path}: trial {run.trial} stops at step {run.final_step} of {run.total_steps}: the log is cut off "
+            f"mid-run (crashed, killed or still running), so its numbers are not those of a complete run"
+            for run in result.runs if run.final_step != run.total_steps]
 
 
 def steady_step_time_ms(run: Run) -> float | None:
@@ -598,13 +609,16 @@ def main(argv: list[str] | None = None) -> int:
         results = [load_result_set(args.logs, args.label)]
         if args.vs:
             results.append(load_result_set(args.vs, args.vs_label))
-    except FileNotFoundError as error:
+    except (FileNotFoundError, IsADirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     pairwise = compare(*results) if len(results) == 2 else None
+    cut_off = [line for result in results for line in cut_off_runs(result)]
     for result in results:
         for warning in consistency_warnings(result):
             print(f"warning: {warning}", file=sys.stderr)
+    for line in cut_off:
+        print(f"warning: {line}", file=sys.stderr)
     diagnostics = (summarize_diagnostics(results)
                    if args.diagnostics or args.plot_diagnostics else None)
 
@@ -627,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_diagnostics and not write_figure("--plot-diagnostics", args.plot_diagnostics, plot_diagnostics,
                                                   diagnostics):
         return 2
-    return 0
+    return 1 if cut_off else 0
 
 
 if __name__ == "__main__":

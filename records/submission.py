@@ -5,7 +5,8 @@
 
 `extract` writes the code section (everything before the first line of 100 '=') byte for byte, which
 is how the leaderboard reproduces a submission. `check` verifies what a submission needs: every log
-has a code section and it is the same in every log; every run has the same step count T and logged
+has a code section and it is the same in every log; every log of ours ran the record's settings (its
+`config` line's `is_record_recipe`; the leaderboard's logs have no config line); every run has the same step count T and logged
 its final step T (no per-run early stopping); there are n runs (at least N if given); the mean over
 all runs clears the bar of docs/benchmark.md#rules-and-statistics. It prints each check and exits 1 if any
 fails.
@@ -48,6 +49,21 @@ def check_code(logs: list[LogFile]) -> Check:
     return Check("code", True, f"the same code in all {len(logs)} log(s) (sha256 {next(iter(digests))})")
 
 
+def check_record_settings(logs: list[LogFile]) -> Check:
+    """A submission is made of record runs: a log whose config line says otherwise (the CPU preset, other
+    --steps, --batch-seqs, ...) is refused with what differs, as its `differs_from_record` lists it."""
+    not_record = [f"{log.path} ({'; '.join(map(str, config.get('differs_from_record') or ['not listed']))})"
+                  for log in logs for config in log.configs if config.get("is_record_recipe") is False]
+    if not_record:
+        return Check("record", False, "not record runs (is_record_recipe false), differing in: "
+                     + ", ".join(not_record))
+    said = [log for log in logs if any(config.get("is_record_recipe") is True for config in log.configs)]
+    if not said:
+        return Check("record", True, "no log has a config line saying is_record_recipe (leaderboard logs): "
+                     "settings taken as they are")
+    return Check("record", True, f"{len(said)} of {len(logs)} log(s) say is_record_recipe true, none false")
+
+
 def check_step_counts(logs: list[LogFile]) -> Check:
     runs = runs_of(logs)
     if not runs:
@@ -84,8 +100,8 @@ def check_bar(logs: list[LogFile]) -> Check:
 
 
 def check_submission(logs: list[LogFile], minimum_runs: int | None) -> list[Check]:
-    return [check_code(logs), check_step_counts(logs), check_run_count(logs, minimum_runs),
-            check_bar(logs)]
+    return [check_code(logs), check_record_settings(logs), check_step_counts(logs),
+            check_run_count(logs, minimum_runs), check_bar(logs)]
 
 
 def extract(log_path: str, out_path: str | None) -> int:
@@ -131,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "extract":
             return extract(args.log, args.output)
         return check(args.logs, args.n)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, IsADirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -259,6 +259,22 @@ def test_command_line_script(tmp_path, set_a):
     assert missing.returncode == 2 and "nope.txt" in missing.stderr
 
 
+def test_log_cut_off_mid_run_is_reported_with_its_last_step_and_exit_1(tmp_path, set_a, capsys):
+    cut = write_log(tmp_path / "cut.txt", [{0: 10.8258, 500: 3.288}], 1000)  # stopped after step 500 of 1000
+    assert stats.main([*set_a, cut]) == 1
+    out, err = capsys.readouterr()
+    assert "== a (n=5)" in out  # the numbers are still printed
+    assert err.splitlines()[-1] == (f"warning: {cut}: trial 0 stops at step 500 of 1000: the log is cut off mid-run "
+                                    "(crashed, killed or still running), so its numbers are not those of a complete run")
+    assert stats.main(set_a) == 0 and "cut off" not in capsys.readouterr().err
+
+
+def test_a_folder_is_called_a_folder(tmp_path, capsys):
+    assert stats.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path} is a folder, not a log file; pass the log files in it, "
+                                       f"e.g. {tmp_path / '*.txt'}\n")
+
+
 def test_missing_figure_folder_is_refused_before_any_output(tmp_path, set_a):
     for flag in ("--plot", "--plot-diagnostics"):
         target = str(tmp_path / "missing" / "x.png")

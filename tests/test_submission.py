@@ -1,5 +1,6 @@
 """records/submission.py: cutting the code out of a log, and checking a log set for a submission."""
 
+import json
 import os
 import subprocess
 import sys
@@ -21,8 +22,10 @@ CODE = ("import sys\r\n"
         "print(6 * 7)\n")
 
 
-def write_log(path, trials, total, code=CODE):
+def write_log(path, trials, total, code=CODE, config=None):
     lines = [SEPARATOR, "Running PyTorch 2.11.0 compiled for CUDA 13.0 on NVIDIA H100 with world_size 8", SEPARATOR]
+    if config is not None:
+        lines.append(f"config {json.dumps(config)}")
     for losses in trials:
         lines += [f"step:{s}/{total} val_loss:{loss:.5f} train_time:{s * 0.15:.3f}s step_avg:150.00ms"
                   for s, loss in losses.items()]
@@ -93,6 +96,21 @@ def test_check_flags_a_run_stopped_early(tmp_path, capsys):
     assert code == 1 and "FAIL steps" in out and "last step 50" in out
 
 
+def test_check_refuses_logs_that_are_not_record_runs(tmp_path, capsys):
+    tiny = {"recipe": "aurora", "preset": "tiny", "is_record_recipe": False,
+            "differs_from_record": ["batch_tokens=4096 (record: 524288)", "steps=200 (record: 3200)"]}
+    record = {"recipe": "aurora", "preset": "full", "is_record_recipe": True, "differs_from_record": []}
+    paths = [write_log(tmp_path / "a.txt", GOOD[:1], 100, config=record),
+             write_log(tmp_path / "tiny.txt", GOOD[1:], 100, config=tiny)]
+    code, out = run_check(capsys, paths)
+    assert code == 1 and "PASS steps" in out and "PASS bar" in out
+    assert (f"FAIL record: not record runs (is_record_recipe false), differing in: {paths[1]} "
+            "(batch_tokens=4096 (record: 524288); steps=200 (record: 3200))") in out.splitlines()
+    assert "a.txt" not in out.split("FAIL record")[1].splitlines()[0]
+    code, out = run_check(capsys, paths[:1])
+    assert code == 0 and "PASS record: 1 of 1 log(s) say is_record_recipe true" in out
+
+
 def test_check_flags_failing_bar(tmp_path, capsys):
     # Mean 3.2785 at step 100: (3.28 - 3.2785) * sqrt(2) = 0.0021 < 0.004.
     trials = [{0: 10.8258, 100: 3.278}, {0: 10.8258, 100: 3.279}]
@@ -109,6 +127,9 @@ def test_check_flags_too_few_runs(tmp_path, capsys):
 def test_missing_file_is_a_clear_error(tmp_path, capsys, argv):
     assert submission.main([*argv, str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+    assert submission.main([*argv, str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path} is a folder, not a log file; pass the log files in it, "
+                                       f"e.g. {tmp_path / '*.txt'}\n")
 
 
 def test_extract_keeps_bytes_that_are_not_utf8(tmp_path):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -80,10 +81,11 @@ def data_args(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_args):
     """Two trials of the CPU preset, each saved at its end, on one thread (comparable with two processes).
-    Returns (folder, lines after the code, code)."""
+    Returns (folder, lines after the code, code); the console output is in folder/console.txt."""
     folder = tmp_path_factory.mktemp("tiny_run")
-    run_trainer(["--tiny", "--steps", str(STEPS), "--trials", "2", "--run-id", "tiny", "--save", "ck.pt",
-                 *data_args], cwd=folder, threads=1)
+    result = run_trainer(["--tiny", "--steps", str(STEPS), "--trials", "2", "--run-id", "tiny", "--save", "ck.pt",
+                          *data_args], cwd=folder, threads=1)
+    (folder / "console.txt").write_text(result.stdout)
     code, lines = split_log((folder / "logs" / "tiny.txt").read_text())
     return folder, lines, code
 
@@ -103,6 +105,53 @@ def test_tiny_run_log_follows_the_leaderboard_format(tiny_run):
             kind, payload = line.split(" ", 1)
             assert kind in ("config", "diag", "done") and isinstance(json.loads(payload), dict), line
     assert lines[3].startswith("config ") and lines[-1].startswith("done ")
+
+
+def test_console_shows_val_lines_and_one_readable_diag_line_per_validation(tiny_run):
+    """The JSON diagnostics stay in the log file; the console gets the record's val lines and a summary."""
+    folder, lines, _ = tiny_run
+    console = (folder / "console.txt").read_text().splitlines()
+    assert not [line for line in console if line.startswith("diag {")]
+    def val_lines(text_lines):
+        return [line for line in text_lines if VAL_LINE.fullmatch(line)]
+    assert val_lines(console) == val_lines(lines) and len(val_lines(lines)) == 4
+    summaries = [line for line in console if line.startswith("diag: ")]
+    neurons = [d for d in events(lines, "diag") if d["kind"] == "neurons"]
+    assert len(summaries) == len(neurons) == 4 and len(events(lines, "diag")) > len(neurons)
+    assert summaries[0].startswith(f"diag: dead {100 * neurons[0]['dead_fraction']:.1f}%, nearly dead ")
+    assert "leverage cv fc " in summaries[-1] and "fc update norm live " in summaries[-1]
+    assert console[-1].startswith("done ")
+
+
+def test_diagnostics_summary_reads_the_reports_and_skips_what_it_does_not_know():
+    reports = {"neurons": {"dead_fraction": 0.351, "nearly_dead_fraction": 0.402, "dead_fraction_per_layer": [0.3],
+                           "sparse_fraction": 0.5},  # a definition the summary has never heard of
+               "fate": {"units_per_layer": [512], "ever_dead_fraction": 0.41, "revivals": 7},
+               "fc_updates": {"since_step": 0, "matrices": {
+                   "blocks.0.mlp.fc.weight": {"dead_update_norm": None, "live_update_norm": 0.04},
+                   "blocks.1.mlp.fc.weight": {"dead_update_norm": 0.01, "live_update_norm": 0.02}}},
+               "leverage": {"matrices": {"blocks.0.mlp.fc.weight": {"cv": 0.1}, "blocks.1.mlp.fc.weight": {"cv": 0.3},
+                                         "blocks.0.mlp.proj.weight": {"cv": 1.5, "max_over_min": None}}},
+               "other": {"matrices": "not a dict", "level": 3}}
+    assert tg.diagnostics_summary(reports) == (
+        "diag: dead 35.1%, nearly dead 40.2%, sparse 50.0% | fate: ever dead 41.0%, 7 revivals | "
+        "fc update norm dead 0.01, live 0.03 | leverage cv fc 0.20, proj 1.50")
+    assert tg.diagnostics_summary({"leverage": {}}) == "diag: "
+
+
+def test_first_compiled_call_is_announced_and_timed_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tg, "compile_is_active", lambda: True)
+    log = tg.RunLog(str(tmp_path / "log.txt"))
+    run = types.SimpleNamespace(log=log, first_calls_done=set())
+    assert [tg.first_call(run, "training step", lambda: 5) for _ in range(2)] == [5, 5]
+    log.close()
+    console = capsys.readouterr().out.splitlines()
+    assert console[0] == "compiling the training step with torch.compile (on its first call; minutes on a CPU) ..."
+    assert re.fullmatch(r"compiled the training step: its first call took \d+\.\ds", console[1])
+    assert len(console) == 2 and (tmp_path / "log.txt").read_text() == ""  # the console only
+    monkeypatch.setattr(tg, "compile_is_active", lambda: False)
+    tg.first_call(types.SimpleNamespace(log=log, first_calls_done=set()), "step", lambda: None)
+    assert capsys.readouterr().out == ""
 
 
 def test_tiny_run_loss_falls_and_trials_restart_at_step_0(tiny_run):
