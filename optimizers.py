@@ -561,6 +561,7 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
 
     stacked_state = ()
     join_transposes = True  # False: one bucket per exact shape (what benchmarks compare against)
+    gather_alone = False  # True: the all-gather path also in a process group of one (tests it on one GPU)
 
     def __init__(self, params, defaults):
         if defaults["lr"] < 0:
@@ -668,7 +669,7 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
             update, new_state = self.update_run(group, directions, [params[i] for i in run],
                                                 [states[i] for i in run], len(params))
             results.append((run, update, new_state))
-        if world_size == 1:
+        if world_size == 1 and not (self.gather_alone and dist.is_initialized()):
             return lambda: self.write_back(states, results)
         # Every state but the momentum travels with the update, one row per matrix.
         names = sorted(name for name in states[0] if name != "momentum_buffer")

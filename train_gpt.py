@@ -552,8 +552,10 @@ def sum_gradients(process_group, bucket):
     return work.get_future().then(lambda _: buffer)  # the all-reduce sums in place
 
 
-def distributed_model(model, device, bucket_cap_mb=25):
-    """The model wrapped in DistributedDataParallel when several processes train it, else the model.
+def distributed_model(model, device, bucket_cap_mb=25, even_alone=False):
+    """The model wrapped in DistributedDataParallel when several processes train it (or, with
+    even_alone, in any process group, so that one GPU runs the wrapper, hook and no_sync of eight),
+    else the model.
 
     Why DDP rather than hand-written post-accumulate-grad hooks: under torch.compile the backward is
     one AOT graph, so per-parameter hooks would all fire at its end; DDP + torch.compile splits the
@@ -561,7 +563,7 @@ def distributed_model(model, device, bucket_cap_mb=25):
     soon as the last micro-batch's backward has made its gradients final, eager or compiled. The
     earlier micro-batches run under no_sync (train_step). Buffers are not broadcast (the rotary
     tables are equal everywhere), gradients live in DDP's buckets (no copies)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or (dist.get_world_size() == 1 and not even_alone):
         return model
     # torch 2.13 renamed broadcast_buffers to forward_sync_buffers; 2.11 knows only the old name.
     options = inspect.signature(DistributedDataParallel).parameters
@@ -900,6 +902,9 @@ def parse_args(argv):
                         "(same recipe, --steps and preset; any world size)")
     parser.add_argument("--init-from", metavar="PATH", help="start every trial from the model weights in PATH")
     parser.add_argument("--run-id", help="log name under logs/ (default: recipe and a random id)")
+    parser.add_argument("--ddp", action="store_true",
+                        help="under torchrun, DistributedDataParallel and the optimizers' all-gathers even with "
+                             "one process: one GPU then runs the multi-GPU code path (same results)")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_seqs", "trials", "save_every", "keep_last", "mlp_ratio"):
         value = getattr(args, name)
@@ -909,6 +914,9 @@ def parse_args(argv):
         parser.error("--save-every needs --save PATH")
     if args.resume and args.init_from:
         parser.error("--resume restores the weights itself; leave out --init-from")
+    if args.ddp and "RANK" not in os.environ:
+        parser.error("--ddp needs a process group: start under torchrun, e.g. "
+                     "torchrun --standalone --nproc_per_node=1 train_gpt.py --ddp")
     return args
 
 
@@ -1182,6 +1190,9 @@ def train_trial(run):
         load_model_state(run.raw_model, run.init_weights, args.init_from)
     broadcast_parameters(run.raw_model)
     optimizers = build_optimizers(run.raw_model, run.recipe)
+    for optimizer in optimizers:
+        if isinstance(optimizer, tuple(MATRIX_OPTIMIZERS.values())):
+            optimizer.gather_alone = args.ddp  # the all-gather path even in a world of one
     stream = TrainStream(run.train_paths, hp.batch_tokens, run.dist.rank, run.dist.world_size, hp.model.vocab_size,
                          pin_memory=device.type == "cuda")
     first_step = 0
@@ -1298,7 +1309,8 @@ def config_record(args, hp, recipe, steps, dist_info, device, layout, train_path
             "momentum": MOMENTUM, "nesterov": True, "train_shards_used": len(train_paths), "val_shard": val_path,
             "init_from": args.init_from, "resume": args.resume, "save": args.save, "save_every": args.save_every,
             "keep_last": args.keep_last,
-            "diagnostics": not args.no_diagnostics, "is_record_recipe": not differences,
+            "diagnostics": not args.no_diagnostics, "ddp": dist_info.world_size > 1 or args.ddp,
+            "is_record_recipe": not differences,
             "differs_from_record": differences}
 
 
@@ -1340,7 +1352,7 @@ def main(argv=None):
                                        hp.model.vocab_size).to(device)
         probe_inputs, _ = next(micro_batches(probe_buffer, hp.model.seq_len, hp.micro_batch_seqs))
         run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
-                  torch.compile(distributed_model(raw_model, device), dynamic=False),
+                  torch.compile(distributed_model(raw_model, device, even_alone=args.ddp), dynamic=False),
                   torch.Generator().manual_seed(args.seed), train_paths,
                   val_buffer, probe_inputs, init_weights, resume)
         for trial in range(resume["trial"] if resume else 0, args.trials):

@@ -290,6 +290,28 @@ def test_two_gloo_processes_compute_what_one_does(tiny_run, data_args, tmp_path)
                          torch.load(tmp_path / name, weights_only=True)["model"])
 
 
+@pytest.mark.distributed
+def test_ddp_in_a_world_of_one_computes_what_the_plain_process_does(tiny_run, data_args, tmp_path):
+    """--ddp under torchrun with one gloo process: DistributedDataParallel (summing hook, no_sync) and the
+    matrix optimizers' all-gather path run, as on 8 GPUs, and give trial 0 of the plain run bit for bit."""
+    folder, lines, _ = tiny_run
+    run_trainer(["--tiny", "--steps", str(STEPS), "--run-id", "ddp1", "--save", "ck.pt", "--ddp",
+                 "--no-diagnostics", *data_args], cwd=tmp_path, launcher=TORCHRUN_2[:-1] + ("--nproc_per_node=1",),
+                threads=1)
+    _, ddp_lines = split_log((tmp_path / "logs" / "ddp1.txt").read_text())
+    config = events(ddp_lines, "config")[0]
+    assert config["ddp"] and config["world_size"] == 1
+    assert val_records(ddp_lines) == val_records(lines)[:2]
+    assert_identical(torch.load(folder / "ck.trial0.pt", weights_only=True)["model"],
+                     torch.load(tmp_path / "ck.pt", weights_only=True)["model"])
+
+
+def test_ddp_without_torchrun_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        tg.parse_args(["--ddp"])
+    assert "--ddp needs a process group: start under torchrun" in capsys.readouterr().err
+
+
 # ---- failures ----
 
 def test_interrupt_leaves_a_complete_log_and_the_last_checkpoint(data_args, tmp_path):
