@@ -48,6 +48,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1 && python3 -c "import torch" >/dev/
 dirs = ([site.getusersitepackages()] if site.ENABLE_USER_SITE else []) + site.getsitepackages()
 print("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in dirs))' \
     > "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/python3-site-packages.pth"
+  echo "run.sh: .venv uses the torch of python3 ($(command -v python3)): $("$PY" -c 'import torch; print(torch.__version__)')"
 fi
 # Install only the requirements .venv cannot import (their names are their import names): with
 # everything present pip never runs, so no package index is contacted.
@@ -71,8 +72,24 @@ for spec in requirements(sys.argv[1]):
         print("torch==2.13.0" if name == "torch" else spec)
 EOF
 )
-# shellcheck disable=SC2086  # one requirement per word
-if [ -n "$missing" ]; then "$PY" -m pip install -q $missing; fi
+# Training needs the rest; these two only plot (records/stats.py --plot) and test. Offline, or with no
+# index that has them, setup says so and goes on.
+optional=" matplotlib pytest "
+required=() wanted=()
+for spec in $missing; do
+  if [[ "$optional" == *" $spec "* ]]; then wanted+=("$spec"); else required+=("$spec"); fi
+done
+if [ ${#required[@]} -gt 0 ]; then
+  echo "run.sh: installing into .venv: ${required[*]}"
+  "$PY" -m pip install -q "${required[@]}"
+fi
+if [ ${#wanted[@]} -gt 0 ]; then
+  echo "run.sh: installing into .venv (optional: plots, tests): ${wanted[*]}"
+  if ! "$PY" -m pip install -q "${wanted[@]}" >/dev/null 2>&1; then
+    echo "run.sh: could not install ${wanted[*]} (no package index reachable?); training does not need them." \
+         "Add them later with: $PY -m pip install ${wanted[*]}"
+  fi
+fi
 [ "$setup_only" = 1 ] && exit 0
 
 if [ "$has_gpu" = 1 ] && [ "$tiny" = 0 ]; then

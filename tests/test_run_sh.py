@@ -1,6 +1,7 @@
 """run.sh: its own arguments are checked before anything is installed or run; --setup on a machine
 whose python3 is a virtualenv that already holds torch (as on the GPU machine), with pip unable to
-reach any package index, reuses that torch and installs nothing."""
+reach any package index, reuses that torch and installs nothing; when that python3 lacks the optional
+packages (matplotlib, pytest), setup names them with the command to add them and still succeeds."""
 
 import os
 import shutil
@@ -28,17 +29,23 @@ def test_a_flag_without_its_value_is_one_clear_error(args, message):
     assert done.stderr.splitlines() == [message]
 
 
-def test_setup_reuses_the_torch_of_a_virtualenv_python3_offline(tmp_path):
+def offline_setup(clone, python3_bin):
+    """`bash run.sh --setup` in a copy of the project, with python3 from python3_bin first on PATH and pip
+    cut off from every index, local wheel folder and config file, so any install attempt fails."""
     for name in ("run.sh", "requirements.txt", "requirements-test.txt"):
-        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
-    # python3 is this interpreter (a virtualenv holding torch and the requirements in CI); pip is cut
-    # off from every index, local wheel folder and config file, so any install attempt would fail.
+        shutil.copy(os.path.join(ROOT, name), clone / name)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    env.update(PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"], PIP_NO_INDEX="1",
-               PIP_CONFIG_FILE=os.devnull)
-    result = subprocess.run(["bash", "run.sh", "--setup"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    env.update(PATH=str(python3_bin) + os.pathsep + env["PATH"], PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull)
+    return subprocess.run(["bash", "run.sh", "--setup"], cwd=clone, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_setup_reuses_the_torch_of_a_virtualenv_python3_offline(tmp_path):
+    # python3 is this interpreter (a virtualenv holding torch and the requirements in CI).
+    result = offline_setup(tmp_path, os.path.dirname(sys.executable))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    python3 = shutil.which("python3", path=os.path.dirname(sys.executable))
+    assert result.stdout.splitlines() == [f"run.sh: .venv uses the torch of python3 ({python3}): {torch.__version__}"]
     venv_python = str(tmp_path / ".venv" / "bin" / "python")
     where = subprocess.run([venv_python, "-c", "import sysconfig, torch, pytest, tiktoken; "
                             "print(sysconfig.get_path('purelib')); print(torch.__file__)"],
@@ -48,3 +55,36 @@ def test_setup_reuses_the_torch_of_a_virtualenv_python3_offline(tmp_path):
     assert "python3-site-packages.pth" in os.listdir(own_packages)
     assert "torch" not in os.listdir(own_packages)  # not installed a second time
     assert torch_file == torch.__file__  # the very torch python3 imports
+
+
+OPTIONAL = ("matplotlib", "mpl_toolkits", "pylab", "pytest", "_pytest", "py.py")
+
+
+def test_setup_without_matplotlib_and_pytest_offline_names_them_and_succeeds(tmp_path):
+    """python3 a virtualenv that sees this interpreter's packages but matplotlib and pytest (as a GPU
+    machine's python3 may be): setup cannot get them offline, says which and how, and exits 0."""
+    machine = tmp_path / "machine"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(machine)], check=True, timeout=120)
+    own = subprocess.run([str(machine / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    ours = os.path.dirname(os.path.dirname(torch.__file__))
+    visible = tmp_path / "visible"  # every package of ours (and its metadata) but the optional ones
+    visible.mkdir()
+    for entry in os.listdir(ours):
+        if not entry.startswith(OPTIONAL):
+            os.symlink(os.path.join(ours, entry), visible / entry)
+    with open(os.path.join(own, "visible.pth"), "w") as f:
+        f.write(str(visible) + "\n")
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    result = offline_setup(clone, machine / "bin")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("run.sh: .venv uses the torch of python3 (") and lines[0].endswith(torch.__version__)
+    assert lines[1:] == ["run.sh: installing into .venv (optional: plots, tests): matplotlib pytest",
+                         "run.sh: could not install matplotlib pytest (no package index reachable?); training does "
+                         "not need them. Add them later with: .venv/bin/python -m pip install matplotlib pytest"]
+    trains = subprocess.run([str(clone / ".venv" / "bin" / "python"), "-c", "import torch, numpy, tiktoken, "
+                             "huggingface_hub, tqdm; import train_gpt"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert trains.returncode == 0, trains.stderr
