@@ -50,8 +50,9 @@ print("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in dirs))' \
     > "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/python3-site-packages.pth"
   echo "run.sh: .venv uses the torch of python3 ($(command -v python3)): $("$PY" -c 'import torch; print(torch.__version__)')"
 fi
-# Install only the requirements .venv cannot import (their names are their import names): with
-# everything present pip never runs, so no package index is contacted.
+# Install only the requirements .venv cannot import (a package imports under its name with '-' as
+# '_', e.g. pytest-timeout as pytest_timeout): with everything present pip never runs, so no package
+# index is contacted.
 missing=$("$PY" - requirements-test.txt <<'EOF'
 import importlib, os, re, sys
 
@@ -66,7 +67,7 @@ def requirements(path):
 for spec in requirements(sys.argv[1]):
     name = re.match(r"[A-Za-z0-9_.-]+", spec)[0]
     try:
-        importlib.import_module(name)
+        importlib.import_module(name.replace("-", "_"))
     except ImportError:
         # torch pinned so that pip takes the CPU build where one lies on disk, not a multi-GB CUDA build.
         print("torch==2.13.0" if name == "torch" else spec)

@@ -5,15 +5,31 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_REFERENCE = re.compile(r"docs/([a-z_]+\.md)(?:#([a-z0-9-]+))?")
 MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
+# Folders of a source copy that are not sources: environments, caches, outputs (.gitignore's).
+NOT_SOURCES = {".venv", "__pycache__", ".pytest_cache", "logs", ".cache", "synthetic", "fineweb10B"}
+
+
+def git_files(*patterns):
+    """What git tracks, or would track, of the project's files matching the patterns."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", *patterns],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return sorted(ROOT / name for name in listed if (ROOT / name).is_file())
+
+
+def walked_files(*patterns):
+    """The files matching the patterns outside the folders that hold no sources."""
+    return sorted(path for pattern in patterns for path in ROOT.rglob(pattern)
+                  if path.is_file() and not NOT_SOURCES.intersection(path.relative_to(ROOT).parts))
 
 
 def project_files(*patterns):
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", *patterns],
-                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    return [ROOT / name for name in listed if (ROOT / name).is_file()]
+    """git's list where there is one; a copy of the sources without .git is walked."""
+    return git_files(*patterns) if (ROOT / ".git").exists() else walked_files(*patterns)
 
 
 def heading_anchors(page):
@@ -51,6 +67,11 @@ def test_relative_markdown_links_resolve_inside_the_project():
             if not inside or (anchor and resolved.suffix == ".md" and anchor not in heading_anchors(resolved)):
                 broken.append(f"{path.relative_to(ROOT)}: {target}")
     assert not broken, broken
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="a source copy without .git has only the walk")
+def test_walking_a_source_copy_finds_what_git_lists():
+    assert walked_files("*.py", "*.md", "*.sh") == git_files("*.py", "*.md", "*.sh")
 
 
 def test_the_docs_pages_have_the_sections_the_code_links():

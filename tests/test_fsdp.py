@@ -3,7 +3,6 @@ parameters and state as one process without FSDP, a torch.distributed.checkpoint
 and resumed at 4, errors for placements the optimizers do not take, and examples/fsdp2_aurora.py.
 The orientation policy of Aurora is tested here too (it decides per matrix shape, as sharding does)."""
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from optimizers import Aurora, Muon
 from test_optimizers import RECORD_SETTINGS, ROOT, make_problem, run_on_gloo_ranks, run_optimizer
+from test_train_gpt import run_bounded
 
 STEPS = 3
 RESUME_AFTER = 2
@@ -230,8 +230,7 @@ def test_default_orientation_is_the_record_aurora():
 def test_fsdp2_example_trains_under_torchrun_on_two_cpu_ranks():
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = [torchrun, "--standalone", "--nproc_per_node=2", "examples/fsdp2_aurora.py", "--steps", "20"]
-    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, TORCH_COMPILE_DISABLE="1"))
+    out = run_bounded(command, 300, cwd=ROOT, env=dict(os.environ, TORCH_COMPILE_DISABLE="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     losses = [float(line.split("loss ")[1].split()[0]) for line in out.stdout.splitlines() if "loss " in line]
     assert len(losses) >= 2 and losses[-1] < losses[0] - 0.5, out.stdout

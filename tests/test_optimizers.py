@@ -672,6 +672,76 @@ def test_flops_per_rank_are_balanced_on_8_ranks_only_with_joined_transposes(cls)
     assert rectangular == polars * 12 * (4 * 768 ** 2 * 3072 + 2 * 768 ** 3)
 
 
+def one_step_as_rank(cls, settings, weights, grads, rank, world_size, spied):
+    """One step of `rank` of world_size under torch's fake process group (collectives move nothing), with
+    opt.<spied> wrapped to record its calls. Returns (params, [(args, result) per call])."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt = cls(params, **settings)
+    opt.found_inf = torch.zeros(())  # the gathered rows are not real: a non-finite one only sets the flag
+    calls, method = [], getattr(opt, spied)
+
+    def recording(*args):
+        result = method(*args)
+        calls.append((args, result))
+        return result
+    setattr(opt, spied, recording)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        opt.step()
+    finally:
+        dist.destroy_process_group()
+    return params, calls
+
+
+@pytest.mark.parametrize("count, world_size, expected", [
+    (8, 4, [[0, 1], [2, 3], [4, 5], [6, 7]]),
+    (7, 4, [[0, 1], [2, 3], [4, 5], [6]]),
+    (3, 2, [[0, 1], [2]]),
+])
+def test_each_rank_computes_its_own_share_of_a_bucket(count, world_size, expected):
+    """What each rank's step really computes (update_run's matrices), not only the plan: rank r takes the
+    r-th block of ceil(count / world_size) matrices, so every matrix once and no rank idle while another
+    takes two blocks; the per-rank FLOPs the plan reports are the ones computed."""
+    weights = [0.1 * well_conditioned((24, 24), i) for i in range(count)]
+    grads = [well_conditioned((24, 24), 100 + i) for i in range(count)]
+    for cls, settings in RECORD_SETTINGS.values():
+        computed = []
+        for rank in range(world_size):
+            params, calls = one_step_as_rank(cls, settings, weights, grads, rank, world_size, "update_run")
+            ids = {id(p): i for i, p in enumerate(params)}
+            computed.append([ids[id(w)] for (group, directions, run_weights, states, size), _ in calls
+                             for w in run_weights])
+        assert computed == expected, cls.__name__
+        opt = cls([torch.nn.Parameter(w.clone()) for w in weights], **settings)
+        flops = opt.matrix_flops((24, 24), opt.param_groups[0])
+        assert opt.flops_per_rank(world_size) == [flops * len(mine) for mine in computed]
+
+
+def test_a_lone_matrix_of_a_bucket_is_batched_with_a_zero_stand_in():
+    """On 2 ranks make_problem's three (24, 24) matrices split 2 + 1: rank 1 computes the third alone.
+    torch's batched matmul takes another kernel for a batch of one, whose bf16 rounding differs, so the
+    lone matrix goes into the update math as a batch of two with a zero matrix and gets the update it
+    gets among the three in one process, whatever the number of ranks. The lone (32, 24), a bucket of
+    its own, is a batch of one on whichever rank computes it, so it gets no stand-in."""
+    weights, grads = make_problem(steps=1)
+
+    def batches(calls, shape):  # (u, weights or None, update) of the update math's calls on that shape
+        return [(args[1], args[2], result[0]) for args, result in calls if args[1].shape[-2:] == shape]
+    for cls, settings in RECORD_SETTINGS.values():
+        _, on_rank_1 = one_step_as_rank(cls, settings, weights, grads[0], 1, 2, "run_update_math")
+        _, alone = one_step_as_rank(cls, settings, weights, grads[0], 0, 1, "run_update_math")
+        [(u, stacked_weights, update)] = batches(on_rank_1, (24, 24))
+        assert u.shape == (2, 24, 24) and not u[1].any(), cls.__name__
+        if stacked_weights is not None:  # Aurora's floor reads W: a zero stand-in there too
+            assert stacked_weights.shape == (2, 24, 24) and not stacked_weights[1].any()
+        [(u_alone, _, update_alone)] = batches(alone, (24, 24))
+        assert u_alone.shape == (3, 24, 24) and torch.equal(update[0], update_alone[2]), cls.__name__
+        assert [u.shape[0] for u, _, _ in batches(alone, (32, 24))] == [1], cls.__name__
+
+
 def test_found_inf_refuses_a_non_finite_update_on_the_device():
     weights, grads = make_problem(steps=2)
     for cls, settings in RECORD_SETTINGS.values():
@@ -890,6 +960,20 @@ def test_aurora_floor_and_clamp_end_to_end():
     assert first[3] == pytest.approx(0.35, rel=1e-5)
     assert first[1] == pytest.approx(math.sqrt(48) / 15, rel=1e-2)  # not floored: sqrt(48)/15 = 0.46
     assert all(r > 0 for r in ratios)
+
+
+def test_aurora_floor_reads_the_weights_after_this_steps_decay():
+    """With weight_decay > 0 (the record uses 0) the floor compares the update with W as decayed in this
+    step, (1 - lr wd) W, as docs/recipes.md#aurora orders it: against spec_run, which decays W before
+    everything else. Reading W before its decay moves the floored matrices 0, 2 and 3 by lr * 0.35 *
+    ||W|| * lr wd in norm: measured up to 3.4e-4 per entry, against the 1e-6 tolerance."""
+    cls, settings = RECORD_SETTINGS["aurora"]
+    settings = dict(settings, weight_decay=0.1)
+    weights, grads = floor_problem()
+    params, _ = run_optimizer(cls, settings, weights, grads)
+    expected, _ = spec_run("aurora", settings, weights, grads)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-6)
 
 
 def test_aurora_polar_reaches_the_d_clamp():

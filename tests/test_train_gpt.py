@@ -47,9 +47,23 @@ def uncompiled_env(threads=None):
 ON_CPU = ("--device", "cpu")
 
 
+def run_bounded(command, timeout, **kwargs):
+    """subprocess.run(command, capture_output=True, text=True) in a session of its own: on a timeout, or
+    when the test is stopped (pytest-timeout, Ctrl-C), the whole process group is killed, torchrun's
+    workers included, so no process outlives the test."""
+    with subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def run_trainer(args, cwd, script=TRAIN_GPT, launcher=(), check=True, threads=None):
-    result = subprocess.run([sys.executable, *launcher, script, *ON_CPU, *args], cwd=cwd, env=uncompiled_env(threads),
-                            capture_output=True, text=True, timeout=600)
+    result = run_bounded([sys.executable, *launcher, script, *ON_CPU, *args], 600, cwd=cwd,
+                         env=uncompiled_env(threads))
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -971,15 +985,16 @@ def assert_identical(a, b, where="checkpoint"):
         assert a == b, (where, a, b)
 
 
-def straight_and_resumed(data_args, folder, launcher=(), compiled=False):
+def straight_and_resumed(data_args, folder, launcher=(), compiled=False, threads=None):
     """RESUME_STEPS steps straight (saving every 5, keeping 2), then the same run resumed from its step-10
     checkpoint. Returns (straight checkpoint, resumed checkpoint, straight lines, resumed lines)."""
-    env = None if not compiled else {k: v for k, v in uncompiled_env().items() if k != "TORCH_COMPILE_DISABLE"}
+    env = uncompiled_env(threads)
+    if compiled:
+        del env["TORCH_COMPILE_DISABLE"]
     common = ["--tiny", "--steps", str(RESUME_STEPS), "--no-diagnostics", *data_args]
 
     def run(args):
-        result = subprocess.run([sys.executable, *launcher, TRAIN_GPT, *common, *args], cwd=folder,
-                                env=env or uncompiled_env(), capture_output=True, text=True, timeout=900)
+        result = run_bounded([sys.executable, *launcher, TRAIN_GPT, *common, *args], 900, cwd=folder, env=env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     run(["--run-id", "straight", "--save", "s.pt", "--save-every", "5", "--keep-last", "2"])
@@ -1001,8 +1016,15 @@ def test_resume_is_bit_identical_to_a_straight_run(long_data_args, tmp_path):
     assert events(resumed_lines, "config")[0]["resume"] == "s.step10.pt"
 
 
-def test_resume_is_bit_identical_when_compiled(long_data_args, tmp_path):
-    straight, resumed, _, _ = straight_and_resumed(long_data_args, tmp_path, compiled=True)
+@pytest.mark.slow
+def test_resume_is_bit_identical_when_compiled_on_one_thread(long_data_args, tmp_path):
+    """On one thread, as torchrun runs each process. On several, a compiled CPU run does not repeat itself
+    bit for bit, resumed or not: inductor's kernel for the embedding's gradient adds each token's row
+    with atomic adds in an OpenMP loop split across the threads, so the order of the additions into a row
+    that tokens of two threads share follows the threads' timing (measured on a compiled bfloat16 embedding
+    alone, one input 2000 times: the gradient differed from the first in 1670 repeats on 2 threads, in
+    none on 1)."""
+    straight, resumed, _, _ = straight_and_resumed(long_data_args, tmp_path, compiled=True, threads=1)
     assert_identical(straight, resumed)
 
 
