@@ -4,7 +4,8 @@
 # Makes .venv (reusing the torch python3 imports, if any), installs what .venv cannot import, then:
 #   with a GPU:    downloads the FineWeb shards the recipe needs and runs torchrun on every visible GPU;
 #   without a GPU, or with --tiny: writes the synthetic shards and runs the trainer's CPU preset (--tiny).
-# --setup stops after installing; --seeds N runs N times with --seed 0..N-1.
+# --setup stops after installing; --seeds N runs N times with --seed 0..N-1. Before any data is written
+# or fetched, train_gpt.py --check-args refuses the arguments it would refuse.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -92,6 +93,12 @@ if [ ${#wanted[@]} -gt 0 ]; then
   fi
 fi
 [ "$setup_only" = 1 ] && exit 0
+
+# train_gpt.py checks the arguments itself (recipe, numbers, checkpoints, --save) before any data is
+# written or fetched; it prints its one error line and exits 2 if it would refuse the run.
+preset=()
+if [ "$has_gpu" = 0 ] || [ "$tiny" = 1 ]; then preset=(--tiny); fi
+"$PY" train_gpt.py --check-args "${preset[@]}" "${args[@]}" || exit $?
 
 if [ "$has_gpu" = 1 ] && [ "$tiny" = 0 ]; then
   ngpu=$(nvidia-smi -L | wc -l)

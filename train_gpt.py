@@ -19,6 +19,7 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 import uuid
 import warnings
@@ -191,8 +192,12 @@ def steps_in_shard(num_tokens, batch_tokens):
     return (num_tokens - batch_tokens - 2) // batch_tokens + 1 if num_tokens >= batch_tokens + 2 else 0
 
 
-def find_shards(pattern, hp, steps, what):
+def find_shards(pattern, hp, steps, what, flag=None):
+    """The files of a shard glob, sorted. `flag` names the option the user gave the glob with: no match
+    is then a wrong glob; for the preset's own glob the error says how to get the data."""
     paths = sorted(glob.glob(pattern))
+    if not paths and flag:
+        raise SetupError(f"{flag} {pattern!r}: the glob matches no file (in {os.getcwd()}); check the path")
     if not paths:
         shards = shards_read([hp.data_shard_tokens] * (steps + 1), steps, hp.batch_tokens)
         raise SetupError(f"no {what} shards match {pattern!r} (in {os.getcwd()}). Get them with: "
@@ -905,6 +910,9 @@ def parse_args(argv):
     parser.add_argument("--ddp", action="store_true",
                         help="under torchrun, DistributedDataParallel and the optimizers' all-gathers even with "
                              "one process: one GPU then runs the multi-GPU code path (same results)")
+    parser.add_argument("--check-args", action="store_true",
+                        help="check the arguments, the checkpoints they name and the --save path without reading "
+                             "data or training, then exit (0: accepted, 2: refused with an error line)")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_seqs", "trials", "save_every", "keep_last", "mlp_ratio"):
         value = getattr(args, name)
@@ -958,19 +966,19 @@ def periodic_checkpoints(path):
 
 
 def check_save_path(path):
-    """A --save path that cannot be written is refused before anything is compiled or trained: a
-    probe file is created beside it and removed again."""
+    """A --save path that cannot be written is refused before anything is compiled or trained, and
+    nothing is left behind: a temporary file is made and removed in the deepest folder of the path that
+    exists. Missing folders are created only when the checkpoint is saved (save_checkpoint)."""
     if os.path.isdir(path):
         raise SetupError(f"--save {path}: is a directory; give a file path such as {os.path.join(path, 'ckpt.pt')}")
-    folder = os.path.dirname(path) or "."
-    if os.path.exists(folder) and not os.path.isdir(folder):
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
         raise SetupError(f"--save {path}: {folder} is a file, not a folder; give a writable file path")
-    probe = path + ".tmp"
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(probe, "wb"):
+        with tempfile.NamedTemporaryFile(dir=folder):
             pass
-        os.remove(probe)
     except OSError as e:
         raise SetupError(f"--save {path}: cannot write there ({e.strerror or e}); give a writable file path") from None
 
@@ -1274,19 +1282,31 @@ def write_diagnostics(run, optimizers):
     run.log.echo(diagnostics_summary(reports))
 
 
-def preflight(args, hp, steps, dist_info):
-    """Every check that needs no device: data present, valid and long enough, a usable world size.
-    Returns (layout, train shard paths, val shard path)."""
+def check_run(args, hp, recipe, steps, dist_info):
+    """Every check of the arguments that reads no data: a usable world size and batch, the --init-from
+    and --resume checkpoints, the --save path, the device. Creates nothing. Returns (layout, --init-from
+    weights, --resume checkpoint, device)."""
     ranks_are = "GPUs" if uses_cuda(args.device) else "processes"
     try:
         layout = batch_layout(hp, dist_info.world_size, ranks_are)
     except SetupError as e:
         raise SetupError(f"--batch-seqs {args.batch_seqs}: {e}" if args.batch_seqs else str(e)) from e
-    train_paths = check_train_shards(find_shards(hp.train_files, hp, steps, "train"), steps, hp)
-    val_path = find_shards(hp.val_files, hp, steps, "val")[0]
+    init_weights, resume = read_start_checkpoints(args, hp, recipe, steps)
+    if args.save and dist_info.rank == 0:
+        check_save_path(args.save)
+    device = resolve_device(args.device, dist_info.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return layout, init_weights, resume, device
+
+
+def check_data(args, hp, steps):
+    """The data: present, valid and long enough (headers only; token ids are checked as each shard is
+    loaded). Returns (train shard paths, val shard path)."""
+    train_paths = check_train_shards(find_shards(hp.train_files, hp, steps, "train",
+                                                 args.train_files and "--train-files"), steps, hp)
+    val_path = find_shards(hp.val_files, hp, steps, "val", args.val_files and "--val-files")[0]
     if read_shard_header(val_path) < hp.val_tokens + 1:
         raise SetupError(f"{val_path}: fewer than the {hp.val_tokens + 1} tokens validation needs")
-    return layout, train_paths, val_path
+    return train_paths, val_path
 
 
 def compile_is_active():
@@ -1321,11 +1341,10 @@ def main(argv=None):
     steps = args.steps or hp.steps or recipe.steps
     dist_info = distributed_from_env()
     try:
-        layout, train_paths, val_path = preflight(args, hp, steps, dist_info)
-        init_weights, resume = read_start_checkpoints(args, hp, recipe, steps)
-        if args.save and dist_info.rank == 0:
-            check_save_path(args.save)
-        device = resolve_device(args.device, dist_info.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        layout, init_weights, resume, device = check_run(args, hp, recipe, steps, dist_info)
+        if args.check_args:
+            return 0
+        train_paths, val_path = check_data(args, hp, steps)
     except SetupError as e:
         # Every rank finds the same problem; rank 0 reports it and fails. The others stop quietly with
         # status 0: a rank that failed first would make torchrun kill rank 0 before it had printed.

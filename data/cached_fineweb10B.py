@@ -134,15 +134,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.num_train_shards is not None and args.steps is not None:
         parser.error("give either N or --steps, not both")
+    # Everything is checked before the hub is contacted or any folder is made (the hub client makes DIR/.cache).
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.num_train_shards is not None:
-        num_train_shards = args.num_train_shards
+        num_train_shards, asked = args.num_train_shards, f"N {args.num_train_shards}"
     else:
         steps = args.steps if args.steps is not None else recipe_steps(args.recipe)
         num_train_shards = train_shards_needed(steps)
+        asked = f"--steps {steps} needs {num_train_shards} train shards"
+    if not 0 <= num_train_shards <= LAST_TRAIN_SHARD:
+        parser.error(f"{asked}; the dataset has train shards 1..{LAST_TRAIN_SHARD}")
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        parser.error(f"--dir {args.dir} is a file, not a folder")
+    if args.num_train_shards is None:
         print(f"{steps} steps need {num_train_shards} train shards")
     try:
         fetch_shards(num_train_shards, args.dir)
-    except (DownloadError, ValueError) as e:  # ValueError: a shard count the dataset does not have
+    except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args.dir}: val shard and {num_train_shards} train shards complete")

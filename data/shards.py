@@ -248,6 +248,9 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int,
                         help="token ids must lie below this (default: the model's, 50304, or 512 with --tiny)")
     args = parser.parse_args(argv)
+    for name in ("steps", "batch_tokens", "val_tokens", "vocab_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     # The trainer's own presets, so the check follows what `train_gpt.py [--tiny]` will read.
     preset = trainer().TINY if args.tiny else trainer().FULL
     folder = args.folder or os.path.join(os.path.dirname(__file__), "synthetic" if args.tiny else "fineweb10B")

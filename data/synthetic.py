@@ -141,6 +141,16 @@ def main(argv=None):
     parser.add_argument("--val-tokens", type=int, default=DEFAULT_VAL_TOKENS, help="tokens in the val shard")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # Checked here, before anything is written, so a bad value is one error line and not a traceback.
+    if not 2 <= args.vocab_size <= 65536:
+        parser.error(f"--vocab-size must be in [2, 65536] (ids are stored as uint16), got {args.vocab_size}")
+    for name in ("train_shards", "tokens_per_shard", "val_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        parser.error(f"--seed must be 0 or more (numpy seeds are non-negative), got {args.seed}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file, not a folder")
     start = time.perf_counter()
     paths = write_synthetic_shards(args.out, args.vocab_size, args.train_shards, args.tokens_per_shard,
                                    args.val_tokens, args.seed)

@@ -160,6 +160,8 @@ def test_listing_command_checks_the_cpu_preset_with_tiny(tmp_path):
     full = run_listing(tmp_path)  # the same folder against the full-size benchmark
     assert full.returncode == 1 and "the run needs 3200" in full.stdout and "--tiny" in full.stdout
     assert run_listing(tmp_path, "--tiny", "--steps", 300).returncode == 1
+    zero = run_listing(tmp_path, "--tiny", "--batch-tokens", 0)
+    assert zero.returncode == 2 and zero.stderr.splitlines()[-1].endswith("error: --batch-tokens must be at least 1, got 0")
     # A shard of another vocabulary (GPT-2 ids) in the same folder: a correct header, refused by its ids.
     write_shard(str(tmp_path / "synthetic_train_000002.bin"), np.arange(5000) + 45000)
     other = run_listing(tmp_path, "--tiny")
@@ -267,9 +269,19 @@ def test_downloader_rejects_shards_the_dataset_lacks(tmp_path):
         cached_fineweb10B.fetch_shards(104, str(tmp_path))
 
 
-def test_downloader_command_reports_a_shard_count_the_dataset_lacks(tmp_path, capsys):
-    assert cached_fineweb10B.main(["104", "--dir", str(tmp_path)]) == 1
-    assert "train shards 1..103; asked for 104" in capsys.readouterr().err
+@pytest.mark.parametrize("args, message", [
+    (["104"], "N 104; the dataset has train shards 1..103"),
+    (["-1"], "N -1; the dataset has train shards 1..103"),
+    (["--steps", "-5"], "--steps must be at least 1, got -5"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--steps", "20000"], "--steps 20000 needs 106 train shards; the dataset has train shards 1..103"),
+])
+def test_downloader_refuses_bad_arguments_before_any_network_or_folder(tmp_path, fake_hub, capsys, args, message):
+    folder = tmp_path / "shards"
+    with pytest.raises(SystemExit) as refused:
+        cached_fineweb10B.main([*args, "--dir", str(folder)])
+    assert refused.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+    assert fake_hub.calls == [] and not folder.exists()
 
 
 # ---------------------------------------------------------------- fineweb.py
@@ -409,6 +421,21 @@ def test_conditional_entropy_on_known_sequences():
     uniform = np.random.default_rng(0).integers(0, 4, 200_000)
     assert synthetic.conditional_entropy(uniform, 0, 4) == pytest.approx(math.log(4), abs=1e-3)
     assert synthetic.conditional_entropy(uniform, 1, 4) == pytest.approx(math.log(4), abs=1e-3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train-shards", "0"], "--train-shards must be at least 1, got 0"),
+    (["--tokens-per-shard", "-3"], "--tokens-per-shard must be at least 1, got -3"),
+    (["--val-tokens", "0"], "--val-tokens must be at least 1, got 0"),
+    (["--vocab-size", "70000"], "--vocab-size must be in [2, 65536] (ids are stored as uint16), got 70000"),
+    (["--seed", "-1"], "--seed must be 0 or more (numpy seeds are non-negative), got -1"),
+])
+def test_synthetic_refuses_bad_numbers_before_writing(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as refused:
+        synthetic.main([*args, "--out", str(out)])
+    assert refused.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+    assert not out.exists()
 
 
 def test_synthetic_command_default_layout(tmp_path):

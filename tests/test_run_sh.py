@@ -29,6 +29,20 @@ def test_a_flag_without_its_value_is_one_clear_error(args, message):
     assert done.stderr.splitlines() == [message]
 
 
+def test_arguments_train_gpt_refuses_are_refused_before_any_data_is_written(tmp_path):
+    """train_gpt.py --check-args decides (no copy of its choices in bash), after setup, before data/synthetic.py."""
+    for name in ("run.sh", "requirements.txt", "requirements-test.txt", "train_gpt.py", "optimizers.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    shutil.copytree(os.path.join(ROOT, "data"), tmp_path / "data",
+                    ignore=shutil.ignore_patterns("synthetic", "fineweb10B"))
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), tmp_path / ".venv")  # this environment: no install
+    done = subprocess.run(["bash", "run.sh", "--tiny", "--recipe", "adam"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "argument --recipe: invalid choice: 'adam'" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "data" / "synthetic").exists()
+    assert not (tmp_path / "logs").exists()
+
+
 def offline_setup(clone, python3_bin):
     """`bash run.sh --setup` in a copy of the project, with python3 from python3_bin first on PATH and pip
     cut off from every index, local wheel folder and config file, so any install attempt fails."""

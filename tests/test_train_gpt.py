@@ -365,13 +365,37 @@ def write_tokens(path, count):
     write_shard(str(path), np.arange(count) % 512)
 
 
-def test_missing_shards_name_the_pattern_and_the_command(data_args, tmp_path, capsys):
-    pattern = str(tmp_path / "nowhere_train_*.bin")
-    assert tg.main(["--tiny", "--train-files", pattern, "--val-files", data_args[3]]) == 2
+@pytest.mark.parametrize("flag", ["--train-files", "--val-files"])
+def test_a_glob_given_that_matches_nothing_is_named_as_such(data_args, tmp_path, capsys, flag):
+    pattern = str(tmp_path / "nowhere_*.bin")
+    files = {"--train-files": data_args[1], "--val-files": data_args[3], flag: pattern}
+    assert tg.main(["--tiny", "--steps", "2", *(item for pair in files.items() for item in pair)]) == 2
+    assert capsys.readouterr().err == (f"error: {flag} {pattern!r}: the glob matches no file (in {os.getcwd()}); "
+                                       "check the path\n")
+
+
+def test_missing_default_shards_say_how_to_get_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert tg.main(["--tiny"]) == 2
     message = capsys.readouterr().err
-    assert pattern in message and "python data/synthetic.py --train-shards 1" in message
+    assert "'data/synthetic/synthetic_train_*.bin'" in message and "python data/synthetic.py --train-shards 1" in message
     with pytest.raises(tg.SetupError, match=r"python data/cached_fineweb10B.py 17"):
-        tg.find_shards(pattern, tg.FULL, 3200, "train")
+        tg.find_shards(tg.FULL.train_files, tg.FULL, 3200, "train")
+
+
+def test_check_args_checks_without_data_and_creates_nothing(data_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    save = str(tmp_path / "new" / "folder" / "ck.pt")
+    assert tg.main(["--tiny", "--check-args", "--save", save]) == 0  # no data here: not read
+    assert tg.main(["--tiny", "--check-args", "--init-from", "missing.pt"]) == 2
+    assert capsys.readouterr().err == "error: missing.pt: no such file\n"
+    with pytest.raises(SystemExit) as refused:
+        tg.main(["--tiny", "--check-args", "--recipe", "adam"])
+    assert refused.value.code == 2 and "invalid choice: 'adam'" in capsys.readouterr().err
+    # A run refused after its --save path was checked leaves no folder behind.
+    assert tg.main(["--tiny", "--steps", "2", "--save", save, "--train-files", data_args[1],
+                    "--val-files", "nowhere_val_*.bin"]) == 2
+    assert "--val-files 'nowhere_val_*.bin'" in capsys.readouterr().err and os.listdir(tmp_path) == []
 
 
 def test_too_few_train_shards_fail_before_training(data_args, tmp_path, capsys):
