@@ -138,7 +138,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     check_parser = commands.add_parser("check", help="check that a log set is a complete submission")
     check_parser.add_argument("logs", nargs="+", metavar="LOG")
     check_parser.add_argument("--n", type=int, metavar="N", help="require at least N runs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "check" and args.n is not None and args.n < 1:
+        parser.error(f"--n must be at least 1, got {args.n}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

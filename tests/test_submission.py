@@ -121,6 +121,9 @@ def test_check_flags_failing_bar(tmp_path, capsys):
 def test_check_flags_too_few_runs(tmp_path, capsys):
     code, out = run_check(capsys, [write_log(tmp_path / "a.txt", GOOD, 100)], "--n", "3")
     assert code == 1 and "FAIL runs: 2 run(s), fewer than the required 3" in out
+    with pytest.raises(SystemExit) as refused:
+        run_check(capsys, [write_log(tmp_path / "a.txt", GOOD, 100)], "--n", "0")
+    assert refused.value.code == 2 and "error: --n must be at least 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["extract"], ["check"]])
