@@ -1,0 +1,166 @@
+"""Our train_gpt.py side by side with a leaderboard record script, on the same GPU, data and step count.
+
+    python benchmarks/versus_record.py --record-log records/.../LOG.txt            # aurora, 50 steps, CUDA
+    python benchmarks/versus_record.py --record-log LOG.txt --recipe muon --steps 100
+
+The record's code is everything in its log before the first line of 100 '='. Record scripts read
+`data/fineweb10B/fineweb_{train,val}_*.bin` relative to where they run, fix their step count as a
+constant (`train_steps = 3200`), take the number of trials from their last argument, and hard-code
+CUDA under torchrun. So this script, in a work folder (--work, default a fresh temporary one):
+  1. writes synthetic full-vocabulary shards (data/synthetic.py, GPT-2's 50257 ids) under
+     data/fineweb10B/ with the record's file names, enough for --steps steps and the validation;
+  2. saves the record's code with ONE edit, its step-count constant set to --steps (printed as
+     `edited: line N ...`; nothing else is changed), and runs it under torchrun on one process with 2 trials;
+  3. runs our train_gpt.py with --recipe on the same shards, --steps and 2 trials under torchrun;
+then prints both sides' ms/step per trial (train_time / steps at the last validation; the first trial
+includes compilation, the second is compile-free) with their step-0 and last val losses, and the
+ratio ours/record of the compile-free trials.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "data"))
+import train_gpt  # noqa: E402
+from synthetic import write_synthetic_shards  # noqa: E402
+
+GPT2_VOCAB = 50257
+TRIALS = 2
+# The step-count constant of record scripts: a name assigned a whole number on a line of its own.
+STEP_CONSTANT = re.compile(r"^(?P<indent>\s*)(?P<name>train_steps|num_iterations)\s*=\s*(?P<value>\d+)\s*(#.*)?$")
+VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:([0-9.]+) train_time:([0-9.]+)s")
+
+
+class RecordError(RuntimeError):
+    pass
+
+
+def record_code(log_text, log_path):
+    """The code of a leaderboard log: everything before its first line of 100 '='."""
+    lines = log_text.split("\n")
+    if train_gpt.SEPARATOR not in lines:
+        raise RecordError(f"{log_path}: no line of 100 '=' (not a leaderboard log: the code ends at that line)")
+    return "\n".join(lines[:lines.index(train_gpt.SEPARATOR)]) + "\n"
+
+
+def set_step_count(code, steps, log_path):
+    """(edited code, description): the one step-count constant set to `steps`."""
+    lines = code.split("\n")
+    hits = [i for i, line in enumerate(lines) if STEP_CONSTANT.match(line)]
+    if len(hits) != 1:
+        raise RecordError(f"{log_path}: found {len(hits)} step-count constants (a line `train_steps = N` or "
+                          f"`num_iterations = N`), need exactly one to set the step count")
+    index = hits[0]
+    match = STEP_CONSTANT.match(lines[index])
+    old = lines[index].strip()
+    lines[index] = f"{match['indent']}{match['name']} = {steps}"
+    return "\n".join(lines), f"line {index + 1} '{old}' -> '{lines[index].strip()}'"
+
+
+def trials_of(output):
+    """[(step-0 val loss, last val loss, ms/step at the last validation), ...] per trial: a trial's val
+    lines start again at step 0."""
+    trials = []
+    for step, steps, loss, train_time in VAL_LINE.findall(output):
+        if int(step) == 0:
+            trials.append([])
+        if trials:
+            trials[-1].append((int(step), int(steps), float(loss), float(train_time)))
+    result = []
+    for vals in trials:
+        step, _, last_loss, train_time = vals[-1]
+        result.append((vals[0][2], last_loss, 1000 * train_time / step if step else float("nan")))
+    return result
+
+
+def run(command, cwd, timeout, what):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT)
+    try:
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise RecordError(f"{what} ran past --timeout {timeout}s") from e
+    if done.returncode != 0:
+        raise RecordError(f"{what} failed (exit {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+    trials = trials_of(done.stdout)
+    if len(trials) != TRIALS:
+        raise RecordError(f"{what}: found {len(trials)} trials of val lines in its output, expected {TRIALS}")
+    return trials
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--record-log", required=True, metavar="PATH", help="a leaderboard log (code, then 100 '=')")
+    parser.add_argument("--recipe", choices=sorted(train_gpt.RECIPES), default="aurora",
+                        help="our recipe matching the record (default aurora, record #17)")
+    parser.add_argument("--steps", type=int, default=50, help="steps of both runs (default 50)")
+    parser.add_argument("--device", choices=train_gpt.DEVICE_CHOICES, default="cuda",
+                        help="our side's device (the record's is whatever it hard-codes)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="our CPU preset and shards of its 512-id vocabulary (for a small stand-in record)")
+    parser.add_argument("--work", metavar="DIR", help="work folder (default: a new temporary folder)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed to each side (default 1800)")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if not os.path.isfile(args.record_log):
+        parser.error(f"--record-log {args.record_log}: no such file")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    hp = train_gpt.TINY if args.tiny else train_gpt.FULL
+    work = Path(args.work or tempfile.mkdtemp(prefix="versus_record_")).resolve()
+    try:
+        code = record_code(Path(args.record_log).read_text(), args.record_log)
+        code, edit = set_step_count(code, args.steps, args.record_log)
+    except RecordError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    data = work / "data" / "fineweb10B"
+    data.mkdir(parents=True, exist_ok=True)
+    vocab = hp.model.vocab_size if args.tiny else GPT2_VOCAB
+    train_tokens, val_tokens = args.steps * hp.batch_tokens + 2, hp.val_tokens + 1
+    val_path, train_path = write_synthetic_shards(str(work / "synthetic"), vocab_size=vocab, train_shards=1,
+                                                  tokens_per_shard=train_tokens, val_tokens=val_tokens)
+    for source, name in ((val_path, "fineweb_val_000000.bin"), (train_path, "fineweb_train_000001.bin")):
+        (data / name).unlink(missing_ok=True)
+        os.symlink(source, data / name)
+    (work / "record.py").write_text(code)
+    print(f"record: the code of {args.record_log}, saved as {work / 'record.py'}; edited: {edit}; nothing else "
+          f"changed")
+    print(f"data: synthetic shards of vocabulary {vocab} in {data} ({train_tokens:,} train tokens, {val_tokens:,} "
+          f"val), for both sides; {args.steps} steps, {TRIALS} trials each, one process under torchrun")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    ours_command = [*torchrun, str(ROOT / "train_gpt.py"), "--recipe", args.recipe, "--steps", str(args.steps),
+                    "--trials", str(TRIALS), "--device", args.device, "--no-diagnostics", "--run-id", "ours",
+                    "--train-files", str(data / "fineweb_train_*.bin"), "--val-files", str(data / "fineweb_val_*.bin")]
+    if args.tiny:
+        ours_command.append("--tiny")
+    try:
+        record = run([*torchrun, "record.py", str(TRIALS)], work, args.timeout, "the record")
+        ours = run(ours_command, work, args.timeout, f"train_gpt.py --recipe {args.recipe}")
+    except RecordError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, trials in (("record", record), (f"ours ({args.recipe})", ours)):
+        for index, (first, last, ms) in enumerate(trials):
+            kind = "compile included" if index == 0 else "compile-free"
+            print(f"{name:<16} trial {index + 1}: {ms:9.2f} ms/step ({kind})   val loss step 0 {first:.5f}, "
+                  f"step {args.steps} {last:.5f}")
+    print(f"ms/step, compile-free trial: record {record[-1][2]:.2f}, ours {ours[-1][2]:.2f}, "
+          f"ours/record {ours[-1][2] / record[-1][2]:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
