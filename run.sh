@@ -74,9 +74,10 @@ for spec in requirements(sys.argv[1]):
         print("torch==2.13.0" if name == "torch" else spec)
 EOF
 )
-# Training needs the rest; these two only plot (records/stats.py --plot) and test. Offline, or with no
-# index that has them, setup says so and goes on.
-optional=" matplotlib pytest "
+# Training needs the rest; matplotlib only plots (records/stats.py --plot) and the test packages (the
+# lines of requirements-test.txt itself) only test. Offline, or with no index that has them, setup says
+# so and goes on.
+optional=" matplotlib $(sed -e 's/#.*//' -e '/^-r /d' requirements-test.txt | tr -s ' \n' ' ') "
 required=() wanted=()
 for spec in $missing; do
   if [[ "$optional" == *" $spec "* ]]; then wanted+=("$spec"); else required+=("$spec"); fi

@@ -95,9 +95,10 @@ def test_setup_without_matplotlib_and_pytest_offline_names_them_and_succeeds(tmp
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("run.sh: .venv uses the torch of python3 (") and lines[0].endswith(torch.__version__)
-    assert lines[1:] == ["run.sh: installing into .venv (optional: plots, tests): matplotlib pytest",
-                         "run.sh: could not install matplotlib pytest (no package index reachable?); training does "
-                         "not need them. Add them later with: .venv/bin/python -m pip install matplotlib pytest"]
+    wanted = "matplotlib pytest pytest-timeout"  # pytest-timeout cannot import without pytest
+    assert lines[1:] == [f"run.sh: installing into .venv (optional: plots, tests): {wanted}",
+                         f"run.sh: could not install {wanted} (no package index reachable?); training does "
+                         f"not need them. Add them later with: .venv/bin/python -m pip install {wanted}"]
     trains = subprocess.run([str(clone / ".venv" / "bin" / "python"), "-c", "import torch, numpy, tiktoken, "
                              "huggingface_hub, tqdm; import train_gpt"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
