@@ -12,6 +12,7 @@ of a log runs on its own and reproduces the run.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import glob
 import inspect
 import json
@@ -49,6 +50,7 @@ class ModelConfig:
     head_dim: int = 128
     seq_len: int = 1024
     mlp_ratio: int = 4  # MLP hidden width / model_dim; a research knob (--mlp-ratio), 4 in the benchmark
+    mlp: str = "relu2"  # the MLP's activation: relu^2 (the benchmark's) or swiglu, a research knob (--mlp)
 
 
 @dataclass(frozen=True)
@@ -235,10 +237,12 @@ def check_train_shards(paths, steps, hp):
 class TrainStream:
     """The train stream of docs/benchmark.md#data: each step takes B contiguous tokens (+1 for the shifted
     targets); rank r reads the slice at pos + r*B/W of length B/W + 1; the next shard starts when
-    pos + B + 1 >= len(shard)."""
+    pos + B + 1 >= len(shard). With a data seed (--data-seed, not a record) the batches of each shard are
+    visited in the order batch_order draws instead."""
 
-    def __init__(self, paths, batch_tokens, rank, world_size, vocab_size, pin_memory=False):
+    def __init__(self, paths, batch_tokens, rank, world_size, vocab_size, pin_memory=False, data_seed=None):
         self.paths = paths
+        self.data_seed = data_seed
         self.vocab_size = vocab_size
         self.pin_memory = pin_memory
         self.batch_tokens = batch_tokens
@@ -256,6 +260,9 @@ class TrainStream:
             self.tokens = load_shard(self.paths[self.shard_index], self.vocab_size, self.pin_memory)
             self.pos = 0
         start = self.pos + self.offset
+        if self.data_seed is not None:
+            order = batch_order(steps_in_shard(len(self.tokens), self.batch_tokens), self.data_seed, self.shard_index)
+            start = order[self.pos // self.batch_tokens] * self.batch_tokens + self.offset
         self.pos += self.batch_tokens
         return self.tokens[start:start + self.rank_tokens + 1]
 
@@ -272,14 +279,42 @@ class TrainStream:
         self.shard_index, self.pos = state["shard_index"], state["pos"]
 
 
-def load_val_tokens(path, val_tokens, rank, world_size, vocab_size):
-    """The first val_tokens (+1) tokens of the val shard, sliced across ranks like one train step."""
+@functools.lru_cache(maxsize=4)
+def batch_order(num_batches, data_seed, shard_index):
+    """--data-seed: the order in which the train stream takes a shard's batches, a permutation drawn from
+    the seed and the shard's index."""
+    generator = torch.Generator().manual_seed(data_seed * 1_000_003 + shard_index)
+    return torch.randperm(num_batches, generator=generator).tolist()
+
+
+def data_offset(data_seed, shard_tokens, needed, seq_len):
+    """Where a run's validation slice (and the diagnostics' probes) start in a shard: 0, or with --data-seed
+    a whole number of sequences drawn from the seed, leaving `needed` tokens after it."""
+    if data_seed is None:
+        return 0
+    positions = (shard_tokens - needed) // seq_len + 1
+    generator = torch.Generator().manual_seed(data_seed)
+    return int(torch.randint(positions, (), generator=generator)) * seq_len if positions > 0 else 0
+
+
+def load_val_tokens(path, val_tokens, rank, world_size, vocab_size, start=0):
+    """val_tokens (+1) tokens of the val shard from `start` (the first ones unless --data-seed), sliced
+    across ranks like one train step."""
     tokens = load_shard(path, vocab_size)
-    if len(tokens) < val_tokens + 1:
-        raise SetupError(f"{path}: {len(tokens)} tokens, validation needs {val_tokens + 1}")
+    if len(tokens) < start + val_tokens + 1:
+        raise SetupError(f"{path}: {len(tokens)} tokens, validation needs {start + val_tokens + 1}")
     rank_tokens = val_tokens // world_size
-    start = rank * rank_tokens
+    start += rank * rank_tokens
     return tokens[start:start + rank_tokens + 1].long()
+
+
+def probe_sequences(path, probe_tokens, seq_len, vocab_size, start=0):
+    """The diagnostics' probe: `probe_tokens` tokens of a shard from `start`, as (sequences, seq_len) inputs."""
+    tokens = load_shard(path, vocab_size)
+    if len(tokens) < start + probe_tokens:
+        raise SetupError(f"{path}: {len(tokens)} tokens, fewer than --probe-tokens {probe_tokens} from token "
+                         f"{start}; give a smaller --probe-tokens")
+    return tokens[start:start + probe_tokens].long().view(-1, seq_len)
 
 
 def micro_batches(buffer, seq_len, micro_seqs):
@@ -388,13 +423,31 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(batch, time_, dim))
 
 
+MLP_KINDS = ("relu2", "swiglu")
+
+
+def swiglu_hidden_width(dim, hidden):
+    """The SwiGLU width h' whose gate, up and proj (weights and biases, 3*d*h' + 2*h' + d parameters) come
+    closest to a relu^2 MLP of width h (2*d*h + h + d): 2048 for the benchmark's 768 x 3072."""
+    return round((2 * dim + 1) * hidden / (3 * dim + 2))
+
+
 class MLP(nn.Module):
-    def __init__(self, dim, ratio):
+    """relu^2: proj(relu(fc(x))^2). swiglu: proj(silu(fc(x)) * up(x)), where fc is the gate, so that for both
+    kinds fc's output is the pre-activation that decides whether a unit fires (docs/diagnostics.md)."""
+
+    def __init__(self, dim, ratio, kind="relu2"):
         super().__init__()
-        self.fc = Linear(dim, ratio * dim)
-        self.proj = Linear(ratio * dim, dim)
+        hidden = ratio * dim if kind == "relu2" else swiglu_hidden_width(dim, ratio * dim)
+        self.kind = kind
+        self.fc = Linear(dim, hidden)
+        if kind == "swiglu":
+            self.up = Linear(dim, hidden)
+        self.proj = Linear(hidden, dim)
 
     def forward(self, x):
+        if self.kind == "swiglu":
+            return self.proj(F.silu(self.fc(x)) * self.up(x))
         return self.proj(F.relu(self.fc(x)).square())
 
 
@@ -404,7 +457,7 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(config.model_dim)
         self.attn = Attention(config)
         self.norm2 = RMSNorm(config.model_dim)
-        self.mlp = MLP(config.model_dim, config.mlp_ratio)
+        self.mlp = MLP(config.model_dim, config.mlp_ratio, config.mlp)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -463,13 +516,14 @@ def build_optimizers(model, recipe):
     """AdamW on the embedding, the head weight and all <2-D parameters; the recipe's matrix optimizer on
     every 2-D weight in the blocks. Each group keeps its starting lr as group["initial_lr"]."""
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
-    scalars = [p for p in model.parameters() if p.ndim < 2]
+    scalars = [p for p in model.parameters() if p.ndim < 2 and p.requires_grad]  # --freeze-mlp-scalars
     groups = [dict(params=[model.embed.weight], lr=recipe.embed_lr),
               dict(params=[model.proj.weight], lr=recipe.head_lr),
               dict(params=scalars, lr=recipe.scalar_lr)]
     covered = len(matrices) + len(scalars) + 2
-    if covered != len(list(model.parameters())):
-        raise RuntimeError(f"the optimizer groups cover {covered} of {len(list(model.parameters()))} parameters")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if covered != len(trained):
+        raise RuntimeError(f"the optimizer groups cover {covered} of {len(trained)} trained parameters")
     fused = model.embed.weight.device.type in ("cuda", "cpu")
     adam = torch.optim.AdamW(groups, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=recipe.adam_weight_decay,
                              fused=fused)
@@ -481,6 +535,18 @@ def build_optimizers(model, recipe):
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
+
+
+def mlp_scalars(model):
+    """The MLP input norm gains and the biases of the MLP's input projections (fc, and up under SwiGLU)."""
+    return [p for block in model.blocks for p in
+            [block.norm2.gains, block.mlp.fc.bias] + ([block.mlp.up.bias] if hasattr(block.mlp, "up") else [])]
+
+
+def with_aux_from(recipe, other):
+    """--aux-from: `recipe` with the AdamW groups' lrs and weight decay of `other`; the matrix optimizer stays."""
+    return dataclasses.replace(recipe, embed_lr=other.embed_lr, head_lr=other.head_lr, scalar_lr=other.scalar_lr,
+                               adam_weight_decay=other.adam_weight_decay)
 
 
 def set_lr(optimizers, multiplier):
@@ -667,10 +733,12 @@ def record_differences(hp, recipe, steps, init_from):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Diagnostics (docs/diagnostics.md): dead MLP neurons on a fixed probe batch, their fate across probes and
+# Diagnostics (docs/diagnostics.md): dead MLP neurons under three definitions on fixed val and train probes
+# (and per-unit records beside the log), the scalar path (norm gains, fc biases), their fate across probes,
 # the fc updates dead and live units receive, leverage of the orthogonal updates
 
 NEARLY_DEAD_ACTIVITY = 0.001  # active on fewer than 0.1% of the probe tokens
+LOW_OUTPUT_POWER = 0.01  # output power below 1% of the layer's mean
 STARVED_LEVERAGE = 0.1  # l_i below 10% of the mean
 
 
@@ -693,40 +761,119 @@ def dead_neuron_fractions(preacts):
     return dead_fractions_from_counts(active_token_counts(preacts), preacts.numel() // preacts.size(-1))
 
 
+def low_power_fraction(output_power):
+    """The fraction of a layer's units whose output power is below 1% of the layer's mean."""
+    return (output_power < LOW_OUTPUT_POWER * output_power.mean()).float().mean().item()
+
+
 @dataclass
 class FcProbe:
-    """One MLP's fc on the probe batch."""
-    active: torch.Tensor  # (hidden,) tokens on which each unit's pre-activation is > 0
+    """One MLP on the probe tokens."""
+    active: torch.Tensor  # (hidden,) tokens on which each unit's pre-activation (fc output) is > 0
     tokens: int
     mean_input: torch.Tensor  # (dim,) the fc input averaged over the probe tokens, fp32
+    input_rms: float  # RMS of the MLP's input (norm2's output) over the probe tokens and features
+    output_power: torch.Tensor  # (hidden,) mean over tokens of the unit's squared output vector, fp32
 
 
 @torch.no_grad()
-def probe_mlps(model, inputs):
-    """One FcProbe per block. Runs the uncompiled model up to the last block (the head's logits of a
-    full-size probe would take gigabytes); hooks reduce each fc's input and output on the spot."""
-    probes = []
+def probe_mlps(model, inputs, micro_seqs=None):
+    """One FcProbe per block over the (sequences, seq_len) `inputs`, `micro_seqs` sequences per forward
+    (all at once when None). Runs the uncompiled model up to the last block (the head's logits are not
+    needed); hooks sum each fc's input and output and each proj's input on the spot. A unit's output
+    power is mean_t(a_ti^2) * ||proj.weight[:, i]||^2, the mean squared norm of what it adds to the MLP output."""
+    layers = len(model.blocks)
+    active, input_sum, input_square = [0] * layers, [0] * layers, [0] * layers
+    activation_square = [0] * layers
 
-    def record(module, args, out):
-        x = args[0].reshape(-1, args[0].size(-1))
-        probes.append(FcProbe(active_token_counts(out), x.size(0), x.float().mean(dim=0)))
+    def on_fc(i):
+        def hook(module, args, out):
+            x = args[0].reshape(-1, args[0].size(-1)).double()
+            active[i] = active[i] + active_token_counts(out)
+            input_sum[i] = input_sum[i] + x.sum(dim=0)
+            input_square[i] = input_square[i] + x.square().sum()
+        return hook
 
-    hooks = [block.mlp.fc.register_forward_hook(record) for block in model.blocks]
+    def on_proj(i):
+        def hook(module, args):
+            a = args[0].reshape(-1, args[0].size(-1)).double()
+            activation_square[i] = activation_square[i] + a.square().sum(dim=0)
+        return hook
+
+    hooks = [hook for i, block in enumerate(model.blocks)
+             for hook in (block.mlp.fc.register_forward_hook(on_fc(i)),
+                          block.mlp.proj.register_forward_pre_hook(on_proj(i)))]
     try:
-        model.features(inputs)
+        for batch in inputs.split(micro_seqs or len(inputs)):
+            model.features(batch)
     finally:
         for hook in hooks:
             hook.remove()
-    return probes
+    tokens = inputs.numel()
+    dim = model.config.model_dim
+    return [FcProbe(active[i], tokens, (input_sum[i] / tokens).float(),
+                    math.sqrt(input_square[i].item() / (tokens * dim)),
+                    (activation_square[i] / tokens).float() * block.mlp.proj.weight.float().square().sum(dim=0))
+            for i, block in enumerate(model.blocks)]
 
 
 def neuron_report(probes):
-    """Per-layer dead and nearly-dead fractions of the MLP units on the probe batch."""
-    per_layer = [dead_fractions_from_counts(p.active, p.tokens) for p in probes]
-    dead = [d for d, _ in per_layer]
-    nearly = [n for _, n in per_layer]
-    return {"dead_fraction": sum(dead) / len(dead), "nearly_dead_fraction": sum(nearly) / len(nearly),
-            "dead_fraction_per_layer": dead, "nearly_dead_fraction_per_layer": nearly}
+    """Per layer and overall (the mean over layers): the fractions of the MLP units that never fire (dead),
+    fire on fewer than 0.1% of the probe tokens (nearly dead, dead included), and whose output power is
+    below 1% of their layer's mean (low power)."""
+    dead, nearly = zip(*[dead_fractions_from_counts(p.active, p.tokens) for p in probes])
+    low = [low_power_fraction(p.output_power) for p in probes]
+    report = {}
+    for name, per_layer in (("dead", dead), ("nearly_dead", nearly), ("low_power", low)):
+        report[f"{name}_fraction"] = sum(per_layer) / len(per_layer)
+    for name, per_layer in (("dead", dead), ("nearly_dead", nearly), ("low_power", low)):
+        report[f"{name}_fraction_per_layer"] = list(per_layer)
+    return report
+
+
+def scalar_path_report(model, probes):
+    """Per layer, the parameters no matrix optimizer touches that set the MLP's pre-activations: the MLP
+    input norm gains (mean, min), the fc biases (mean, min), and the RMS of the MLP input on the probe."""
+    gains = [block.norm2.gains.detach().float() for block in model.blocks]
+    biases = [block.mlp.fc.bias.detach().float() for block in model.blocks]
+    return {"norm_gain_mean": [g.mean().item() for g in gains], "norm_gain_min": [g.min().item() for g in gains],
+            "fc_bias_mean": [b.mean().item() for b in biases], "fc_bias_min": [b.min().item() for b in biases],
+            "mlp_input_rms": [p.input_rms for p in probes]}
+
+
+class UnitRecords:
+    """Per MLP unit at every probe, for the definitions of docs/diagnostics.md and any other afterwards: the
+    firing rate (fraction of probe tokens with pre-activation > 0) and the output power over the layer's
+    mean (NaN where that mean is 0, as at step 0 when proj starts at zero), float16, plus each layer's mean output power; one set per probe (val, train) and trial. Written
+    as <run id>.units.npz beside the log (records/stats.py load_unit_records reads it)."""
+
+    def __init__(self, path, probe_tokens):
+        self.path = path
+        self.arrays = {"probe_tokens": np.array(probe_tokens)}
+        self.rows = {}
+
+    def add(self, trial, step, probes_by_name):
+        self.rows.setdefault((trial, "steps"), []).append(step)
+        for name, probes in probes_by_name.items():
+            means = torch.stack([p.output_power.mean() for p in probes])
+            self.rows.setdefault((trial, f"{name}_firing_rate"), []).append(
+                torch.stack([p.active.float() / p.tokens for p in probes]).half().cpu().numpy())
+            self.rows.setdefault((trial, f"{name}_power_over_layer_mean"), []).append(
+                torch.stack([p.output_power / m for p, m in zip(probes, means)]).half().cpu().numpy())  # 0/0: NaN
+            self.rows.setdefault((trial, f"{name}_layer_mean_power"), []).append(means.cpu().numpy())
+
+    def save(self):
+        """Rewritten whole at every probe (beside, then renamed over), so a crash keeps the earlier probes."""
+        arrays = dict(self.arrays)
+        arrays |= {f"trial{trial}.{name}": np.stack(rows) for (trial, name), rows in self.rows.items()}
+        with open(self.path + ".tmp", "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(self.path + ".tmp", self.path)
+
+
+def units_path(log_path):
+    """The per-unit records file of a log: logs/<run id>.units.npz beside logs/<run id>.txt."""
+    return os.path.splitext(log_path)[0] + ".units.npz"
 
 
 # Rows of a layer's fate tensor: one column per MLP unit.
@@ -839,7 +986,7 @@ def mean_of_matrices(matrices, stat, group=lambda name: None):
 def diagnostics_summary(reports):
     """The console's one line for one validation's diagnostics, from the reports the `diag` lines log
     ({kind: report}): every fraction of the neurons, fate and unknown reports as a percentage, the
-    revivals, the mean leverage CV per kind of matrix (fc, proj) and the mean fc update norms of dead and
+    revivals, the probes' seconds, the scalar path's means over layers, the mean leverage CV per kind of matrix (fc, proj) and the mean fc update norms of dead and
     live rows. Keys it does not know are skipped or, if fractions, shown; missing ones are left out."""
     parts = []
     for kind, report in reports.items():
@@ -848,6 +995,11 @@ def diagnostics_summary(reports):
             cvs = mean_of_matrices(matrices, "cv", group=lambda name: name.split(".")[-2] if "." in name else name)
             fields = [f"{name} {cv:.2f}" for name, cv in cvs.items()]
             label = "leverage cv "
+        elif kind == "scalars":
+            fields = [f"{name} {sum(report[key]) / len(report[key]):.3g}" for name, key in
+                      (("norm gain", "norm_gain_mean"), ("fc bias", "fc_bias_mean"), ("input rms", "mlp_input_rms"))
+                      if isinstance(report.get(key), list) and report[key]]
+            label = "mlp scalars, mean over layers: "
         elif kind == "fc_updates":
             fields = [f"{row} {norm:.3g}" for row in ("dead", "live")
                       for norm in mean_of_matrices(matrices, f"{row}_update_norm").values()]
@@ -856,6 +1008,8 @@ def diagnostics_summary(reports):
             fields = percentages(report)
             if isinstance(report.get("revivals"), int):
                 fields.append(f"{report['revivals']} revivals")
+            if isinstance(report.get("probe_seconds"), (int, float)):
+                fields.append(f"probes {report['probe_seconds']:.1f}s")
             label = "" if kind == "neurons" else f"{kind.replace('_', ' ')}: "
         if fields:
             parts.append(label + ", ".join(fields))
@@ -897,6 +1051,24 @@ def parse_args(argv):
     parser.add_argument("--no-diagnostics", action="store_true", help="skip neuron and leverage diagnostics")
     parser.add_argument("--mlp-ratio", type=int, metavar="R",
                         help="MLP hidden width = R x model width (default 4, the benchmark's; other values are not a record)")
+    parser.add_argument("--mlp", choices=MLP_KINDS, default="relu2",
+                        help="the MLP: relu2 (default, the benchmark's) or swiglu (gate and up projections, the "
+                             "hidden width chosen to keep the parameter count; not a record)")
+    parser.add_argument("--probe-tokens", type=int, default=65_536, metavar="N",
+                        help="the diagnostics probe N val tokens and N train tokens (default 65536), in "
+                             "micro-batches, outside the timed region; a multiple of the sequence length")
+    parser.add_argument("--probe-every", type=int, metavar="K",
+                        help="probe only at validation steps that are multiples of K, and at the last step "
+                             "(default: every validation)")
+    parser.add_argument("--freeze-mlp-scalars", action="store_true",
+                        help="do not train the MLP input norm gains and the MLP input biases (not a record)")
+    parser.add_argument("--aux-from", choices=sorted(RECIPES), metavar="RECIPE",
+                        help="the AdamW groups' lrs and weight decay of RECIPE; the matrix optimizer stays "
+                             "--recipe's (not a record)")
+    parser.add_argument("--data-seed", type=int, metavar="S",
+                        help="another train batch order and validation/probe slice, drawn from S (not a record)")
+    parser.add_argument("--stop-at", type=int, metavar="S",
+                        help="follow the lr schedule of --steps but stop after step S (not a record)")
     parser.add_argument("--save", metavar="PATH", help="write a checkpoint (model, optimizers, step, data "
                         "position, RNG) here at the end of a trial")
     parser.add_argument("--save-every", type=int, metavar="K",
@@ -914,10 +1086,13 @@ def parse_args(argv):
                         help="check the arguments, the checkpoints they name and the --save path without reading "
                              "data or training, then exit (0: accepted, 2: refused with an error line)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_seqs", "trials", "save_every", "keep_last", "mlp_ratio"):
+    for name in ("steps", "batch_seqs", "trials", "save_every", "keep_last", "mlp_ratio", "probe_tokens",
+                 "probe_every", "stop_at"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.stop_at and args.save:
+        parser.error("--stop-at ends a run before its schedule does; leave out --save")
     if args.save_every and not args.save:
         parser.error("--save-every needs --save PATH")
     if args.resume and args.init_from:
@@ -937,8 +1112,9 @@ def resolve_hyperparameters(args):
         overrides["val_files"] = args.val_files
     if args.batch_seqs:
         overrides["batch_tokens"] = args.batch_seqs * hp.model.seq_len
-    if args.mlp_ratio:
-        overrides["model"] = dataclasses.replace(hp.model, mlp_ratio=args.mlp_ratio)
+    if args.mlp_ratio or args.mlp != hp.model.mlp:
+        overrides["model"] = dataclasses.replace(hp.model, mlp_ratio=args.mlp_ratio or hp.model.mlp_ratio,
+                                                 mlp=args.mlp)
     return dataclasses.replace(hp, **overrides)
 
 
@@ -1134,7 +1310,10 @@ class Run:
     generator: torch.Generator  # initializations, one draw per trial
     train_paths: list
     val_buffer: torch.Tensor
-    probe: torch.Tensor  # the input tokens of the diagnostics' probe batch
+    probe: torch.Tensor  # the diagnostics' val probe, (sequences, seq_len) input tokens
+    train_probe: torch.Tensor  # the same number of tokens from the first train shard
+    probe_micro_seqs: int  # sequences per forward pass of a probe
+    units: UnitRecords | None  # the per-unit records file (rank 0)
     init_weights: dict | None  # --init-from's model state
     resume: dict | None  # --resume's checkpoint, until its trial has taken it
     trial: int = 0
@@ -1191,7 +1370,7 @@ def train_step(model, optimizers, params, buffer, seq_len, micro_seqs, found_inf
 
 
 def train_trial(run):
-    """One run from initialization to step T, validating (and saving) outside the timed region."""
+    """One run from initialization to step T (or --stop-at), validating (and saving) outside the timed region."""
     hp, args, device, seq_len = run.hp, run.args, run.device, run.hp.model.seq_len
     init_parameters(run.raw_model, run.generator)
     if run.init_weights is not None:
@@ -1202,7 +1381,7 @@ def train_trial(run):
         if isinstance(optimizer, tuple(MATRIX_OPTIMIZERS.values())):
             optimizer.gather_alone = args.ddp  # the all-gather path even in a world of one
     stream = TrainStream(run.train_paths, hp.batch_tokens, run.dist.rank, run.dist.world_size, hp.model.vocab_size,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", data_seed=args.data_seed)
     first_step = 0
     if run.resume is not None:  # rank 0 saved it; every rank restores the same state
         first_step = restore_checkpoint(run, run.resume, optimizers, stream)
@@ -1216,9 +1395,10 @@ def train_trial(run):
     train_time, last_val_time, last_val_step = 0.0, 0.0, 0
     synchronize(device)
     start = time.perf_counter()
-    for step in range(first_step, run.steps + 1):
+    last = args.stop_at or run.steps
+    for step in range(first_step, last + 1):
         run.step = step
-        validate = is_validation_step(step, run.steps, hp.val_every, hp.val_every_tail)
+        validate = is_validation_step(step, run.steps, hp.val_every, hp.val_every_tail) or step == last
         save = save_path and (step == run.steps or (args.save_every and step % args.save_every == 0
                                                     and step > first_step))
         if validate or save:
@@ -1235,13 +1415,14 @@ def train_trial(run):
                 step_avg = 1000 * (train_time - last_val_time) / max(step - last_val_step, 1)
                 run.log.write(val_line(step, run.steps, val_loss, train_time, step_avg))
                 last_val_time, last_val_step = train_time, step
-                if not args.no_diagnostics and run.dist.rank == 0:
+                if not args.no_diagnostics and run.dist.rank == 0 and (
+                        step == last or not args.probe_every or step % args.probe_every == 0):
                     write_diagnostics(run, optimizers)
             if save and run.dist.rank == 0:
                 save_trial_checkpoint(run, optimizers, stream, step, save_path)
             synchronize(device)
             start = time.perf_counter()
-        if step == run.steps:
+        if step == last:
             return
         buffer = stream.next_batch().to(device, dtype=torch.int64, non_blocking=True)
         set_lr(optimizers, lr_multiplier(step, run.steps))
@@ -1251,16 +1432,26 @@ def train_trial(run):
 
 
 def write_diagnostics(run, optimizers):
-    """The `diag` lines of one validation: neurons, fate, fc_updates (from the second probe of a trial
+    """The `diag` lines of one validation: neurons, scalars, fate, fc_updates (from the second probe of a trial
     on; docs/diagnostics.md#neuron-fate-and-what-dead-units-receive) and leverage. Keeps this trial's
     DiagnosticsState in run.diagnostics."""
-    probes = probe_mlps(run.raw_model, run.probe)
+    started = time.perf_counter()
+    probes = probe_mlps(run.raw_model, run.probe, run.probe_micro_seqs)
+    train_probes = None if run.train_probe is None else probe_mlps(run.raw_model, run.train_probe,
+                                                                   run.probe_micro_seqs)
+    probe_seconds = time.perf_counter() - started  # the probes end with .item(), which waits for the device
     fcs = [block.mlp.fc for block in run.raw_model.blocks]
     dead = [p.active == 0 for p in probes]
     state = run.diagnostics
     if state is None or state.trial != run.trial:  # a new trial (or a resumed one) starts afresh
         state = DiagnosticsState(run.trial, run.step, [new_fate(d.numel(), d.device) for d in dead], [], [], [])
-    reports = {"neurons": rounded(neuron_report(probes))}
+    neurons = {"probe_tokens": run.probe.numel(), "probe_seconds": probe_seconds, **neuron_report(probes)}
+    if train_probes is not None:
+        neurons |= {f"train_{name}": value for name, value in neuron_report(train_probes).items()}
+    reports = {"neurons": rounded(neurons), "scalars": rounded(scalar_path_report(run.raw_model, probes))}
+    if run.units is not None:
+        run.units.add(run.trial, run.step, {"val": probes} | ({"train": train_probes} if train_probes else {}))
+        run.units.save()
     for fate, layer_dead in zip(state.fates, dead):
         update_fate(fate, layer_dead, run.step)
     reports["fate"] = rounded(fate_report(state.fates, run.step))
@@ -1291,6 +1482,11 @@ def check_run(args, hp, recipe, steps, dist_info):
         layout = batch_layout(hp, dist_info.world_size, ranks_are)
     except SetupError as e:
         raise SetupError(f"--batch-seqs {args.batch_seqs}: {e}" if args.batch_seqs else str(e)) from e
+    if args.stop_at and args.stop_at > steps:
+        raise SetupError(f"--stop-at {args.stop_at}: after the last step {steps}; give a step up to --steps")
+    if args.probe_tokens % hp.model.seq_len:
+        raise SetupError(f"--probe-tokens {args.probe_tokens}: not a multiple of the sequence length "
+                         f"{hp.model.seq_len}")
     init_weights, resume = read_start_checkpoints(args, hp, recipe, steps)
     if args.save and dist_info.rank == 0:
         check_save_path(args.save)
@@ -1299,14 +1495,30 @@ def check_run(args, hp, recipe, steps, dist_info):
 
 
 def check_data(args, hp, steps):
-    """The data: present, valid and long enough (headers only; token ids are checked as each shard is
-    loaded). Returns (train shard paths, val shard path)."""
-    train_paths = check_train_shards(find_shards(hp.train_files, hp, steps, "train",
-                                                 args.train_files and "--train-files"), steps, hp)
+    """The data: present, valid and long enough for the steps the run trains (headers only; token ids are
+    checked as each shard is loaded). Returns (train shard paths, val shard path)."""
+    trained = args.stop_at or steps
+    train_paths = check_train_shards(find_shards(hp.train_files, hp, trained, "train",
+                                                 args.train_files and "--train-files"), trained, hp)
     val_path = find_shards(hp.val_files, hp, steps, "val", args.val_files and "--val-files")[0]
     if read_shard_header(val_path) < hp.val_tokens + 1:
         raise SetupError(f"{val_path}: fewer than the {hp.val_tokens + 1} tokens validation needs")
     return train_paths, val_path
+
+
+def data_offsets(args, hp, val_path, first_train_path):
+    """Where validation (and the val probe) and the train probe start in their shards: 0 and 0, or drawn
+    from --data-seed. Checks that the probes fit, before anything is compiled."""
+    seq_len, probe_tokens = hp.model.seq_len, args.probe_tokens
+    needed = max(hp.val_tokens + 1, 0 if args.no_diagnostics else probe_tokens)
+    val_tokens, train_tokens = read_shard_header(val_path), read_shard_header(first_train_path)
+    if not args.no_diagnostics:
+        for path, available in ((val_path, val_tokens), (first_train_path, train_tokens)):
+            if available < probe_tokens:
+                raise SetupError(f"{path}: {available} tokens, fewer than --probe-tokens {probe_tokens}; give a "
+                                 f"smaller --probe-tokens")
+    return (data_offset(args.data_seed, val_tokens, needed, seq_len),
+            data_offset(args.data_seed, train_tokens, probe_tokens, seq_len))
 
 
 def compile_is_active():
@@ -1317,8 +1529,16 @@ def compile_is_active():
     return not torch._dynamo.config.disable and torch.compile(probe) is not probe
 
 
+def knob_differences(args):
+    """The research knobs of docs/diagnostics.md#knobs-that-separate-the-causes that this run sets."""
+    knobs = [("freeze_mlp_scalars", "trained"), ("aux_from", "the recipe's own AdamW groups"),
+             ("data_seed", "the shards in order, the first val tokens"), ("stop_at", "stop at step T")]
+    return [f"{name}={getattr(args, name)!r} (record: {record})" for name, record in knobs
+            if getattr(args, name) is not None and getattr(args, name) is not False]  # --data-seed 0 counts
+
+
 def config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id):
-    differences = record_differences(hp, recipe, steps, args.init_from)
+    differences = record_differences(hp, recipe, steps, args.init_from) + knob_differences(args)
     return {"command": shlex.join([sys.executable] + sys.argv), "run_id": run_id, "recipe": recipe.name,
             "preset": "tiny" if args.tiny else "full",
             "steps": steps, "trials": args.trials, "seed": args.seed, "world_size": dist_info.world_size,
@@ -1328,8 +1548,10 @@ def config_record(args, hp, recipe, steps, dist_info, device, layout, train_path
             "adam_betas": ADAM_BETAS, "adam_eps": ADAM_EPS,
             "momentum": MOMENTUM, "nesterov": True, "train_shards_used": len(train_paths), "val_shard": val_path,
             "init_from": args.init_from, "resume": args.resume, "save": args.save, "save_every": args.save_every,
-            "keep_last": args.keep_last,
-            "diagnostics": not args.no_diagnostics, "ddp": dist_info.world_size > 1 or args.ddp,
+            "keep_last": args.keep_last, "freeze_mlp_scalars": args.freeze_mlp_scalars, "aux_from": args.aux_from,
+            "data_seed": args.data_seed, "stop_at": args.stop_at,
+            "diagnostics": not args.no_diagnostics, "probe_tokens": args.probe_tokens, "probe_every": args.probe_every,
+            "ddp": dist_info.world_size > 1 or args.ddp,
             "is_record_recipe": not differences,
             "differs_from_record": differences}
 
@@ -1338,6 +1560,8 @@ def main(argv=None):
     args = parse_args(argv)
     hp = resolve_hyperparameters(args)
     recipe = RECIPES[args.recipe]
+    if args.aux_from:
+        recipe = with_aux_from(recipe, RECIPES[args.aux_from])
     steps = args.steps or hp.steps or recipe.steps
     dist_info = distributed_from_env()
     try:
@@ -1345,6 +1569,7 @@ def main(argv=None):
         if args.check_args:
             return 0
         train_paths, val_path = check_data(args, hp, steps)
+        val_start, train_probe_start = data_offsets(args, hp, val_path, train_paths[0])
     except SetupError as e:
         # Every rank finds the same problem; rank 0 reports it and fails. The others stop quietly with
         # status 0: a rank that failed first would make torchrun kill rank 0 before it had printed.
@@ -1364,16 +1589,23 @@ def main(argv=None):
         log.event("config", config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths,
                                           val_path, run_id))
         raw_model = GPT(hp.model).to(device)
+        if args.freeze_mlp_scalars:
+            for param in mlp_scalars(raw_model):
+                param.requires_grad_(False)
         val_buffer = load_val_tokens(val_path, hp.val_tokens, dist_info.rank, dist_info.world_size,
-                                     hp.model.vocab_size).to(device)
-        # The diagnostics' fixed probe batch: the first validation micro-batch of a single process.
-        probe_buffer = load_val_tokens(val_path, hp.micro_batch_seqs * hp.model.seq_len, 0, 1,
-                                       hp.model.vocab_size).to(device)
-        probe_inputs, _ = next(micro_batches(probe_buffer, hp.model.seq_len, hp.micro_batch_seqs))
+                                     hp.model.vocab_size, val_start).to(device)
+        # The diagnostics' fixed probes: the val tokens from where validation starts, and a train slice.
+        probe = train_probe = units = None
+        if not args.no_diagnostics and dist_info.rank == 0:
+            probe = probe_sequences(val_path, args.probe_tokens, hp.model.seq_len, hp.model.vocab_size,
+                                    val_start).to(device)
+            train_probe = probe_sequences(train_paths[0], args.probe_tokens, hp.model.seq_len, hp.model.vocab_size,
+                                          train_probe_start).to(device)
+            units = UnitRecords(units_path(log.file.name), args.probe_tokens)
         run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
                   torch.compile(distributed_model(raw_model, device, even_alone=args.ddp), dynamic=False),
                   torch.Generator().manual_seed(args.seed), train_paths,
-                  val_buffer, probe_inputs, init_weights, resume)
+                  val_buffer, probe, train_probe, hp.micro_batch_seqs, units, init_weights, resume)
         for trial in range(resume["trial"] if resume else 0, args.trials):
             run.trial = trial
             train_trial(run)

@@ -191,7 +191,8 @@ def display_name(result: ResultSet) -> str:
 
 # ---- diagnostics (docs/diagnostics.md) ----
 
-NEURON_FIELDS = ("dead_fraction", "nearly_dead_fraction")
+NEURON_FIELDS = ("dead_fraction", "nearly_dead_fraction", "low_power_fraction", "train_dead_fraction",
+                 "train_nearly_dead_fraction", "train_low_power_fraction")
 LEVERAGE_FIELDS = ("cv", "max_over_min", "starved_fraction")
 FATE_FIELDS = ("ever_dead_fraction", "permanent_fraction", "revived_fraction")
 # fc_updates values, per fc matrix, divided by the steps of their validation interval.
@@ -314,6 +315,44 @@ def summarize_diagnostics(results: list[ResultSet]) -> dict[str, dict[str, dict[
     return summary
 
 
+# ---- per-unit records (train_gpt.UnitRecords: <run id>.units.npz beside the log) ----
+
+def units_path(log_path: str) -> Path:
+    return Path(log_path).with_suffix(".units.npz")
+
+
+def load_unit_records(log_path: str) -> dict:
+    """{"probe_tokens": N, trial: {"steps": (probes,), "{val|train}_firing_rate": (probes, layers, units),
+    "{val|train}_power_over_layer_mean": same, "{val|train}_layer_mean_power": (probes, layers)}}, as float32."""
+    import numpy as np  # only the per-unit records need it
+
+    path = units_path(log_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no per-unit records beside {log_path} (written by train_gpt.py since the "
+                                f"--probe-tokens diagnostics)")
+    records: dict = {}
+    with np.load(path) as arrays:
+        for key in arrays.files:
+            if key == "probe_tokens":
+                records[key] = int(arrays[key])
+                continue
+            trial, name = key.split(".", 1)
+            values = arrays[key]
+            records.setdefault(int(trial.removeprefix("trial")), {})[name] = (
+                values if values.dtype.kind == "i" else values.astype(np.float32))
+    return records
+
+
+def unit_fractions(firing_rate, power_over_layer_mean, nearly_dead_rate: float = 0.001,
+                   low_power: float = 0.01) -> dict[str, float]:
+    """The three definitions of docs/diagnostics.md#neuron-death from one probe's per-unit records
+    ((layers, units) arrays), as the mean over layers of each layer's fraction: never fires, fires on
+    fewer than `nearly_dead_rate` of the tokens, output power below `low_power` of the layer's mean."""
+    return {"dead_fraction": float((firing_rate == 0).mean(axis=1).mean()),
+            "nearly_dead_fraction": float((firing_rate < nearly_dead_rate).mean(axis=1).mean()),
+            "low_power_fraction": float((power_over_layer_mean < low_power).mean(axis=1).mean())}
+
+
 # ---- output ----
 
 def fmt(value: float | None, digits: int = 5) -> str:
@@ -388,7 +427,7 @@ def markdown_report(results: list[ResultSet], pairwise: dict | None) -> str:
 
 
 DIAGNOSTICS_TABLES = {
-    "neurons and leverage": ["dead_fraction", "nearly_dead_fraction"] + [f"leverage_{f}" for f in LEVERAGE_FIELDS],
+    "neurons and leverage": list(NEURON_FIELDS) + [f"leverage_{f}" for f in LEVERAGE_FIELDS],
     "neuron fate": [*FATE_FIELDS, "permanent_of_ever_dead"],
     "fc updates per step, dead vs live rows": [f"fc_{f}_per_step" for f in FC_UPDATE_FIELDS]
                                               + ["fc_dead_over_live_update_norm"],

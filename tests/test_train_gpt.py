@@ -1,6 +1,7 @@
 """train_gpt.py: the harness of docs/benchmark.md at tiny sizes, on CPU, uncompiled
 (TORCH_COMPILE_DISABLE=1)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,8 @@ RUNNING_LINE = re.compile(r"Running PyTorch \S+ (?:compiled for CUDA \S+|built w
 STEPS = 12  # the tiny preset validates at 0 and 12 (T); few steps keep the file fast on a busy CPU
 TINY_BATCH = tg.TINY.batch_tokens
 TORCHRUN_2 = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+PROBE_TOKENS = 2048  # 8 sequences: the test shards are smaller than the default 65536, and the probe is cheap
+SMALL_PROBE = ("--probe-tokens", str(PROBE_TOKENS))
 
 
 def uncompiled_env(threads=None):
@@ -89,7 +92,8 @@ def data_args(tmp_path_factory):
     folder = tmp_path_factory.mktemp("synthetic")
     write_synthetic_shards(str(folder), vocab_size=512, train_shards=1, tokens_per_shard=(STEPS + 2) * TINY_BATCH,
                            val_tokens=tg.TINY.val_tokens + 100)
-    return ["--train-files", str(folder / "synthetic_train_*.bin"), "--val-files", str(folder / "synthetic_val_*.bin")]
+    return ["--train-files", str(folder / "synthetic_train_*.bin"), "--val-files", str(folder / "synthetic_val_*.bin"),
+            *SMALL_PROBE]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +154,13 @@ def test_diagnostics_summary_reads_the_reports_and_skips_what_it_does_not_know()
     assert tg.diagnostics_summary(reports) == (
         "diag: dead 35.1%, nearly dead 40.2%, sparse 50.0% | fate: ever dead 41.0%, 7 revivals | "
         "fc update norm dead 0.01, live 0.03 | leverage cv fc 0.20, proj 1.50")
+    reports = {"neurons": {"probe_tokens": 65536, "probe_seconds": 2.04, "dead_fraction": 0.1,
+                           "low_power_fraction": 0.2, "train_dead_fraction": 0.05},
+               "scalars": {"norm_gain_mean": [0.5, 0.7], "norm_gain_min": [0.1, 0.2], "fc_bias_mean": [-0.3, -0.1],
+                           "mlp_input_rms": [0.6, 0.8]}}
+    assert tg.diagnostics_summary(reports) == (
+        "diag: dead 10.0%, low power 20.0%, train dead 5.0%, probes 2.0s | "
+        "mlp scalars, mean over layers: norm gain 0.6, fc bias -0.2, input rms 0.7")
     assert tg.diagnostics_summary({"leverage": {}}) == "diag: "
 
 
@@ -204,8 +215,15 @@ def test_diagnostics_at_every_validation(tiny_run):
     neurons = [d for d in diags if d["kind"] == "neurons"]
     assert [(d["trial"], d["step"]) for d in neurons] == [(t, s) for t in (0, 1) for s in (0, STEPS)]
     for d in neurons:
-        assert len(d["dead_fraction_per_layer"]) == tg.TINY.model.num_layers
-        assert 0 <= d["dead_fraction"] <= d["nearly_dead_fraction"] <= 1
+        assert d["probe_tokens"] == PROBE_TOKENS and d["probe_seconds"] > 0
+        for probe in ("", "train_"):
+            assert len(d[f"{probe}dead_fraction_per_layer"]) == tg.TINY.model.num_layers
+            assert 0 <= d[f"{probe}dead_fraction"] <= d[f"{probe}nearly_dead_fraction"] <= 1
+            assert 0 <= d[f"{probe}low_power_fraction"] <= 1
+    scalars = [d for d in diags if d["kind"] == "scalars"]
+    assert [(d["trial"], d["step"]) for d in scalars] == [(t, s) for t in (0, 1) for s in (0, STEPS)]
+    assert scalars[0]["norm_gain_mean"] == [1.0] * 4 and scalars[0]["fc_bias_min"] == [0.0] * 4
+    assert scalars[1]["norm_gain_mean"] != [1.0] * 4 and all(r > 0 for r in scalars[1]["mlp_input_rms"])
     fates = [d for d in diags if d["kind"] == "fate"]
     assert [(d["trial"], d["step"]) for d in fates] == [(t, s) for t in (0, 1) for s in (0, STEPS)]
     assert all(d["units_per_layer"] == [4 * tg.TINY.model.model_dim] * tg.TINY.model.num_layers for d in fates)
@@ -239,6 +257,29 @@ def test_records_tools_read_the_trainers_log(tiny_run):
                             "revived_fraction", "fc_live_update_norm_per_step", "fc_live_preact_change_per_step"}
     logged = [d["dead_fraction"] for d in events(lines, "diag") if d["kind"] == "neurons" and d["step"] == STEPS]
     assert summary["dead_fraction"][STEPS].mean == pytest.approx(sum(logged) / 2)
+
+
+def test_per_unit_records_beside_the_log_give_the_logged_fractions(tiny_run):
+    """The units file round-trips through records/stats.py: its per-unit values give back every definition
+    of every neurons line, for both probes and both trials."""
+    folder, lines, _ = tiny_run
+    sys.path.insert(0, os.path.join(ROOT, "records"))
+    import stats
+    records = stats.load_unit_records(str(folder / "logs" / "tiny.txt"))
+    assert records["probe_tokens"] == PROBE_TOKENS and set(records) == {"probe_tokens", 0, 1}
+    hidden = 4 * tg.TINY.model.model_dim
+    for d in events(lines, "diag"):
+        if d["kind"] != "neurons":
+            continue
+        trial = records[d["trial"]]
+        (index,) = [i for i, step in enumerate(trial["steps"]) if step == d["step"]]
+        for probe, prefix in (("val", ""), ("train", "train_")):
+            assert trial[f"{probe}_firing_rate"].shape[1:] == (tg.TINY.model.num_layers, hidden)
+            got = stats.unit_fractions(trial[f"{probe}_firing_rate"][index],
+                                       trial[f"{probe}_power_over_layer_mean"][index])
+            for name, value in got.items():
+                assert value == pytest.approx(d[prefix + name], abs=1e-6), (probe, name)
+    assert (folder / "logs" / "tiny.units.npz").stat().st_size < 100_000
 
 
 def test_saved_checkpoint_holds_the_final_model(tiny_run, data_args):
@@ -865,7 +906,8 @@ def fate_model(mlp_ratio=4):
 
 def diagnostics_run(model, tmp_path, probe):
     """The parts of a Run that write_diagnostics reads."""
-    return type("DiagnosticsRun", (), dict(raw_model=model, probe=probe, log=tg.RunLog(str(tmp_path / "diag.txt")),
+    return type("DiagnosticsRun", (), dict(raw_model=model, probe=probe, train_probe=None, probe_micro_seqs=None,
+                                           units=None, log=tg.RunLog(str(tmp_path / "diag.txt")),
                                            trial=0, step=0, diagnostics=None))()
 
 
@@ -980,6 +1022,152 @@ def test_mlp_ratio_sets_the_hidden_width_and_is_not_a_record():
         tg.parse_args(["--mlp-ratio", "0"])
 
 
+def test_three_definitions_on_hand_set_units():
+    """Layer 0: 16 units with a negative bias never fire (and so output nothing); 8 live units whose proj column
+    is zero output nothing but fire. Layer 1: every unit fires, one proj column is tiny."""
+    model = fate_model()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.proj.weight.fill_(0.1)
+        model.blocks[0].mlp.fc.bias[:16] = -1.0
+        model.blocks[0].mlp.proj.weight[:, 16:24] = 0.0
+        model.blocks[1].mlp.proj.weight[:, 0] = 0.009  # power 0.0081 of the others': low
+        model.blocks[1].mlp.proj.weight[:, 1] = 0.011  # 0.0121: not low
+    report = tg.neuron_report(tg.probe_mlps(model, torch.randint(0, 64, (4, 8))))
+    assert report["dead_fraction_per_layer"] == [0.25, 0.0] and report["nearly_dead_fraction_per_layer"] == [0.25, 0.0]
+    assert report["low_power_fraction_per_layer"] == [24 / 64, 1 / 64]
+    assert report["low_power_fraction"] == pytest.approx((24 / 64 + 1 / 64) / 2)
+
+
+def test_probe_in_micro_batches_covers_exactly_its_tokens_and_sums_like_one_pass():
+    model = fate_model()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.fc.weight.copy_(torch.randn(block.mlp.fc.weight.shape, generator=generator))
+            block.mlp.fc.bias.zero_()
+            block.mlp.proj.weight.copy_(torch.randn(block.mlp.proj.weight.shape, generator=generator))
+    inputs = torch.randint(0, 64, (5, 8), generator=generator)
+    whole, split = tg.probe_mlps(model, inputs), tg.probe_mlps(model, inputs, micro_seqs=2)
+    for a, b in zip(whole, split):
+        assert a.tokens == b.tokens == 40 and torch.equal(a.active, b.active)
+        assert 0 < int(a.active.min()) and int(a.active.max()) <= 40
+        assert torch.allclose(a.output_power, b.output_power) and a.input_rms == pytest.approx(b.input_rms)
+
+
+def test_probe_sequences_take_exactly_n_tokens_from_the_offset(tmp_path):
+    write_tokens(tmp_path / "val.bin", 100)
+    probe = tg.probe_sequences(str(tmp_path / "val.bin"), 48, 8, 512, start=16)
+    assert probe.shape == (6, 8) and probe.flatten().tolist() == list(range(16, 64))
+    with pytest.raises(tg.SetupError, match="--probe-tokens 96"):
+        tg.probe_sequences(str(tmp_path / "val.bin"), 96, 8, 512, start=8)
+
+
+def test_swiglu_keeps_the_parameter_count_and_computes_silu_gating():
+    assert tg.swiglu_hidden_width(768, 3072) == 2048 and tg.swiglu_hidden_width(128, 512) == 341
+    for dim, ratio in ((768, 4), (128, 4)):
+        relu2, swiglu = tg.MLP(dim, ratio), tg.MLP(dim, ratio, "swiglu")
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        assert abs(count(swiglu) - count(relu2)) / count(relu2) < 0.002
+    torch.manual_seed(0)
+    mlp = tg.MLP(6, 2, "swiglu").double()
+    assert [name for name, _ in mlp.named_parameters()] == ["fc.weight", "fc.bias", "up.weight", "up.bias",
+                                                             "proj.weight", "proj.bias"]
+    for p in mlp.parameters():
+        p.data.normal_()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    gate, up = x @ mlp.fc.weight.T + mlp.fc.bias, x @ mlp.up.weight.T + mlp.up.bias
+    expected = (gate * torch.sigmoid(gate) * up) @ mlp.proj.weight.T + mlp.proj.bias
+    assert torch.allclose(mlp(x), expected)
+    assert torch.autograd.gradcheck(mlp, (x,))
+
+
+def test_aurora_treats_both_tall_swiglu_matrices():
+    config = tg.ModelConfig(vocab_size=64, num_layers=1, model_dim=16, head_dim=8, seq_len=8, mlp="swiglu")
+    model = tg.GPT(config)
+    tg.init_parameters(model, torch.Generator().manual_seed(0))
+    _, aurora = tg.build_optimizers(model, tg.RECIPES["aurora"])
+    tokens = torch.randint(0, 64, (2, 9))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    aurora.step()
+    tall = {name for name, p in model.named_parameters() if p in aurora.leverage()}
+    assert {"blocks.0.mlp.fc.weight", "blocks.0.mlp.up.weight"} <= tall
+
+
+def test_freeze_mlp_scalars_trains_everything_else():
+    model = fate_model()
+    for param in tg.mlp_scalars(model):
+        param.requires_grad_(False)
+    frozen = {id(p) for p in tg.mlp_scalars(model)}
+    assert len(frozen) == 4  # norm2.gains and fc.bias of both blocks
+    adam, matrix = tg.build_optimizers(model, tg.RECIPES["aurora"])
+    trained = [p for group in adam.param_groups + matrix.param_groups for p in group["params"]]
+    assert not frozen & {id(p) for p in trained}
+    assert len(trained) == len(list(model.parameters())) - 4
+    with torch.no_grad():  # every weight nonzero, so that every trained parameter gets a gradient
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.normal_(std=0.3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tokens = torch.randint(0, 64, (2, 9))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    adam.step()
+    matrix.step()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    frozen_names = {f"blocks.{i}.{name}" for i in (0, 1) for name in ("norm2.gains", "mlp.fc.bias")}
+    assert changed == set(before) - frozen_names
+
+
+def test_aux_from_takes_only_the_adamw_groups_of_the_other_recipe():
+    muon, aurora = tg.RECIPES["muon"], tg.RECIPES["aurora"]
+    mixed = tg.with_aux_from(muon, aurora)
+    adamw = ("embed_lr", "head_lr", "scalar_lr", "adam_weight_decay")
+    for f in dataclasses.fields(tg.Recipe):
+        assert getattr(mixed, f.name) == getattr(aurora if f.name in adamw else muon, f.name), f.name
+    assert tg.RECIPES["muon"].scalar_lr == 0.015  # the record recipe itself is untouched
+
+
+def test_data_seed_permutes_the_batches_of_a_shard_and_moves_the_val_slice(tmp_path):
+    write_tokens(tmp_path / "train.bin", 8 * 10 + 2)
+    paths = [str(tmp_path / "train.bin")]
+    plain = tg.TrainStream(paths, 8, 0, 1, 512)
+    seeded = [tg.TrainStream(paths, 8, 0, 1, 512, data_seed=seed) for seed in (1, 2)]
+    in_order = [plain.next_batch().tolist() for _ in range(10)]
+    assert in_order == [list(range(8 * k, 8 * k + 9)) for k in range(10)]
+    orders = [[stream.next_batch().tolist() for _ in range(10)] for stream in seeded]
+    for order in orders:
+        assert sorted(order) == in_order and order != in_order
+    assert orders[0] != orders[1]
+    assert tg.data_offset(None, 1000, 100, 8) == 0
+    offsets = {tg.data_offset(seed, 1000, 100, 8) for seed in range(20)}
+    assert len(offsets) > 5 and all(o % 8 == 0 and o + 100 <= 1000 for o in offsets)
+
+
+def test_each_knob_is_flagged_and_none_by_default():
+    assert tg.knob_differences(tg.parse_args([])) == []
+    for flags, name in ((["--freeze-mlp-scalars"], "freeze_mlp_scalars"), (["--aux-from", "aurora"], "aux_from"),
+                        (["--data-seed", "0"], "data_seed"), (["--stop-at", "5"], "stop_at")):
+        (difference,) = tg.knob_differences(tg.parse_args(flags))
+        assert difference.startswith(f"{name}=")
+    hp = tg.resolve_hyperparameters(tg.parse_args(["--mlp", "swiglu"]))
+    (difference,) = tg.record_differences(hp, tg.RECIPES["aurora"], 3200, None)
+    assert "mlp='swiglu'" in difference
+    assert tg.resolve_hyperparameters(tg.parse_args([])) == tg.FULL
+    with pytest.raises(SystemExit):
+        tg.parse_args(["--stop-at", "5", "--save", "x.pt"])
+
+
+def test_stop_at_follows_the_long_schedule_and_ends_early(data_args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with torch._dynamo.config.patch(disable=True):
+        assert tg.main(["--tiny", "--device", "cpu", "--steps", "3200", "--stop-at", "3", "--run-id", "stop",
+                        "--no-diagnostics", "--freeze-mlp-scalars", *data_args]) == 0
+    _, lines = split_log((tmp_path / "logs" / "stop.txt").read_text())
+    assert [(s, t) for s, t, _ in val_records(lines)] == [(0, 3200), (3, 3200)]
+    (config,) = events(lines, "config")
+    assert any(d.startswith("stop_at=3") for d in config["differs_from_record"])
+
+
 # ---- checkpoints: --resume, --save-every, --init-from, --save ----
 
 RESUME_STEPS = 20  # validates at 0 and 20; periodic checkpoints at 5, 10 and 15
@@ -990,7 +1178,8 @@ def long_data_args(tmp_path_factory):
     folder = tmp_path_factory.mktemp("synthetic_long")
     write_synthetic_shards(str(folder), vocab_size=512, train_shards=1,
                            tokens_per_shard=(RESUME_STEPS + 2) * TINY_BATCH, val_tokens=tg.TINY.val_tokens + 100)
-    return ["--train-files", str(folder / "synthetic_train_*.bin"), "--val-files", str(folder / "synthetic_val_*.bin")]
+    return ["--train-files", str(folder / "synthetic_train_*.bin"), "--val-files", str(folder / "synthetic_val_*.bin"),
+            *SMALL_PROBE]
 
 
 def assert_identical(a, b, where="checkpoint"):
