@@ -129,7 +129,8 @@ def main(argv=None):
     data = work / "data" / "fineweb10B"
     data.mkdir(parents=True, exist_ok=True)
     vocab = hp.model.vocab_size if args.tiny else GPT2_VOCAB
-    train_tokens, val_tokens = args.steps * hp.batch_tokens + 2, hp.val_tokens + 1
+    # Record loaders move to the next shard when pos + batch + 1 >= its length: one token more than we read.
+    train_tokens, val_tokens = args.steps * hp.batch_tokens + 2, hp.val_tokens + 2
     val_path, train_path = write_synthetic_shards(str(work / "synthetic"), vocab_size=vocab, train_shards=1,
                                                   tokens_per_shard=train_tokens, val_tokens=val_tokens)
     for source, name in ((val_path, "fineweb_val_000000.bin"), (train_path, "fineweb_train_000001.bin")):

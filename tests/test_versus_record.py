@@ -25,6 +25,7 @@ dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 def shard(pattern, count):
     path = sorted(glob.glob(pattern))[0]
+    assert np.fromfile(path, dtype=np.int32, count=3)[2] > count, "a record loader wants one token more"
     return torch.from_numpy(np.fromfile(path, dtype=np.uint16, offset=1024, count=count).astype(np.int64))
 
 val = shard("data/fineweb10B/fineweb_val_*.bin", 16385)
@@ -34,7 +35,7 @@ for _ in range(num_trials):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(512, 32), torch.nn.Linear(32, 512)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    train = shard("data/fineweb10B/fineweb_train_*.bin", train_steps * 4096 + 2)
+    train = shard("data/fineweb10B/fineweb_train_*.bin", train_steps * 4096 + 1)
     loss_of = lambda x: torch.nn.functional.cross_entropy(model(x[:-1].to(device)), x[1:].to(device))
     training_time, t0 = 0.0, time.perf_counter()
     for step in range(train_steps + 1):
@@ -67,7 +68,7 @@ def test_versus_record_runs_both_sides_on_a_stand_in_log(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert "edited: line 16 'train_steps = 1000' -> 'train_steps = 3'; nothing else changed" in lines[0]
+    assert "edited: line 17 'train_steps = 1000' -> 'train_steps = 3'; nothing else changed" in lines[0]
     code = (tmp_path / "work" / "record.py").read_text()
     assert code == STAND_IN.replace("train_steps = 1000", "train_steps = 3")  # the only change
     assert os.path.islink(tmp_path / "work" / "data" / "fineweb10B" / "fineweb_train_000001.bin")
