@@ -29,7 +29,7 @@ SUMMARY="$OUT/summary.txt"
 failed=0
 
 if [ "$smoke" = 1 ]; then
-  device=cpu vocab=512 steps=3 size=(--tiny) bench_size=(--tiny --iters 1 --warmup 0)
+  device=cpu vocab=512 steps=3 size=(--tiny --probe-tokens 4096) bench_size=(--tiny --iters 1 --warmup 0)
   batch_tokens=4096 val_tokens=16385
   export TORCH_COMPILE_DISABLE=1 OMP_NUM_THREADS=1  # CPU compiles take minutes; the flags are what CI checks
 else
