@@ -610,6 +610,20 @@ def setup_device(dist_info, device):
             dist.init_process_group("gloo")
 
 
+def leave_process_group(finished):
+    """Destroys the process group, after a finished run only once every rank has finished. Why wait: a
+    gloo worker thread drops a completed collective's tensors a moment after the collective completes,
+    and dropping a tensor Python has seen takes the GIL. A rank that tore its group down first (rank 1
+    while rank 0 writes the checkpoint) could reach ProcessGroupGloo's destructor, which joins that
+    worker, holding the GIL (a deadlock), or end the interpreter under it (std::terminate: SIGABRT).
+    In the barrier every rank waits with the GIL released, so its workers finish first. A failed rank
+    does not wait: torchrun stops the others."""
+    if dist.is_initialized():
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -1580,7 +1594,7 @@ def main(argv=None):
     setup_device(dist_info, device)
     run_id = args.run_id or f"{recipe.name}-{uuid.uuid4()}"
     log = RunLog(os.path.join("logs", f"{run_id}.txt") if dist_info.rank == 0 else None)
-    run = None
+    run, finished = None, False
     try:
         log.write(logged_source(), echo=False)
         log.write(SEPARATOR, echo=False)
@@ -1613,6 +1627,7 @@ def main(argv=None):
         if device.type == "cuda":
             done["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) // 2 ** 20
         log.event("done", done)
+        finished = True
         return 0
     except KeyboardInterrupt:
         log.event("interrupted", {**where(run), "note": "Ctrl-C; the log is complete up to here"})
@@ -1626,8 +1641,7 @@ def main(argv=None):
         raise
     finally:
         log.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(finished)
 
 
 def where(run):

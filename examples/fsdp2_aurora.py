@@ -139,6 +139,10 @@ def main():
             if rank == 0:
                 print(f"step {step} loss {mean_loss.item() / world_size:.4f} "
                       f"time {time.perf_counter() - start:.1f}s", flush=True)
+    # Every rank waits here first: a gloo worker still dropping the last collective's tensors needs the
+    # GIL, and a rank that tore its group down at once could deadlock or abort on it (train_gpt.py's
+    # leave_process_group says how).
+    dist.barrier()
     dist.destroy_process_group()
 
 

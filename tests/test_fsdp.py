@@ -142,6 +142,7 @@ def assert_same_as_single_process(results, recipe):
             assert torch.equal(value, state[i][name]), (recipe, i, name)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("recipe", list(RECORD_SETTINGS))
@@ -151,6 +152,7 @@ def test_fsdp2_steps_equal_one_process_bit_for_bit(fsdp_runs, world_size, recipe
     assert_same_as_single_process(fsdp_runs[world_size][recipe], recipe)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("recipe", list(RECORD_SETTINGS))
 def test_dcp_checkpoint_saved_at_2_ranks_resumes_at_4_identically(fsdp_runs, recipe):
@@ -226,6 +228,7 @@ def test_default_orientation_is_the_record_aurora():
 # examples/fsdp2_aurora.py
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp2_example_trains_under_torchrun_on_two_cpu_ranks():
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")

@@ -313,6 +313,7 @@ def test_log_code_is_train_gpt_with_the_optimizers_inlined(tiny_run):
     assert tg.OPTIMIZERS_IMPORT not in code.splitlines()
 
 
+@pytest.mark.slow
 def test_code_cut_from_the_log_reruns_alone_with_the_same_losses(tiny_run, data_args, tmp_path):
     _, lines, code = tiny_run
     (tmp_path / "run.py").write_text(code)
@@ -327,6 +328,7 @@ def test_code_cut_from_the_log_reruns_alone_with_the_same_losses(tiny_run, data_
     assert not events(cut_lines, "diag")
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_gloo_processes_compute_what_one_does(tiny_run, data_args, tmp_path):
     """Measured: two processes (one thread each, as torchrun sets) and one process on one thread give
@@ -345,6 +347,7 @@ def test_two_gloo_processes_compute_what_one_does(tiny_run, data_args, tmp_path)
                          torch.load(tmp_path / name, weights_only=True)["model"])
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_in_a_world_of_one_computes_what_the_plain_process_does(tiny_run, data_args, tmp_path):
     """--ddp under torchrun with one gloo process: DistributedDataParallel (summing hook, no_sync) and the
@@ -369,6 +372,7 @@ def test_ddp_without_torchrun_is_refused(capsys):
 
 # ---- failures ----
 
+@pytest.mark.slow
 def test_interrupt_leaves_a_complete_log_and_the_last_checkpoint(data_args, tmp_path):
     process = subprocess.Popen([sys.executable, TRAIN_GPT, *ON_CPU, "--tiny", "--steps", str(STEPS), "--run-id",
                                 "stop", "--save", "every.pt", "--save-every", "1", *data_args], cwd=tmp_path,
@@ -771,7 +775,7 @@ def step_setup(recipe, compiled):
     return model, runnable, optimizers, buffer
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 @pytest.mark.parametrize("recipe", sorted(tg.RECIPES))
 def test_train_step_makes_no_host_sync(recipe, compiled):
     with torch._dynamo.config.patch(disable=not compiled):
@@ -874,6 +878,7 @@ def overlap_worker(rank, world_size, store_path, out_dir):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_gradient_buckets_are_summed_during_the_last_backward(tmp_path):
     """DDP with train_gpt's hook: no all-reduce in the first micro-batch's backward (no_sync); in the
@@ -1219,6 +1224,7 @@ def straight_and_resumed(data_args, folder, launcher=(), compiled=False, threads
     return (torch.load(folder / "s.pt", weights_only=True), torch.load(folder / "r.pt", weights_only=True), *lines)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_to_a_straight_run(long_data_args, tmp_path):
     straight, resumed, straight_lines, resumed_lines = straight_and_resumed(long_data_args, tmp_path)
     assert_identical(straight, resumed)  # model, both optimizers' states, step, data position, RNG
@@ -1241,6 +1247,7 @@ def test_resume_is_bit_identical_when_compiled_on_one_thread(long_data_args, tmp
     assert_identical(straight, resumed)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_resume_with_two_processes_and_at_another_world_size(long_data_args, tmp_path):
     straight, resumed, straight_lines, _ = straight_and_resumed(long_data_args, tmp_path, launcher=TORCHRUN_2)
@@ -1251,6 +1258,49 @@ def test_resume_with_two_processes_and_at_another_world_size(long_data_args, tmp
     run_trainer(["--tiny", "--steps", str(RESUME_STEPS), "--no-diagnostics", "--run-id", "one", "--resume",
                  "s.step10.pt", "--save", "one.pt", *long_data_args], cwd=tmp_path, threads=1)
     assert_identical(straight, torch.load(tmp_path / "one.pt", weights_only=True))
+
+
+def worker_of_rank(launcher_pid, rank):
+    """The pid of torchrun's worker process with that RANK."""
+    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+        children = f.read().split()
+    for pid in children:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                return int(pid)
+    raise AssertionError(f"torchrun {launcher_pid} has no worker of rank {rank} among {children}")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
+def test_a_dead_rank_ends_the_run_within_a_minute_naming_it(tmp_path):
+    """Rank 1 killed (SIGKILL) once step 0 is validated, in a 200-step run: rank 0, which waits for it in
+    the next collective, does not wait for the process group's timeout; torchrun stops it and exits
+    non-zero naming rank 1."""
+    steps = 200
+    write_synthetic_shards(str(tmp_path), vocab_size=512, train_shards=1, tokens_per_shard=(steps + 2) * TINY_BATCH,
+                           val_tokens=tg.TINY.val_tokens + 100)
+    data = ["--train-files", str(tmp_path / "synthetic_train_*.bin"), "--val-files", str(tmp_path / "synthetic_val_*.bin")]
+    log = tmp_path / "logs" / "dies.txt"
+    with subprocess.Popen([sys.executable, *TORCHRUN_2, TRAIN_GPT, *ON_CPU, "--tiny", "--steps", str(steps),
+                           "--no-diagnostics", "--run-id", "dies", *data], cwd=tmp_path, env=uncompiled_env(),
+                          start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as torchrun:
+        try:
+            deadline = time.monotonic() + 600
+            while not (log.exists() and f"step:0/{steps} val_loss" in log.read_text()):
+                assert torchrun.poll() is None and time.monotonic() < deadline, "the run ended before step 0"
+                time.sleep(0.2)
+            os.kill(worker_of_rank(torchrun.pid, 1), signal.SIGKILL)
+            killed = time.monotonic()
+            _, stderr = torchrun.communicate(timeout=120)
+            ended_after = time.monotonic() - killed
+        finally:
+            if torchrun.poll() is None:
+                os.killpg(torchrun.pid, signal.SIGKILL)
+    assert torchrun.returncode != 0 and ended_after < 60, (torchrun.returncode, ended_after)
+    assert re.search(r"rank\s*:\s*1 ", stderr) and "SIGKILL" in stderr, stderr[-3000:]
+    assert f"step:{steps}/{steps}" not in log.read_text()
 
 
 def write_checkpoint_like(tmp_path, name, make):
