@@ -828,10 +828,12 @@ def bucketings_worker(rank, world_size, store_path, out_dir):
     torch._dynamo.config.disable = True
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    finished = False
     try:
         torch.save(run_both_bucketings(), os.path.join(out_dir, f"rank{rank}.pt"))
+        finished = True
     finally:
-        dist.destroy_process_group()
+        train_gpt.leave_process_group(finished)
 
 
 def assert_same_results(a, b, what):

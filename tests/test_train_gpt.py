@@ -848,6 +848,7 @@ def overlap_worker(rank, world_size, store_path, out_dir):
     torch._dynamo.config.disable = True
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    finished = False
     try:
         model, _, optimizers, _ = step_setup("muon", False)
         buffers = [torch.randint(0, STEP_CONFIG.vocab_size, (4 * STEP_CONFIG.seq_len + 1,),
@@ -874,8 +875,9 @@ def overlap_worker(rank, world_size, store_path, out_dir):
         tg.train_step(ddp, optimizers, list(model.parameters()), buffers[rank], STEP_CONFIG.seq_len, 2,
                       torch.zeros(()))
         torch.save({"events": events, "summed": summed, "expected": expected}, os.path.join(out_dir, f"rank{rank}.pt"))
+        finished = True
     finally:
-        torch.distributed.destroy_process_group()
+        tg.leave_process_group(finished)
 
 
 @pytest.mark.slow
