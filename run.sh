@@ -74,9 +74,9 @@ for spec in requirements(sys.argv[1]):
         print("torch==2.13.0" if name == "torch" else spec)
 EOF
 )
-# Training needs the rest; matplotlib only plots (records/stats.py --plot) and the test packages (the
-# lines of requirements-test.txt itself) only test. Offline, or with no index that has them, setup says
-# so and goes on.
+# Training needs the rest; matplotlib only plots (records/stats.py --plot) and the lines of
+# requirements-test.txt itself only test and analyse. Offline, or with no index that has them, setup
+# says so and goes on.
 optional=" matplotlib $(sed -e 's/#.*//' -e '/^-r /d' requirements-test.txt | tr -s ' \n' ' ') "
 required=() wanted=()
 for spec in $missing; do
