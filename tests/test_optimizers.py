@@ -723,6 +723,25 @@ def test_each_rank_computes_its_own_share_of_a_bucket(count, world_size, expecte
         assert opt.flops_per_rank(world_size) == [flops * len(mine) for mine in computed]
 
 
+def test_gather_alone_takes_the_all_gather_path_in_a_world_of_one(monkeypatch):
+    """train_gpt --ddp sets gather_alone so that one GPU runs the collective path of 8: in a process group
+    of one the step then all-gathers its rows (once per bucket) instead of writing them back directly."""
+    weights, grads = make_problem(steps=1)
+    buckets = len(optimizers.bucket_plan([tuple(w.shape) for w in weights]))
+    gathers, gather = [], optimizers.gather_from_ranks
+
+    def recording_gather(chunk, world_size):
+        gathers.append(world_size)
+        return gather(chunk, world_size)
+    monkeypatch.setattr(optimizers, "gather_from_ranks", recording_gather)
+    for cls, settings in RECORD_SETTINGS.values():
+        for alone in (False, True):
+            gathers.clear()
+            monkeypatch.setattr(cls, "gather_alone", alone)
+            one_step_as_rank(cls, settings, weights, grads[0], 0, 1, "update_run")
+            assert gathers == ([1] * buckets if alone else []), (cls.__name__, alone)
+
+
 def test_a_lone_matrix_of_a_bucket_is_batched_with_a_zero_stand_in():
     """On 2 ranks make_problem's three (24, 24) matrices split 2 + 1: rank 1 computes the third alone.
     torch's batched matmul takes another kernel for a batch of one, whose bf16 rounding differs, so the
