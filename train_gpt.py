@@ -297,23 +297,17 @@ def data_offset(data_seed, shard_tokens, needed, seq_len):
     return int(torch.randint(positions, (), generator=generator)) * seq_len if positions > 0 else 0
 
 
-def load_val_tokens(path, val_tokens, rank, world_size, vocab_size, start=0):
-    """val_tokens (+1) tokens of the val shard from `start` (the first ones unless --data-seed), sliced
-    across ranks like one train step."""
-    tokens = load_shard(path, vocab_size)
-    if len(tokens) < start + val_tokens + 1:
-        raise SetupError(f"{path}: {len(tokens)} tokens, validation needs {start + val_tokens + 1}")
+def val_slice(tokens, val_tokens, rank, world_size, start=0):
+    """val_tokens (+1) tokens of the val shard's `tokens` from `start` (the first ones unless --data-seed),
+    sliced across ranks like one train step. check_data and data_offsets made sure they are there."""
     rank_tokens = val_tokens // world_size
     start += rank * rank_tokens
     return tokens[start:start + rank_tokens + 1].long()
 
 
-def probe_sequences(path, probe_tokens, seq_len, vocab_size, start=0):
-    """The diagnostics' probe: `probe_tokens` tokens of a shard from `start`, as (sequences, seq_len) inputs."""
-    tokens = load_shard(path, vocab_size)
-    if len(tokens) < start + probe_tokens:
-        raise SetupError(f"{path}: {len(tokens)} tokens, fewer than --probe-tokens {probe_tokens} from token "
-                         f"{start}; give a smaller --probe-tokens")
+def probe_sequences(tokens, probe_tokens, seq_len, start=0):
+    """The diagnostics' probe: `probe_tokens` of a shard's `tokens` from `start`, as (sequences, seq_len)
+    inputs. data_offsets made sure they are there."""
     return tokens[start:start + probe_tokens].long().view(-1, seq_len)
 
 
@@ -1606,15 +1600,14 @@ def main(argv=None):
         if args.freeze_mlp_scalars:
             for param in mlp_scalars(raw_model):
                 param.requires_grad_(False)
-        val_buffer = load_val_tokens(val_path, hp.val_tokens, dist_info.rank, dist_info.world_size,
-                                     hp.model.vocab_size, val_start).to(device)
+        val_shard = load_shard(val_path, hp.model.vocab_size)
+        val_buffer = val_slice(val_shard, hp.val_tokens, dist_info.rank, dist_info.world_size, val_start).to(device)
         # The diagnostics' fixed probes: the val tokens from where validation starts, and a train slice.
         probe = train_probe = units = None
         if not args.no_diagnostics and dist_info.rank == 0:
-            probe = probe_sequences(val_path, args.probe_tokens, hp.model.seq_len, hp.model.vocab_size,
-                                    val_start).to(device)
-            train_probe = probe_sequences(train_paths[0], args.probe_tokens, hp.model.seq_len, hp.model.vocab_size,
-                                          train_probe_start).to(device)
+            probe = probe_sequences(val_shard, args.probe_tokens, hp.model.seq_len, val_start).to(device)
+            train_probe = probe_sequences(load_shard(train_paths[0], hp.model.vocab_size), args.probe_tokens,
+                                          hp.model.seq_len, train_probe_start).to(device)
             units = UnitRecords(units_path(log.file.name), args.probe_tokens)
         run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
                   torch.compile(distributed_model(raw_model, device, even_alone=args.ddp), dynamic=False),

@@ -294,7 +294,7 @@ def test_saved_checkpoint_holds_the_final_model(tiny_run, data_args):
     path = str(folder / "ck.trial0.pt")
     tg.load_model_state(model, tg.model_state_of(tg.read_checkpoint(path), path), path)
     val_path = data_args[3].replace("*", "000000")
-    val_buffer = tg.load_val_tokens(val_path, tg.TINY.val_tokens, 0, 1, 512)
+    val_buffer = tg.val_slice(tg.load_shard(val_path, 512), tg.TINY.val_tokens, 0, 1)
     layout = tg.batch_layout(tg.TINY, 1)
     loss = tg.evaluate(model, val_buffer, layout, tg.TINY.model.seq_len, tg.TINY.val_tokens)
     assert f"{loss:.5f}" == f"{val_records(lines)[1][2]:.5f}"
@@ -526,7 +526,8 @@ def test_validation_slices_per_rank(tmp_path, world_size):
     """Rank r gets tokens [r*V/W, (r+1)*V/W + 1) of the first V + 1: like one train step of size V."""
     write_shard(str(tmp_path / "val.bin"), np.arange(50))
     val_tokens = 32
-    slices = [tg.load_val_tokens(str(tmp_path / "val.bin"), val_tokens, r, world_size, 512) for r in range(world_size)]
+    shard = tg.load_shard(str(tmp_path / "val.bin"), 512)
+    slices = [tg.val_slice(shard, val_tokens, r, world_size) for r in range(world_size)]
     share = val_tokens // world_size
     for rank, tokens in enumerate(slices):
         assert tokens.dtype == torch.int64
@@ -627,7 +628,7 @@ def test_step_0_loss_is_log_vocab_and_fc_gradients_are_zero(tmp_path):
     model = small_full_vocab_model()
     write_shard(str(tmp_path / "val.bin"), np.random.default_rng(0).integers(0, 50257, 4 * 32 + 1))
     hp = tg.Hyperparameters(model=model.config, batch_tokens=4 * 32, micro_batch_seqs=2, val_tokens=4 * 32)
-    buffer = tg.load_val_tokens(str(tmp_path / "val.bin"), hp.val_tokens, 0, 1, 50304)
+    buffer = tg.val_slice(tg.load_shard(str(tmp_path / "val.bin"), 50304), hp.val_tokens, 0, 1)
     val_loss = tg.evaluate(model, buffer, tg.batch_layout(hp, 1), 32, hp.val_tokens)
     assert val_loss == pytest.approx(math.log(50304), abs=1e-5)
     for inputs, targets in tg.micro_batches(buffer, 32, 2):
@@ -1063,12 +1064,20 @@ def test_probe_in_micro_batches_covers_exactly_its_tokens_and_sums_like_one_pass
         assert torch.allclose(a.output_power, b.output_power) and a.input_rms == pytest.approx(b.input_rms)
 
 
-def test_probe_sequences_take_exactly_n_tokens_from_the_offset(tmp_path):
-    write_tokens(tmp_path / "val.bin", 100)
-    probe = tg.probe_sequences(str(tmp_path / "val.bin"), 48, 8, 512, start=16)
-    assert probe.shape == (6, 8) and probe.flatten().tolist() == list(range(16, 64))
-    with pytest.raises(tg.SetupError, match="--probe-tokens 96"):
-        tg.probe_sequences(str(tmp_path / "val.bin"), 96, 8, 512, start=8)
+def test_probe_sequences_take_exactly_n_tokens_from_the_offset():
+    probe = tg.probe_sequences(torch.arange(100, dtype=torch.int32), 48, 8, start=16)
+    assert probe.shape == (6, 8) and probe.dtype == torch.int64
+    assert probe.flatten().tolist() == list(range(16, 64))
+
+
+def test_a_probe_longer_than_the_val_shard_is_refused_before_any_work(data_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    too_many = (tg.TINY.val_tokens // 256 + 1) * 256  # the val shard holds val_tokens + 100
+    assert tg.main(["--tiny", "--steps", "2", *data_args, "--probe-tokens", str(too_many)]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and message.count("\n") == 1
+    assert "synthetic_val_000000.bin" in message and f"fewer than --probe-tokens {too_many}" in message
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_swiglu_keeps_the_parameter_count_and_computes_silu_gating():
