@@ -372,17 +372,30 @@ def test_ddp_without_torchrun_is_refused(capsys):
 
 # ---- failures ----
 
+def sigint_as_at_a_terminal():
+    """preexec_fn of a child that a test stops with SIGINT, as Ctrl-C would. A shell starts a background
+    job (`pytest &`, a CI runner's step) with SIGINT ignored, children inherit that, and Python then
+    installs no KeyboardInterrupt handler: the SIGINT would be ignored and the run go on to the end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_interrupt_leaves_a_complete_log_and_the_last_checkpoint(data_args, tmp_path):
-    process = subprocess.Popen([sys.executable, TRAIN_GPT, *ON_CPU, "--tiny", "--steps", str(STEPS), "--run-id",
-                                "stop", "--save", "every.pt", "--save-every", "1", *data_args], cwd=tmp_path,
-                               env=uncompiled_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600  # a loaded 2-core machine took over 300 s to reach step 1
-    while not list(tmp_path.glob("every.step*.pt")) and time.time() < deadline:  # saved after step 1
-        time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
-    process.communicate(timeout=300)
-    assert process.returncode == 130
+    with subprocess.Popen([sys.executable, TRAIN_GPT, *ON_CPU, "--tiny", "--steps", str(STEPS), "--run-id", "stop",
+                           "--save", "every.pt", "--save-every", "1", *data_args], cwd=tmp_path, env=uncompiled_env(),
+                          start_new_session=True, preexec_fn=sigint_as_at_a_terminal,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            deadline = time.monotonic() + 600  # a loaded 2-core machine took over 300 s to reach step 1
+            while not list(tmp_path.glob("every.step*.pt")):  # saved after step 1
+                assert process.poll() is None and time.monotonic() < deadline, "no checkpoint in 600 s or before the run ended"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=300)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-3000:]
     _, lines = split_log((tmp_path / "logs" / "stop.txt").read_text())
     assert val_records(lines)[0][:2] == (0, STEPS)
     (interrupted,) = events(lines, "interrupted")
