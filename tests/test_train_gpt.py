@@ -1,6 +1,7 @@
 """train_gpt.py: the harness of docs/benchmark.md at tiny sizes, on CPU, uncompiled
 (TORCH_COMPILE_DISABLE=1)."""
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -50,17 +51,32 @@ def uncompiled_env(threads=None):
 ON_CPU = ("--device", "cpu")
 
 
-def run_bounded(command, timeout, **kwargs):
-    """subprocess.run(command, capture_output=True, text=True) in a session of its own: on a timeout, or
-    when the test is stopped (pytest-timeout, Ctrl-C), the whole process group is killed, torchrun's
-    workers included, so no process outlives the test."""
+@contextlib.contextmanager
+def own_session(command, **kwargs):
+    """subprocess.Popen(command) with text pipes in a session of its own; if it still runs when the block
+    ends (a failed assertion, a timeout, pytest-timeout, Ctrl-C), its whole process group is killed,
+    torchrun's workers included, so no process outlives the test."""
     with subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, **kwargs) as process:
         try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except BaseException:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
+            yield process
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def wait_while_running(process, ready, seconds, failure):
+    """Polls ready() until it holds; fails with `failure` if the process ends first or `seconds` pass."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert process.poll() is None and time.monotonic() < deadline, failure
+        time.sleep(0.1)
+
+
+def run_bounded(command, timeout, **kwargs):
+    """subprocess.run(command, capture_output=True, text=True) in its own session (own_session)."""
+    with own_session(command, **kwargs) as process:
+        stdout, stderr = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
@@ -381,20 +397,14 @@ def sigint_as_at_a_terminal():
 
 @pytest.mark.slow
 def test_interrupt_leaves_a_complete_log_and_the_last_checkpoint(data_args, tmp_path):
-    with subprocess.Popen([sys.executable, TRAIN_GPT, *ON_CPU, "--tiny", "--steps", str(STEPS), "--run-id", "stop",
-                           "--save", "every.pt", "--save-every", "1", *data_args], cwd=tmp_path, env=uncompiled_env(),
-                          start_new_session=True, preexec_fn=sigint_as_at_a_terminal,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
-        try:
-            deadline = time.monotonic() + 600  # a loaded 2-core machine took over 300 s to reach step 1
-            while not list(tmp_path.glob("every.step*.pt")):  # saved after step 1
-                assert process.poll() is None and time.monotonic() < deadline, "no checkpoint in 600 s or before the run ended"
-                time.sleep(0.1)
-            process.send_signal(signal.SIGINT)
-            _, stderr = process.communicate(timeout=300)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+    with own_session([sys.executable, TRAIN_GPT, *ON_CPU, "--tiny", "--steps", str(STEPS), "--run-id", "stop",
+                      "--save", "every.pt", "--save-every", "1", *data_args], cwd=tmp_path, env=uncompiled_env(),
+                     preexec_fn=sigint_as_at_a_terminal) as process:
+        # Saved after step 1; a loaded 2-core machine took over 300 s to get there.
+        wait_while_running(process, lambda: list(tmp_path.glob("every.step*.pt")), 600,
+                           "no checkpoint in 600 s or before the run ended")
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr[-3000:]
     _, lines = split_log((tmp_path / "logs" / "stop.txt").read_text())
     assert val_records(lines)[0][:2] == (0, STEPS)
@@ -1308,21 +1318,14 @@ def test_a_dead_rank_ends_the_run_within_a_minute_naming_it(tmp_path):
                            val_tokens=tg.TINY.val_tokens + 100)
     data = ["--train-files", str(tmp_path / "synthetic_train_*.bin"), "--val-files", str(tmp_path / "synthetic_val_*.bin")]
     log = tmp_path / "logs" / "dies.txt"
-    with subprocess.Popen([sys.executable, *TORCHRUN_2, TRAIN_GPT, *ON_CPU, "--tiny", "--steps", str(steps),
-                           "--no-diagnostics", "--run-id", "dies", *data], cwd=tmp_path, env=uncompiled_env(),
-                          start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as torchrun:
-        try:
-            deadline = time.monotonic() + 600
-            while not (log.exists() and f"step:0/{steps} val_loss" in log.read_text()):
-                assert torchrun.poll() is None and time.monotonic() < deadline, "the run ended before step 0"
-                time.sleep(0.2)
-            os.kill(worker_of_rank(torchrun.pid, 1), signal.SIGKILL)
-            killed = time.monotonic()
-            _, stderr = torchrun.communicate(timeout=120)
-            ended_after = time.monotonic() - killed
-        finally:
-            if torchrun.poll() is None:
-                os.killpg(torchrun.pid, signal.SIGKILL)
+    with own_session([sys.executable, *TORCHRUN_2, TRAIN_GPT, *ON_CPU, "--tiny", "--steps", str(steps),
+                      "--no-diagnostics", "--run-id", "dies", *data], cwd=tmp_path, env=uncompiled_env()) as torchrun:
+        wait_while_running(torchrun, lambda: log.exists() and f"step:0/{steps} val_loss" in log.read_text(), 600,
+                           "no step 0 in 600 s or the run ended before it")
+        os.kill(worker_of_rank(torchrun.pid, 1), signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = torchrun.communicate(timeout=120)
+        ended_after = time.monotonic() - killed
     assert torchrun.returncode != 0 and ended_after < 60, (torchrun.returncode, ended_after)
     assert re.search(r"rank\s*:\s*1 ", stderr) and "SIGKILL" in stderr, stderr[-3000:]
     assert f"step:{steps}/{steps}" not in log.read_text()
