@@ -20,6 +20,8 @@ This file imports only the standard library and torch and has no top-level side 
 train_gpt.py inlines its text into the single-file script that every log carries.
 """
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
@@ -56,11 +58,17 @@ def odd_quintic_polar(X, coefficient_schedule, norm_safety=1.0, dtype=torch.bflo
     if tall:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * norm_safety + 1e-7)
+    X = quintic_iterations(X, coefficient_schedule)
+    return X.mT if tall else X
+
+
+def quintic_iterations(X, coefficient_schedule):
+    """X <- a X + (b A + c A^2) X with A = X X^T, once per (a, b, c), in X's dtype (X wide, already scaled)."""
     for a, b, c in coefficient_schedule:
         A = X @ X.mT
         B = b * A + c * (A @ A)
         X = a * X + B @ X
-    return X.mT if tall else X
+    return X
 
 
 def polar(X, dtype=torch.bfloat16):
@@ -79,11 +87,6 @@ def polar_express(X):
     return odd_quintic_polar(X, POLAR_EXPRESS_COEFFICIENTS, POLAR_EXPRESS_SAFETY, torch.bfloat16)
 
 
-POLAR_BACKENDS = {"polar": polar, "polar_express": polar_express}
-POLAR_ITERATIONS = {
-    "polar": REFERENCE_POLAR_ITERATIONS,
-    "polar_express": len(POLAR_EXPRESS_COEFFICIENTS),
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +202,65 @@ def aurora_polar(G, pp_iterations=2, pp_beta=0.5, polar_fn=polar):
             D = D * (target_leverage / leverage.clamp_min(1e-14)) ** pp_beta
     return P.mT if wide else P
 
+
+def schatten4_norm(G, keepdim=False, eps=1e-10):
+    """(sum_i s_i^4)^(1/4) of each matrix, as ||G^T G||_F^(1/2) from the smaller Gram matrix in float32,
+    at least eps (docs/recipes.md#schatten-4-pre-norm). It lies between the spectral and the Frobenius
+    norm, and far closer to the spectral one when a few directions dominate."""
+    X = G.float()
+    gram = X.mT @ X if X.size(-2) > X.size(-1) else X @ X.mT
+    return gram.norm(dim=(-2, -1), keepdim=keepdim).sqrt().clamp_min(eps)
+
+
+def schatten_polar(G):
+    """Records #42 and #46's polar(G) (docs/recipes.md#schatten-4-pre-norm): polar's 12 bf16 iterations on
+    the wide orientation, after dividing by the Schatten-4 norm (eps 1e-7, rounded to bf16) instead of
+    the Frobenius norm, so the largest singular value starts nearer 1."""
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    X = X / schatten4_norm(X, keepdim=True, eps=1e-7).to(X.dtype)
+    X = quintic_iterations(X, (REFERENCE_POLAR_COEFFICIENTS,) * REFERENCE_POLAR_ITERATIONS)
+    return X.mT if tall else X
+
+
+def aurora_polar_schatten(G, iterations=3, beta=0.25, eps=1e-7):
+    """Aurora's row-balanced polar factor in record #42's form (docs/recipes.md#aurora-in-record-42): on the
+    tall orientation T (m x n) of bf16(G), D = 1/||T_i||, then `iterations` times P = schatten_polar-style
+    polar of bf16(D T) (each pass on its own Schatten-4 pre-norm) and, between passes,
+    D *= ((n/m) / ||P_i||^2)^beta. Square G: schatten_polar(G)."""
+    if G.size(-2) == G.size(-1):
+        return schatten_polar(G)
+    wide = G.size(-2) < G.size(-1)
+    T = G.bfloat16().mT if wide else G.bfloat16()
+    T32 = T.float()
+    target_leverage = T.size(-1) / T.size(-2)
+    D = 1.0 / T32.norm(dim=-1, keepdim=True).clamp_(min=eps)
+    for k in range(iterations):
+        S = (D * T32).to(T.dtype).mT
+        S = S / schatten4_norm(S, keepdim=True, eps=eps).to(S.dtype)
+        P = quintic_iterations(S, (REFERENCE_POLAR_COEFFICIENTS,) * REFERENCE_POLAR_ITERATIONS).mT
+        if k < iterations - 1:
+            leverage = P.float().pow(2).sum(dim=-1, keepdim=True).clamp_(min=eps * eps)
+            D = D * (target_leverage / leverage).pow(beta)
+    return P.mT if wide else P
+
+
+
+# The orthogonal factors a matrix optimizer can take (its group's polar_backend): the plain polars, and
+# Aurora's row-balanced ones in record #17's form (aurora_polar) and record #42's (aurora_polar_schatten),
+# which --aurora puts in place of a plain polar.
+POLAR_BACKENDS = {"polar": polar, "polar_express": polar_express, "schatten": schatten_polar,
+                  "aurora": aurora_polar, "aurora_schatten": aurora_polar_schatten}
+AURORA_PASSES = {"aurora": 2, "aurora_schatten": 3}  # polars per non-square matrix, at the defaults
+
+
+def polar_backend_flops(backend, rows, cols):
+    """Matmul FLOPs of one backend call on a rows x cols matrix (Aurora's: one polar per pass)."""
+    iterations = len(POLAR_EXPRESS_COEFFICIENTS) if backend == "polar_express" else REFERENCE_POLAR_ITERATIONS
+    passes = AURORA_PASSES.get(backend, 1) if rows != cols else 1
+    return passes * polar_flops(rows, cols, iterations)
 
 def stiefel_tangent(P, Z):
     """Projection of Z onto the tangent space of {P^T P = I} at P: Z - P sym(P^T Z)."""
@@ -614,7 +676,7 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
 
     def matrix_flops(self, shape, group):
         """Matmul FLOPs of one matrix's update: its polar factor(s)."""
-        return polar_flops(*shape, POLAR_ITERATIONS[group["polar_backend"]])
+        return polar_backend_flops(group["polar_backend"], *shape)
 
     def flops_per_rank(self, world_size, join_transposes=None):
         """Matrix FLOPs of each of world_size ranks in one step, from the bucket plan those ranks
@@ -876,9 +938,10 @@ class NorMuon(_ShardedOrthogonalOptimizer):
 
 AURORA_VARIANTS = ("vanilla", "riemannian")
 # Which matrices get Aurora's polar factor: every non-square one (record #17), only tall ones (the
-# shape the Aurora authors designed it for) or only wide ones (entries that apply it to the wide
-# mlp.proj alone). The others get plain Muon's polar; square matrices get polar either way.
-AURORA_ORIENTATIONS = ("non_square", "tall", "wide")
+# shape the Aurora authors designed it for), only wide ones (entries that apply it to the wide
+# mlp.proj alone) or none (the group's polar_backend as it is: how --aurora picks matrices by name).
+# The others get plain Muon's polar; square matrices get polar either way.
+AURORA_ORIENTATIONS = ("non_square", "tall", "wide", "none")
 
 
 def takes_aurora_polar(orientation, rows, cols):
@@ -887,7 +950,7 @@ def takes_aurora_polar(orientation, rows, cols):
         return rows >= cols
     if orientation == "wide":
         return rows <= cols
-    return True
+    return orientation == "non_square"
 
 
 class Aurora(_ShardedOrthogonalOptimizer):
@@ -934,5 +997,702 @@ class Aurora(_ShardedOrthogonalOptimizer):
     def matrix_flops(self, shape, group):
         """Matmul FLOPs of one matrix's update: pp_iterations polars for a rectangular matrix, one for a
         square one (the Riemannian variant's extra float32 work is not counted)."""
+        if not takes_aurora_polar(group["orientation"], *shape):
+            return super().matrix_flops(shape, group)
         polars = 1 if shape[0] == shape[1] else group["pp_iterations"]
-        return polars * super().matrix_flops(shape, group)
+        return polars * polar_backend_flops(group["polar_backend"], *shape)
+
+
+# --------------------------------------------------------------------------------------------
+# The stages of records #42 and #46 (docs/recipes.md#soap-muon), one matrix at a time, each written with
+# the record's operations in the record's order and dtypes so that the result is the record's bit for bit.
+# --------------------------------------------------------------------------------------------
+
+def soap_eigenbasis(gram):
+    """Eigenvectors of a symmetric PSD Gram matrix, largest eigenvalue first (float32; eigh in float64
+    where float32 fails to converge). The 1e-30 on the diagonal is the record's."""
+    eye = torch.eye(gram.size(0), device=gram.device)
+    try:
+        _, vectors = torch.linalg.eigh(gram + 1e-30 * eye)
+    except RuntimeError:
+        _, vectors = torch.linalg.eigh(gram.double() + 1e-30 * eye)
+        vectors = vectors.float()
+    return torch.flip(vectors, [1])
+
+
+def soap_refreshed_basis(gram, basis, exp_avg_sq, dim):
+    """One refresh of a SOAP basis (Vyas et al. 2024, arXiv:2409.11321, Algorithm 4): the basis vectors
+    sorted by their Rayleigh quotient (largest first, exp_avg_sq's `dim` permuted alike), then one
+    power-iteration step with a QR re-orthonormalization. Returns (basis, exp_avg_sq)."""
+    order = torch.argsort(torch.diag(basis.T @ gram @ basis), descending=True)
+    basis = basis[:, order]
+    exp_avg_sq = exp_avg_sq.index_select(dim, order)
+    basis, _ = torch.linalg.qr(gram @ basis)
+    return basis, exp_avg_sq
+
+
+def soap_statistics_update_(state, grad, beta, frequency):
+    """After the step: the Gram EMAs G G^T and G^T G of the raw gradient, the eigenbasis at the first call,
+    a refreshed basis every `frequency` calls after it (in place on `state`)."""
+    g = grad.float()
+    state["row_gg"].lerp_(g @ g.T, 1 - beta)
+    state["col_gg"].lerp_(g.T @ g, 1 - beta)
+    if "q_row" not in state:
+        state["q_row"] = soap_eigenbasis(state["row_gg"])
+        state["q_col"] = soap_eigenbasis(state["col_gg"])
+    elif state["soap_step"] > 0 and state["soap_step"] % frequency == 0:
+        state["q_row"], state["exp_avg_sq"] = soap_refreshed_basis(state["row_gg"], state["q_row"],
+                                                                   state["exp_avg_sq"], 0)
+        state["q_col"], state["exp_avg_sq"] = soap_refreshed_basis(state["col_gg"], state["q_col"],
+                                                                   state["exp_avg_sq"], 1)
+    state["soap_step"] += 1
+
+
+def soap_precondition(u, q_row, q_col, exp_avg_sq, beta2, denom_power=0.5, blend=1.0, denom_floor=0.0,
+                      eps=1e-8):
+    """SOAP's Adam in the Gram eigenbases (docs/recipes.md#soap): project u, update the second moment there,
+    divide by its `denom_power` power (optionally floored at denom_floor x its RMS), project back, mix with u
+    (blend < 1), rescaled to u's Schatten-4 norm. Returns (preconditioned u in u's dtype, new exp_avg_sq)."""
+    u_f = u.float()
+    projected = q_row.T @ u_f @ q_col
+    exp_avg_sq = exp_avg_sq.mul(beta2).add(projected.square(), alpha=1 - beta2)
+    denom = exp_avg_sq.clamp_min(eps * eps).pow(denom_power)
+    if denom_floor > 0:
+        floor = denom.float().square().mean().sqrt().mul(denom_floor).clamp_min(eps)
+        denom = denom.clamp_min(floor.to(denom.dtype))
+    preconditioned = q_row @ (projected / denom) @ q_col.T
+    if blend != 1.0:
+        preconditioned = blend * preconditioned + (1 - blend) * u_f
+    preconditioned = preconditioned * (schatten4_norm(u_f, eps=eps) / schatten4_norm(preconditioned, eps=eps))
+    return preconditioned.to(u.dtype), exp_avg_sq
+
+
+def rescaled_to_schatten_norm_of(x, reference, eps=1e-8):
+    """x scaled to the Schatten-4 norm of `reference`, in reference's dtype (record #42's V blend)."""
+    return (x * (schatten4_norm(reference, eps=eps) / schatten4_norm(x, eps=eps)).to(x.dtype)).to(reference.dtype)
+
+
+def cosine_similarity(a, b, eps=1e-8):
+    """<a, b> / (||a|| ||b||) over all entries, float32."""
+    a, b = a.float(), b.float()
+    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(eps)
+
+
+def trust_gate(raw, preconditioned, grad, min_agree=0.20, min_grad_align=0.0, power=1.0, eps=1e-8):
+    """How far to trust SOAP's direction over the raw momentum (record #46, docs/recipes.md#trust-gate): 1
+    when it still agrees with the raw momentum (cosine above min_agree) and is at least as aligned with
+    the gradient, falling linearly to 0 as either fails; a float32 scalar in [0, 1]."""
+    raw_grad = cosine_similarity(raw, grad, eps)
+    soap_grad = cosine_similarity(preconditioned, grad, eps)
+    soap_raw = cosine_similarity(preconditioned, raw, eps)
+    agreement = ((soap_raw - min_agree) / (1 - min_agree)).clamp(0, 1)
+    alignment = ((soap_grad - min_grad_align) / (raw_grad - min_grad_align).clamp_min(eps)).clamp(0, 1)
+    gate = (agreement * alignment).clamp(0, 1)
+    return gate.pow(power) if power != 1.0 else gate
+
+
+def gated_blend(raw, preconditioned, gate, eps=1e-8):
+    """raw + gate (preconditioned - raw), rescaled to raw's Schatten-4 norm, in raw's dtype."""
+    blended = raw + (preconditioned - raw) * gate.to(raw.dtype)
+    return (blended * (schatten4_norm(raw, eps=eps) / schatten4_norm(blended, eps=eps)).to(blended.dtype)).to(raw.dtype)
+
+
+def contra_combined(P, u, contra):
+    """Record #42's Contra-Muon term (docs/recipes.md#contra-muon-ramp): P + c u / ||u||_S4, rescaled to P's
+    Schatten-4 norm (float32)."""
+    direction = u / schatten4_norm(u).to(u.dtype)
+    Q = P + contra * direction
+    return Q * schatten4_norm(P) / schatten4_norm(Q)
+
+
+def row_variance_normalized(Q, second_moment, beta2):
+    """Record #42's NorMuon-lite: Q times rsqrt of a running mean square per row (rows >= cols) or column,
+    rescaled to its Schatten-4 norm. Returns (Q, new second moment). With beta2 = 1, the record's value,
+    the moment stays 0 and only the rescaling's rounding remains."""
+    mean_square = (Q * Q).mean(dim=-1 if Q.size(-2) >= Q.size(-1) else -2, keepdim=True)
+    second_moment = second_moment.lerp(mean_square.float(), 1 - beta2)
+    before = schatten4_norm(Q)
+    Q = Q * second_moment.clamp_min(1e-10).rsqrt().to(Q.dtype)
+    return Q * (before / schatten4_norm(Q)), second_moment
+
+
+def radially_braked(update, W, outward=0.5, inward=1.0, eps=1e-12):
+    """The radial brake (docs/recipes.md#radial-brake-and-radius-pin): the update's component along W scaled
+    by `outward` when the step W - lr*update grows ||W|| and by `inward` when it shrinks it."""
+    u, w = update.float(), W.float()
+    coefficient = (u * w).sum() / (w * w).sum().clamp_min(eps)
+    radial = coefficient * w
+    scale = torch.where(coefficient < 0, u.new_tensor(outward), u.new_tensor(inward))
+    return (u - radial + scale * radial).to(update.dtype)
+
+
+def row_floored(update, W, floor, rho=1.0):
+    """RowFloor (record #46): every row whose update norm is below floor x its weight row's norm is lifted to
+    it (rho = 1; other rho raise the factor to that power)."""
+    w_rows = W.float().norm(dim=1, keepdim=True).clamp_min(1e-8)
+    u_rows = update.float().norm(dim=1, keepdim=True).clamp_min(1e-8)
+    factor = torch.clamp(floor * w_rows / u_rows, min=1.0).pow(rho)
+    return (update.float() * factor).to(update.dtype)
+
+
+def norm_after_radial_step(W, update, lr, eps=1e-8):
+    """The radius pin's target: ||W|| plus the first-order change of the step's radial part."""
+    w, u = W.float(), update.float()
+    before = w.norm().clamp_min(eps)
+    return (before + -lr * (u * w).sum() / before).clamp_min(eps)
+
+
+def cautious_mask(update, W):
+    """1 where the step W - lr*update shrinks |W| (update and W of one sign), in W's dtype."""
+    return (update.float() * W.float() > 0).to(W.dtype)
+
+
+def pinned_step_(W, update, lr, cautious_decay=0.0):
+    """W -= lr * update, then W rescaled to the radius pin's target norm, then cautious weight decay
+    W *= 1 - lr*wd*mask (after the pin, so the pin does not undo its shape), in place."""
+    target = norm_after_radial_step(W, update, lr)
+    mask = cautious_mask(update, W) if cautious_decay > 0 else None
+    W.add_(update, alpha=-lr)
+    W.mul_((target / W.float().norm().clamp_min(1e-8)).to(W.dtype))
+    if mask is not None:
+        W.mul_(1.0 - (lr * cautious_decay) * mask)
+    return W
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules of records #42 and #46 (docs/recipes.md#schedules): pure functions of the step, which the
+# trainer writes into the param groups each step (lr, momentum, contra, trust_floor, trust_cap).
+# --------------------------------------------------------------------------------------------
+
+def power_cool_lr(step, initial_lr, power_c, t_end, power, time_scale=1.0):
+    """PowerCool: min(lr0, c (t_end - step)^p), flat until the power law falls below lr0, 0 from t_end.
+    time_scale stretches the steps when the schedule is shortened (--steps), 1 at the record's horizon."""
+    return min(initial_lr, power_c * (max(0.0, t_end - step) * time_scale) ** power)
+
+
+def warmup_cooldown_momentum(step, train_steps, warmup, cooldown, low=0.85, high=0.95):
+    """mu from `low` to `high` over the first `warmup` steps, back to `low` over the last `cooldown`."""
+    cooldown_start = train_steps - cooldown
+    if step < warmup:
+        return low + step / max(warmup, 1) * (high - low)
+    if step > cooldown_start:
+        return high - (step - cooldown_start) / max(cooldown, 1) * (high - low)
+    return high
+
+
+def linear_ramp(step, start, end):
+    """0 before `start`, 1 from `end`, linear between."""
+    if end <= start:
+        return 1.0 if step >= end else 0.0
+    return min(1.0, max(0.0, (step - start) / (end - start)))
+
+
+def contra_coefficient(step, coefficient, hold_end, ramp_end):
+    """Record #42's Contra-Muon ramp: `coefficient` until hold_end, then linearly to 0 at ramp_end."""
+    return coefficient * (1.0 - linear_ramp(step, hold_end, ramp_end))
+
+
+def early_trust_floor(step, floor, end, fade_end):
+    """Record #46's floor on the attention trust gate: `floor` until `end`, linearly to 0 at fade_end."""
+    if fade_end <= end:
+        return 0.0 if step >= fade_end else floor
+    if step < end:
+        return floor
+    if step >= fade_end:
+        return 0.0
+    return floor * (fade_end - step) / (fade_end - end)
+
+
+def early_trust_cap(step, cap, fade_end):
+    """Record #46's cap on the attention trust gate: `cap` until fade_end, then 1."""
+    return cap if step < fade_end else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# MuonChain: records #42 and #46's matrix optimizer as a chain of the stages above. Each matrix has one
+# owner rank, which keeps its state (momentum, SOAP statistics and bases) and computes its update; the
+# updates are all-gathered and every rank takes the pinned step. The math runs eagerly, one matrix at a
+# time, as in the records (compiling or batching it would change its rounding).
+# --------------------------------------------------------------------------------------------
+
+def soap_flops(rows, cols, frequency):
+    """Matmul FLOPs of SOAP on one rows x cols matrix per step: the projections into and out of the
+    bases, the two Gram products and, amortized over `frequency` steps, a refresh of each basis (the
+    Rayleigh quotients as two k x k products, one product with the Gram matrix, a QR counted as 4/3 k^3;
+    the first step's eigendecompositions are not counted)."""
+    m, n = rows, cols
+    projections = 2 * (2 * m * m * n + 2 * m * n * n)
+    grams = 2 * m * m * n + 2 * m * n * n
+    refresh = sum(3 * 2 * k ** 3 + 4 * k ** 3 // 3 for k in (m, n))
+    return projections + grams + refresh // frequency
+
+
+def owner_plan(costs, world_size):
+    """The owner rank of each matrix: the costliest first, each to the rank with the least work so far
+    (the lowest rank on a tie), so that every rank ends with about 1/world_size of the work."""
+    loads = [0] * world_size
+    owners = [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owners[index] = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[owners[index]] += costs[index]
+    return owners
+
+
+SOAP_COMBINES = ("replace", "rescale", "gate", "trust_gate")
+
+
+class MuonChain(torch.optim.Optimizer):
+    """Muon as a chain of per-matrix stages (docs/recipes.md#soap-muon), the matrix optimizer of records #42
+    and #46. Per matrix, with u the Nesterov direction of momentum `momentum` and g the gradient:
+
+        soap:          u <- SOAP-preconditioned u, combined with u by `soap_combine`
+                       ("replace"; "rescale": record #42's V; "gate": gate 1; "trust_gate": record #46's
+                       attention output, gate clamped to [trust_floor, trust_cap])
+        polar:         P = POLAR_BACKENDS[polar_backend](u)
+        contra_muon:   P <- contra_combined(P, u, contra)
+        aspect:        P <- P sqrt(max(1, rows/cols))
+        normuon_beta2: P <- row_variance_normalized(P)
+        radial_brake:  P <- radially_braked(P, W, outward, inward)
+        floor:         ("scalar", f): uw_floor; ("row", f, rho): row_floored
+        step:          pinned_step_(W, P, lr, cautious_weight_decay)
+
+    then SOAP's statistics take g. A stage whose option is None (False, 0) is left out. The trainer
+    writes the scheduled values (lr, momentum, contra, trust_floor, trust_cap) into the param groups.
+
+    Non-finite updates: as _ShardedOrthogonalOptimizer (found_inf, or FloatingPointError naming the matrix).
+    FSDP2's DTensor parameters are refused."""
+
+    gather_alone = False  # True: the all-gather path also in a process group of one (--ddp)
+
+    def __init__(self, params, lr, momentum=0.95, polar_backend="schatten", soap=None, soap_combine="replace",
+                 trust=None, trust_floor=0.0, trust_cap=1.0, contra_muon=False, contra=0.0, normuon_beta2=None,
+                 radial_brake=None, floor=None, cautious_weight_decay=0.0):
+        if lr < 0:
+            raise ValueError(f"MuonChain: lr must be >= 0, got {lr}")
+        if polar_backend not in POLAR_BACKENDS:
+            raise ValueError(f"MuonChain: polar_backend must be one of {sorted(POLAR_BACKENDS)}, got {polar_backend!r}")
+        if soap_combine not in SOAP_COMBINES:
+            raise ValueError(f"MuonChain: soap_combine must be one of {SOAP_COMBINES}, got {soap_combine!r}")
+        if floor is not None and floor[0] not in ("scalar", "row"):
+            raise ValueError(f"MuonChain: floor must be None, ('scalar', f) or ('row', f, rho), got {floor!r}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, polar_backend=polar_backend, soap=soap,
+                                      soap_combine=soap_combine, trust=trust, trust_floor=trust_floor,
+                                      trust_cap=trust_cap, contra_muon=contra_muon, contra=contra,
+                                      normuon_beta2=normuon_beta2, radial_brake=radial_brake, floor=floor,
+                                      cautious_weight_decay=cautious_weight_decay))
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            problem = None
+            if isinstance(p, DTensor):
+                problem = ("is an FSDP2 DTensor: MuonChain needs each whole matrix on its owner rank for SOAP "
+                           "and the radius pin and does not shard them (use Muon, NorMuon or Aurora with FSDP2)")
+            elif p.ndim != 2:
+                problem = "is not a 2-D matrix; give embeddings, heads, biases and gains to AdamW instead"
+            if problem is not None:
+                self.param_groups.pop()
+                raise ValueError(f"MuonChain: a parameter of shape {tuple(p.shape)} {problem}")
+
+    def matrix_flops(self, shape, group):
+        """Matmul FLOPs of one matrix's update: its polar(s) and SOAP's products."""
+        flops = polar_backend_flops(group["polar_backend"], *shape)
+        if group["soap"] is not None:
+            flops += soap_flops(*shape, group["soap"]["frequency"])
+        return flops
+
+    def state_bytes(self, shape, group):
+        """Bytes of one matrix's state, all on its owner: momentum, the row or column second moment and
+        SOAP's second moment, Gram matrices and bases (float32)."""
+        rows, cols = shape
+        floats = rows * cols
+        if group["normuon_beta2"] is not None:
+            floats += rows if rows >= cols else cols
+        if group["soap"] is not None:
+            floats += rows * cols + 2 * rows * rows + 2 * cols * cols
+        return 4 * floats
+
+    def matrices(self):
+        """(group, parameter) for every matrix, in param-group order: the order the owner plan indexes."""
+        return [(group, p) for group in self.param_groups for p in group["params"]]
+
+    def owners(self, world_size):
+        """Each matrix's owner rank (owner_plan on matrix_flops), the same on every rank."""
+        return owner_plan([self.matrix_flops(tuple(p.shape), group) for group, p in self.matrices()], world_size)
+
+    def flops_per_rank(self, world_size):
+        totals = [0] * world_size
+        for owner, (group, p) in zip(self.owners(world_size), self.matrices()):
+            totals[owner] += self.matrix_flops(tuple(p.shape), group)
+        return totals
+
+    def state_bytes_per_rank(self, world_size):
+        totals = [0] * world_size
+        for owner, (group, p) in zip(self.owners(world_size), self.matrices()):
+            totals[owner] += self.state_bytes(tuple(p.shape), group)
+        return totals
+
+    def init_state(self, group, p):
+        state = self.state[p]
+        if not state:
+            state["momentum"] = torch.zeros_like(p)
+            if group["normuon_beta2"] is not None:
+                rows, cols = p.shape
+                shape = (rows, 1) if rows >= cols else (1, cols)
+                state["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            if group["soap"] is not None:
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["row_gg"] = torch.zeros(p.size(0), p.size(0), dtype=torch.float32, device=p.device)
+                state["col_gg"] = torch.zeros(p.size(1), p.size(1), dtype=torch.float32, device=p.device)
+                state["soap_step"] = 0
+        return state
+
+    def preconditioned(self, group, state, u, grad):
+        """The soap stage: u with SOAP's preconditioning combined in (u itself before the first basis)."""
+        soap = group["soap"]
+        preconditioned = u
+        if "q_row" in state:
+            preconditioned, state["exp_avg_sq"] = soap_precondition(
+                u, state["q_row"], state["q_col"], state["exp_avg_sq"], soap["beta2"], soap["denom_power"],
+                soap.get("blend", 1.0), soap.get("denom_floor", 0.0))
+        combine = group["soap_combine"]
+        if combine == "replace":
+            return preconditioned
+        if combine == "rescale":
+            return rescaled_to_schatten_norm_of(preconditioned, u)
+        if combine == "gate":
+            return gated_blend(u, preconditioned, torch.ones((), dtype=torch.float32, device=u.device))
+        gate = trust_gate(u, preconditioned, grad, **group["trust"]).clamp(min=group["trust_floor"],
+                                                                           max=group["trust_cap"])
+        return gated_blend(u, preconditioned, gate)
+
+    def matrix_update(self, group, p):
+        """The owner's work for one matrix: its state's step and its update (before the pinned step)."""
+        state, grad = self.init_state(group, p), p.grad
+        state["momentum"].lerp_(grad, 1 - group["momentum"])
+        u = grad.lerp(state["momentum"], group["momentum"])
+        if group["soap"] is not None:
+            u = self.preconditioned(group, state, u, grad)
+        update = POLAR_BACKENDS[group["polar_backend"]](u)
+        if group["contra_muon"]:
+            update = contra_combined(update, u, group["contra"])
+        update = update * aspect_scale(*p.shape)
+        if group["normuon_beta2"] is not None:
+            update, state["second_moment"] = row_variance_normalized(update, state["second_moment"],
+                                                                     group["normuon_beta2"])
+        if group["radial_brake"] is not None:
+            update = radially_braked(update, p, *group["radial_brake"])
+        if group["floor"] is not None and group["floor"][0] == "scalar":
+            update = uw_floor(update, p, group["floor"][1])
+        elif group["floor"] is not None:
+            update = row_floored(update, p, *group["floor"][1:])
+        if group["soap"] is not None:
+            soap_statistics_update_(state, grad, group["soap"]["beta2"], group["soap"]["frequency"])
+        return update
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rank, world_size = rank_and_world_size()
+        matrices = self.matrices()
+        owners = self.owners(world_size)
+        gather = world_size > 1 or (self.gather_alone and dist.is_initialized())
+        finishes = []
+        for bucket in bucket_plan([tuple(p.shape) for _, p in matrices]):
+            bucket = [i for i in bucket if matrices[i][1].grad is not None]
+            mine = [i for i in bucket if owners[i] == rank]
+            updates = {i: self.matrix_update(*matrices[i]) for i in mine}
+            finishes.append(self.start_gather(bucket, owners, updates, matrices, world_size) if gather
+                            else (lambda updates=updates: updates))
+        updates = {}
+        for finish in finishes:
+            updates |= finish()
+        self.apply_updates([(matrices[i][0], matrices[i][1], update) for i, update in sorted(updates.items())],
+                           getattr(self, "found_inf", None))
+        return loss
+
+    @staticmethod
+    def start_gather(bucket, owners, updates, matrices, world_size):
+        """Starts the all-gather of a bucket's updates: rank r sends its owned matrices' updates (float32,
+        padded to the most any rank owns there). Returns a callable that waits and returns {index: update}."""
+        by_rank = [[i for i in bucket if owners[i] == r] for r in range(world_size)]
+        share = max(len(owned) for owned in by_rank)
+        if share == 0:
+            return dict
+        numel = matrices[bucket[0]][1].numel()
+        device = matrices[bucket[0]][1].device
+        chunk = torch.zeros(share, numel, device=device)
+        for row, i in enumerate(by_rank[dist.get_rank()]):
+            chunk[row] = updates[i].reshape(-1).float()
+        gathered, work = gather_from_ranks(chunk, world_size)
+
+        def finish():
+            work.wait()
+            return {i: gathered[r * share + row].view(matrices[i][1].shape)
+                    for r, owned in enumerate(by_rank) for row, i in enumerate(owned)}
+        return finish
+
+    def apply_updates(self, updates, found_inf):
+        """The pinned step of every matrix on every rank, refused for non-finite updates (as
+        _ShardedOrthogonalOptimizer.apply_updates)."""
+        if not updates:
+            return
+        finite = all_finite([update for _, _, update in updates])
+        if found_inf is None:
+            if not bool(finite):
+                shape = next(tuple(p.shape) for _, p, u in updates if not bool(u.isfinite().all()))
+                raise FloatingPointError(f"MuonChain: non-finite update for the parameter of shape {shape}; its "
+                                         f"gradient or momentum holds inf/NaN: the loss has probably diverged")
+            for group, p, update in updates:
+                pinned_step_(p, update, group["lr"], group["cautious_weight_decay"])
+            return
+        found_inf.copy_(torch.where(finite, found_inf, 1.0))
+        keep = found_inf == 0
+        for group, p, update in updates:
+            stepped = pinned_step_(p.clone(), update, group["lr"], group["cautious_weight_decay"])
+            p.copy_(torch.where(keep, stepped, p))
+
+    def gathered_state_dict(self):
+        """state_dict() with every matrix's state, collected on rank 0 from the owners (a collective: every
+        rank calls it; the others get None). One process: state_dict()."""
+        full = self.state_dict()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return full
+        local = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in full["state"].items()}
+        pieces = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(local, pieces, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        for piece in pieces:
+            full["state"].update(piece)
+        return full
+
+    def load_state_dict(self, state_dict):
+        """torch.optim's, keeping only the state of the matrices this rank owns."""
+        super().load_state_dict(state_dict)
+        rank, world_size = rank_and_world_size()
+        for owner, (_, p) in zip(self.owners(world_size), self.matrices()):
+            if owner != rank:
+                self.state.pop(p, None)
+
+
+class BiasFreeAdam(torch.optim.Optimizer):
+    """Adam without bias correction (record #46's aux optimizer for gains and biases; docs/recipes.md):
+    m = lerp(m, g, 1 - b1), v = lerp(v, g^2, 1 - b2) (float32), W -= lr m / (sqrt(v) + eps). Unlike
+    torch.optim.Adam it does not divide m and v by 1 - b^t, so its first steps are small."""
+
+    def __init__(self, params, lr=0.01, betas=(0.8, 0.99), eps=1e-10):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].lerp_(p.grad.float().square(), 1 - beta2)
+                direction = (state["exp_avg"].float() / (state["exp_avg_sq"].sqrt() + group["eps"])).to(p.dtype)
+                if found_inf is None:
+                    p.add_(direction, alpha=-group["lr"])
+                else:  # GradScaler's protocol: no step while found_inf is set, without a host sync
+                    p.copy_(torch.where(found_inf == 0, p.add(direction, alpha=-group["lr"]), p))
+        return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Weight averages of records #42 and #46 (docs/recipes.md#ema-nesterov, #reference-readout, #tail-ema):
+# elementwise state kept as 1/W pieces, one per rank, of every parameter; what every rank needs whole
+# (the looked-ahead weights, a readout's weights) is all-gathered from the pieces.
+# --------------------------------------------------------------------------------------------
+
+PIECE_ALIGNMENT = 64  # elements: a piece starts where a whole-tensor elementwise kernel starts a vector
+
+
+def piece_range(numel, rank, world_size):
+    """[lo, hi): rank's piece of a flattened tensor, every piece but the last a multiple of 64 elements long."""
+    per = -(-numel // (world_size * PIECE_ALIGNMENT)) * PIECE_ALIGNMENT
+    return min(rank * per, numel), min((rank + 1) * per, numel)
+
+
+class Pieces:
+    """This rank's pieces of a list of same-device tensors (the parameters), and the all-gather that makes
+    such tensors whole again on every rank. One process: each piece is the whole tensor."""
+
+    def __init__(self, tensors):
+        self.rank, self.world_size = rank_and_world_size()
+        self.tensors = list(tensors)
+        self.ranges = [[piece_range(t.numel(), r, self.world_size) for r in range(self.world_size)]
+                       for t in self.tensors]
+
+    def of(self, index, tensor):
+        """This rank's piece (a view) of `tensor`, shaped like tensors[index]."""
+        lo, hi = self.ranges[index][self.rank]
+        return tensor.view(-1)[lo:hi]
+
+    def mine(self, tensors=None):
+        """This rank's piece of each tensor (default: of the tensors themselves)."""
+        return [self.of(i, t) for i, t in enumerate(self.tensors if tensors is None else tensors)]
+
+    def gather_(self, tensors=None, force=False):
+        """Every rank's pieces into each whole tensor (default: the tensors themselves), in place: one
+        all-gather per dtype. A no-op in one process unless `force`."""
+        tensors = self.tensors if tensors is None else tensors
+        if (self.world_size == 1 and not force) or not dist.is_initialized():
+            return
+        by_dtype = {}
+        for i, t in enumerate(tensors):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        for indices in by_dtype.values():
+            lengths = [self.ranges[i][0][1] - self.ranges[i][0][0] for i in indices]  # the longest piece
+            send = tensors[indices[0]].new_zeros(sum(lengths))
+            for i, offset in zip(indices, [sum(lengths[:k]) for k in range(len(lengths))]):
+                piece = self.of(i, tensors[i])
+                send[offset:offset + piece.numel()] = piece
+            received = send.new_empty(self.world_size * send.numel())
+            dist.all_gather_into_tensor(received, send)
+            blocks = received.view(self.world_size, -1)
+            for r in range(self.world_size):
+                offset = 0
+                for i, length in zip(indices, lengths):
+                    lo, hi = self.ranges[i][r]
+                    tensors[i].view(-1)[lo:hi] = blocks[r, offset:offset + hi - lo]
+                    offset += length
+
+    def whole(self, pieces):
+        """Whole tensors shaped like self.tensors (in the pieces' dtype) from every rank's `pieces`: a
+        collective, for a checkpoint."""
+        tensors = [piece.new_zeros(t.shape) for t, piece in zip(self.tensors, pieces)]
+        for i, piece in enumerate(pieces):
+            self.of(i, tensors[i]).copy_(piece)
+        self.gather_(tensors)
+        return tensors
+
+    def from_whole(self, tensors):
+        """This rank's pieces (copies, on the parameters' devices) of whole tensors, e.g. from a checkpoint."""
+        return [self.of(i, t.to(p.device)).clone() for i, (t, p) in enumerate(zip(tensors, self.tensors))]
+
+
+class EMANesterov:
+    """EMA-Nesterov lookahead (PR #309, records #42 and #46; docs/recipes.md#ema-nesterov). Before each
+    forward pass, look_ahead(s): W += s b; after the optimizers' steps, accumulate(): b = lerp(b, W - W_prev,
+    1 - ema), W_prev = W. b and W_prev live in 1/W pieces; the looked-ahead weights are all-gathered."""
+
+    def __init__(self, params, ema=0.99):
+        self.params = list(params)
+        self.ema = ema
+        self.pieces = Pieces(self.params)
+        self.previous = [piece.clone() for piece in self.pieces.mine()]
+        self.buffer = [torch.zeros_like(piece) for piece in self.previous]
+
+    @torch.no_grad()
+    def look_ahead(self, stepsize):
+        if stepsize == 0:
+            return
+        for piece, buffer in zip(self.pieces.mine(), self.buffer):
+            piece.add_(buffer, alpha=stepsize)
+        self.pieces.gather_()
+
+    @torch.no_grad()
+    def accumulate(self):
+        for piece, previous, buffer in zip(self.pieces.mine(), self.previous, self.buffer):
+            buffer.lerp_(piece.add(previous, alpha=-1), 1 - self.ema)
+            previous.copy_(piece)
+
+    def state_dict(self):
+        """Whole tensors, as one process keeps them (a collective)."""
+        return {"previous": self.pieces.whole(self.previous), "buffer": self.pieces.whole(self.buffer)}
+
+    def load_state_dict(self, state):
+        self.previous = self.pieces.from_whole(state["previous"])
+        self.buffer = self.pieces.from_whole(state["buffer"])
+
+
+class TailEMA:
+    """Tail-EMA readout (PR #325, record #46; docs/recipes.md#tail-ema): update() keeps ema += (W - ema) / tau
+    in float32 (the first call starts it at W); readout() evaluates W = (1 - lam) W + lam ema for the
+    duration of a `with`, then puts the weights back exactly. ema lives in 1/W pieces."""
+
+    def __init__(self, params, tau, lam):
+        self.params = list(params)
+        self.tau, self.lam = tau, lam
+        self.pieces = Pieces(self.params)
+        self.ema = None
+
+    @torch.no_grad()
+    def update(self):
+        if self.ema is None:
+            self.ema = [piece.float().clone() for piece in self.pieces.mine()]
+            return
+        for ema, piece in zip(self.ema, self.pieces.mine()):
+            ema.add_(piece.float() - ema, alpha=1.0 / self.tau)
+
+    @contextlib.contextmanager
+    def readout(self):
+        kept = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for ema, piece in zip(self.ema, self.pieces.mine()):
+                piece.copy_(((1.0 - self.lam) * piece.float() + self.lam * ema).to(piece.dtype))
+            self.pieces.gather_()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.params, kept):
+                    p.copy_(value)
+
+    def state_dict(self):
+        return {"ema": None if self.ema is None else self.pieces.whole(self.ema)}
+
+    def load_state_dict(self, state):
+        self.ema = None if state["ema"] is None else self.pieces.from_whole(state["ema"])
+
+
+class ReferenceReadout:
+    """Record #42's reference readout (docs/recipes.md#reference-readout): capture() keeps the weights R;
+    readout(gamma) evaluates W + gamma (W - R) for the duration of a `with`, then subtracts the same
+    delta back, as the record does (not a copy: a few elements come back 1 ulp off, and training goes on
+    from them). R lives in 1/W pieces."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.pieces = Pieces(self.params)
+        self.reference = None
+
+    @torch.no_grad()
+    def capture(self):
+        self.reference = [piece.clone() for piece in self.pieces.mine()]
+
+    @contextlib.contextmanager
+    def readout(self, gamma):
+        with torch.no_grad():
+            deltas = [(piece - reference) * gamma for piece, reference in zip(self.pieces.mine(), self.reference)]
+            for piece, delta in zip(self.pieces.mine(), deltas):
+                piece.add_(delta)
+            self.pieces.gather_()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for piece, delta in zip(self.pieces.mine(), deltas):
+                    piece.sub_(delta)
+                self.pieces.gather_()
+
+    def state_dict(self):
+        return {"reference": None if self.reference is None else self.pieces.whole(self.reference)}
+
+    def load_state_dict(self, state):
+        self.reference = None if state["reference"] is None else self.pieces.from_whole(state["reference"])

@@ -12,6 +12,7 @@ of a log runs on its own and reproduces the run.
 import argparse
 import contextlib
 import dataclasses
+import fnmatch
 import functools
 import glob
 import inspect
@@ -36,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 # ---------------------------------------------------------------------------------------------------
 # Optimizers: this import line is replaced by the text of optimizers.py in the logged source.
 
-from optimizers import Muon, NorMuon, Aurora, all_finite
+from optimizers import (Aurora, BiasFreeAdam, EMANesterov, Muon, MuonChain, NorMuon, ReferenceReadout, TailEMA, all_finite, contra_coefficient, early_trust_cap, early_trust_floor, power_cool_lr, warmup_cooldown_momentum)
 
 # ---------------------------------------------------------------------------------------------------
 # Configuration: the fixed benchmark (docs/benchmark.md), the CPU preset and the three recipes (docs/recipes.md)
@@ -51,6 +52,7 @@ class ModelConfig:
     seq_len: int = 1024
     mlp_ratio: int = 4  # MLP hidden width / model_dim; a research knob (--mlp-ratio), 4 in the benchmark
     mlp: str = "relu2"  # the MLP's activation: relu^2 (the benchmark's) or swiglu, a research knob (--mlp)
+    norm_float32: bool = False  # RMSNorm in float32, then cast (records #42 and #46); else in bf16 with bf16 gains
 
 
 @dataclass(frozen=True)
@@ -89,30 +91,305 @@ TINY = Hyperparameters(
 )
 
 
+def step_field(default=None):
+    """A dataclass field holding a step number (or a tuple of them): scaled_recipe stretches it with --steps."""
+    return field(default=default, metadata={"step": True})
+
+
+@dataclass(frozen=True)
+class Group:
+    """One param group: the parameters whose names match one of `params` (fnmatch patterns; a parameter
+    goes to the first group of the recipe that matches it), its lr and its options (betas, PowerCool's
+    power_c, MuonChain's stages, ...)."""
+    name: str
+    params: tuple
+    lr: float
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    kind: str  # a key of OPTIMIZER_CLASSES
+    groups: tuple
+    options: dict = field(default_factory=dict)  # the constructor's options shared by its groups
+
+
+@dataclass(frozen=True)
+class LinearCooldown:
+    """docs/benchmark.md#training-loop: every lr at its initial value for the first 30%, then linearly to 0."""
+
+    def lr(self, step, group, recipe):
+        return group["initial_lr"] * lr_multiplier(step, recipe.steps)
+
+
+@dataclass(frozen=True)
+class PowerCool:
+    """docs/recipes.md#schedules: lr = min(lr0, power_c (t_end - step)^power), power_c per group."""
+    t_end: int = step_field()
+    power: float = 1.0
+
+    def lr(self, step, group, recipe):
+        return power_cool_lr(step, group["initial_lr"], group["power_c"], self.t_end, self.power,
+                             recipe.record_steps / recipe.steps)
+
+
+@dataclass(frozen=True)
+class MomentumWarmupCooldown:
+    """docs/recipes.md#schedules: the matrix optimizer's mu from 0.85 up to 0.95 over `warmup` steps and back
+    down over the last `cooldown` steps of the horizon."""
+    warmup: int = step_field()
+    cooldown: int = step_field()
+
+    def momentum(self, step, recipe):
+        return warmup_cooldown_momentum(step, recipe.steps, self.warmup, self.cooldown)
+
+
+@dataclass(frozen=True)
+class Lookahead:
+    """EMA-Nesterov (docs/recipes.md#ema-nesterov): before step s's forward pass, W += stepsize(s) b, where
+    stepsize is `stepsize` times the `ratio_group` lr's fraction of its initial value at step s - 1, from
+    step `prefill` to step `rest` (excluded), else 0."""
+    stepsize: float
+    ema: float
+    prefill: int = step_field()
+    rest: int = step_field()
+    ratio_group: str = "embed"
+    logged: bool = False  # the val line ends with ema_beta:<the last stepsize>, as record #42's does
+
+    def stepsize_at(self, step, recipe):
+        if not (step + 1 > self.prefill and step < self.rest):
+            return 0.0
+        group = recipe.group(self.ratio_group)
+        lr = recipe.lr_schedule.lr(step - 1, {"initial_lr": group.lr, **group.options}, recipe) if step else group.lr
+        return self.stepsize * (lr / group.lr)
+
+
+@dataclass(frozen=True)
+class ContraRamp:
+    """Record #42's Contra-Muon coefficient (docs/recipes.md#contra-muon-ramp), ramped to 0."""
+    coefficient: float
+    hold_end: int = step_field()
+    ramp_end: int = step_field()
+
+
+@dataclass(frozen=True)
+class EarlyTrust:
+    """Record #46's bounds on the attention trust gate (docs/recipes.md#trust-gate)."""
+    floor: float
+    cap: float
+    end: int = step_field()
+    fade_end: int = step_field()
+
+
+@dataclass(frozen=True)
+class ReferenceReadoutSpec:
+    """Record #42's readout (docs/recipes.md#reference-readout): W + gamma (W - R) at validations from
+    `apply_from` on, R the weights the validation of step `capture` sees. Its val lines log the readout's
+    loss as val_loss, as the record's do, with the raw loss at the end (raw_val_loss)."""
+    gamma: float
+    capture: int = step_field()
+    apply_from: int = step_field()
+
+    def make(self, model):
+        return ReferenceReadout(model.parameters())
+
+    def after_step(self, readout, step):
+        """After step `step`'s update: the weights now are those the validation of step + 1 sees."""
+        if step + 1 == self.capture:
+            readout.capture()
+
+    def losses(self, readout, step, raw, evaluate):
+        """(val line losses, suffix fields) of a validation whose raw loss is `raw`."""
+        if step < self.apply_from:
+            return {"val_loss": raw}, {}
+        with readout.readout(self.gamma):
+            loss = evaluate()
+        return {"val_loss": loss}, {"ref_gamma": f"{self.gamma:g}", "ref_step": str(self.capture),
+                                    "raw_val_loss": f"{raw:.5f}"}
+
+
+@dataclass(frozen=True)
+class TailEMASpec:
+    """Record #46's readout (docs/recipes.md#tail-ema): an EMA of every weight but the token embedding's,
+    updated after the steps that end at `start` .. `end` - 1, evaluated as (1 - lam) W + lam ema."""
+    tau: float
+    lam: float
+    start: int = step_field()
+    end: int = step_field()
+
+    def make(self, model):
+        return TailEMA([p for p in model.parameters() if p is not model.embed.weight], self.tau, self.lam)
+
+    def after_step(self, readout, step):
+        if self.start <= step + 1 < self.end:
+            readout.update()
+
+    def losses(self, readout, step, raw, evaluate):
+        """val_loss the raw loss, val_ema_loss the readout's (the raw one until the EMA starts), as the
+        record's logs print them."""
+        if readout.ema is None:
+            return {"val_loss": raw, "val_ema_loss": raw}, {}
+        with readout.readout():
+            return {"val_loss": raw, "val_ema_loss": evaluate()}, {}
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The validation steps of a record's logs: every `every` steps, the `extra` steps, the stop step and
+    the horizon (and step 0, which this harness always validates)."""
+    every: int = step_field()
+    extra: tuple = step_field(())
+
+    def at(self, step, recipe):
+        return step == 0 or step % self.every == 0 or step in self.extra or step in (recipe.stop, recipe.steps)
+
+
+@dataclass(frozen=True)
+class RecordInit:
+    """docs/recipes.md#initialization-of-records-42-and-46: torch's default Linear and Embedding init drawn
+    in the record model's order, "proj" weights zeroed, the other biases zeroed when zero_biases, mlp.fc of
+    layer l scaled by 1 - fc_alpha l/(L-1), and, with gain_alpha, signed norm gains (record #46)."""
+    zero_biases: bool
+    fc_alpha: float
+    gain_alpha: float = 0.0
+    gain_pairs_from: int = 0  # the layers from here on take their signs in head-balanced pairs
+    gain_head_shrink: float = 0.0
+
+
 @dataclass(frozen=True)
 class Recipe:
+    """Everything a record chooses (docs/recipes.md): the optimizers and which parameters each takes,
+    the schedules, the initialization, the eval-time readout and the validation steps. steps is the
+    schedule's horizon T (--steps changes it and scaled_recipe stretches every step constant with it);
+    stop, when set, is the step the run ends at inside it."""
     name: str
-    steps: int  # T, the record's training length
-    embed_lr: float  # AdamW on the embedding
-    head_lr: float  # AdamW on the output head's weight
-    scalar_lr: float  # AdamW on every parameter with fewer than 2 dims
-    adam_weight_decay: float
-    matrix_optimizer: str  # the class for every 2-D weight inside the blocks
-    matrix_lr: float
-    matrix_weight_decay: float
-    matrix_options: dict = field(default_factory=dict)
+    record: str  # the leaderboard entry it reproduces
+    steps: int = step_field()
+    optimizers: tuple = ()
+    lr_schedule: object = LinearCooldown()
+    momentum: object = 0.95  # a number, or a schedule with .momentum(step, recipe)
+    stop: int | None = step_field()
+    model: dict = field(default_factory=dict)  # ModelConfig fields the record's model differs in
+    init: RecordInit | None = None  # None: the benchmark's (docs/benchmark.md#initialization)
+    lookahead: Lookahead | None = None
+    contra: ContraRamp | None = None
+    trust: EarlyTrust | None = None
+    readout: ReferenceReadoutSpec | TailEMASpec | None = None
+    validation: Validation | None = None  # None: the benchmark's rule (is_validation_step)
+    aurora: tuple = ("none", "aurora")  # which matrices take Aurora's polar (see --aurora), and in which form
+    record_steps: int = 0  # the horizon before --steps scaled it (set by the RECIPES table)
+
+    def group(self, name):
+        return next(g for spec in self.optimizers for g in spec.groups if g.name == name)
+
+    def matrix_spec(self):
+        return next(spec for spec in self.optimizers if spec.kind in MATRIX_OPTIMIZERS)
 
 
-RECIPES = {
-    "aurora": Recipe("aurora", 3200, 0.3, 1 / 320, 0.01, 0.0, "Aurora", 0.0375, 0.0,
-                     dict(pp_iterations=2, pp_beta=0.5, contra=0.4, uw_floor=0.35)),
-    "normuon": Recipe("normuon", 3300, 0.3, 1 / 320, 0.01, 0.0, "NorMuon", 0.035, 0.025, dict(beta2=0.95)),
-    "muon": Recipe("muon", 3250, 0.7, 0.004, 0.015, 0.001, "Muon", 0.025, 0.05),
-}
-MATRIX_OPTIMIZERS = {"Muon": Muon, "NorMuon": NorMuon, "Aurora": Aurora}
-ADAM_BETAS = (0.8, 0.95)
-ADAM_EPS = 1e-10
-MOMENTUM = 0.95
+def recipe_table(*recipes):
+    return {recipe.name: dataclasses.replace(recipe, record_steps=recipe.steps) for recipe in recipes}
+
+
+BENCHMARK_ADAM = dict(betas=(0.8, 0.95), eps=1e-10)
+BLOCK_MATRICES = ("blocks.*.weight",)  # every 2-D weight inside the blocks (gains are named .gains)
+SCALARS = ("*.gains", "*.bias")
+# Records #42 and #46: PowerCool's power_c per group, the aux optimizers' betas, MuonChain's shared stages.
+EMBED_POWER_C, HEAD_POWER_C, AUX_POWER_C, MATRIX_POWER_C = (4.976805410800738e-05, 5.184172302917436e-07,
+                                                            1.6589351369335795e-06, 3.3169534699576625e-06)
+RECORD_ADAM = dict(betas=(0.8, 0.99), eps=1e-10, weight_decay=0.0)
+FLOOR_UW = 0.3825
+SOAP_42 = dict(beta2=0.90, frequency=10, denom_power=0.50)
+CHAIN_42 = dict(contra_muon=True, normuon_beta2=1.0, radial_brake=(0.5, 1.0), floor=("scalar", FLOOR_UW),
+                power_c=MATRIX_POWER_C)
+SOAP_46 = dict(beta2=0.90, frequency=1, denom_power=0.50)
+CHAIN_46 = dict(radial_brake=(0.5, 1.0), floor=("row", FLOOR_UW, 1.0), cautious_weight_decay=0.025,
+                power_c=MATRIX_POWER_C)
+
+
+def benchmark_recipe(name, record, steps, adam_lrs, adam_weight_decay, kind, lr, weight_decay, aurora="none", **options):
+    """The three recipes on the benchmark's schedule: AdamW on the embedding, the head's weight and the
+    scalars, a matrix optimizer on every block matrix, momentum 0.95 with Nesterov."""
+    embed_lr, head_lr, scalar_lr = adam_lrs
+    adam = OptimizerSpec("AdamW", (Group("embed", ("embed.weight",), embed_lr), Group("head", ("proj.weight",), head_lr),
+                                   Group("scalars", SCALARS, scalar_lr)),
+                         dict(BENCHMARK_ADAM, weight_decay=adam_weight_decay))
+    matrix = OptimizerSpec(kind, (Group("matrices", BLOCK_MATRICES, lr),),
+                           dict(weight_decay=weight_decay, momentum=0.95, nesterov=True, **options))
+    return Recipe(name, record, steps, (adam, matrix), aurora=(aurora, "aurora"))
+
+
+RECIPES = recipe_table(
+    benchmark_recipe("aurora", "#17", 3200, (0.3, 1 / 320, 0.01), 0.0, "Aurora", 0.0375, 0.0, aurora="all",
+                     pp_iterations=2, pp_beta=0.5, contra=0.4, uw_floor=0.35),
+    benchmark_recipe("normuon", "#10", 3300, (0.3, 1 / 320, 0.01), 0.0, "NorMuon", 0.035, 0.025, beta2=0.95),
+    benchmark_recipe("muon", "#36", 3250, (0.7, 0.004, 0.015), 0.001, "Muon", 0.025, 0.05),
+    Recipe(
+        "aurora-ema-ref", "#42", 2900,
+        (OptimizerSpec("AdamW", (Group("embed", ("embed.weight",), 0.3, dict(power_c=EMBED_POWER_C)),
+                                 Group("head", ("proj.weight",), 1 / 320, dict(power_c=HEAD_POWER_C)),
+                                 Group("scalars", SCALARS, 0.01, dict(power_c=AUX_POWER_C))), RECORD_ADAM),
+         OptimizerSpec("MuonChain", (
+             Group("mlp.fc", ("blocks.*.mlp.fc.weight",), 0.0375, dict(CHAIN_42, soap=SOAP_42)),
+             Group("mlp.proj", ("blocks.*.mlp.proj.weight",), 0.0375,
+                   dict(CHAIN_42, soap=SOAP_42, polar_backend="aurora_schatten")),
+             Group("attn.v", ("blocks.*.attn.v.weight",), 0.0375,
+                   dict(CHAIN_42, soap=dict(SOAP_42, blend=0.95, denom_floor=0.55), soap_combine="rescale")),
+             Group("attn.q,k,proj", BLOCK_MATRICES, 0.0375, CHAIN_42)))),
+        lr_schedule=PowerCool(2980, 1.2), momentum=MomentumWarmupCooldown(300, 100), stop=2860,
+        model=dict(norm_float32=True), init=RecordInit(zero_biases=True, fc_alpha=0.30),
+        lookahead=Lookahead(0.3, 0.99, 300, 1950, logged=True), contra=ContraRamp(-0.2, 0, 2500),
+        readout=ReferenceReadoutSpec(-0.075, 2375, 2850), validation=Validation(125, (2850,)),  # and 2860, the stop
+        aurora=("mlp.proj", "aurora_schatten")),
+    Recipe(
+        "soap-muon", "#46", 2900,
+        (OptimizerSpec("AdamW", (Group("embed", ("embed.weight",), 0.3, dict(power_c=EMBED_POWER_C)),
+                                 Group("head", ("proj.weight",), 1 / 320, dict(power_c=HEAD_POWER_C))), RECORD_ADAM),
+         OptimizerSpec("BiasFreeAdam", (
+             Group("gains", ("*.gains",), 0.01, dict(betas=(0.8, 0.99), power_c=AUX_POWER_C)),
+             Group("attn.proj.bias", ("blocks.*.attn.proj.bias",), 0.01, dict(betas=(0.8, 0.9965), power_c=AUX_POWER_C)),
+             Group("biases", ("*.bias",), 0.01, dict(betas=(0.8, 0.997), power_c=AUX_POWER_C))), dict(eps=1e-10)),
+         OptimizerSpec("MuonChain", (
+             Group("mlp", ("blocks.*.mlp.fc.weight", "blocks.*.mlp.proj.weight"), 0.0375, dict(CHAIN_46, soap=SOAP_46)),
+             Group("attn.proj", ("blocks.*.attn.proj.weight",), 0.0375,
+                   dict(CHAIN_46, soap=SOAP_46, soap_combine="trust_gate",
+                        trust=dict(min_agree=0.20, min_grad_align=0.0, power=1.0))),
+             Group("attn.q,k,v", BLOCK_MATRICES, 0.0375, dict(CHAIN_46, soap=SOAP_46, soap_combine="gate"))))),
+        lr_schedule=PowerCool(2900, 1.2), momentum=MomentumWarmupCooldown(300, 200),
+        model=dict(norm_float32=True), init=RecordInit(zero_biases=False, fc_alpha=0.30, gain_alpha=0.125,
+                                                       gain_pairs_from=6, gain_head_shrink=0.50),
+        lookahead=Lookahead(0.3, 0.99, 300, 1950), trust=EarlyTrust(0.45, 0.85, 1375, 1625),
+        readout=TailEMASpec(150.0, 0.6, 2400, 2900),
+        # The validations of the record's logs (its README's 2690 is one of them; the script's own
+        # extra_val_steps lack 2600-2695): every 125 steps, then every 5 from 2600 to 2810, then ...
+        validation=Validation(125, (2600, *range(2605, 2811, 5), 2820, 2830, 2840, 2850, 2860, 2870, 2880, 2890,
+                                    2895))),
+)
+MATRIX_OPTIMIZERS = {"Muon": Muon, "NorMuon": NorMuon, "Aurora": Aurora, "MuonChain": MuonChain}
+OPTIMIZER_CLASSES = {"AdamW": torch.optim.AdamW, "BiasFreeAdam": BiasFreeAdam, **MATRIX_OPTIMIZERS}
+
+
+def scaled_step(value, steps, record_steps):
+    """A step constant stretched from the record's horizon to `steps`, rounded half up: value at the record's own."""
+    return (2 * value * steps + record_steps) // (2 * record_steps)
+
+
+def scaled_recipe(recipe, steps):
+    """The recipe on a horizon of `steps`: every step constant (the fields marked by step_field, in the
+    recipe and its schedules and readouts) scaled by steps / record_steps with scaled_step. Rates,
+    EMAs and SOAP's refresh interval stay as they are."""
+    def scale(value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes = {}
+            for f in dataclasses.fields(value):
+                current = getattr(value, f.name)
+                if f.metadata.get("step") and f.name != "steps" and current is not None:
+                    changes[f.name] = (tuple(scaled_step(v, steps, recipe.record_steps) for v in current)
+                                       if isinstance(current, tuple) else scaled_step(current, steps, recipe.record_steps))
+                elif dataclasses.is_dataclass(current):
+                    changes[f.name] = scale(current)
+            return dataclasses.replace(value, **changes)
+        return value
+    return dataclasses.replace(scale(recipe), steps=steps)
 
 
 class SetupError(RuntimeError):
@@ -369,11 +646,14 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, float32=False):
         super().__init__()
         self.gains = nn.Parameter(torch.ones(dim))
+        self.float32 = float32
 
     def forward(self, x):
+        if self.float32:
+            return (F.rms_norm(x.float(), (x.size(-1),)) * self.gains).type_as(x)
         return F.rms_norm(x, (x.size(-1),), self.gains.to(x.dtype))
 
 
@@ -448,9 +728,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.norm1 = RMSNorm(config.model_dim)
+        self.norm1 = RMSNorm(config.model_dim, config.norm_float32)
         self.attn = Attention(config)
-        self.norm2 = RMSNorm(config.model_dim)
+        self.norm2 = RMSNorm(config.model_dim, config.norm_float32)
         self.mlp = MLP(config.model_dim, config.mlp_ratio, config.mlp)
 
     def forward(self, x):
@@ -463,9 +743,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.model_dim, dtype=torch.bfloat16)
-        self.norm_a = RMSNorm(config.model_dim)
+        self.norm_a = RMSNorm(config.model_dim, config.norm_float32)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.norm_b = RMSNorm(config.model_dim)
+        self.norm_b = RMSNorm(config.model_dim, config.norm_float32)
         self.proj = Linear(config.model_dim, config.vocab_size)  # the head; named so the init zeroes it
 
     def features(self, inputs):
@@ -502,33 +782,205 @@ def init_parameters(model, generator):
         param.copy_(value)
 
 
+def head_balanced_sign_pair(width, head_dim, shrink, generator):
+    """Record #46's signs for a pair of layers (its "head-mean antithetic" gains): per head, a draw of
+    head_dim random signs gives a count of +1s, pulled `shrink` of the way to head_dim/2 (rounded as Python
+    rounds); the first layer's head gets that many +1s and the second layer's the rest, each laid out by a
+    random permutation. Drawn on the generator's device, in the record's order."""
+    device = generator.device
+    first, second = [], []
+    for _ in range(width // head_dim):
+        draw = (torch.randint(0, 2, (head_dim,), device=device, generator=generator, dtype=torch.int64) * 2 - 1).float()
+        plus = int((draw > 0).sum().item())
+        plus = max(0, min(head_dim, int(round(head_dim / 2 + shrink * (plus - head_dim / 2)))))
+        for count, signs in ((plus, first), (head_dim - plus, second)):
+            layout = torch.cat([torch.ones(count, device=device), -torch.ones(head_dim - count, device=device)])
+            signs.append(layout[torch.randperm(head_dim, device=device, generator=generator)])
+    return torch.cat(first), torch.cat(second)
+
+
+def random_signs(width, generator):
+    """+-1 (float32) on the generator's device, as record #46 draws a layer's gain signs."""
+    return torch.randint(0, 2, (width,), device=generator.device, generator=generator, dtype=torch.float32) * 2 - 1
+
+
+def gain_signs(config, init, seed, generator):
+    """Record #46's sign vector of every layer: independent signs (from `generator`, the device's default
+    generator as the record seeds it) below layer gain_pairs_from, head-balanced pairs of layers from there
+    on, each pair from its own generator seeded 0xA9170000 + 1009 seed + 9176 layer on the same device."""
+    signs, paired = [], None
+    for layer in range(config.num_layers):
+        if layer >= init.gain_pairs_from and (layer - init.gain_pairs_from) % 2 == 1:
+            signs.append(paired)
+        elif layer >= init.gain_pairs_from and config.model_dim % config.head_dim:
+            first = random_signs(config.model_dim, generator)  # no whole heads: the record's fallback
+            signs.append(first)
+            paired = -first
+        elif layer >= init.gain_pairs_from:
+            pair_generator = torch.Generator(device=generator.device).manual_seed(0xA9170000 + seed * 1009 + layer * 9176)
+            first, paired = head_balanced_sign_pair(config.model_dim, config.head_dim, init.gain_head_shrink,
+                                                    pair_generator)
+            signs.append(first)
+        else:
+            signs.append(random_signs(config.model_dim, generator))
+    return signs
+
+
+@torch.no_grad()
+def record_init(model, init, generator, sign_generator, seed):
+    """RecordInit (docs/recipes.md#initialization-of-records-42-and-46): the draws of torch's default
+    Embedding (N(0, 1) in float32, then bf16) and Linear (kaiming-uniform weight, uniform bias) init in the
+    record's module order (embedding; per block q, k, v, attention output, fc, MLP proj; the head), from the
+    CPU `generator`; then the record's zeroing, fc scaling and signed gains (signs from sign_generator, the
+    run device's generator: on CUDA they equal the record's, on the CPU the record run on a CPU's)."""
+    def linear(module):
+        weight = torch.empty(module.weight.shape)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+        bias = torch.empty(module.bias.shape)
+        nn.init.uniform_(bias, -1 / math.sqrt(weight.size(1)), 1 / math.sqrt(weight.size(1)), generator=generator)
+        module.weight.copy_(weight)
+        module.bias.copy_(bias)
+
+    model.embed.weight.copy_(torch.empty(model.embed.weight.shape).normal_(generator=generator))
+    for block in model.blocks:
+        for module in (block.attn.q, block.attn.k, block.attn.v, block.attn.proj, block.mlp.fc, block.mlp.proj):
+            linear(module)
+    linear(model.proj)
+    for name, param in model.named_parameters():
+        if name.endswith("gains"):
+            param.fill_(1.0)
+        if "proj" in name or (init.zero_biases and name.endswith("bias")):
+            param.zero_()
+    layers = len(model.blocks)
+    for index, block in enumerate(model.blocks):
+        block.mlp.fc.weight.mul_(1.0 - init.fc_alpha * (index / (layers - 1) if layers > 1 else 0.0))
+    if init.gain_alpha:
+        for block, signs in zip(model.blocks, gain_signs(model.config, init, seed, sign_generator)):
+            block.norm1.gains.copy_((1.0 - init.gain_alpha * signs).to(block.norm1.gains.dtype))
+            block.norm2.gains.copy_((1.0 + init.gain_alpha * signs).to(block.norm2.gains.dtype))
+
+
+def initialize(model, recipe, generator, sign_generator, seed):
+    """The recipe's initialization: the benchmark's, or its record's own (RecordInit)."""
+    if recipe.init is None:
+        init_parameters(model, generator)
+    else:
+        record_init(model, recipe.init, generator, sign_generator, seed)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Optimizer setup (docs/recipes.md)
 
 
-def build_optimizers(model, recipe):
-    """AdamW on the embedding, the head weight and all <2-D parameters; the recipe's matrix optimizer on
-    every 2-D weight in the blocks. Each group keeps its starting lr as group["initial_lr"]."""
-    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
-    scalars = [p for p in model.parameters() if p.ndim < 2 and p.requires_grad]  # --freeze-mlp-scalars
-    groups = [dict(params=[model.embed.weight], lr=recipe.embed_lr),
-              dict(params=[model.proj.weight], lr=recipe.head_lr),
-              dict(params=scalars, lr=recipe.scalar_lr)]
-    covered = len(matrices) + len(scalars) + 2
-    trained = [p for p in model.parameters() if p.requires_grad]
-    if covered != len(trained):
-        raise RuntimeError(f"the optimizer groups cover {covered} of {len(trained)} trained parameters")
-    fused = model.embed.weight.device.type in ("cuda", "cpu")
-    adam = torch.optim.AdamW(groups, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=recipe.adam_weight_decay,
-                             fused=fused)
-    matrix_class = MATRIX_OPTIMIZERS[recipe.matrix_optimizer]
-    matrix = matrix_class(matrices, lr=recipe.matrix_lr, weight_decay=recipe.matrix_weight_decay,
-                          momentum=MOMENTUM, nesterov=True, **recipe.matrix_options)
-    optimizers = [adam, matrix]
+def group_of(name, recipe):
+    """(optimizer index, group index) of the first group of the recipe whose patterns match `name`, or None."""
+    for i, spec in enumerate(recipe.optimizers):
+        for j, group in enumerate(spec.groups):
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in group.params):
+                return i, j
+    return None
+
+
+def check_groups_cover(model, recipe):
+    """Every trained parameter must fall into a group of the recipe (SetupError naming those that do not)."""
+    orphans = [name for name, p in model.named_parameters() if p.requires_grad and group_of(name, recipe) is None]
+    if orphans:
+        raise SetupError(f"recipe {recipe.name} has no optimizer group for {', '.join(orphans[:4])}"
+                         f"{' ...' if len(orphans) > 4 else ''} (a model option it was not written for?)")
+
+
+AURORA_FORMS = {"17": "aurora", "42": "aurora_schatten"}  # --aurora-form: the record whose Aurora to take
+# --aurora: the options that give a matrix optimizer's matched matrices Aurora's polar (the backend) and
+# the others its plain one, per optimizer class.
+AURORA_SWITCH = {
+    "Muon": (lambda backend: {"polar_backend": backend}, {}),
+    "NorMuon": (lambda backend: {"polar_backend": backend}, {}),
+    "Aurora": (lambda backend: {"orientation": "non_square"} if backend == "aurora" else
+               {"orientation": "none", "polar_backend": backend}, {"orientation": "none"}),
+    "MuonChain": (lambda backend: {"polar_backend": backend}, {"polar_backend": "schatten"}),
+}
+
+
+def aurora_matrices(pattern, shapes):
+    """The non-square matrices (names from {name: shape}) that --aurora PATTERN names: none, wide, tall,
+    all, or comma-separated names such as mlp.proj (matching blocks.<i>.mlp.proj.weight) or fnmatch
+    patterns. Square matrices are left out: Aurora's polar of a square matrix is its plain polar."""
+    rectangular = {name for name, (rows, cols) in shapes.items() if rows != cols}
+    if pattern in ("none", "wide", "tall", "all"):
+        keep = {"none": lambda r, c: False, "wide": lambda r, c: r < c, "tall": lambda r, c: r > c,
+                "all": lambda r, c: True}[pattern]
+        return {name for name in rectangular if keep(*shapes[name])}
+    chosen = set()
+    for item in pattern.split(","):
+        named = {name for name in shapes if name.endswith(f".{item}.weight") or fnmatch.fnmatchcase(name, item)}
+        if not named:
+            raise SetupError(f"--aurora {pattern}: {item!r} is not none, wide, tall or all and names no block matrix "
+                             f"(names are like mlp.fc, mlp.proj, attn.q, attn.k, attn.v, attn.proj)")
+        if not named & rectangular:
+            raise SetupError(f"--aurora {pattern}: {item!r} names only square matrices, whose Aurora polar is their "
+                             f"plain polar: nothing would change")
+        chosen |= named & rectangular
+    return chosen
+
+
+def recipe_aurora(recipe, model):
+    """(matrices, backend): what the recipe itself gives Aurora's polar."""
+    pattern, backend = recipe.aurora
+    return aurora_matrices(pattern, matrix_shapes(model, recipe)), backend
+
+
+def matrix_shapes(model, recipe):
+    """{name: shape} of the parameters the recipe's matrix optimizer takes."""
+    matrix = recipe.optimizers.index(recipe.matrix_spec())
+    return {name: tuple(p.shape) for name, p in model.named_parameters() if (group_of(name, recipe) or (None,))[0] == matrix}
+
+
+def build_optimizers(model, recipe, aurora=None):
+    """One optimizer per OptimizerSpec of the recipe, every trained parameter in the first group whose
+    patterns match its name (model order kept), each group carrying its name, options and starting lr
+    (group["initial_lr"]). aurora = (matrix names, polar backend) from --aurora splits the matrix
+    optimizer's groups into the named matrices, given Aurora's polar, and the others, given the plain one."""
+    check_groups_cover(model, recipe)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    optimizers = []
+    for i, spec in enumerate(recipe.optimizers):
+        groups = []
+        for j, group in enumerate(spec.groups):
+            members = [(name, p) for name, p in named if group_of(name, recipe) == (i, j)]
+            splits = [({}, members)]
+            if aurora is not None and spec.kind in AURORA_SWITCH:
+                matched, plain = AURORA_SWITCH[spec.kind]
+                splits = [(matched(aurora[1]), [(n, p) for n, p in members if n in aurora[0]]),
+                          (plain, [(n, p) for n, p in members if n not in aurora[0]])]
+            groups += [dict(params=[p for _, p in part], lr=group.lr, name=group.name, **{**group.options, **options})
+                       for options, part in splits if part]
+        options = dict(spec.options)
+        if spec.kind == "AdamW":
+            options["fused"] = model.embed.weight.device.type in ("cuda", "cpu")
+        if spec.kind in MATRIX_OPTIMIZERS:
+            options["lr"] = groups[0]["lr"]
+        optimizer = OPTIMIZER_CLASSES[spec.kind](groups, **options)
+        for param_group in optimizer.param_groups:
+            param_group["initial_lr"] = param_group["lr"]
+        optimizers.append(optimizer)
+    return optimizers
+
+
+def set_schedules(optimizers, recipe, step):
+    """Step `step`'s scheduled values in every param group: its lr, and where the recipe schedules them the
+    matrix optimizer's momentum, Contra-Muon coefficient and trust-gate bounds."""
+    momentum = recipe.momentum if isinstance(recipe.momentum, float) else recipe.momentum.momentum(step, recipe)
+    contra, trust = recipe.contra, recipe.trust
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            group["initial_lr"] = group["lr"]
-    return optimizers
+            group["lr"] = recipe.lr_schedule.lr(step, group, recipe)
+            if "momentum" in group:
+                group["momentum"] = momentum
+            if group.get("contra_muon"):
+                group["contra"] = contra_coefficient(step, contra.coefficient, contra.hold_end, contra.ramp_end)
+            if group.get("soap_combine") == "trust_gate":
+                group["trust_floor"] = early_trust_floor(step, trust.floor, trust.end, trust.fade_end)
+                group["trust_cap"] = early_trust_cap(step, trust.cap, trust.fade_end)
 
 
 def mlp_scalars(model):
@@ -538,15 +990,14 @@ def mlp_scalars(model):
 
 
 def with_aux_from(recipe, other):
-    """--aux-from: `recipe` with the AdamW groups' lrs and weight decay of `other`; the matrix optimizer stays."""
-    return dataclasses.replace(recipe, embed_lr=other.embed_lr, head_lr=other.head_lr, scalar_lr=other.scalar_lr,
-                               adam_weight_decay=other.adam_weight_decay)
-
-
-def set_lr(optimizers, multiplier):
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * multiplier
+    """--aux-from: `recipe` with the AdamW optimizer (its groups' lrs and weight decay) of `other`; the
+    matrix optimizer stays. Only between recipes on the benchmark's schedule, whose AdamW groups match."""
+    for r in (recipe, other):
+        if r.init is not None or [spec.kind for spec in r.optimizers] != ["AdamW", r.matrix_spec().kind]:
+            raise SetupError(f"--aux-from {other.name} with --recipe {recipe.name}: only the benchmark-schedule "
+                             f"recipes ({', '.join(n for n, x in RECIPES.items() if x.init is None)}) share AdamW "
+                             f"groups; {r.name} has its own optimizers and schedules")
+    return dataclasses.replace(recipe, optimizers=(other.optimizers[0],) + recipe.optimizers[1:])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -664,7 +1115,7 @@ def broadcast_parameters(model):
 # Logging (docs/benchmark.md#log-format)
 
 SEPARATOR = "=" * 100
-OPTIMIZERS_IMPORT = "from optimizers import Muon, NorMuon, Aurora, all_finite"
+OPTIMIZERS_IMPORT = "from optimizers import (Aurora, BiasFreeAdam, EMANesterov, Muon, MuonChain, NorMuon, ReferenceReadout, TailEMA, all_finite, contra_coefficient, early_trust_cap, early_trust_floor, power_cool_lr, warmup_cooldown_momentum)"
 
 
 def logged_source():
@@ -683,9 +1134,12 @@ def logged_source():
     return "".join(out)
 
 
-def val_line(step, steps, val_loss, train_time, step_avg_ms):
-    return (f"step:{step}/{steps} val_loss:{val_loss:.5f} train_time:{train_time:.3f}s "
-            f"step_avg:{step_avg_ms:.2f}ms")
+def val_line(step, steps, losses, train_time, step_avg_ms, suffix=None):
+    """The leaderboard's val line: losses ({name: value}, val_loss first) after the step, the times, then
+    any suffix fields a record's logs carry ({name: text})."""
+    fields = " ".join(f"{name}:{value:.5f}" for name, value in losses.items())
+    tail = "".join(f" {name}:{text}" for name, text in (suffix or {}).items())
+    return f"step:{step}/{steps} {fields} train_time:{train_time:.3f}s step_avg:{step_avg_ms:.2f}ms{tail}"
 
 
 def running_line(device, world_size):
@@ -727,14 +1181,20 @@ class RunLog:
             self.file.close()
 
 
-def record_differences(hp, recipe, steps, init_from):
+def record_differences(hp, recipe, steps, init_from, aurora=None):
     """What makes this run's settings differ from the record recipe's (empty: a record run)."""
+    record_model = dataclasses.replace(FULL.model, **recipe.model)
     compared = [f.name for f in dataclasses.fields(Hyperparameters)
                 if f.name not in ("steps", "data_command", "data_shard_tokens")]
-    differences = [f"{name}={getattr(hp, name)!r} (record: {getattr(FULL, name)!r})"
-                   for name in compared if getattr(hp, name) != getattr(FULL, name)]
-    if steps != recipe.steps:
-        differences.append(f"steps={steps} (record: {recipe.steps})")
+    record = dataclasses.replace(FULL, model=record_model)
+    differences = [f"{name}={getattr(hp, name)!r} (record: {getattr(record, name)!r})"
+                   for name in compared if getattr(hp, name) != getattr(record, name)]
+    if steps != recipe.record_steps:
+        differences.append(f"steps={steps} (record: {recipe.record_steps})")
+    if aurora is not None and aurora["matrices"] != aurora["record_matrices"]:
+        differences.append(f"aurora={aurora['pattern']!r} with the {aurora['form']} form on "
+                           f"{len(aurora['matrices'])} matrices (record: {recipe.aurora[0]!r}, "
+                           f"{len(aurora['record_matrices'])} matrices)")
     if init_from:
         differences.append(f"init_from={init_from!r} (record: fresh initialization)")
     return differences
@@ -1070,6 +1530,14 @@ def parse_args(argv):
                              "(default: every validation)")
     parser.add_argument("--freeze-mlp-scalars", action="store_true",
                         help="do not train the MLP input norm gains and the MLP input biases (not a record)")
+    parser.add_argument("--aurora", metavar="PATTERN",
+                        help="give these matrices Aurora's row-balanced polar instead of the recipe's plain one: "
+                             "none, wide, tall, all, or names such as mlp.proj or mlp.fc,mlp.proj (square matrices "
+                             "stay as they are); the rest of the recipe is unchanged (not a record unless it is the "
+                             "recipe's own choice)")
+    parser.add_argument("--aurora-form", choices=sorted(AURORA_FORMS), default="17",
+                        help="with --aurora: record #17's Aurora (2 passes, beta 0.5, Frobenius pre-norm; default) "
+                             "or record #42's (3 passes, beta 0.25, Schatten-4 pre-norm)")
     parser.add_argument("--aux-from", choices=sorted(RECIPES), metavar="RECIPE",
                         help="the AdamW groups' lrs and weight decay of RECIPE; the matrix optimizer stays "
                              "--recipe's (not a record)")
@@ -1105,6 +1573,8 @@ def parse_args(argv):
         parser.error("--save-every needs --save PATH")
     if args.resume and args.init_from:
         parser.error("--resume restores the weights itself; leave out --init-from")
+    if args.aurora_form != "17" and args.aurora is None:
+        parser.error("--aurora-form picks the form of --aurora's Aurora; give --aurora PATTERN too")
     if args.ddp and "RANK" not in os.environ:
         parser.error("--ddp needs a process group: start under torchrun, e.g. "
                      "torchrun --standalone --nproc_per_node=1 train_gpt.py --ddp")
@@ -1178,23 +1648,40 @@ def save_checkpoint(path, checkpoint):
             os.remove(path + ".tmp")
 
 
-def checkpoint_state(run, optimizers, stream, step):
-    """Everything a resumed run needs to continue bit-identically, plus what it must match."""
+@dataclass
+class TrialState:
+    """What a trial trains with: the recipe's optimizers, its EMA-Nesterov lookahead and eval-time readout
+    (None where it has none), and the train stream."""
+    optimizers: list
+    lookahead: EMANesterov | None
+    readout: ReferenceReadout | TailEMA | None
+    stream: TrainStream
+
+
+def checkpoint_state(run, trial, step):
+    """Everything a resumed run needs to continue bit-identically, plus what it must match. A collective:
+    every rank calls it (state kept in pieces or by owner ranks is gathered); rank 0 gets the whole."""
     rng = {"init": run.generator.get_state(), "torch": torch.get_rng_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
-    return {"model": run.raw_model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+    if run.sign_generator is not run.generator:
+        rng["signs"] = run.sign_generator.get_state()
+    return {"model": run.raw_model.state_dict(),
+            "optimizers": [getattr(opt, "gathered_state_dict", opt.state_dict)() for opt in trial.optimizers],
+            "lookahead": trial.lookahead and trial.lookahead.state_dict(),
+            "readout": trial.readout and trial.readout.state_dict(),
             "step": step, "steps": run.steps, "trial": run.trial, "recipe": run.recipe.name,
             "model_config": dataclasses.asdict(run.hp.model), "batch_tokens": run.hp.batch_tokens,
-            "stream": stream.state_dict(), "rng": rng}
+            "stream": trial.stream.state_dict(), "rng": rng}
 
 
-def save_trial_checkpoint(run, optimizers, stream, step, save_path):
-    """The final checkpoint at step T goes to save_path; the periodic ones beside it, newest --keep-last kept."""
-    if step == run.steps:
-        save_checkpoint(save_path, checkpoint_state(run, optimizers, stream, step))
+def save_trial_checkpoint(run, checkpoint, step, save_path):
+    """The final checkpoint (the run's last step) goes to save_path; the periodic ones beside it, newest
+    --keep-last kept."""
+    if step == run.final_step:
+        save_checkpoint(save_path, checkpoint)
         return
-    save_checkpoint(periodic_checkpoint_path(save_path, step), checkpoint_state(run, optimizers, stream, step))
+    save_checkpoint(periodic_checkpoint_path(save_path, step), checkpoint)
     for old in periodic_checkpoints(save_path)[:-run.args.keep_last]:
         os.remove(old)
 
@@ -1271,23 +1758,29 @@ def read_start_checkpoints(args, hp, recipe, steps):
     return init_weights, resume
 
 
-def restore_checkpoint(run, checkpoint, optimizers, stream):
-    """Puts the model, optimizers, data position and RNG back as saved; returns the saved step."""
+def restore_checkpoint(run, checkpoint, trial):
+    """Puts the model, optimizers, lookahead, readout, data position and RNG back as saved; returns the
+    saved step."""
     path = run.args.resume
     load_model_state(run.raw_model, checkpoint["model"], path)
-    if len(checkpoint["optimizers"]) != len(optimizers):
+    if len(checkpoint["optimizers"]) != len(trial.optimizers):
         raise SetupError(f"{path}: holds {len(checkpoint['optimizers'])} optimizer states, this run has "
-                         f"{len(optimizers)}")
-    for optimizer, state in zip(optimizers, checkpoint["optimizers"]):
+                         f"{len(trial.optimizers)}")
+    for optimizer, state in zip(trial.optimizers, checkpoint["optimizers"]):
         try:
             optimizer.load_state_dict(state)
         except (ValueError, KeyError) as e:
             raise SetupError(f"{path}: its {type(optimizer).__name__} state does not fit: {e}") from None
-    stream.load_state_dict(checkpoint["stream"])
+    for name, kept in (("lookahead", trial.lookahead), ("readout", trial.readout)):
+        if kept is not None:
+            kept.load_state_dict(checkpoint[name])
+    trial.stream.load_state_dict(checkpoint["stream"])
     run.generator.set_state(checkpoint["rng"]["init"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if run.device.type == "cuda" and "cuda" in checkpoint["rng"]:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], run.device)
+    if "signs" in checkpoint["rng"]:
+        run.sign_generator.set_state(checkpoint["rng"]["signs"])
     return checkpoint["step"]
 
 
@@ -1316,6 +1809,7 @@ class Run:
     raw_model: GPT
     model: nn.Module  # the compiled raw_model (in DistributedDataParallel when several processes train)
     generator: torch.Generator  # initializations, one draw per trial
+    sign_generator: torch.Generator  # record #46's gain signs: the generator itself on the CPU, a CUDA one on a GPU
     train_paths: list
     val_buffer: torch.Tensor
     probe: torch.Tensor  # the diagnostics' val probe, (sequences, seq_len) input tokens
@@ -1324,10 +1818,16 @@ class Run:
     units: UnitRecords | None  # the per-unit records file (rank 0)
     init_weights: dict | None  # --init-from's model state
     resume: dict | None  # --resume's checkpoint, until its trial has taken it
+    aurora: tuple | None  # --aurora: (matrix names, polar backend) for build_optimizers
     trial: int = 0
     step: int = 0
     diagnostics: DiagnosticsState | None = None  # what write_diagnostics keeps between probes
     first_calls_done: set = field(default_factory=set)  # what first_call has timed
+
+    @property
+    def final_step(self):
+        """Where the run ends when --stop-at does not cut it: the recipe's stop step, or its horizon."""
+        return self.recipe.stop or self.steps
 
 
 def first_call(run, what, call):
@@ -1378,23 +1878,26 @@ def train_step(model, optimizers, params, buffer, seq_len, micro_seqs, found_inf
 
 
 def train_trial(run):
-    """One run from initialization to step T (or --stop-at), validating (and saving) outside the timed region."""
-    hp, args, device, seq_len = run.hp, run.args, run.device, run.hp.model.seq_len
-    init_parameters(run.raw_model, run.generator)
+    """One run from initialization to its final step (or --stop-at), validating (and saving) outside the
+    timed region."""
+    hp, args, device, seq_len, recipe = run.hp, run.args, run.device, run.hp.model.seq_len, run.recipe
+    initialize(run.raw_model, recipe, run.generator, run.sign_generator, args.seed)
     if run.init_weights is not None:
         load_model_state(run.raw_model, run.init_weights, args.init_from)
     broadcast_parameters(run.raw_model)
-    optimizers = build_optimizers(run.raw_model, run.recipe)
+    optimizers = build_optimizers(run.raw_model, recipe, run.aurora)
     for optimizer in optimizers:
         if isinstance(optimizer, tuple(MATRIX_OPTIMIZERS.values())):
             optimizer.gather_alone = args.ddp  # the all-gather path even in a world of one
-    stream = TrainStream(run.train_paths, hp.batch_tokens, run.dist.rank, run.dist.world_size, hp.model.vocab_size,
-                         pin_memory=device.type == "cuda", data_seed=args.data_seed)
+    params = list(run.raw_model.parameters())
+    trial = TrialState(optimizers, recipe.lookahead and EMANesterov(params, recipe.lookahead.ema),
+                       recipe.readout and recipe.readout.make(run.raw_model),
+                       TrainStream(run.train_paths, hp.batch_tokens, run.dist.rank, run.dist.world_size,
+                                   hp.model.vocab_size, pin_memory=device.type == "cuda", data_seed=args.data_seed))
     first_step = 0
     if run.resume is not None:  # rank 0 saved it; every rank restores the same state
-        first_step = restore_checkpoint(run, run.resume, optimizers, stream)
+        first_step = restore_checkpoint(run, run.resume, trial)
         run.resume = None
-    params = list(run.raw_model.parameters())
     save_path = args.save and checkpoint_path(args.save, run.trial, args.trials)
     # The first step whose loss, gradients or update is not finite (-1: none), and train_step's flag;
     # both stay on the device and are looked at only outside the timed region.
@@ -1403,40 +1906,74 @@ def train_trial(run):
     train_time, last_val_time, last_val_step = 0.0, 0.0, 0
     synchronize(device)
     start = time.perf_counter()
-    last = args.stop_at or run.steps
+    last = args.stop_at or run.final_step
     for step in range(first_step, last + 1):
         run.step = step
-        validate = is_validation_step(step, run.steps, hp.val_every, hp.val_every_tail) or step == last
-        save = save_path and (step == run.steps or (args.save_every and step % args.save_every == 0
-                                                    and step > first_step))
+        validate = validates_at(step, recipe, hp) or step == last
+        save = save_path and (step == run.final_step or (args.save_every and step % args.save_every == 0
+                                                         and step > first_step))
         if validate or save:
             synchronize(device)
             train_time += time.perf_counter() - start
             if int(bad_step) >= 0:
+                moved = " and the lookahead's moves since" if trial.lookahead else ""
                 raise NonFiniteLoss(f"train loss, gradient or update is not finite at step {int(bad_step)} "
-                                    f"(trial {run.trial}); the weights are those from before that step")
+                                    f"(trial {run.trial}); the weights are those from before that step{moved}")
             if validate:
-                val_loss = first_call(run, "validation forward", lambda: evaluate(
-                    run.model, run.val_buffer, run.layout, seq_len, hp.val_tokens))
-                if not math.isfinite(val_loss):
-                    raise NonFiniteLoss(f"val loss is {val_loss} at step {step} (trial {run.trial})")
+                losses, suffix = validation_losses(run, trial, step)
                 step_avg = 1000 * (train_time - last_val_time) / max(step - last_val_step, 1)
-                run.log.write(val_line(step, run.steps, val_loss, train_time, step_avg))
+                run.log.write(val_line(step, run.steps, losses, train_time, step_avg, suffix))
                 last_val_time, last_val_step = train_time, step
                 if not args.no_diagnostics and run.dist.rank == 0 and (
                         step == last or not args.probe_every or step % args.probe_every == 0):
                     write_diagnostics(run, optimizers)
-            if save and run.dist.rank == 0:
-                save_trial_checkpoint(run, optimizers, stream, step, save_path)
+            if save:
+                checkpoint = checkpoint_state(run, trial, step)
+                if run.dist.rank == 0:
+                    save_trial_checkpoint(run, checkpoint, step, save_path)
             synchronize(device)
             start = time.perf_counter()
         if step == last:
             return
-        buffer = stream.next_batch().to(device, dtype=torch.int64, non_blocking=True)
-        set_lr(optimizers, lr_multiplier(step, run.steps))
+        buffer = trial.stream.next_batch().to(device, dtype=torch.int64, non_blocking=True)
+        set_schedules(optimizers, recipe, step)
+        if trial.lookahead is not None:
+            trial.lookahead.look_ahead(recipe.lookahead.stepsize_at(step, recipe))
         first_call(run, "training step", lambda: train_step(
             run.model, optimizers, params, buffer, seq_len, run.layout.micro_seqs, found_inf))
+        if trial.lookahead is not None:
+            trial.lookahead.accumulate()
+        if trial.readout is not None:
+            recipe.readout.after_step(trial.readout, step)
         bad_step = torch.where((bad_step < 0) & (found_inf > 0), step, bad_step)
+
+
+def validates_at(step, recipe, hp):
+    """Whether step is one of the recipe's validation steps (its record's, or the benchmark's rule)."""
+    if recipe.validation is not None:
+        return recipe.validation.at(step, recipe)
+    return is_validation_step(step, recipe.steps, hp.val_every, hp.val_every_tail)
+
+
+def validation_losses(run, trial, step):
+    """(losses, suffix) of the val line of `step`: the raw val loss, and the recipe's readout and logged
+    lookahead stepsize where it has them. Every loss must be finite."""
+    def evaluate_now():
+        return first_call(run, "validation forward", lambda: evaluate(
+            run.model, run.val_buffer, run.layout, run.hp.model.seq_len, run.hp.val_tokens))
+
+    raw = evaluate_now()
+    losses, suffix = {"val_loss": raw}, {}
+    if trial.readout is not None:
+        losses, suffix = run.recipe.readout.losses(trial.readout, step, raw, evaluate_now)
+    for name, value in losses.items():
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"{name} is {value} at step {step} (trial {run.trial})")
+    lookahead = run.recipe.lookahead
+    if lookahead is not None and lookahead.logged:
+        beta = lookahead.stepsize_at(step - 1, run.recipe) if step else 0.0
+        suffix = {"ema_beta": f"{beta:.5g}", **suffix}
+    return losses, suffix
 
 
 def write_diagnostics(run, optimizers):
@@ -1545,16 +2082,17 @@ def knob_differences(args):
             if getattr(args, name) is not None and getattr(args, name) is not False]  # --data-seed 0 counts
 
 
-def config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id):
-    differences = record_differences(hp, recipe, steps, args.init_from) + knob_differences(args)
+def config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id, aurora=None):
+    differences = record_differences(hp, recipe, steps, args.init_from, aurora) + knob_differences(args)
     return {"command": shlex.join([sys.executable] + sys.argv), "run_id": run_id, "recipe": recipe.name,
-            "preset": "tiny" if args.tiny else "full",
-            "steps": steps, "trials": args.trials, "seed": args.seed, "world_size": dist_info.world_size,
-            "device": str(device), "compiled": compile_is_active(),
-            "hyperparameters": dataclasses.asdict(hp), "recipe_settings": dataclasses.asdict(recipe),
+            "record": recipe.record, "preset": "tiny" if args.tiny else "full",
+            "steps": steps, "stop": recipe.stop, "trials": args.trials, "seed": args.seed,
+            "world_size": dist_info.world_size, "device": str(device), "compiled": compile_is_active(),
+            "hyperparameters": dataclasses.asdict(hp), "recipe_settings": recipe_settings(recipe),
+            "aurora": aurora and {"pattern": aurora["pattern"], "form": aurora["form"],
+                                  "matrices": sorted(aurora["matrices"])},
             "batch_seqs": hp.batch_tokens // hp.model.seq_len, "micro_batch_seqs_used": layout.micro_seqs,
-            "adam_betas": ADAM_BETAS, "adam_eps": ADAM_EPS,
-            "momentum": MOMENTUM, "nesterov": True, "train_shards_used": len(train_paths), "val_shard": val_path,
+            "train_shards_used": len(train_paths), "val_shard": val_path,
             "init_from": args.init_from, "resume": args.resume, "save": args.save, "save_every": args.save_every,
             "keep_last": args.keep_last, "freeze_mlp_scalars": args.freeze_mlp_scalars, "aux_from": args.aux_from,
             "data_seed": args.data_seed, "stop_at": args.stop_at,
@@ -1564,15 +2102,55 @@ def config_record(args, hp, recipe, steps, dist_info, device, layout, train_path
             "differs_from_record": differences}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    hp = resolve_hyperparameters(args)
+def recipe_settings(recipe):
+    """The recipe as JSON-able data for the log's config line (schedules and readouts by their fields)."""
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {"type": type(value).__name__, **{f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(recipe)
+
+
+def resolve_recipe(args, hp):
+    """(recipe on this run's horizon, steps, hp with the recipe's model options, aurora): --recipe with
+    --aux-from, scaled to --steps or the preset's, and --aurora's choice of matrices (None without it).
+    Refuses combinations the recipe cannot take (SetupError)."""
     recipe = RECIPES[args.recipe]
     if args.aux_from:
         recipe = with_aux_from(recipe, RECIPES[args.aux_from])
+    if recipe.init is not None and hp.model.mlp != "relu2":
+        raise SetupError(f"--mlp {hp.model.mlp}: recipe {recipe.name} initializes its record's relu^2 MLP (fc, proj) "
+                         f"and has no draws for a SwiGLU's up projection; use --mlp relu2")
+    hp = dataclasses.replace(hp, model=dataclasses.replace(hp.model, **recipe.model))
     steps = args.steps or hp.steps or recipe.steps
+    recipe = scaled_recipe(recipe, steps)
+    if recipe.stop is not None and args.stop_at and args.stop_at > recipe.stop:
+        raise SetupError(f"--stop-at {args.stop_at}: after recipe {recipe.name}'s own stop at step {recipe.stop} "
+                         f"of {steps}; give a step up to {recipe.stop}")
+    with torch.device("meta"):
+        model = GPT(hp.model)
+    check_groups_cover(model, recipe)
+    aurora = None
+    if args.aurora is not None:
+        if not any(spec.kind in AURORA_SWITCH for spec in recipe.optimizers):
+            raise SetupError(f"--aurora {args.aurora}: recipe {recipe.name} has no polar step to give Aurora's")
+        record_matrices, record_backend = recipe_aurora(recipe, model)
+        backend = AURORA_FORMS[args.aurora_form]
+        matrices = aurora_matrices(args.aurora, matrix_shapes(model, recipe))
+        aurora = {"pattern": args.aurora, "form": args.aurora_form, "backend": backend, "matrices": matrices,
+                  "record_matrices": record_matrices if backend == record_backend or not record_matrices else None}
+    return recipe, steps, hp, aurora
+
+
+def main(argv=None):
+    args = parse_args(argv)
     dist_info = distributed_from_env()
     try:
+        recipe, steps, hp, aurora = resolve_recipe(args, resolve_hyperparameters(args))
         layout, init_weights, resume, device = check_run(args, hp, recipe, steps, dist_info)
         if args.check_args:
             return 0
@@ -1595,7 +2173,7 @@ def main(argv=None):
         log.write(running_line(device, dist_info.world_size))
         log.write(SEPARATOR, echo=False)
         log.event("config", config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths,
-                                          val_path, run_id))
+                                          val_path, run_id, aurora))
         raw_model = GPT(hp.model).to(device)
         if args.freeze_mlp_scalars:
             for param in mlp_scalars(raw_model):
@@ -1609,10 +2187,13 @@ def main(argv=None):
             train_probe = probe_sequences(load_shard(train_paths[0], hp.model.vocab_size), args.probe_tokens,
                                           hp.model.seq_len, train_probe_start).to(device)
             units = UnitRecords(units_path(log.file.name), args.probe_tokens)
+        generator = torch.Generator().manual_seed(args.seed)
+        # Record #46 draws its gain signs from the run device's default generator, seeded as the record seeds it.
+        sign_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(args.seed)
         run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
                   torch.compile(distributed_model(raw_model, device, even_alone=args.ddp), dynamic=False),
-                  torch.Generator().manual_seed(args.seed), train_paths,
-                  val_buffer, probe, train_probe, hp.micro_batch_seqs, units, init_weights, resume)
+                  generator, sign_generator, train_paths, val_buffer, probe, train_probe, hp.micro_batch_seqs,
+                  units, init_weights, resume, aurora and (aurora["matrices"], aurora["backend"]))
         for trial in range(resume["trial"] if resume else 0, args.trials):
             run.trial = trial
             train_trial(run)

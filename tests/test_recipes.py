@@ -1,0 +1,316 @@
+"""Tests that pin recipes aurora-ema-ref (record #42) and soap-muon (record #46) of train_gpt.py to their records'
+own scripts, on the values tests/data/records/make_reference.py made by running those scripts (see the README
+there): every schedule value at every step of the horizon, the initialization bit for bit, the trajectory of
+every parameter SOAP does not touch over the whole horizon through train_gpt's own training loop, and SOAP
+steps from the record's state. Eager, on the CPU, at the reduced sizes the reference was made at."""
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+
+import optimizers
+import train_gpt as tg
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "records")
+sys.path.insert(0, DATA)
+from make_reference import synthetic_gradient, tensor_digest  # noqa: E402  the generator's own definitions
+RECIPE_OF = {42: "aurora-ema-ref", 46: "soap-muon"}
+RELATIVE_TOLERANCE = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def eager():
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
+@pytest.fixture(scope="module", params=[42, 46])
+def reference(request):
+    return request.param, torch.load(os.path.join(DATA, f"record{request.param}.pt"), weights_only=False)
+
+
+def our_name(record_name):
+    """The record model's parameter names in this project's model: its top-level norm1/norm2 are norm_a/norm_b."""
+    return {"norm1.gains": "norm_a.gains", "norm2.gains": "norm_b.gains"}.get(record_name, record_name)
+
+
+def reduced_config(data):
+    size = data["size"]
+    return tg.ModelConfig(vocab_size=size["vocab"], num_layers=size["layers"], model_dim=size["width"],
+                          head_dim=size["head_dim"], seq_len=8, norm_float32=True)
+
+
+def relative_error(ours, theirs):
+    ours, theirs = ours.double(), theirs.double()
+    return ((ours - theirs).norm() / theirs.norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------
+
+def our_schedules(recipe, config):
+    """Every per-step value the record's schedule columns hold, from this project's recipe: the param
+    groups after set_schedules (lr, mu, Contra, trust bounds), the lookahead stepsize, the readout's
+    reference gamma, capture step and Tail-EMA updates."""
+    with torch.device("meta"):
+        model = tg.GPT(config)
+    opts = tg.build_optimizers(model, recipe)
+    groups = {g["name"]: g for opt in opts for g in opt.param_groups}
+    columns = {key: [] for key in ("muon_lr", "mu", "lookahead", "adam_lr", "aux_lr", "contra", "ref_gamma",
+                                   "trust_floor", "trust_cap", "tail_ema_updated")}
+    readout = recipe.readout
+    for step in range(recipe.steps):
+        tg.set_schedules(opts, recipe, step)
+        matrix = next(g for g in opts[-1].param_groups)
+        columns["muon_lr"].append(matrix["lr"])
+        columns["mu"].append(matrix["momentum"])
+        columns["lookahead"].append(recipe.lookahead.stepsize_at(step, recipe))
+        columns["adam_lr"].append([groups[name]["lr"] for name in ("embed", "head", "scalars") if name in groups])
+        columns["aux_lr"].append([groups[name]["lr"] for name in ("gains", "biases", "attn.proj.bias") if name in groups])
+        columns["contra"].append(matrix.get("contra"))
+        columns["ref_gamma"].append(readout.gamma if isinstance(readout, tg.ReferenceReadoutSpec)
+                                    and step >= readout.apply_from else 0.0)
+        trust = groups.get("attn.proj", {})
+        columns["trust_floor"].append(trust.get("trust_floor"))
+        columns["trust_cap"].append(trust.get("trust_cap"))
+        columns["tail_ema_updated"].append(isinstance(readout, tg.TailEMASpec) and readout.start <= step + 1 < readout.end)
+    return columns
+
+
+def schedule_mismatches(recipe, data):
+    """The schedule values (by column and first step) where the recipe differs from the record: exact equality."""
+    theirs = data["schedule"]
+    ours = our_schedules(recipe, reduced_config(data))
+    mismatches = []
+    for key, column in theirs.items():
+        if key in ("step_count", "tail_ema_started"):
+            continue
+        mine = torch.tensor(ours[key], dtype=torch.float64)
+        length = min(len(mine), len(column))  # the record's columns stop at its last trained step
+        differ = (mine[:length] != column[:length]) & ~column[:length].isnan()  # NaN: the record has no value there
+        if len(mine) < len(column) or differ.any():
+            mismatches.append((key, int(differ.nonzero()[0, 0]) if differ.any() else length))
+    if isinstance(recipe.readout, tg.ReferenceReadoutSpec) and recipe.readout.capture != data["reference_captured_step"]:
+        mismatches.append(("reference_captured_step", recipe.readout.capture))
+    ours_validated = [s for s in range((recipe.stop or recipe.steps) + 1) if s and tg.validates_at(s, recipe, tg.FULL)]
+    if ours_validated != record_validation_steps(data):
+        mismatches.append(("validation_steps", sorted(set(ours_validated) ^ set(record_validation_steps(data)))[0]))
+    if (recipe.stop or recipe.steps) != record_validation_steps(data)[-1]:
+        mismatches.append(("stop", recipe.stop))
+    return mismatches
+
+
+def record_validation_steps(data):
+    """The steps the record's logs validate at (after 0): #42's script validates where its logs do; #46's logs
+    validate at more steps than its script (docs/recipes.md#soap-muon), taken from their committed val lines."""
+    if "log_validation_steps" in data:
+        return data["log_validation_steps"]
+    return data["validation_steps"]
+
+
+def test_schedules_equal_the_records_at_every_step(reference):
+    record, data = reference
+    recipe = tg.RECIPES[RECIPE_OF[record]]
+    assert recipe.steps == data["horizon"]
+    counts = data["schedule"]["step_count"]
+    trained = counts[~counts.isnan()]  # the record's Muon counts steps as the loop does: Contra and the trust gate read it
+    assert trained.tolist() == list(range(len(trained)))
+    assert schedule_mismatches(recipe, data) == []
+
+
+def step_constants(recipe):
+    """(path, value) of every step constant of the recipe (step_field), a tuple's elements one by one."""
+    found = []
+
+    def walk(obj, path):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("step") and value is not None:
+                items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+                found.extend(((path + (f.name, i)), v) for i, v in items)
+            elif dataclasses.is_dataclass(value):
+                walk(value, path + (f.name,))
+    walk(recipe, ())
+    return found
+
+
+def shifted(recipe, path, delta):
+    """The recipe with the step constant at `path` moved by `delta` steps."""
+    *fields, name, index = path
+
+    def replace(obj, fields):
+        if not fields:
+            value = getattr(obj, name)
+            if index is not None:
+                value = value[:index] + (value[index] + delta,) + value[index + 1:]
+            else:
+                value = value + delta
+            return dataclasses.replace(obj, **{name: value})
+        return dataclasses.replace(obj, **{fields[0]: replace(getattr(obj, fields[0]), fields[1:])})
+    return replace(recipe, fields)
+
+
+def test_every_step_constant_off_by_one_step_is_caught(reference):
+    """Planted bugs: each step constant of the recipe in turn one step early and one step late; the schedule
+    comparison must see every one (a constant it could not see would not be pinned)."""
+    record, data = reference
+    recipe = tg.RECIPES[RECIPE_OF[record]]
+    constants = step_constants(recipe)
+    assert len(constants) > 10
+    missed = [(path, delta) for path, _ in constants for delta in (-1, 1)
+              if not schedule_mismatches(shifted(recipe, path, delta), data)]
+    assert missed == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialization
+# ----------------------------------------------------------------------------------------------
+
+def test_initialization_equals_the_records_bit_for_bit(reference):
+    record, data = reference
+    recipe = tg.RECIPES[RECIPE_OF[record]]
+    model = tg.GPT(reduced_config(data))
+    generator = torch.Generator().manual_seed(data["seed"])
+    tg.initialize(model, recipe, generator, generator, data["seed"])  # on the CPU the signs share the generator
+    ours = model.state_dict()
+    theirs = {our_name(name): digest for name, digest in data["init_digests"].items() if "rotary" not in name}
+    assert sorted(theirs) == sorted(ours)
+    differ = [name for name, digest in theirs.items() if tensor_digest(ours[name]) != digest]
+    assert differ == []
+
+
+# ----------------------------------------------------------------------------------------------
+# The trajectory of every parameter SOAP does not touch, through train_gpt.train_trial
+# ----------------------------------------------------------------------------------------------
+
+class GradientStandIn(torch.nn.Module):
+    """The forward pass of train_step, replaced as make_reference.py replaces the record's: its loss
+    sum(W * G) gives every trained parameter exactly the synthetic gradient G of the run's step."""
+
+    def __init__(self, run, record_names):
+        super().__init__()
+        self.run = run
+        self.index = {our_name(name): i for i, name in enumerate(record_names)}
+
+    def forward(self, inputs, targets):
+        loss = torch.zeros(())
+        for name, p in self.run.raw_model.named_parameters():
+            if p.requires_grad:
+                g = synthetic_gradient(self.run.step, self.index[name], p.shape, p.dtype)
+                loss = loss + (p * g).sum().float()
+        return loss
+
+
+def write_shard(path, tokens):
+    header = torch.zeros(tg.HEADER_INTS, dtype=torch.int32)
+    header[:3] = torch.tensor([tg.SHARD_MAGIC, tg.SHARD_VERSION, len(tokens)])
+    with open(path, "wb") as f:
+        f.write(header.numpy().tobytes())
+        f.write(torch.as_tensor(tokens, dtype=torch.int16).numpy().tobytes())
+
+
+def run_reduced(record, data, tmp_path, monkeypatch):
+    """train_trial on the reduced model with the SOAP-touched matrices frozen, the forward pass replaced by
+    GradientStandIn and evaluation replaced by a note of the weights it would evaluate. Returns
+    ({step: weights entering it}, {step: [weights of each evaluation]})."""
+    recipe = tg.RECIPES[RECIPE_OF[record]]
+    config = reduced_config(data)
+    hp = dataclasses.replace(tg.FULL, model=config, batch_tokens=2 * config.seq_len, micro_batch_seqs=2,
+                             val_tokens=2 * config.seq_len)
+    write_shard(tmp_path / "train.bin", [0] * (hp.batch_tokens * (recipe.steps + 2)))
+    raw_model = tg.GPT(config)
+    kept = [our_name(data["parameter_names"][i]) for i in range(len(data["parameter_names"]))
+            if our_name(data["parameter_names"][i]) in {our_name(n) for n in data["trajectory"][1]}]
+    for name, p in raw_model.named_parameters():
+        p.requires_grad_(name in kept)
+    args = tg.parse_args(["--recipe", recipe.name, "--no-diagnostics", "--seed", str(data["seed"])])
+    generator = torch.Generator().manual_seed(data["seed"])
+    run = tg.Run(args, hp, recipe, recipe.steps, tg.Distributed(0, 1, 0, False), torch.device("cpu"),
+                 tg.BatchLayout(2, 2, 2), tg.RunLog(None), raw_model, None, generator, generator,
+                 [str(tmp_path / "train.bin")], torch.zeros(2 * config.seq_len + 1, dtype=torch.int64),
+                 None, None, 2, None, None, None, None)
+    run.model = GradientStandIn(run, data["parameter_names"])
+    entering, evaluated = {}, {}
+
+    def weights():
+        return {name: p.detach().clone() for name, p in raw_model.named_parameters() if name in kept}
+
+    def note_evaluation(*args, **kwargs):
+        evaluated.setdefault(run.step, []).append(weights())
+        return 0.0
+
+    real_set_schedules = tg.set_schedules
+
+    def note_entering(optimizers, recipe, step):
+        if step in data["trajectory"]:  # a validated step's weights before any readout: its first evaluation's
+            entering[step] = evaluated[step][0] if step in evaluated else weights()
+        real_set_schedules(optimizers, recipe, step)
+
+    monkeypatch.setattr(tg, "evaluate", note_evaluation)
+    monkeypatch.setattr(tg, "set_schedules", note_entering)
+    tg.train_trial(run)
+    final = recipe.stop or recipe.steps
+    if final in data["trajectory"]:  # the loop ends before training at its last step
+        entering[final] = evaluated[final][0]
+    return entering, evaluated
+
+
+@pytest.mark.slow
+def test_parameters_soap_does_not_touch_follow_the_records_trajectory(reference, tmp_path, monkeypatch):
+    """Over the whole horizon: AdamW (and record #46's bias-free Adam), record #42's non-SOAP matrices through
+    MuonChain, the EMA-Nesterov lookahead, the readouts and their restore, the validation steps."""
+    record, data = reference
+    entering, evaluated = run_reduced(record, data, tmp_path, monkeypatch)
+    errors = {(step, name): relative_error(entering[step][our_name(name)], theirs)
+              for step, weights in data["trajectory"].items() for name, theirs in weights.items()}
+    assert max(errors.values()) <= RELATIVE_TOLERANCE, max(errors.items(), key=lambda kv: kv[1])
+    # The readout's weights: record #42's single evaluation is the readout; #46's second one.
+    readout_errors = {(step, name): relative_error(evaluated[step][-1][our_name(name)], theirs)
+                      for step, weights in data["readout"].items() for name, theirs in weights.items()}
+    assert max(readout_errors.values()) <= RELATIVE_TOLERANCE, max(readout_errors.items(), key=lambda kv: kv[1])
+    assert sorted(s for s in evaluated if s) == record_validation_steps(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# SOAP steps from the record's state
+# ----------------------------------------------------------------------------------------------
+
+def soap_cases():
+    cases = []
+    for record in (42, 46):
+        data = torch.load(os.path.join(DATA, f"record{record}.pt"), weights_only=False)
+        cases += [(record, step, name) for step, matrices in sorted(data["soap"].items()) for name in matrices]
+    return cases
+
+
+@pytest.mark.parametrize("record,step,name", soap_cases())
+def test_soap_step_from_the_records_state_equals_the_records(record, step, name):
+    """One MuonChain step of one matrix from the record's weights, momentum, SOAP statistics and bases (the
+    first step, before any basis; the first basis refresh; a late step) equals the record's step: the whole
+    chain of the matrix's group (SOAP and its combine, the polar or Aurora's, Contra-Muon, NorMuon-lite, the
+    radial brake, the floor, the radius pin, cautious weight decay), with set_schedules' values."""
+    data = torch.load(os.path.join(DATA, f"record{record}.pt"), weights_only=False)
+    case = data["soap"][step][name]
+    recipe = tg.RECIPES[RECIPE_OF[record]]
+    spec_index, group_index = tg.group_of(name, recipe)
+    group = recipe.optimizers[spec_index].groups[group_index]
+    param = torch.nn.Parameter(case["weight"].clone())
+    optimizer = optimizers.MuonChain([dict(params=[param], lr=group.lr, name=group.name, **group.options)], lr=group.lr)
+    for g in optimizer.param_groups:
+        g["initial_lr"] = g["lr"]
+    tg.set_schedules([optimizer], recipe, step)
+    optimizer.state[param].update({key: value.clone() if torch.is_tensor(value) else value
+                                   for key, value in case["state"].items() if value is not None})
+    param.grad = case["grad"].clone()
+    optimizer.step()
+    assert relative_error(param.detach(), case["after_weight"]) <= RELATIVE_TOLERANCE
+    after = {key: value for key, value in case["after_state"].items() if value is not None}
+    assert sorted(optimizer.state[param]) == sorted(after)
+    for key, value in after.items():
+        if torch.is_tensor(value):
+            assert relative_error(optimizer.state[param][key], value) <= RELATIVE_TOLERANCE, key
+        else:
+            assert optimizer.state[param][key] == value, key
