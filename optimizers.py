@@ -1547,6 +1547,7 @@ class Pieces:
         """This rank's piece of each tensor (default: of the tensors themselves)."""
         return [self.of(i, t) for i, t in enumerate(self.tensors if tensors is None else tensors)]
 
+    @torch.no_grad()
     def gather_(self, tensors=None, force=False):
         """Every rank's pieces into each whole tensor (default: the tensors themselves), in place: one
         all-gather per dtype. A no-op in one process unless `force`."""
@@ -1572,6 +1573,7 @@ class Pieces:
                     tensors[i].view(-1)[lo:hi] = blocks[r, offset:offset + hi - lo]
                     offset += length
 
+    @torch.no_grad()
     def whole(self, pieces):
         """Whole tensors shaped like self.tensors (in the pieces' dtype) from every rank's `pieces`: a
         collective, for a checkpoint."""

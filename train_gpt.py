@@ -954,6 +954,8 @@ def build_optimizers(model, recipe, aurora=None):
                           (plain, [(n, p) for n, p in members if n not in aurora[0]])]
             groups += [dict(params=[p for _, p in part], lr=group.lr, name=group.name, **{**group.options, **options})
                        for options, part in splits if part]
+        if not groups:  # every parameter it would train is frozen
+            continue
         options = dict(spec.options)
         if spec.kind == "AdamW":
             options["fused"] = model.embed.weight.device.type in ("cuda", "cpu")

@@ -1011,3 +1011,166 @@ def test_aurora_polar_reaches_the_d_clamp():
     expected = aurora_polar_float64(G)
     assert (G.norm(dim=1) < 1e-7).sum() == 32
     assert (P.double() - expected).abs().max() < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Records #42 and #46's stages, each alone (their chains against the records: tests/test_recipes.py)
+# ----------------------------------------------------------------------------------------------
+
+def test_schatten4_norm_is_the_fourth_root_of_the_summed_fourth_powers_of_the_singular_values():
+    for shape in SHAPES:
+        G = well_conditioned(shape, 21)
+        s = torch.linalg.svdvals(G.double())
+        assert optimizers.schatten4_norm(G).item() == pytest.approx(s.pow(4).sum().pow(0.25).item(), rel=1e-5)
+        assert s.max() <= optimizers.schatten4_norm(G).double() <= G.double().norm() * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_schatten_polar_is_the_polar_factor_in_bf16(shape):
+    G = well_conditioned(shape, 22)
+    P = optimizers.schatten_polar(G)
+    assert P.dtype == torch.bfloat16 and P.shape == G.shape
+    assert (P.double() - svd_polar(G)).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_aurora_polar_schatten_balances_rows_more_than_the_plain_polar(shape):
+    G = rows_of_different_scales(shape if shape[0] > shape[1] else shape[::-1], 23)
+    G = G if shape[0] > shape[1] else G.T
+    plain, balanced = optimizers.schatten_polar(G), optimizers.aurora_polar_schatten(G)
+    assert row_norm_deviation(balanced) < 0.5 * row_norm_deviation(plain)
+    assert orthogonality_error(balanced) < 0.1
+
+
+def test_radial_brake_halves_an_outward_radial_step_and_keeps_the_rest():
+    W = well_conditioned((16, 8), 24)
+    tangent = well_conditioned((16, 8), 25)
+    tangent = tangent - (tangent * W).sum() / (W * W).sum() * W  # orthogonal to W
+    outward = tangent - 0.3 * W  # W - lr*update grows ||W||
+    inward = tangent + 0.3 * W
+    torch.testing.assert_close(optimizers.radially_braked(outward, W), tangent - 0.15 * W, rtol=0, atol=1e-6)
+    torch.testing.assert_close(optimizers.radially_braked(inward, W), inward, rtol=0, atol=1e-6)
+
+
+def test_row_floor_lifts_only_the_rows_below_the_floor_to_it():
+    W = well_conditioned((12, 6), 26)
+    update = well_conditioned((12, 6), 27) * torch.logspace(-3, 0, 12).unsqueeze(1)
+    floored = optimizers.row_floored(update, W, 0.3825)
+    ratio = floored.norm(dim=1) / W.norm(dim=1)
+    below = update.norm(dim=1) / W.norm(dim=1) < 0.3825
+    assert below.any() and (~below).any()
+    torch.testing.assert_close(ratio[below], torch.full_like(ratio[below], 0.3825), rtol=1e-5, atol=0)
+    assert torch.equal(floored[~below], update[~below])
+
+
+def test_pinned_step_ends_at_the_first_order_radius_and_cautious_decay_touches_only_shrinking_coordinates():
+    W = well_conditioned((10, 10), 28)
+    update = well_conditioned((10, 10), 29)
+    lr = 0.05
+    target = W.norm() - lr * (update * W).sum() / W.norm()
+    pinned = optimizers.pinned_step_(W.clone(), update, lr)
+    assert pinned.norm().item() == pytest.approx(target.item(), rel=1e-6)
+    decayed = optimizers.pinned_step_(W.clone(), update, lr, cautious_decay=0.025)
+    shrinking = update * W > 0
+    assert shrinking.any() and (~shrinking).any()
+    torch.testing.assert_close(decayed[shrinking], pinned[shrinking] * (1 - lr * 0.025), rtol=1e-6, atol=0)
+    assert torch.equal(decayed[~shrinking], pinned[~shrinking])
+
+
+def test_trust_gate_trusts_an_agreeing_aligned_direction_and_distrusts_an_opposed_one():
+    grad = well_conditioned((8, 8), 30)
+    raw = grad + 0.1 * well_conditioned((8, 8), 31)
+    assert optimizers.trust_gate(raw, raw, grad).item() == pytest.approx(1.0, abs=1e-6)
+    assert optimizers.trust_gate(raw, -grad, grad).item() == 0.0
+    soap = raw + 2.2 * well_conditioned((8, 8), 32)
+
+    def cos(a, b):
+        return ((a * b).sum() / (a.norm() * b.norm())).item()
+    expected = min(1, (cos(soap, raw) - 0.2) / 0.8) * min(1, cos(soap, grad) / cos(raw, grad))
+    assert 0 < expected < 1
+    assert optimizers.trust_gate(raw, soap, grad).item() == pytest.approx(expected, rel=1e-5)
+    blended = optimizers.gated_blend(raw, grad, torch.tensor(0.5))
+    assert optimizers.schatten4_norm(blended).item() == pytest.approx(optimizers.schatten4_norm(raw).item(), rel=1e-6)
+
+
+def test_early_trust_bounds_and_contra_ramp_follow_their_schedules():
+    assert [optimizers.early_trust_floor(s, 0.45, 1375, 1625) for s in (0, 1374, 1375, 1500, 1625)] == \
+        [0.45, 0.45, 0.45, 0.45 * 125 / 250, 0.0]
+    assert [optimizers.early_trust_cap(s, 0.85, 1625) for s in (1624, 1625)] == [0.85, 1.0]
+    assert [optimizers.contra_coefficient(s, -0.2, 0, 2500) for s in (0, 1250, 2500, 2900)] == [-0.2, -0.1, -0.0, -0.0]
+
+
+def test_soap_statistics_take_the_eigenbasis_first_then_refresh_every_frequency_calls(monkeypatch):
+    refreshed = []
+    real = optimizers.soap_refreshed_basis
+    monkeypatch.setattr(optimizers, "soap_refreshed_basis", lambda *a: refreshed.append(1) or real(*a))
+    state = {"row_gg": torch.zeros(6, 6), "col_gg": torch.zeros(4, 4), "exp_avg_sq": torch.zeros(6, 4), "soap_step": 0}
+    for call in range(21):
+        optimizers.soap_statistics_update_(state, well_conditioned((6, 4), 40 + call), 0.9, 10)
+        if call == 0:
+            assert "q_row" in state and not refreshed
+            Q = state["q_row"]
+            torch.testing.assert_close(Q.T @ Q, torch.eye(6), rtol=0, atol=1e-5)
+    assert len(refreshed) == 2 * 2  # at calls 10 and 20, each basis
+
+
+def test_muon_chain_refuses_fsdp_dtensors_and_non_matrices():
+    with pytest.raises(ValueError, match="not a 2-D matrix"):
+        optimizers.MuonChain([torch.nn.Parameter(torch.zeros(4))], lr=0.1)
+
+
+def test_pieces_are_aligned_and_cover_each_tensor_once():
+    for numel in (1, 63, 64, 65, 1000, 4097):
+        for world in (1, 2, 3, 8):
+            ranges = [optimizers.piece_range(numel, r, world) for r in range(world)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == numel
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            assert all(lo % optimizers.PIECE_ALIGNMENT == 0 for lo, hi in ranges if lo < hi)
+
+
+def test_reference_readout_subtracts_its_delta_back_rather_than_copying():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4096))
+    readout = optimizers.ReferenceReadout([p])
+    readout.capture()
+    with torch.no_grad():
+        p.add_(torch.randn(4096) * 0.01)
+    before = p.detach().clone()
+    delta = (before - readout.reference[0]) * -0.075
+    with readout.readout(-0.075):
+        assert torch.equal(p.detach(), before + delta)
+    assert torch.equal(p.detach(), (before + delta) - delta)
+    assert not torch.equal(p.detach(), before)  # some elements come back an ulp off, as in the record
+
+
+def test_tail_ema_readout_blends_then_restores_exactly():
+    p = torch.nn.Parameter(torch.ones(8))
+    ema = optimizers.TailEMA([p], tau=4.0, lam=0.5)
+    ema.update()
+    with torch.no_grad():
+        p.fill_(3.0)
+    ema.update()  # 1 + (3 - 1) / 4
+    assert torch.equal(ema.ema[0], torch.full((8,), 1.5))
+    with ema.readout():
+        assert torch.equal(p.detach(), torch.full((8,), 0.5 * 3.0 + 0.5 * 1.5))
+    assert torch.equal(p.detach(), torch.full((8,), 3.0))
+
+
+def test_ema_nesterov_looks_ahead_along_its_displacement_average():
+    p = torch.nn.Parameter(torch.zeros(3))
+    lookahead = optimizers.EMANesterov([p], ema=0.5)
+    with torch.no_grad():
+        p.add_(1.0)  # a step of +1
+    lookahead.accumulate()  # b = lerp(0, 1, 0.5)
+    assert torch.equal(lookahead.buffer[0], torch.full((3,), 0.5))
+    lookahead.look_ahead(0.2)
+    assert torch.equal(p.detach(), torch.full((3,), 1.1))
+
+
+def test_bias_free_adam_takes_no_bias_correction():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = optimizers.BiasFreeAdam([p], lr=0.1, betas=(0.8, 0.99), eps=0.0)
+    p.grad = torch.tensor([1.0, -2.0])
+    opt.step()
+    # m = 0.2 g, v = 0.01 g^2: the step is lr * 0.2 / 0.1 = 2 lr in the direction of -sign(g), not lr
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.2, 0.2]), rtol=1e-6, atol=0)

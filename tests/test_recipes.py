@@ -3,6 +3,7 @@ own scripts, on the values tests/data/records/make_reference.py made by running 
 there): every schedule value at every step of the horizon, the initialization bit for bit, the trajectory of
 every parameter SOAP does not touch over the whole horizon through train_gpt's own training loop, and SOAP
 steps from the record's state. Eager, on the CPU, at the reduced sizes the reference was made at."""
+import contextlib
 import dataclasses
 import os
 import sys
@@ -212,31 +213,38 @@ def write_shard(path, tokens):
         f.write(torch.as_tensor(tokens, dtype=torch.int16).numpy().tobytes())
 
 
-def run_reduced(record, data, tmp_path, monkeypatch):
-    """train_trial on the reduced model with the SOAP-touched matrices frozen, the forward pass replaced by
-    GradientStandIn and evaluation replaced by a note of the weights it would evaluate. Returns
-    ({step: weights entering it}, {step: [weights of each evaluation]})."""
-    recipe = tg.RECIPES[RECIPE_OF[record]]
+def reduced_run(recipe, data, folder, argv=(), dist_info=tg.Distributed(0, 1, 0, False), frozen=()):
+    """A train_gpt Run of `recipe` on the reduced model of `data` with the forward pass replaced by
+    GradientStandIn, the parameters named in `frozen` not trained, and argv's train_gpt.py arguments."""
     config = reduced_config(data)
-    hp = dataclasses.replace(tg.FULL, model=config, batch_tokens=2 * config.seq_len, micro_batch_seqs=2,
-                             val_tokens=2 * config.seq_len)
-    write_shard(tmp_path / "train.bin", [0] * (hp.batch_tokens * (recipe.steps + 2)))
+    # Six sequences a step, one micro-batch on each of 1, 2 or 3 ranks (the stand-in gives each the whole gradient).
+    hp = dataclasses.replace(tg.FULL, model=config, batch_tokens=6 * config.seq_len, micro_batch_seqs=6,
+                             val_tokens=6 * config.seq_len)
+    shard = os.path.join(folder, "train.bin")
+    if not os.path.exists(shard):
+        write_shard(shard, [0] * (hp.batch_tokens * (recipe.steps + 2)))
     raw_model = tg.GPT(config)
-    kept = [our_name(data["parameter_names"][i]) for i in range(len(data["parameter_names"]))
-            if our_name(data["parameter_names"][i]) in {our_name(n) for n in data["trajectory"][1]}]
     for name, p in raw_model.named_parameters():
-        p.requires_grad_(name in kept)
-    args = tg.parse_args(["--recipe", recipe.name, "--no-diagnostics", "--seed", str(data["seed"])])
+        p.requires_grad_(name not in frozen)
+    args = tg.parse_args(["--recipe", recipe.name, "--no-diagnostics", "--seed", str(data["seed"]), *argv])
     generator = torch.Generator().manual_seed(data["seed"])
-    run = tg.Run(args, hp, recipe, recipe.steps, tg.Distributed(0, 1, 0, False), torch.device("cpu"),
-                 tg.BatchLayout(2, 2, 2), tg.RunLog(None), raw_model, None, generator, generator,
-                 [str(tmp_path / "train.bin")], torch.zeros(2 * config.seq_len + 1, dtype=torch.int64),
-                 None, None, 2, None, None, None, None)
+    run = tg.Run(args, hp, recipe, recipe.steps, dist_info, torch.device("cpu"), tg.batch_layout(hp, dist_info.world_size),
+                 tg.RunLog(None), raw_model, None, generator, generator, [shard],
+                 torch.zeros(hp.val_tokens + 1, dtype=torch.int64), None, None, 6, None, None, None, None)
     run.model = GradientStandIn(run, data["parameter_names"])
+    return run
+
+
+def run_reduced(record, data, tmp_path, monkeypatch):
+    """train_trial on the reduced model with the SOAP-touched matrices frozen, evaluation replaced by a note of
+    the weights it would evaluate. Returns ({step: weights entering it}, {step: [weights of each evaluation]})."""
+    recipe = tg.RECIPES[RECIPE_OF[record]]
+    kept = {our_name(name) for name in data["trajectory"][1]}
+    run = reduced_run(recipe, data, tmp_path, frozen={our_name(n) for n in data["parameter_names"]} - kept)
     entering, evaluated = {}, {}
 
     def weights():
-        return {name: p.detach().clone() for name, p in raw_model.named_parameters() if name in kept}
+        return {name: p.detach().clone() for name, p in run.raw_model.named_parameters() if name in kept}
 
     def note_evaluation(*args, **kwargs):
         evaluated.setdefault(run.step, []).append(weights())
@@ -314,3 +322,88 @@ def test_soap_step_from_the_records_state_equals_the_records(record, step, name)
             assert relative_error(optimizer.state[param][key], value) <= RELATIVE_TOLERANCE, key
         else:
             assert optimizer.state[param][key] == value, key
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranks and resume: the whole state (MuonChain's owner-kept state, the lookahead's and readouts' pieces)
+# ----------------------------------------------------------------------------------------------
+
+SHORT_STEPS = 24  # the horizon of the short runs: the schedules scaled to it, a readout by the end
+
+
+def short_run_checkpoint(record, folder, argv=(), dist_info=tg.Distributed(0, 1, 0, False), resume=None):
+    """Runs the recipe on SHORT_STEPS steps on the reduced model (every parameter trained), saving its
+    final checkpoint (and any --save-every ones) under `folder`; returns the final checkpoint's path."""
+    data = torch.load(os.path.join(DATA, f"record{record}.pt"), weights_only=False)
+    recipe = tg.scaled_recipe(tg.RECIPES[RECIPE_OF[record]], SHORT_STEPS)
+    path = os.path.join(folder, "final.pt")
+    run = reduced_run(recipe, data, folder, ["--steps", str(SHORT_STEPS), "--save", path, *argv], dist_info)
+    run.resume = resume and torch.load(resume, weights_only=False)
+    with mock_evaluation():
+        tg.train_trial(run)
+    return path
+
+
+@contextlib.contextmanager
+def mock_evaluation():
+    """evaluate() replaced by the sum of the weights, so that every validation (readouts included) reads them."""
+    real = tg.evaluate
+    tg.evaluate = lambda model, *args: float(sum(p.detach().double().sum() for p in model.run.raw_model.parameters()))
+    try:
+        yield
+    finally:
+        tg.evaluate = real
+
+
+def short_run_worker(rank, world_size, record, folder):
+    short_run_checkpoint(record, folder, dist_info=tg.Distributed(rank, world_size, rank, True))
+
+
+def assert_same_checkpoints(a, b):
+    """Two checkpoint files hold bit-identical tensors (and equal everything else), but for the rng states."""
+    a, b = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
+
+    def compare(x, y, where):
+        if torch.is_tensor(x):
+            assert torch.is_tensor(y) and x.dtype == y.dtype and torch.equal(x, y), where
+        elif isinstance(x, dict):
+            assert sorted(x, key=str) == sorted(y, key=str), where
+            for key in x:
+                compare(x[key], y[key], where + (key,))
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                compare(u, v, where + (i,))
+        else:
+            assert x == y, where
+    for key in a:
+        if key != "rng":
+            compare(a[key], b[key], (key,))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("record", [42, 46])
+def test_gloo_ranks_save_the_same_state_as_one_process(record, tmp_path):
+    """2 and 3 gloo ranks: every matrix updated by its owner, the lookahead's pieces gathered, the readout's
+    pieces, the checkpoint gathered on rank 0: the same bits as one process."""
+    from test_optimizers import run_on_gloo_ranks
+    alone = short_run_checkpoint(record, str(tmp_path))
+    for world_size in (2, 3):
+        folder = tmp_path / f"world{world_size}"
+        folder.mkdir()
+        run_on_gloo_ranks(short_run_worker, world_size, folder, record, str(folder))
+        assert_same_checkpoints(alone, folder / "final.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("record", [42, 46])
+def test_resume_continues_bit_identically(record, tmp_path):
+    """A run saved at step 12 and resumed ends with the uninterrupted run's every bit (lookahead buffers, SOAP
+    statistics and bases, the captured reference or Tail-EMA, the data position)."""
+    whole = tmp_path / "whole"
+    parts = tmp_path / "parts"
+    whole.mkdir(), parts.mkdir()
+    final = short_run_checkpoint(record, str(whole), ["--save-every", "12"])
+    resumed = short_run_checkpoint(record, str(parts), resume=str(whole / "final.step12.pt"))
+    assert_same_checkpoints(final, resumed)

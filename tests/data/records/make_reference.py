@@ -140,8 +140,8 @@ class Probes:
             row["ref_gamma"] = ns["ref_extrap_gamma_for_step"](step)
         else:
             row["aux_lr"] = [g["lr"] for g in ns["optimizer3"].param_groups]
-            row["trust_floor"] = float(ns["bounded_trust_gate"](torch.tensor(-1.0), optimizer.step_count))
-            row["trust_cap"] = float(ns["bounded_trust_gate"](torch.tensor(2.0), optimizer.step_count))
+            row["trust_floor"] = float(ns["bounded_trust_gate"](torch.tensor(-1.0, dtype=torch.float64), optimizer.step_count))
+            row["trust_cap"] = float(ns["bounded_trust_gate"](torch.tensor(2.0, dtype=torch.float64), optimizer.step_count))
             row["tail_ema_started"] = ns["_tailema"] is not None
             self.note_tail_ema_update(step)
         self.out["schedule"][step] = row
