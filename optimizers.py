@@ -678,6 +678,30 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
         """Matmul FLOPs of one matrix's update: its polar factor(s)."""
         return polar_backend_flops(group["polar_backend"], *shape)
 
+    def gather_bytes(self, world_size):
+        """The largest all-gather buffer of a step (one bucket: every rank's share of updates and state rows)."""
+        largest = 0
+        for group in self.param_groups:
+            shapes = [tuple(p.shape) for p in group["params"]]
+            for bucket in bucket_plan(shapes, self.join_transposes):
+                rows, cols = shapes[bucket[0]]
+                width = rows * cols + (max(rows, cols) if rows != cols else 0) + \
+                    (rows if rows >= cols else cols) * len(self.stacked_state)
+                largest = max(largest, 4 * world_size * rank_slice(len(bucket), 0, world_size)[2] * width)
+        return largest
+
+    def state_bytes_per_rank(self, world_size):
+        """Bytes of this optimizer's state on each of world_size ranks: every rank keeps every matrix's
+        momentum (float32), the leverage of the non-square ones and the subclass's stacked state, since
+        every rank updates every momentum and the other state travels with the gathered updates."""
+        total = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                rows, cols = p.shape
+                total += 4 * (rows * cols + (max(rows, cols) if rows != cols else 0))
+                total += 4 * (rows if rows >= cols else cols) * len(self.stacked_state)
+        return [total] * world_size
+
     def flops_per_rank(self, world_size, join_transposes=None):
         """Matrix FLOPs of each of world_size ranks in one step, from the bucket plan those ranks
         would follow (every matrix counted, as after the first step)."""
@@ -1320,13 +1344,25 @@ class MuonChain(torch.optim.Optimizer):
         """Each matrix's owner rank (owner_plan on matrix_flops), the same on every rank."""
         return owner_plan([self.matrix_flops(tuple(p.shape), group) for group, p in self.matrices()], world_size)
 
-    def flops_per_rank(self, world_size):
+    def flops_per_rank(self, world_size, join_transposes=None):
+        """Each rank's matrix FLOPs under the owner plan (which balances all matrices at once: how they are
+        bucketed only groups the all-gathers, so join_transposes changes nothing)."""
         totals = [0] * world_size
         for owner, (group, p) in zip(self.owners(world_size), self.matrices()):
             totals[owner] += self.matrix_flops(tuple(p.shape), group)
         return totals
 
+    def gather_bytes(self, world_size):
+        """The largest all-gather buffer of a step: one bucket's updates, float32, the most any rank owns there."""
+        owners, matrices = self.owners(world_size), self.matrices()
+        largest = 0
+        for bucket in bucket_plan([tuple(p.shape) for _, p in matrices]):
+            share = max(sum(owners[i] == r for i in bucket) for r in range(world_size))
+            largest = max(largest, 4 * world_size * share * matrices[bucket[0]][1].numel())
+        return largest
+
     def state_bytes_per_rank(self, world_size):
+        """Each rank's state bytes: only the matrices it owns."""
         totals = [0] * world_size
         for owner, (group, p) in zip(self.owners(world_size), self.matrices()):
             totals[owner] += self.state_bytes(tuple(p.shape), group)

@@ -1970,7 +1970,7 @@ def validation_losses(run, trial, step):
         losses, suffix = run.recipe.readout.losses(trial.readout, step, raw, evaluate_now)
     for name, value in losses.items():
         if not math.isfinite(value):
-            raise NonFiniteLoss(f"{name} is {value} at step {step} (trial {run.trial})")
+            raise NonFiniteLoss(f"{name.replace('_', ' ')} is {value} at step {step} (trial {run.trial})")
     lookahead = run.recipe.lookahead
     if lookahead is not None and lookahead.logged:
         beta = lookahead.stepsize_at(step - 1, run.recipe) if step else 0.0

@@ -28,10 +28,10 @@ MODEL = train_gpt.ModelConfig()
 
 def record_optimizer(name, params, **options):
     """The matrix optimizer of recipe `name` with the record's settings (train_gpt.RECIPES)."""
-    recipe = train_gpt.RECIPES[name]
-    cls = train_gpt.MATRIX_OPTIMIZERS[recipe.matrix_optimizer]
-    return cls(params, lr=recipe.matrix_lr, weight_decay=recipe.matrix_weight_decay, momentum=train_gpt.MOMENTUM,
-               nesterov=True, **recipe.matrix_options, **options)
+    spec = train_gpt.RECIPES[name].matrix_spec()
+    group = spec.groups[0]
+    return train_gpt.MATRIX_OPTIMIZERS[spec.kind]([dict(params=list(params), **group.options)], lr=group.lr,
+                                                  **spec.options, **options)
 
 
 def hidden_matrix_shapes(width, blocks):

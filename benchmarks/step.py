@@ -42,7 +42,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt  # noqa: E402  (the repo root must be on sys.path first)
+import optimizers  # noqa: E402  (the repo root must be on sys.path first)
+import train_gpt  # noqa: E402
 from benchmarks.optimizer_step import device_name, timed  # noqa: E402
 
 BASELINE = "muon"
@@ -192,19 +193,90 @@ def matrix_flops_per_rank(matrix_optimizer, world_size):
             "one_bucket_per_shape": flops_balance(matrix_optimizer.flops_per_rank(world_size, join_transposes=False))}
 
 
+def adam_state_bytes(optimizer):
+    """Bytes of an AdamW's (exp_avg and exp_avg_sq in the parameter's dtype, a float32 step) or a
+    BiasFreeAdam's (exp_avg in the parameter's dtype, exp_avg_sq in float32) state: kept whole on every rank."""
+    total = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if isinstance(optimizer, torch.optim.AdamW):
+                total += 2 * p.numel() * p.element_size() + 4
+            else:
+                total += p.numel() * (p.element_size() + 4)
+    return total
+
+
+def piece_bytes(tensors, world_size, element_size=None):
+    """Each rank's bytes of 1/W pieces (optimizers.piece_range) of tensors shaped like `tensors`."""
+    return [sum((hi - lo) * (element_size or t.element_size())
+                for t in tensors for lo, hi in [optimizers.piece_range(t.numel(), rank, world_size)])
+            for rank in range(world_size)]
+
+
+def weight_average_bytes(model, recipe, world_size):
+    """Each rank's bytes of the recipe's lookahead (previous weights and buffer, in the weights' dtypes) and
+    readout (Tail-EMA: float32, the embedding excluded; reference: the weights' dtypes), all in 1/W pieces."""
+    params = list(model.parameters())
+    totals = [0] * world_size
+    parts = []
+    if recipe.lookahead is not None:
+        parts += [piece_bytes(params, world_size)] * 2
+    if isinstance(recipe.readout, train_gpt.TailEMASpec):
+        parts.append(piece_bytes([p for p in params if p is not model.embed.weight], world_size, 4))
+    elif recipe.readout is not None:
+        parts.append(piece_bytes(params, world_size))
+    for part in parts:
+        totals = [a + b for a, b in zip(totals, part)]
+    return totals
+
+
+def state_report(model, recipe, optimizer_set, world_size):
+    """Optimizer-state bytes per rank (matrix optimizer, Adam, lookahead and readout) against what one
+    process keeps, and the matrix optimizer's largest all-gather buffer (one bucket, transient)."""
+    matrix = next(opt for opt in optimizer_set if isinstance(opt, tuple(train_gpt.MATRIX_OPTIMIZERS.values())))
+    adam = sum(adam_state_bytes(opt) for opt in optimizer_set if opt is not matrix)
+    per_rank = {"matrix": matrix.state_bytes_per_rank(world_size), "adam": [adam] * world_size,
+                "weight_averages": weight_average_bytes(model, recipe, world_size)}
+    totals = [sum(parts) for parts in zip(*per_rank.values())]
+    one_process = (sum(matrix.state_bytes_per_rank(1)) + adam + sum(weight_average_bytes(model, recipe, 1)))
+    return {"per_rank": per_rank, "total_per_rank": totals, "max_over_mean": max(totals) / (sum(totals) / len(totals)),
+            "one_process": one_process, "bucket": matrix.gather_bytes(world_size)}
+
+
 def plan_report(recipe_names, tiny, world_size):
-    """(c)'s matrix FLOPs per rank alone, for a model built on the meta device: the bucket plan needs
-    only the shapes, so this runs at full size on any machine in a second."""
+    """(c)'s matrix FLOPs and optimizer-state bytes per rank alone, for a model built on the meta device:
+    the plans need only the shapes, so this runs at full size on any machine in seconds."""
     hp = train_gpt.TINY if tiny else train_gpt.FULL
-    with torch.device("meta"):
-        model = train_gpt.GPT(hp.model)
     recipes = {}
     for name in recipe_names:
-        _, matrix_optimizer = train_gpt.build_optimizers(model, train_gpt.RECIPES[name])
-        recipes[name] = {"per_step": {"world_size": world_size,
-                                      "matrix_flops": matrix_flops_per_rank(matrix_optimizer, world_size)}}
+        recipe = train_gpt.RECIPES[name]
+        with torch.device("meta"):
+            model = train_gpt.GPT(dataclasses.replace(hp.model, **recipe.model))
+        optimizer_set = train_gpt.build_optimizers(model, recipe)
+        matrix = next(opt for opt in optimizer_set if isinstance(opt, tuple(train_gpt.MATRIX_OPTIMIZERS.values())))
+        recipes[name] = {"per_step": {"world_size": world_size, "matrix_flops": matrix_flops_per_rank(matrix, world_size),
+                                      "state_bytes": state_report(model, recipe, optimizer_set, world_size)}}
     return {"size": "tiny" if tiny else "full", "model": dataclasses.asdict(hp.model), "plan_only": True,
             "recipes": recipes}
+
+
+def format_plan(result):
+    """The plan-only table: per recipe, matrix FLOPs and optimizer-state bytes per rank."""
+    world_size = next(iter(result["recipes"].values()))["per_step"]["world_size"]
+    lines = [f"plan on {world_size} ranks, {result['size']} size: matrix FLOPs per step and optimizer-state MiB per "
+             f"rank (matrix optimizer + Adam + lookahead/readout), max/mean; 'one process' is the state a single "
+             f"process keeps, 'bucket' the matrix optimizer's largest all-gather buffer (transient)",
+             f"{'recipe':<15} {'GFLOP/rank max':>15} {'FLOPs max/mean':>15} {'state MiB/rank max':>19} "
+             f"{'matrix':>9} {'adam':>8} {'averages':>9} {'state max/mean':>15} {'one process':>12} {'bucket':>8}"]
+    mib = 2 ** 20
+    for name, r in result["recipes"].items():
+        flops, state = r["per_step"]["matrix_flops"]["joined_transposes"], r["per_step"]["state_bytes"]
+        top = max(range(world_size), key=lambda k: state["total_per_rank"][k])
+        lines.append(f"{name:<15} {max(flops['per_rank']) / 1e9:>15,.1f} {flops['max_over_mean']:>15.3f} "
+                     f"{state['total_per_rank'][top] / mib:>19,.1f} {state['per_rank']['matrix'][top] / mib:>9,.1f} "
+                     f"{state['per_rank']['adam'][top] / mib:>8,.1f} {state['per_rank']['weight_averages'][top] / mib:>9,.1f} "
+                     f"{state['max_over_mean']:>15.3f} {state['one_process'] / mib:>12,.1f} {state['bucket'] / mib:>8,.1f}")
+    return "\n".join(lines)
 
 
 def collectives_of_one_rank(raw_model, optimizers, hp, world_size, device):
@@ -249,11 +321,12 @@ class RecipeBench:
     def __init__(self, recipe, hp, device, seed):
         self.recipe = recipe
         self.device = device
-        self.raw_model = train_gpt.GPT(hp.model).to(device)
-        train_gpt.init_parameters(self.raw_model, torch.Generator().manual_seed(seed))
+        self.raw_model = train_gpt.GPT(dataclasses.replace(hp.model, **recipe.model)).to(device)
+        generator = torch.Generator().manual_seed(seed)
+        train_gpt.initialize(self.raw_model, recipe, generator, generator, seed)
         self.model = torch.compile(self.raw_model, dynamic=False)
         self.optimizers = train_gpt.build_optimizers(self.raw_model, recipe)
-        matrix_class = train_gpt.MATRIX_OPTIMIZERS[recipe.matrix_optimizer]
+        matrix_class = train_gpt.MATRIX_OPTIMIZERS[recipe.matrix_spec().kind]
         self.matrix_optimizer = next(opt for opt in self.optimizers if isinstance(opt, matrix_class))
         self.hidden_matrices = sum(len(group["params"]) for group in self.matrix_optimizer.param_groups)
 
@@ -264,13 +337,13 @@ class RecipeBench:
     def optimizer_steps(self, optimizers, grads):
         """(a): steps with the given gradients and lr 0 (the same work, the weights stay as they are)."""
         self.set_gradients(grads)
-        train_gpt.set_lr(self.optimizers, 0.0)
+        scale_lrs(self.optimizers, 0.0)
         return timed(self.device, lambda: [opt.step() for opt in optimizers])
 
     def train_step(self, buffer, seq_len, micro_seqs):
         """(b): one full training step at the recipe's initial learning rates; returns (seconds, loss)."""
         self.raw_model.zero_grad(set_to_none=True)
-        train_gpt.set_lr(self.optimizers, 1.0)
+        scale_lrs(self.optimizers, 1.0)
         params = list(self.raw_model.parameters())
         found_inf = torch.zeros((), device=self.device)
         losses = []
@@ -285,6 +358,13 @@ class RecipeBench:
         with host_syncs_counted() as calls:
             train_gpt.train_step(self.model, self.optimizers, params, buffer, seq_len, micro_seqs, found_inf)
         return calls
+
+
+def scale_lrs(optimizer_set, scale):
+    """Every group's lr at `scale` times its initial value (0: the same work, the weights unchanged)."""
+    for optimizer in optimizer_set:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * scale
 
 
 def random_gradients(model, generator):
@@ -429,7 +509,7 @@ def parse_args(argv):
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per recipe (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation)")
-    parser.add_argument("--recipes", default="aurora,normuon,muon",
+    parser.add_argument("--recipes", default=",".join(train_gpt.RECIPES),
                         help=f"comma-separated, of {', '.join(train_gpt.RECIPES)}; ratios are vs {BASELINE}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=train_gpt.DEVICE_CHOICES, default="auto",
@@ -466,14 +546,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.plan_only:
         result = plan_report(args.recipes, args.tiny, args.world_size)
-        if not args.json:
-            for name, numbers in result["recipes"].items():
-                flops = numbers["per_step"]["matrix_flops"]
-                print(f"{name}: matrix FLOPs per rank max/mean on {args.world_size} ranks "
-                      f"{flops['joined_transposes']['max_over_mean']:.2f} (one bucket per shape: "
-                      f"{flops['one_bucket_per_shape']['max_over_mean']:.2f})")
-            return 0
-        print(json.dumps(result))
+        print(json.dumps(result) if args.json else format_plan(result))
         return 0
     result = run_benchmark(args.recipes, args.tiny, args.iters, args.warmup, args.device, args.seed,
                            args.world_size)

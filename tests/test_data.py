@@ -103,7 +103,7 @@ def test_train_shards_needed_for_the_recipes():
     assert shards.train_shards_needed(3300) == 18
     assert shards.train_shards_needed(190) == 1 and shards.train_shards_needed(191) == 2
     assert {r: shards.train_shards_needed(shards.recipe_steps(r)) for r in shards.record_recipe_steps()} == \
-        {"aurora": 17, "normuon": 18, "muon": 18}
+        {"aurora": 17, "normuon": 18, "muon": 18, "aurora-ema-ref": 16, "soap-muon": 16}
     with pytest.raises(ValueError, match="unknown recipe 'adam'"):
         shards.recipe_steps("adam")
 

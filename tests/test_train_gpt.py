@@ -215,9 +215,10 @@ def test_config_line_records_the_settings_and_says_it_is_not_a_record(tiny_run):
     assert config["recipe"] == "aurora" and config["steps"] == STEPS and config["trials"] == 2
     assert config["seed"] == 0 and config["world_size"] == 1 and config["preset"] == "tiny"
     assert config["device"] == "cpu" and config["batch_seqs"] == 16
-    assert config["recipe_settings"]["matrix_lr"] == 0.0375
-    assert config["recipe_settings"]["matrix_options"] == {"pp_iterations": 2, "pp_beta": 0.5, "contra": 0.4,
-                                                           "uw_floor": 0.35}
+    matrix = config["recipe_settings"]["optimizers"][1]
+    assert matrix["kind"] == "Aurora" and matrix["groups"][0]["lr"] == 0.0375
+    assert matrix["options"] == {"weight_decay": 0.0, "momentum": 0.95, "nesterov": True, "pp_iterations": 2,
+                                 "pp_beta": 0.5, "contra": 0.4, "uw_floor": 0.35}
     assert config["hyperparameters"]["model"]["vocab_size"] == 512
     assert "--tiny" in config["command"]
     assert config["is_record_recipe"] is False
@@ -1161,10 +1162,16 @@ def test_freeze_mlp_scalars_trains_everything_else():
 def test_aux_from_takes_only_the_adamw_groups_of_the_other_recipe():
     muon, aurora = tg.RECIPES["muon"], tg.RECIPES["aurora"]
     mixed = tg.with_aux_from(muon, aurora)
-    adamw = ("embed_lr", "head_lr", "scalar_lr", "adam_weight_decay")
+    assert mixed.optimizers == (aurora.optimizers[0], muon.optimizers[1])
     for f in dataclasses.fields(tg.Recipe):
-        assert getattr(mixed, f.name) == getattr(aurora if f.name in adamw else muon, f.name), f.name
-    assert tg.RECIPES["muon"].scalar_lr == 0.015  # the record recipe itself is untouched
+        if f.name != "optimizers":
+            assert getattr(mixed, f.name) == getattr(muon, f.name), f.name
+    assert tg.RECIPES["muon"].group("scalars").lr == 0.015  # the record recipe itself is untouched
+    for name in ("aurora-ema-ref", "soap-muon"):  # their own optimizers and schedules: refused either way
+        with pytest.raises(tg.SetupError, match="only the benchmark-schedule recipes"):
+            tg.with_aux_from(muon, tg.RECIPES[name])
+        with pytest.raises(tg.SetupError, match="only the benchmark-schedule recipes"):
+            tg.with_aux_from(tg.RECIPES[name], muon)
 
 
 def test_data_seed_permutes_the_batches_of_a_shard_and_moves_the_val_slice(tmp_path):
