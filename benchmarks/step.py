@@ -243,6 +243,20 @@ def state_report(model, recipe, optimizer_set, world_size):
             "one_process": one_process, "bucket": matrix.gather_bytes(world_size)}
 
 
+def round_robin_flops(model, matrix, world_size):
+    """Records #42 and #46's split, for comparison: their matrices in model order, sorted by shape (largest
+    first, stable), matrix k updated by rank k mod W; each rank's MuonChain FLOPs under it."""
+    matrices = matrix.matrices()
+    position = {id(p): k for k, p in enumerate(model.parameters())}
+    in_model_order = sorted(range(len(matrices)), key=lambda i: position[id(matrices[i][1])])
+    order = sorted(in_model_order, key=lambda i: tuple(matrices[i][1].shape), reverse=True)
+    totals = [0] * world_size
+    for k, i in enumerate(order):
+        group, p = matrices[i]
+        totals[k % world_size] += matrix.matrix_flops(tuple(p.shape), group)
+    return flops_balance(totals)
+
+
 def plan_report(recipe_names, tiny, world_size):
     """(c)'s matrix FLOPs and optimizer-state bytes per rank alone, for a model built on the meta device:
     the plans need only the shapes, so this runs at full size on any machine in seconds."""
@@ -254,7 +268,10 @@ def plan_report(recipe_names, tiny, world_size):
             model = train_gpt.GPT(dataclasses.replace(hp.model, **recipe.model))
         optimizer_set = train_gpt.build_optimizers(model, recipe)
         matrix = next(opt for opt in optimizer_set if isinstance(opt, tuple(train_gpt.MATRIX_OPTIMIZERS.values())))
-        recipes[name] = {"per_step": {"world_size": world_size, "matrix_flops": matrix_flops_per_rank(matrix, world_size),
+        flops = matrix_flops_per_rank(matrix, world_size)
+        if isinstance(matrix, optimizers.MuonChain):
+            flops["record_round_robin"] = round_robin_flops(model, matrix, world_size)
+        recipes[name] = {"per_step": {"world_size": world_size, "matrix_flops": flops,
                                       "state_bytes": state_report(model, recipe, optimizer_set, world_size)}}
     return {"size": "tiny" if tiny else "full", "model": dataclasses.asdict(hp.model), "plan_only": True,
             "recipes": recipes}
@@ -266,13 +283,16 @@ def format_plan(result):
     lines = [f"plan on {world_size} ranks, {result['size']} size: matrix FLOPs per step and optimizer-state MiB per "
              f"rank (matrix optimizer + Adam + lookahead/readout), max/mean; 'one process' is the state a single "
              f"process keeps, 'bucket' the matrix optimizer's largest all-gather buffer (transient)",
-             f"{'recipe':<15} {'GFLOP/rank max':>15} {'FLOPs max/mean':>15} {'state MiB/rank max':>19} "
+             "'record RR': the FLOPs max/mean of records #42/#46's own round-robin split of the same matrices",
+             f"{'recipe':<15} {'GFLOP/rank max':>15} {'FLOPs max/mean':>15} {'record RR':>10} {'state MiB/rank max':>19} "
              f"{'matrix':>9} {'adam':>8} {'averages':>9} {'state max/mean':>15} {'one process':>12} {'bucket':>8}"]
     mib = 2 ** 20
     for name, r in result["recipes"].items():
         flops, state = r["per_step"]["matrix_flops"]["joined_transposes"], r["per_step"]["state_bytes"]
         top = max(range(world_size), key=lambda k: state["total_per_rank"][k])
-        lines.append(f"{name:<15} {max(flops['per_rank']) / 1e9:>15,.1f} {flops['max_over_mean']:>15.3f} "
+        round_robin = r["per_step"]["matrix_flops"].get("record_round_robin")
+        round_robin = f"{round_robin['max_over_mean']:.3f}" if round_robin else "-"
+        lines.append(f"{name:<15} {max(flops['per_rank']) / 1e9:>15,.1f} {flops['max_over_mean']:>15.3f} {round_robin:>10} "
                      f"{state['total_per_rank'][top] / mib:>19,.1f} {state['per_rank']['matrix'][top] / mib:>9,.1f} "
                      f"{state['per_rank']['adam'][top] / mib:>8,.1f} {state['per_rank']['weight_averages'][top] / mib:>9,.1f} "
                      f"{state['max_over_mean']:>15.3f} {state['one_process'] / mib:>12,.1f} {state['bucket'] / mib:>8,.1f}")
