@@ -1193,10 +1193,11 @@ def record_differences(hp, recipe, steps, init_from, aurora=None):
                    for name in compared if getattr(hp, name) != getattr(record, name)]
     if steps != recipe.record_steps:
         differences.append(f"steps={steps} (record: {recipe.record_steps})")
-    if aurora is not None and aurora["matrices"] != aurora["record_matrices"]:
-        differences.append(f"aurora={aurora['pattern']!r} with the {aurora['form']} form on "
+    if aurora is not None and (aurora["matrices"] != aurora["record_matrices"] or
+                               (aurora["matrices"] and aurora["backend"] != aurora["record_backend"])):
+        differences.append(f"aurora={aurora['pattern']!r} in record #{aurora['form']}'s form on "
                            f"{len(aurora['matrices'])} matrices (record: {recipe.aurora[0]!r}, "
-                           f"{len(aurora['record_matrices'])} matrices)")
+                           f"{len(aurora['record_matrices'])} matrices, {aurora['record_backend']})")
     if init_from:
         differences.append(f"init_from={init_from!r} (record: fresh initialization)")
     return differences
@@ -2144,7 +2145,7 @@ def resolve_recipe(args, hp):
         backend = AURORA_FORMS[args.aurora_form]
         matrices = aurora_matrices(args.aurora, matrix_shapes(model, recipe))
         aurora = {"pattern": args.aurora, "form": args.aurora_form, "backend": backend, "matrices": matrices,
-                  "record_matrices": record_matrices if backend == record_backend or not record_matrices else None}
+                  "record_matrices": record_matrices, "record_backend": record_backend}
     return recipe, steps, hp, aurora
 
 

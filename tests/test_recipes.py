@@ -6,6 +6,7 @@ steps from the record's state. Eager, on the CPU, at the reduced sizes the refer
 import contextlib
 import dataclasses
 import os
+import subprocess
 import sys
 
 import pytest
@@ -407,3 +408,163 @@ def test_resume_continues_bit_identically(record, tmp_path):
     final = short_run_checkpoint(record, str(whole), ["--save-every", "12"])
     resumed = short_run_checkpoint(record, str(parts), resume=str(whole / "final.step12.pt"))
     assert_same_checkpoints(final, resumed)
+
+
+# ----------------------------------------------------------------------------------------------
+# --steps, --tiny and --aurora; tiny runs
+# ----------------------------------------------------------------------------------------------
+
+def test_scaling_is_the_identity_at_the_records_horizon_and_rounds_half_up():
+    for name, recipe in tg.RECIPES.items():
+        assert tg.scaled_recipe(recipe, recipe.steps) == recipe, name
+    assert [tg.scaled_step(v, 200, 2900) for v in (125, 2375, 2850, 2860, 2900)] == [9, 164, 197, 197, 200]
+    assert tg.scaled_step(725, 2, 2900) == 1 and tg.scaled_step(724, 2, 2900) == 0  # 0.5 rounds up, 0.4993 down
+    tiny = tg.scaled_recipe(tg.RECIPES["aurora-ema-ref"], 200)
+    assert (tiny.steps, tiny.stop, tiny.lookahead.prefill, tiny.lookahead.rest, tiny.readout.capture) == (200, 197, 21, 134, 164)
+    assert tiny.lookahead.stepsize == 0.3 and tiny.record_steps == 2900
+    # PowerCool is stretched with the steps: s steps before the shortened t_end, the lr is the record's
+    # s * 2900 / 200 steps before its own t_end.
+    group = {"initial_lr": 0.0375, "power_c": tg.MATRIX_POWER_C}
+    record = tg.RECIPES["aurora-ema-ref"]
+    for step in (150, 180, 206):
+        before_end = (tiny.lr_schedule.t_end - step) * 14.5
+        assert tiny.lr_schedule.lr(step, group, tiny) == record.lr_schedule.lr(record.lr_schedule.t_end - before_end,
+                                                                                group, record)
+
+
+def check_args(*argv):
+    return subprocess.run([sys.executable, tg.__file__, "--check-args", *argv], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--aurora", "widest"], "'widest' is not none, wide, tall or all and names no block matrix"),
+    (["--aurora", "attn.q"], "names only square matrices"),
+    (["--aurora-form", "42"], "give --aurora PATTERN too"),
+    (["--recipe", "soap-muon", "--aux-from", "muon"], "only the benchmark-schedule recipes"),
+    (["--recipe", "aurora-ema-ref", "--mlp", "swiglu"], "has no draws for a SwiGLU's up projection"),
+])
+def test_bad_recipe_combinations_are_refused_with_one_error_line(argv, message):
+    result = check_args(*argv)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("error:") == 1, result.stderr
+
+
+def test_aurora_needs_a_recipe_with_a_polar_step(monkeypatch):
+    adam_only = dataclasses.replace(tg.RECIPES["muon"], name="adam-only", optimizers=(
+        tg.OptimizerSpec("AdamW", (tg.Group("all", ("*",), 0.001),)),))
+    monkeypatch.setitem(tg.RECIPES, "adam-only", adam_only)
+    args = tg.parse_args(["--recipe", "adam-only", "--aurora", "wide"])
+    with pytest.raises(tg.SetupError, match="has no polar step to give Aurora's"):
+        tg.resolve_recipe(args, tg.resolve_hyperparameters(args))
+
+
+def aurora_run(argv):
+    args = tg.parse_args(argv)
+    return tg.resolve_recipe(args, tg.resolve_hyperparameters(args))
+
+
+@pytest.mark.parametrize("argv, is_record", [
+    (["--recipe", "aurora-ema-ref"], True),
+    (["--recipe", "aurora-ema-ref", "--aurora", "mlp.proj", "--aurora-form", "42"], True),  # its own choice
+    (["--recipe", "aurora-ema-ref", "--aurora", "wide", "--aurora-form", "42"], True),  # the same matrices
+    (["--recipe", "aurora-ema-ref", "--aurora", "none"], False),  # #42 without Aurora
+    (["--recipe", "aurora-ema-ref", "--aurora", "mlp.proj"], False),  # #17's form
+    (["--recipe", "soap-muon", "--aurora", "mlp.proj"], False),
+    (["--recipe", "soap-muon", "--aurora", "none"], True),
+    (["--recipe", "aurora", "--aurora", "all"], True),  # record #17 gives every rectangular matrix Aurora's polar
+    (["--recipe", "aurora", "--aurora", "tall"], False),
+    (["--recipe", "soap-muon", "--steps", "1000"], False),
+    (["--recipe", "soap-muon", "--tiny"], False),
+])
+def test_is_record_only_for_the_records_full_configuration(argv, is_record):
+    recipe, steps, hp, aurora = aurora_run(argv)
+    differences = tg.record_differences(hp, recipe, steps, None, aurora)
+    assert (not differences) == is_record, differences
+    if aurora and not is_record:
+        assert any(d.startswith("aurora=") for d in differences)
+
+
+def updated_weights(recipe_name, argv=(), steps=2):
+    """The weights after `steps` steps of the recipe's optimizers (with argv's --aurora) on a small model with
+    every weight random, from fixed random gradients."""
+    recipe, _, hp, aurora = aurora_run(["--recipe", recipe_name, *argv])
+    config = dataclasses.replace(hp.model, vocab_size=32, num_layers=2, model_dim=16, head_dim=8, seq_len=8)
+    model = tg.GPT(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator).to(p.dtype))
+    if aurora is not None:  # the names resolved at full size are the same at this size
+        aurora = (aurora["matrices"], aurora["backend"])
+    opts = tg.build_optimizers(model, recipe, aurora)
+    for step in range(steps):
+        tg.set_schedules(opts, recipe, step)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+        for opt in opts:
+            opt.step()
+    opts[-1].model_parameters = list(model.named_parameters())
+    return {name: p.detach().clone() for name, p in model.named_parameters()}, opts
+
+
+def model_of(opts):
+    return opts[-1].model_parameters
+
+
+@pytest.mark.parametrize("recipe_name, pattern, form, backend", [
+    ("soap-muon", "mlp.proj", "17", "aurora"),
+    ("soap-muon", "tall", "42", "aurora_schatten"),
+    ("muon", "wide", "17", "aurora"),
+    ("aurora-ema-ref", "none", "17", None),
+])
+def test_aurora_switch_changes_only_the_named_matrices_polar(recipe_name, pattern, form, backend):
+    """--aurora: the named matrices' groups take Aurora's polar backend and their steps change; every other
+    parameter steps exactly as in the recipe itself (#42 with `none`: its mlp.proj loses Aurora's polar)."""
+    plain, _ = updated_weights(recipe_name)
+    switched, opts = updated_weights(recipe_name, ["--aurora", pattern, "--aurora-form", form])
+    named = aurora_run(["--recipe", recipe_name, "--aurora", pattern, "--aurora-form", form])[3]["matrices"] & set(plain)
+    own = {n for n in plain if n.endswith("mlp.proj.weight")} if recipe_name == "aurora-ema-ref" else set()
+    changed = {name for name in plain if not torch.equal(plain[name], switched[name])}
+    assert changed and changed == named ^ own
+    names = {id(p): n for n, p in model_of(opts)}
+    for group in opts[-1].param_groups:
+        for p in group["params"]:
+            if names[id(p)] in named and backend is not None:
+                assert group["polar_backend"] == backend
+            elif names[id(p)] not in own:
+                assert group["polar_backend"] in ("polar", "schatten"), (names[id(p)], group["polar_backend"])
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    from test_train_gpt import write_synthetic_shards
+    folder = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_shards(str(folder), vocab_size=512, train_shards=1, tokens_per_shard=(TINY_STEPS + 2) *
+                           tg.TINY.batch_tokens, val_tokens=tg.TINY.val_tokens + 100)
+    return ["--train-files", str(folder / "synthetic_train_*.bin"), "--val-files", str(folder / "synthetic_val_*.bin")]
+
+
+TINY_STEPS = 16  # the CPU preset on a 16-step horizon: every step constant scaled by 16/2900
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["--recipe", "aurora-ema-ref"], ["--recipe", "soap-muon"],
+                                  ["--recipe", "soap-muon", "--aurora", "mlp.proj"]])
+def test_tiny_runs_fall_log_their_readouts_and_say_they_are_not_records(argv, tiny_shards, tmp_path):
+    from test_train_gpt import run_trainer, split_log
+    run_trainer(["--tiny", "--steps", str(TINY_STEPS), "--no-diagnostics", "--run-id", "r", *argv, *tiny_shards],
+                cwd=tmp_path, threads=1)
+    code, lines = split_log((tmp_path / "logs" / "r.txt").read_text())
+    assert "class MuonChain" in code and "def record_init" in code  # the code that ran, optimizers inlined
+    val_lines = [line for line in lines if line.startswith("step:")]
+    losses = [float(line.split("val_loss:")[1].split()[0]) for line in val_lines]
+    assert val_lines[0].startswith(f"step:0/{TINY_STEPS} ") and losses[-1] < losses[0]
+    config = next(line for line in lines if line.startswith("config "))
+    assert '"is_record_recipe": false' in config
+    if "--aurora" in argv:
+        assert '"aurora=' in config  # named in the differences from the record
+    if argv[1] == "aurora-ema-ref":  # stops at round(2860 * 16 / 2900) = 16, the readout applies from step 16
+        assert all(" ema_beta:" in line for line in val_lines)
+        assert " ref_gamma:-0.075 ref_step:13 raw_val_loss:" in val_lines[-1]
+    else:
+        assert all(" val_ema_loss:" in line for line in val_lines)
