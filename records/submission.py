@@ -14,6 +14,7 @@ fails.
 
 import argparse
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,11 @@ def extract(log_path: str, out_path: str | None) -> int:
     if out_path is None:
         sys.stdout.write(log.code)
         return 0
+    # samefile compares the files themselves, so a relative path, a symlink or a hard link to the log counts too.
+    if os.path.exists(out_path) and os.path.samefile(out_path, log_path):
+        print(f"error: -o {out_path} is the log {log_path} itself; writing the code there would replace the log: "
+              "name another file", file=sys.stderr)
+        return 2
     with open(out_path, "w", **LOG_ENCODING) as f:
         f.write(log.code)
     print(f"wrote {out_path} ({len(log.code.splitlines())} lines) from {log_path}", file=sys.stderr)

@@ -58,6 +58,23 @@ def test_extracted_code_runs(tmp_path):
     assert done.stdout == "42\n"
 
 
+@pytest.mark.parametrize("spelling", ["as given", "relative", "symlink", "hard link"])
+def test_extract_refuses_to_write_over_its_own_log(tmp_path, monkeypatch, capsys, spelling):
+    log = write_log(tmp_path / "log.txt", GOOD, 100)
+    original = (tmp_path / "log.txt").read_bytes()
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    if spelling == "symlink":
+        (tmp_path / "link.txt").symlink_to(tmp_path / "log.txt")
+    elif spelling == "hard link":
+        os.link(tmp_path / "log.txt", tmp_path / "link.txt")
+    out = {"as given": log, "relative": "../log.txt"}.get(spelling, str(tmp_path / "link.txt"))
+    assert submission.main(["extract", log, "-o", out]) == 2
+    assert capsys.readouterr().err == (f"error: -o {out} is the log {log} itself; writing the code there would "
+                                       "replace the log: name another file\n")
+    assert (tmp_path / "log.txt").read_bytes() == original
+
+
 def test_extract_refuses_a_log_without_code(tmp_path, capsys):
     path = tmp_path / "nocode.txt"
     path.write_text("step:0/10 val_loss:10.8\n")
