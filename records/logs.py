@@ -17,12 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CODE_SEPARATOR = "=" * 100
-VAL_LINE = re.compile(r"step:(\d+)/(\d+)\s+val_loss:([0-9.]+)")
+VAL_LINE = re.compile(r"step:(\d+)/(\d+)\s+val_loss:(\S*)")
 TRAIN_TIME = re.compile(r"train_time:([0-9.]+)(ms|s)\b")
 STEP_AVG = re.compile(r"step_avg:([0-9.]+)ms")
 HARDWARE_LINE = re.compile(r"^Running PyTorch .* on (.+) with world_size (\d+)\s*$")
 DIAG_PREFIX = "diag "
 CONFIG_PREFIX = "config "
+
+
+class LogError(Exception):
+    """A file that cannot be read as a training log; the message names it (and the line) and what to pass."""
 
 
 @dataclass
@@ -81,11 +85,16 @@ def split_code(text: str) -> tuple[str | None, str]:
 
 
 def parse_val_line(line: str) -> ValPoint | None:
+    """The point of a val line, None for any other line; ValueError (saying what is wrong) when the line's
+    loss is not a number, as in a README that quotes `step:50/50 val_loss:...`."""
     match = VAL_LINE.search(line)
     if match is None:
         return None
     step, total, loss = match.groups()
-    point = ValPoint(int(step), int(total), float(loss))
+    try:
+        point = ValPoint(int(step), int(total), float(loss))
+    except ValueError:
+        raise ValueError(f"'{match[0]}': the val_loss is not a number") from None
     time_match = TRAIN_TIME.search(line, match.end())
     if time_match is not None:
         seconds = float(time_match.group(1))
@@ -137,8 +146,12 @@ def parse_log_text(text: str, path: str = "<text>") -> LogFile:
     # trial (written just before its `step:0/` line); they wait here until that trial starts.
     pending_diagnostics: list[dict] = []
     latest_step = -1
-    for line in rest.splitlines():
-        point = parse_val_line(line)
+    first_line_number = len(code.splitlines()) + 1 if code else 1
+    for line_number, line in enumerate(rest.splitlines(), first_line_number):
+        try:
+            point = parse_val_line(line)
+        except ValueError as problem:
+            raise LogError(f"{path}:{line_number}: {problem}; pass the logs a training run wrote (logs/*.txt)") from None
         if point is not None:
             if point.step == 0 or not runs:
                 runs.append(Run(path, len(runs), recipe, hardware, diagnostics=pending_diagnostics,
@@ -187,14 +200,21 @@ def read_log_text(path: str | Path) -> str:
         return f.read()
 
 
-def parse_log(path: str | Path) -> LogFile:
+def read_log(path: str | Path) -> str:
+    """The text of the log file at `path`; LogError when it is missing, a folder or unreadable."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a log file; pass the log files in it, e.g. "
-                                f"{path / '*.txt'}")
+        raise LogError(f"{path} is a folder, not a log file; pass the log files in it, e.g. {path / '*.txt'}")
     if not path.is_file():
-        raise FileNotFoundError(f"log file not found: {path} (pass paths to logs/*.txt files)")
-    return parse_log_text(read_log_text(path), str(path))
+        raise LogError(f"log file not found: {path} (pass paths to logs/*.txt files)")
+    try:
+        return read_log_text(path)
+    except OSError as error:
+        raise LogError(f"{path}: cannot read it: {error.strerror or error}") from None
+
+
+def parse_log(path: str | Path) -> LogFile:
+    return parse_log_text(read_log(path), str(path))
 
 
 def runs_of(log_files: list[LogFile]) -> list[Run]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: records/ is not a package
 
-from logs import Run, parse_log, runs_of  # noqa: E402
+from logs import LogError, Run, parse_log, runs_of  # noqa: E402
 
 TARGET_LOSS = 3.28
 BAR = 0.004  # one-sided z-test with sigma 0.0013 at p < 0.001 (docs/benchmark.md#rules-and-statistics)
@@ -126,8 +126,8 @@ def summarize_result_set(runs: list[Run], label: str) -> ResultSet:
 def load_result_set(paths: list[str], label: str) -> ResultSet:
     runs = runs_of([parse_log(path) for path in paths])
     if not runs:
-        raise SystemExit(f"error: no val lines (step:S/T val_loss:X) in {', '.join(paths)}; "
-                         "pass the logs/*.txt files a training run wrote")
+        raise LogError(f"no val lines (step:S/T val_loss:X) in {', '.join(paths)}; "
+                       "pass the logs/*.txt files a training run wrote")
     return summarize_result_set(runs, label)
 
 
@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         results = [load_result_set(args.logs, args.label)]
         if args.vs:
             results.append(load_result_set(args.vs, args.vs_label))
-    except (FileNotFoundError, IsADirectoryError) as error:
+    except LogError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     pairwise = compare(*results) if len(results) == 2 else None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: records/ is not a package
 
-from logs import LOG_ENCODING, LogFile, parse_log, runs_of  # noqa: E402
+from logs import LOG_ENCODING, LogError, LogFile, parse_log, read_log, runs_of, split_code  # noqa: E402
 from stats import BAR, TARGET_LOSS, passing_summary, summarize_result_set, unique_values  # noqa: E402
 
 
@@ -106,13 +106,13 @@ def check_submission(logs: list[LogFile], minimum_runs: int | None) -> list[Chec
 
 
 def extract(log_path: str, out_path: str | None) -> int:
-    log = parse_log(log_path)
-    if log.code is None:
+    code, _ = split_code(read_log(log_path))  # the code only: what follows it need not be a well-formed log
+    if code is None:
         print(f"error: {log_path} has no line of 100 '=' so it holds no code section; "
               "only logs written by train_gpt.py (or the leaderboard) can be extracted", file=sys.stderr)
         return 1
     if out_path is None:
-        sys.stdout.write(log.code)
+        sys.stdout.write(code)
         return 0
     # samefile compares the files themselves, so a relative path, a symlink or a hard link to the log counts too.
     if os.path.exists(out_path) and os.path.samefile(out_path, log_path):
@@ -120,8 +120,8 @@ def extract(log_path: str, out_path: str | None) -> int:
               "name another file", file=sys.stderr)
         return 2
     with open(out_path, "w", **LOG_ENCODING) as f:
-        f.write(log.code)
-    print(f"wrote {out_path} ({len(log.code.splitlines())} lines) from {log_path}", file=sys.stderr)
+        f.write(code)
+    print(f"wrote {out_path} ({len(code.splitlines())} lines) from {log_path}", file=sys.stderr)
     return 0
 
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "extract":
             return extract(args.log, args.output)
         return check(args.logs, args.n)
-    except (FileNotFoundError, IsADirectoryError) as error:
+    except LogError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

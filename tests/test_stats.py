@@ -275,6 +275,28 @@ def test_a_folder_is_called_a_folder(tmp_path, capsys):
                                        f"e.g. {tmp_path / '*.txt'}\n")
 
 
+def test_val_line_without_a_number_is_one_error_naming_the_file_and_line(tmp_path, capsys):
+    """Text that looks like val lines but holds a placeholder, as a README quotes them."""
+    doc = tmp_path / "notes.md"
+    doc.write_text("# notes\n\nIt prints step:0/50 val_loss:10.82584 first, then\nstep:50/50 val_loss:... lower.\n")
+    assert stats.main([str(doc)]) == 2
+    assert capsys.readouterr().err == (f"error: {doc}:4: 'step:50/50 val_loss:...': the val_loss is not a number; "
+                                       "pass the logs a training run wrote (logs/*.txt)\n")
+    readme = os.path.join(os.path.dirname(RECORDS), "README.md")  # the project's own, which quotes val lines
+    done = subprocess.run([sys.executable, os.path.join(RECORDS, "stats.py"), readme], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"error: {readme}")
+
+
+def test_a_file_without_val_lines_is_one_error(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("no val lines here\n")
+    assert stats.main([str(empty)]) == 2
+    assert capsys.readouterr().err == (f"error: no val lines (step:S/T val_loss:X) in {empty}; pass the logs/*.txt "
+                                       "files a training run wrote\n")
+
+
 def test_missing_figure_folder_is_refused_before_any_output(tmp_path, set_a):
     for flag in ("--plot", "--plot-diagnostics"):
         target = str(tmp_path / "missing" / "x.png")

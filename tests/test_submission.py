@@ -152,6 +152,17 @@ def test_missing_file_is_a_clear_error(tmp_path, capsys, argv):
                                        f"e.g. {tmp_path / '*.txt'}\n")
 
 
+def test_placeholder_val_lines_are_one_error(tmp_path, capsys):
+    """A README quoting val lines with '...': extract needs only the code section, check names the line."""
+    doc = tmp_path / "README.md"
+    doc.write_text("Run it; it prints\nstep:50/50 val_loss:... at the end.\n")
+    assert submission.main(["extract", str(doc)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {doc} has no line of 100 '='")
+    assert submission.main(["check", str(doc)]) == 2
+    assert capsys.readouterr().err == (f"error: {doc}:2: 'step:50/50 val_loss:...': the val_loss is not "
+                                       "a number; pass the logs a training run wrote (logs/*.txt)\n")
+
+
 def test_extract_keeps_bytes_that_are_not_utf8(tmp_path):
     code = b"x = 1  # latin-1 caf\xe9\n"
     log = tmp_path / "latin1.txt"
