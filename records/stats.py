@@ -617,8 +617,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def figure_formats() -> list[str]:
+    """The extensions matplotlib writes a figure to by itself: all it lists but pgf, which needs a LaTeX install."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    return sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})
+
+
 def figure_path_problem(path: str) -> str | None:
     """Why a figure cannot be written at `path` (checked before any work), or None."""
+    extension = Path(path).suffix.lower().removeprefix(".")
+    formats = figure_formats()
+    if extension not in formats:
+        problem = f"matplotlib writes no '.{extension}' files" if extension else \
+            "the name has no extension to say the format"
+        return f"{problem}; name it with one of {', '.join('.' + f for f in formats)}"
     folder = Path(path).resolve().parent
     if not folder.is_dir():
         return f"the folder {folder} does not exist; create it or write the figure elsewhere"

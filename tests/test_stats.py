@@ -297,6 +297,21 @@ def test_a_file_without_val_lines_is_one_error(tmp_path, capsys):
                                        "files a training run wrote\n")
 
 
+@pytest.mark.parametrize("name, problem", [
+    ("curves.txt", "matplotlib writes no '.txt' files"),
+    ("curves", "the name has no extension to say the format"),
+])
+def test_figure_format_is_checked_before_any_output(tmp_path, set_a, name, problem):
+    for flag in ("--plot", "--plot-diagnostics"):
+        target = str(tmp_path / name)
+        done = subprocess.run([sys.executable, os.path.join(RECORDS, "stats.py"), *set_a, flag, target],
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(f"error: {flag} {target}: {problem}; name it with one of ") and ".png" in line
+        assert sorted(os.listdir(tmp_path)) == ["a0.txt", "a1.txt"]  # nothing written
+
+
 def test_missing_figure_folder_is_refused_before_any_output(tmp_path, set_a):
     for flag in ("--plot", "--plot-diagnostics"):
         target = str(tmp_path / "missing" / "x.png")
