@@ -90,12 +90,16 @@ def write_shard(path, tokens):
     os.replace(partial, path)
 
 
+def read_header(path):
+    return np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+
+
 def validate_shard(path):
     """Check the header and the file size; return the token count N. Raises ShardError."""
     file_size = os.path.getsize(path)
     if file_size < HEADER_BYTES:
         raise ShardError(path, f"file is {file_size} bytes, shorter than the {HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    header = read_header(path)
     if header[0] != MAGIC:
         raise ShardError(path, f"bad magic number {header[0]} (expected {MAGIC}); not a token shard")
     if header[1] != VERSION:
@@ -119,14 +123,6 @@ def read_shard(path):
     return np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_BYTES).astype(np.uint16)
 
 
-def check_token_ids(path, vocab_size):
-    """Raise ShardError if the shard holds an id the model has no embedding row for (vocabulary ids are
-    0..vocab_size-1): it was tokenized for another vocabulary, and the trainer refuses it."""
-    tokens = read_shard(path)
-    highest = int(tokens.max()) if tokens.size else -1
-    if highest >= vocab_size:
-        raise ShardError(path, f"token id {highest}, but the vocabulary has {vocab_size} ids (0..{vocab_size - 1}); "
-                               f"tokenized for another vocabulary")
 
 
 def steps_in_shard(num_tokens, batch=BATCH_TOKENS):
@@ -156,6 +152,50 @@ class ShardStatus:
     path: str
     num_tokens: int | None  # None when invalid
     error: str | None
+    highest_id: int | None = None  # None when invalid or empty
+    header: tuple[int, ...] | None = None  # None when invalid
+
+
+def inspect_shard(path, vocab_size):
+    """The shard's status: its header and size valid (validate_shard), and every token id below vocab_size (the
+    model has no embedding row for a larger one: tokenized for another vocabulary, and the trainer refuses it)."""
+    try:
+        tokens = read_shard(path)
+    except ShardError as e:
+        return ShardStatus(path, None, e.problem)
+    except OSError as e:
+        return ShardStatus(path, None, f"cannot read it: {e.strerror or e}")
+    highest = int(tokens.max()) if tokens.size else None
+    if highest is not None and highest >= vocab_size:
+        return ShardStatus(path, None, f"token id {highest}, but the vocabulary has {vocab_size} ids "
+                                       f"(0..{vocab_size - 1}); tokenized for another vocabulary")
+    return ShardStatus(path, tokens.size, None, highest, tuple(int(v) for v in read_header(path)))
+
+
+def disagreements(statuses):
+    """What the valid shards of one folder disagree on, as problem lines. Every shard of a set holds its
+    vocabulary's end-of-text id, its highest id (511 with 512 ids, GPT-2's 50256), so different highest ids mean
+    shards written for different vocabularies, as a second write into the folder can leave; and their headers
+    must be the same but for the token count."""
+    valid = [s for s in statuses if s.num_tokens is not None]
+    problems = []
+    names_by_highest = {}
+    for status in valid:
+        if status.highest_id is not None:
+            names_by_highest.setdefault(status.highest_id, []).append(os.path.basename(status.path))
+    if len(names_by_highest) > 1:
+        groups = "; ".join(f"{highest} in {', '.join(names)}" for highest, names in sorted(names_by_highest.items()))
+        problems.append(f"the shards disagree on their highest token id (their vocabulary's end-of-text id), so they "
+                        f"were written for different vocabularies: {groups}; write the set again")
+    for status in valid[1:]:
+        reference = valid[0]  # the val shard when it is valid: the first in streaming order
+        differing = [i for i, (a, b) in enumerate(zip(status.header, reference.header)) if a != b and i != 2]
+        if differing:
+            i = differing[0]
+            problems.append(f"the shard headers disagree beyond the token count (another writer or format version): "
+                            f"{os.path.basename(status.path)} differs from {os.path.basename(reference.path)} at "
+                            f"header int {i} ({status.header[i]}, not {reference.header[i]}); write the set again")
+    return problems
 
 
 def shard_role(filename):
@@ -167,20 +207,13 @@ def shard_role(filename):
 
 
 def inspect_folder(folder, vocab_size):
-    """Status of every .bin shard in folder (header, size and token ids below vocab_size), grouped by role,
+    """Status of every .bin shard in folder (inspect_shard), grouped by role,
     each group in sorted filename order (the order the trainer streams them)."""
     groups = {"val": [], "train": [], "other": []}
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".bin"):
             continue
-        path = os.path.join(folder, name)
-        try:
-            num_tokens = validate_shard(path)
-            check_token_ids(path, vocab_size)
-            status = ShardStatus(path, num_tokens, None)
-        except ShardError as e:
-            status = ShardStatus(path, None, e.problem)
-        groups[shard_role(name) or "other"].append(status)
+        groups[shard_role(name) or "other"].append(inspect_shard(os.path.join(folder, name), vocab_size))
     return groups
 
 
@@ -221,6 +254,7 @@ def folder_report(folder, steps, batch, val_tokens, vocab_size):
                  f"{batch:,} tokens; the run needs {steps}")
     if available < steps:
         problems.append(f"train shards feed {available} steps, the run needs {steps}")
+    problems += disagreements([status for group in groups.values() for status in group])
     lines.extend(f"NOT ENOUGH / INVALID: {p}" for p in problems)
     if not problems:
         lines.append("OK: valid and enough for the run")

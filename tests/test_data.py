@@ -170,6 +170,29 @@ def test_listing_command_checks_the_cpu_preset_with_tiny(tmp_path):
             in other.stdout), other.stdout
 
 
+def test_listing_refuses_shards_of_different_vocabularies_or_headers(tmp_path):
+    """Every shard holds its vocabulary's end-of-text id, the highest id (511 of 512; GPT-2's 50256): a set whose
+    highest ids differ mixes vocabularies, even where each id is below --vocab-size."""
+    write_shard(str(tmp_path / "t_val_000000.bin"), 511 - np.arange(200))
+    write_shard(str(tmp_path / "t_train_000001.bin"), 511 - np.arange(200))
+    write_shard(str(tmp_path / "t_train_000002.bin"), 999 - np.arange(200))
+    write_shard(str(tmp_path / "t_train_000003.bin"), 999 - np.arange(200))
+    mixed = run_listing(tmp_path, "--steps", 1, "--batch-tokens", 10, "--val-tokens", 10, "--vocab-size", 1000)
+    assert mixed.returncode == 1
+    assert ("NOT ENOUGH / INVALID: the shards disagree on their highest token id (their vocabulary's end-of-text id), "
+            "so they were written for different vocabularies: 511 in t_val_000000.bin, t_train_000001.bin; 999 in "
+            "t_train_000002.bin, t_train_000003.bin; write the set again") in mixed.stdout.splitlines(), mixed.stdout
+    for name in ("t_train_000002.bin", "t_train_000003.bin"):
+        write_shard(str(tmp_path / name), 511 - np.arange(200))
+    assert run_listing(tmp_path, "--steps", 1, "--batch-tokens", 10, "--val-tokens", 10).returncode == 0
+    rewrite_header_field(str(tmp_path / "t_train_000003.bin"), 5, 7)  # a header field we always write as 0
+    other_header = run_listing(tmp_path, "--steps", 1, "--batch-tokens", 10, "--val-tokens", 10)
+    assert other_header.returncode == 1
+    assert ("NOT ENOUGH / INVALID: the shard headers disagree beyond the token count (another writer or format "
+            "version): t_train_000003.bin differs from t_val_000000.bin at header int 5 (7, not 0); write the set "
+            "again") in other_header.stdout.splitlines(), other_header.stdout
+
+
 # ---------------------------------------------------------------- cached_fineweb10B.py
 
 class FakeHub:
@@ -436,6 +459,22 @@ def test_synthetic_refuses_bad_numbers_before_writing(tmp_path, capsys, args, me
         synthetic.main([*args, "--out", str(out)])
     assert refused.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
     assert not out.exists()
+
+
+def test_synthetic_replaces_the_folders_shards_as_a_set(tmp_path):
+    """A second run into the same folder, with fewer shards and another vocabulary, leaves none of the first run's
+    shards beside its own; files that are not synthetic shards stay as they were."""
+    out = tmp_path / "out"
+    synthetic.write_synthetic_shards(str(out), vocab_size=1000, train_shards=3, tokens_per_shard=5000, val_tokens=3000)
+    (out / "notes.txt").write_text("mine")
+    write_shard(str(out / "other_train_000001.bin"), np.arange(10))
+    paths = synthetic.write_synthetic_shards(str(out), vocab_size=512, train_shards=1, tokens_per_shard=4000,
+                                             val_tokens=2000)
+    assert sorted(os.listdir(out)) == ["notes.txt", "other_train_000001.bin", "synthetic_train_000001.bin",
+                                       "synthetic_val_000000.bin"]
+    assert [os.path.basename(p) for p in paths] == ["synthetic_val_000000.bin", "synthetic_train_000001.bin"]
+    assert [int(read_shard(p).max()) for p in paths] == [511, 511] and validate_shard(paths[1]) == 4000
+    assert (out / "notes.txt").read_text() == "mine" and validate_shard(str(out / "other_train_000001.bin")) == 10
 
 
 def test_synthetic_command_default_layout(tmp_path):
