@@ -50,6 +50,22 @@ def record_code(log_text, log_path):
     return "\n".join(lines[:lines.index(train_gpt.SEPARATOR)]) + "\n"
 
 
+def read_record_code(log_path, steps):
+    """(code, edit): the code of the leaderboard log at log_path with its step count set to `steps`, and that
+    edit described. RecordError when the log is unreadable or holds no code that compiles."""
+    try:
+        text = Path(log_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecordError(f"{log_path}: cannot read it as UTF-8 text ({e})") from None
+    code = record_code(text, log_path)
+    try:
+        compile(code, log_path, "exec")
+    except SyntaxError as e:
+        raise RecordError(f"{log_path}: its code does not parse (line {e.lineno}: {e.msg}); pass a leaderboard log, "
+                          f"whose code is the script that ran") from None
+    return set_step_count(code, steps, log_path)
+
+
 def set_step_count(code, steps, log_path):
     """(edited code, description): the one step-count constant set to `steps`."""
     lines = code.split("\n")
@@ -106,11 +122,14 @@ def parse_args(argv):
                         help="our side's device (the record's is whatever it hard-codes)")
     parser.add_argument("--tiny", action="store_true",
                         help="our CPU preset and shards of its 512-id vocabulary (for a small stand-in record)")
-    parser.add_argument("--work", metavar="DIR", help="work folder (default: a new temporary folder)")
+    parser.add_argument("--work", metavar="DIR",
+                        help="work folder, kept (default: a new temporary folder, removed at the end)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed to each side (default 1800)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.timeout < 1:
+        parser.error(f"--timeout must be at least 1 second, got {args.timeout}")
     if not os.path.isfile(args.record_log):
         parser.error(f"--record-log {args.record_log}: no such file")
     return args
@@ -118,14 +137,21 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    hp = train_gpt.TINY if args.tiny else train_gpt.FULL
-    work = Path(args.work or tempfile.mkdtemp(prefix="versus_record_")).resolve()
     try:
-        code = record_code(Path(args.record_log).read_text(), args.record_log)
-        code, edit = set_step_count(code, args.steps, args.record_log)
+        code, edit = read_record_code(args.record_log, args.steps)
     except RecordError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # The work folder is made only now that every check has passed.
+    if args.work:
+        return compare(args, Path(args.work).resolve(), code, edit)
+    with tempfile.TemporaryDirectory(prefix="versus_record_", ignore_cleanup_errors=True) as work:
+        return compare(args, Path(work), code, edit)
+
+
+def compare(args, work, code, edit):
+    """Both sides in `work` on the same shards; the exit status."""
+    hp = train_gpt.TINY if args.tiny else train_gpt.FULL
     data = work / "data" / "fineweb10B"
     data.mkdir(parents=True, exist_ok=True)
     vocab = hp.model.vocab_size if args.tiny else GPT2_VOCAB
@@ -137,8 +163,9 @@ def main(argv=None):
         (data / name).unlink(missing_ok=True)
         os.symlink(source, data / name)
     (work / "record.py").write_text(code)
-    print(f"record: the code of {args.record_log}, saved as {work / 'record.py'}; edited: {edit}; nothing else "
-          f"changed")
+    kept = "" if args.work else " (a temporary folder, removed at the end; --work DIR keeps it)"
+    print(f"record: the code of {args.record_log}, saved as {work / 'record.py'}{kept}; edited: {edit}; nothing "
+          f"else changed")
     print(f"data: synthetic shards of vocabulary {vocab} in {data} ({train_tokens:,} train tokens, {val_tokens:,} "
           f"val), for both sides; {args.steps} steps, {TRIALS} trials each, one process under torchrun")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]

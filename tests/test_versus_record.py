@@ -7,12 +7,14 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "versus_record.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import versus_record  # noqa: E402
 from versus_record import RecordError, set_step_count  # noqa: E402
 
 STAND_IN = '''import glob, os, sys, time
@@ -99,3 +101,50 @@ def test_help_and_a_log_without_code(tmp_path):
     done = subprocess.run([sys.executable, SCRIPT, "--record-log", str(tmp_path / "log.txt"), "--work",
                            str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no line of 100 '='" in done.stderr
+
+
+def record_log(path, code):
+    path.write_text(code + "=" * 100 + "\nstep:0/1000 val_loss:6.23832 train_time:0.000s step_avg:nanms\n")
+    return str(path)
+
+
+@pytest.fixture
+def temp_folder(tmp_path, monkeypatch):
+    """Where tempfile makes the default work folder, so that a test sees what is left there."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_code_that_does_not_parse_is_refused_before_any_work(tmp_path, temp_folder, capsys):
+    log = record_log(tmp_path / "log.txt", "train_steps = 1000\nif train_steps\n    print(train_steps)\n")
+    assert versus_record.main(["--record-log", log, "--work", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {log}: its code does not parse (line 2: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "work").exists() and os.listdir(temp_folder) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--timeout", "-1"], "error: --timeout must be at least 1 second, got -1"),
+    (["--timeout", "0"], "error: --timeout must be at least 1 second, got 0"),
+    (["--steps", "0"], "error: --steps must be at least 1, got 0"),
+])
+def test_bad_numbers_are_refused_before_any_work(tmp_path, temp_folder, capsys, argv, message):
+    log = record_log(tmp_path / "log.txt", "train_steps = 1000\n")
+    with pytest.raises(SystemExit) as refused:
+        versus_record.main(["--record-log", log, *argv])
+    assert refused.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
+    assert os.listdir(temp_folder) == []
+
+
+def test_no_work_folder_is_left_after_a_refusal_or_a_failure(tmp_path, temp_folder, capsys):
+    """The default work folder is made after every check and removed at the end, even when a side fails."""
+    no_code = tmp_path / "no_code.txt"
+    no_code.write_text("step:0/10 val_loss:1.0\n")
+    assert versus_record.main(["--record-log", str(no_code)]) == 2
+    assert "no line of 100 '='" in capsys.readouterr().err and os.listdir(temp_folder) == []
+    failing = record_log(tmp_path / "log.txt", "train_steps = 1000\nraise SystemExit(3)\n")
+    assert versus_record.main(["--record-log", failing, "--steps", "1", "--tiny", "--device", "cpu"]) == 1
+    assert "error: the record failed (exit " in capsys.readouterr().err
+    assert os.listdir(temp_folder) == []
