@@ -19,8 +19,8 @@ from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                     RemoteEntryNotFoundError, RepositoryNotFoundError)
 
-from shards import (DEFAULT_RECIPE, ShardError, record_recipe_steps, recipe_steps, shard_filename, train_shards_needed,
-                    validate_shard)
+from shards import (DEFAULT_RECIPE, ShardError, check_output_folder, record_recipe_steps, recipe_steps, shard_filename,
+                    train_shards_needed, validate_shard)
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 REPO_TYPE = "dataset"
@@ -145,8 +145,7 @@ def main(argv=None):
         asked = f"--steps {steps} needs {num_train_shards} train shards"
     if not 0 <= num_train_shards <= LAST_TRAIN_SHARD:
         parser.error(f"{asked}; the dataset has train shards 1..{LAST_TRAIN_SHARD}")
-    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
-        parser.error(f"--dir {args.dir} is a file, not a folder")
+    check_output_folder(parser, "--dir", args.dir)
     if args.num_train_shards is None:
         print(f"{steps} steps need {num_train_shards} train shards")
     try:

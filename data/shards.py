@@ -24,6 +24,8 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_BYTES = 2  # uint16
 MAX_TOKEN_ID = np.iinfo(np.uint16).max
+MAX_SHARD_TOKENS = np.iinfo(np.int32).max  # the header counts the tokens in an int32
+MAX_SHARD_INDEX = 999_999  # shard names number them with 6 digits
 
 TOKENS_PER_SHARD = 100_000_000  # every published FineWeb shard but the last
 BATCH_TOKENS = 524_288  # tokens per optimizer step (docs/benchmark.md#training-loop)
@@ -62,6 +64,34 @@ def shard_filename(prefix, index):
     return f"{prefix}_{role}_{index:06d}.bin"
 
 
+def nearest_existing(path):
+    """`path` itself if it exists, else its closest ancestor that does: where a missing folder would be made."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def output_folder_problem(folder):
+    """Why files cannot be written into `folder`, made first if missing, or None. Checked before any work, so that
+    a bad folder is one error line and not a traceback once the work is done."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    existing = nearest_existing(folder)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, so no folder can be made below it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"the folder {existing} is not writable"
+    return None
+
+
+def check_output_folder(parser, flag, folder):
+    """parser.error (one error line, exit 2) unless files can be written into `folder`."""
+    problem = output_folder_problem(folder)
+    if problem:
+        parser.error(f"{flag} {folder}: {problem}; choose another {flag}")
+
+
 def shard_file_size(num_tokens):
     """Bytes of a complete shard holding num_tokens tokens."""
     return HEADER_BYTES + TOKEN_BYTES * num_tokens
@@ -80,6 +110,8 @@ def write_shard(path, tokens):
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be a 1-D array, got shape {tokens.shape}")
+    if tokens.size > MAX_SHARD_TOKENS:
+        raise ValueError(f"{path}: {tokens.size:,} tokens, more than a shard's header can count ({MAX_SHARD_TOKENS:,})")
     if tokens.size and (tokens.min() < 0 or tokens.max() > MAX_TOKEN_ID):
         raise ValueError(f"{path}: token ids must lie in [0, {MAX_TOKEN_ID}] to fit uint16, "
                          f"got [{tokens.min()}, {tokens.max()}]")

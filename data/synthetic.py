@@ -24,7 +24,8 @@ import time
 
 import numpy as np
 
-from shards import shard_filename, write_shard
+from shards import (MAX_SHARD_INDEX, MAX_SHARD_TOKENS, check_output_folder, nearest_existing, shard_file_size,
+                    shard_filename, write_shard)
 
 PREFIX = "synthetic"
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), PREFIX)
@@ -164,13 +165,26 @@ def main(argv=None):
     for name in ("train_shards", "tokens_per_shard", "val_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, most, why in (("train_shards", MAX_SHARD_INDEX, "shard names have 6 digits"),
+                            ("tokens_per_shard", MAX_SHARD_TOKENS, "a shard header counts its tokens in an int32"),
+                            ("val_tokens", MAX_SHARD_TOKENS, "a shard header counts its tokens in an int32")):
+        if getattr(args, name) > most:
+            parser.error(f"--{name.replace('_', '-')} must be at most {most:,} ({why}), got {getattr(args, name):,}")
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more (numpy seeds are non-negative), got {args.seed}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out {args.out} is a file, not a folder")
+    check_output_folder(parser, "--out", args.out)
+    needed = shard_file_size(args.val_tokens) + args.train_shards * shard_file_size(args.tokens_per_shard)
+    free = shutil.disk_usage(nearest_existing(args.out)).free
+    if needed > free:
+        parser.error(f"--out {args.out}: the shards take {needed / 1e6:,.0f} MB, more than the {free / 1e6:,.0f} MB "
+                     f"free there; write fewer or smaller shards")
     start = time.perf_counter()
-    paths = write_synthetic_shards(args.out, args.vocab_size, args.train_shards, args.tokens_per_shard,
-                                   args.val_tokens, args.seed)
+    try:
+        paths = write_synthetic_shards(args.out, args.vocab_size, args.train_shards, args.tokens_per_shard,
+                                       args.val_tokens, args.seed)
+    except (OSError, MemoryError) as e:  # the disk or memory ran out while writing: the earlier set is untouched
+        print(f"error: writing the shards into {args.out}: {e}", file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - start
     total = args.val_tokens + args.train_shards * args.tokens_per_shard
     print(f"wrote {len(paths)} shards ({total:,} tokens) to {args.out} in {seconds:.1f}s")

@@ -56,6 +56,10 @@ def test_write_refuses_ids_outside_uint16(tmp_path):
         write_shard(str(tmp_path / "a.bin"), np.array([65536]))
     with pytest.raises(ValueError, match="1-D"):
         write_shard(str(tmp_path / "a.bin"), np.zeros((2, 2), dtype=np.int64))
+    too_many = np.broadcast_to(np.uint16(0), (shards.MAX_SHARD_TOKENS + 1,))  # 2^31 tokens, a view of one
+    with pytest.raises(ValueError, match="2,147,483,648 tokens, more than a shard's header can count"):
+        write_shard(str(tmp_path / "a.bin"), too_many)
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("corrupt, problem", [
@@ -191,6 +195,39 @@ def test_listing_refuses_shards_of_different_vocabularies_or_headers(tmp_path):
     assert ("NOT ENOUGH / INVALID: the shard headers disagree beyond the token count (another writer or format "
             "version): t_train_000003.bin differs from t_val_000000.bin at header int 5 (7, not 0); write the set "
             "again") in other_header.stdout.splitlines(), other_header.stdout
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """(folder, run): a folder its owner cannot write into, and subprocess.run made to run a command as that owner.
+    Root ignores permission bits, so as root the command runs in a user namespace as uid 1000, which root's files
+    then belong to (util-linux unshare); where that is not possible the test is skipped."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    prefix = []
+    if os.geteuid() == 0:
+        prefix = ["unshare", "--user", "--map-user=1000", "--map-group=1000"]
+        probe = subprocess.run([*prefix, "true"], capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip(f"root, and no user namespace to run as a user that permissions bind: {probe.stderr!r}")
+
+    def run(command):
+        return subprocess.run([*prefix, *command], capture_output=True, text=True,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    yield folder, run
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("script, flag", [("synthetic.py", "--out"), ("cached_fineweb10B.py", "--dir")])
+def test_a_read_only_folder_is_one_error_before_any_work(read_only_folder, script, flag):
+    folder, run = read_only_folder
+    for target in (folder, folder / "new"):
+        done = run([sys.executable, os.path.join(DATA_DIR, script), flag, str(target)])
+        assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+        assert done.stderr.splitlines()[-1].endswith(
+            f"error: {flag} {target}: the folder {folder} is not writable; choose another {flag}"), done.stderr
+    assert os.listdir(folder) == []
 
 
 # ---------------------------------------------------------------- cached_fineweb10B.py
@@ -452,12 +489,29 @@ def test_conditional_entropy_on_known_sequences():
     (["--val-tokens", "0"], "--val-tokens must be at least 1, got 0"),
     (["--vocab-size", "70000"], "--vocab-size must be in [2, 65536] (ids are stored as uint16), got 70000"),
     (["--seed", "-1"], "--seed must be 0 or more (numpy seeds are non-negative), got -1"),
+    (["--val-tokens", "100000000000000"], "--val-tokens must be at most 2,147,483,647 (a shard header counts its "
+                                          "tokens in an int32), got 100,000,000,000,000"),
+    (["--tokens-per-shard", "2147483648"], "--tokens-per-shard must be at most 2,147,483,647 (a shard header counts "
+                                           "its tokens in an int32), got 2,147,483,648"),
+    (["--train-shards", "1000000"], "--train-shards must be at most 999,999 (shard names have 6 digits), "
+                                    "got 1,000,000"),
 ])
 def test_synthetic_refuses_bad_numbers_before_writing(tmp_path, capsys, args, message):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as refused:
         synthetic.main([*args, "--out", str(out)])
     assert refused.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+    assert not out.exists()
+
+
+def test_synthetic_refuses_a_set_larger_than_the_free_disk_space(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as refused:
+        synthetic.main(["--out", str(out), "--train-shards", "999999", "--tokens-per-shard", "2147483647"])
+    line = capsys.readouterr().err.splitlines()[-1]
+    # 1,024 + 2 * 2,147,483,647 bytes for each of the 999,999 train shards, 1,024 + 2 * 1,000,000 for the val shard.
+    assert refused.value.code == 2 and "error: --out " + str(out) + ": the shards take 4,294,964,025 MB, more " \
+        "than the " in line and line.endswith(" MB free there; write fewer or smaller shards"), line
     assert not out.exists()
 
 
