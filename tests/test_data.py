@@ -416,9 +416,44 @@ def test_tokenizer_command(tmp_path, byte_encoder, monkeypatch, capsys):
     args = [str(tmp_path / "doc.txt"), "--out", str(out), "--prefix", "p", "--shard-size", "3", "--workers", "1"]
     assert fineweb.main(args) == 0
     assert [read_shard(str(out / n)).tolist() for n in sorted(os.listdir(out))] == [[*b"c"], [EOT, *b"ab"]]
-    assert fineweb.main(args) == 1 and "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # the shards are there now: refused before any work
+        fineweb.main(args)
+    assert refused.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert fineweb.main([*args, "--overwrite"]) == 0
     with pytest.raises(SystemExit):
         fineweb.main(["--out", str(out)])  # neither files nor --hub
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{tmp}/missing.txt"], "{tmp}/missing.txt: no such file or folder"),
+    (["{tmp}/notes.md"], "{tmp}/notes.md: unsupported file type; use .txt, .jsonl, .parquet"),
+    (["{tmp}/empty"], "the inputs hold no .txt, .jsonl or .parquet file"),
+    (["{tmp}/doc.txt", "--shard-size", "0"], "--shard-size must be at least 1, got 0"),
+    (["{tmp}/doc.txt", "--shard-size", "2147483648"],
+     "--shard-size must be at most 2,147,483,647 (a shard header counts its tokens in an int32), got 2,147,483,648"),
+    (["{tmp}/doc.txt", "--max-shards", "0"], "--max-shards must be at least 1, got 0"),
+    (["{tmp}/doc.txt", "--workers", "0"], "--workers must be at least 1, got 0"),
+    (["{tmp}/doc.txt", "--prefix", "a/b"], "--prefix a/b: a file name prefix without '/' (the folder is --out)"),
+    (["{tmp}/doc.txt", "--prefix", ""], "--prefix : a file name prefix without '/' (the folder is --out)"),
+    (["{tmp}/doc.txt", "--hub-repo", "x/y"], "--hub-repo and --hub-folder apply only with --hub"),
+    (["{tmp}/doc.txt", "--out", "{tmp}/doc.txt"], "--out {tmp}/doc.txt: {tmp}/doc.txt is a file, not a folder; "
+                                                  "choose another --out"),
+    (["{tmp}/doc.txt", "--out", "{tmp}/out"], "{tmp}/out already holds 1 'fineweb_*.bin' shards (e.g. "
+                                              "fineweb_val_000000.bin); choose another --out or --prefix, or pass "
+                                              "--overwrite"),
+])
+def test_tokenizer_command_checks_every_argument_before_loading_the_tokenizer(tmp_path, monkeypatch, capsys, argv,
+                                                                              message):
+    monkeypatch.setattr(fineweb, "gpt2_encoding", lambda: pytest.fail("loaded the tokenizer before the checks"))
+    (tmp_path / "doc.txt").write_text("abc")
+    (tmp_path / "notes.md").write_text("abc")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "out").mkdir()
+    write_shard(str(tmp_path / "out" / "fineweb_val_000000.bin"), np.arange(5))
+    with pytest.raises(SystemExit) as refused:
+        fineweb.main([arg.format(tmp=tmp_path) for arg in argv])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: " + message.format(tmp=tmp_path))
 
 
 def test_hub_mode_checks_pyarrow_before_listing_or_downloading(monkeypatch):
