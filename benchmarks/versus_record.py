@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "data"))
 import train_gpt  # noqa: E402
+from shards import MAX_SHARD_TOKENS, check_output_folder  # noqa: E402
 from synthetic import write_synthetic_shards  # noqa: E402
 
 GPT2_VOCAB = 50257
@@ -96,6 +97,12 @@ def trials_of(output):
     return result
 
 
+def train_tokens_needed(steps, hp):
+    """Tokens of the one train shard: record loaders move to the next shard when pos + batch + 1 >= its length, one
+    token more than we read."""
+    return steps * hp.batch_tokens + 2
+
+
 def run(command, cwd, timeout, what):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
@@ -128,10 +135,22 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    train_tokens = train_tokens_needed(args.steps, train_gpt.TINY if args.tiny else train_gpt.FULL)
+    if train_tokens > MAX_SHARD_TOKENS:
+        parser.error(f"--steps {args.steps} needs {train_tokens:,} train tokens in one shard, more than a shard holds "
+                     f"({MAX_SHARD_TOKENS:,})")
     if args.timeout < 1:
         parser.error(f"--timeout must be at least 1 second, got {args.timeout}")
+    if os.path.isdir(args.record_log):
+        parser.error(f"--record-log {args.record_log} is a folder, not a log file")
     if not os.path.isfile(args.record_log):
         parser.error(f"--record-log {args.record_log}: no such file")
+    if args.work:
+        check_output_folder(parser, "--work", args.work)
+    try:
+        train_gpt.resolve_device(args.device, 0)
+    except train_gpt.SetupError as e:
+        parser.error(str(e))
     return args
 
 
@@ -155,8 +174,7 @@ def compare(args, work, code, edit):
     data = work / "data" / "fineweb10B"
     data.mkdir(parents=True, exist_ok=True)
     vocab = hp.model.vocab_size if args.tiny else GPT2_VOCAB
-    # Record loaders move to the next shard when pos + batch + 1 >= its length: one token more than we read.
-    train_tokens, val_tokens = args.steps * hp.batch_tokens + 2, hp.val_tokens + 2
+    train_tokens, val_tokens = train_tokens_needed(args.steps, hp), hp.val_tokens + 2
     val_path, train_path = write_synthetic_shards(str(work / "synthetic"), vocab_size=vocab, train_shards=1,
                                                   tokens_per_shard=train_tokens, val_tokens=val_tokens)
     for source, name in ((val_path, "fineweb_val_000000.bin"), (train_path, "fineweb_train_000001.bin")):

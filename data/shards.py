@@ -6,7 +6,8 @@ arithmetic of how many train shards a run needs, and a command that checks a dat
     python data/shards.py --tiny                           # data/synthetic against the CPU preset
     python data/shards.py data/synthetic --steps 300 --batch-tokens 8192 --val-tokens 65536
 
-Exit status 0 when every shard is valid and there are enough tokens for the run, 1 otherwise.
+Exit status 0 when every shard is valid and there are enough tokens for the run, 1 otherwise, 2 when the folder
+is missing, not a folder or cannot be listed.
 """
 
 import argparse
@@ -320,16 +321,23 @@ def main(argv=None):
     # The trainer's own presets, so the check follows what `train_gpt.py [--tiny]` will read.
     preset = trainer().TINY if args.tiny else trainer().FULL
     folder = args.folder or os.path.join(os.path.dirname(__file__), "synthetic" if args.tiny else "fineweb10B")
-    if not os.path.isdir(folder):
-        print(f"{folder}: no such folder. Fetch FineWeb with `python data/cached_fineweb10B.py` "
-              f"or write synthetic shards with `python data/synthetic.py`.", file=sys.stderr)
-        return 1
     steps = args.steps if args.steps is not None else preset.steps or recipe_steps(args.recipe)
     batch_tokens = args.batch_tokens or preset.batch_tokens
     val_tokens = args.val_tokens or preset.val_tokens
     vocab_size = args.vocab_size or preset.model.vocab_size
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        print(f"error: {folder} is a file, not a folder; pass the folder that holds the shards", file=sys.stderr)
+        return 2
+    try:
+        lines, ok = folder_report(folder, steps, batch_tokens, val_tokens, vocab_size)
+    except FileNotFoundError:
+        print(f"error: {folder}: no such folder; fetch FineWeb with `python data/cached_fineweb10B.py` or write "
+              f"synthetic shards with `python data/synthetic.py`", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {folder}: cannot list it: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"{folder}: checked against {'the CPU preset (--tiny)' if args.tiny else 'the full-size benchmark'}")
-    lines, ok = folder_report(folder, steps, batch_tokens, val_tokens, vocab_size)
     print("\n".join(lines))
     if not ok and not args.tiny:
         print("(shards for the CPU preset, such as data/synthetic, are checked with --tiny)")

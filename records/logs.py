@@ -12,6 +12,7 @@ Everything else is ignored, so the leaderboard's own logs parse too.
 """
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +212,22 @@ def read_log(path: str | Path) -> str:
         return read_log_text(path)
     except OSError as error:
         raise LogError(f"{path}: cannot read it: {error.strerror or error}") from None
+
+
+def check_each_log_once(paths: list[str]) -> None:
+    """LogError for a file given twice, under any name (a relative path, a symlink, a hard link): its runs would
+    count twice, and the bar's sqrt(n) would rise with them."""
+    seen: dict[tuple[int, int], str] = {}
+    for path in paths:
+        try:
+            status = os.stat(path)
+        except OSError:
+            continue  # missing or unreadable: parse_log says so
+        file = (status.st_dev, status.st_ino)
+        if file in seen:
+            raise LogError(f"{path} is {seen[file]} again: every log is one set of runs, counted once (twice would "
+                           "inflate n); give each log once")
+        seen[file] = path
 
 
 def parse_log(path: str | Path) -> LogFile:

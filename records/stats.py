@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: records/ is not a package
 
-from logs import LogError, Run, parse_log, runs_of  # noqa: E402
+from logs import LogError, Run, check_each_log_once, parse_log, runs_of  # noqa: E402
 
 TARGET_LOSS = 3.28
 BAR = 0.004  # one-sided z-test with sigma 0.0013 at p < 0.001 (docs/benchmark.md#rules-and-statistics)
@@ -607,20 +607,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("logs", nargs="+", metavar="LOG", help="log files of set a (each trial is a run)")
     parser.add_argument("--vs", nargs="+", metavar="LOG", help="log files of set b for the pairwise test")
     parser.add_argument("--label", default="a", help="name of the first set (default: a)")
-    parser.add_argument("--vs-label", default="b", help="name of the --vs set (default: b)")
+    parser.add_argument("--vs-label", help="name of the --vs set (default: b)")
     parser.add_argument("--plot", metavar="PNG", help="write mean val-loss curves to this PNG")
-    parser.add_argument("--markdown", action="store_true", help="print markdown tables for a records README")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    output.add_argument("--markdown", action="store_true", help="print markdown tables for a records README")
     parser.add_argument("--diagnostics", action="store_true",
                         help="summarize diag lines (dead neurons, leverage) per recipe")
     parser.add_argument("--plot-diagnostics", metavar="PNG", help="plot the diagnostics summary to this PNG")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.vs_label is not None and not args.vs:
+        parser.error("--vs-label names the --vs set; give --vs LOG... too")
+    if args.vs_label is None:
+        args.vs_label = "b"
+    if args.vs and args.label == args.vs_label:
+        parser.error(f"--label and --vs-label are both '{args.label}'; give the sets two names")
+    if args.plot and args.plot_diagnostics and os.path.realpath(args.plot) == os.path.realpath(args.plot_diagnostics):
+        parser.error(f"--plot and --plot-diagnostics both name {args.plot}; give each figure its own file")
+    for flag, path in (("--plot", args.plot), ("--plot-diagnostics", args.plot_diagnostics)):
+        problem = path and figure_path_problem(path)
+        if problem:
+            parser.exit(2, f"error: {flag} {path}: {problem}\n")
+    return args
 
 
 def figure_formats() -> list[str]:
     """The extensions matplotlib writes a figure to by itself: all it lists but pgf, which needs a LaTeX install."""
     from matplotlib.backend_bases import FigureCanvasBase
     return sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})
+
+
+def output_file_problem(path: str) -> str | None:
+    """Why a file cannot be written at `path` (checked before any work), or None."""
+    if os.path.isdir(path):
+        return f"{path} is a folder; name a file"
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist; create it or write elsewhere"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {folder} is not writable"
+    return None
 
 
 def figure_path_problem(path: str) -> str | None:
@@ -631,12 +657,7 @@ def figure_path_problem(path: str) -> str | None:
         problem = f"matplotlib writes no '.{extension}' files" if extension else \
             "the name has no extension to say the format"
         return f"{problem}; name it with one of {', '.join('.' + f for f in formats)}"
-    folder = Path(path).resolve().parent
-    if not folder.is_dir():
-        return f"the folder {folder} does not exist; create it or write the figure elsewhere"
-    if not os.access(folder, os.W_OK):
-        return f"the folder {folder} is not writable"
-    return None
+    return output_file_problem(path)
 
 
 def write_figure(flag: str, path: str, plot, *plot_args) -> bool:
@@ -651,12 +672,8 @@ def write_figure(flag: str, path: str, plot, *plot_args) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for flag, path in (("--plot", args.plot), ("--plot-diagnostics", args.plot_diagnostics)):
-        problem = path and figure_path_problem(path)
-        if problem:
-            print(f"error: {flag} {path}: {problem}", file=sys.stderr)
-            return 2
     try:
+        check_each_log_once(args.logs + (args.vs or []))
         results = [load_result_set(args.logs, args.label)]
         if args.vs:
             results.append(load_result_set(args.vs, args.vs_label))

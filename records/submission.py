@@ -21,8 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: records/ is not a package
 
-from logs import LOG_ENCODING, LogError, LogFile, parse_log, read_log, runs_of, split_code  # noqa: E402
-from stats import BAR, TARGET_LOSS, passing_summary, summarize_result_set, unique_values  # noqa: E402
+from logs import (LOG_ENCODING, LogError, LogFile, check_each_log_once, parse_log, read_log, runs_of,  # noqa: E402
+                  split_code)
+from stats import (BAR, TARGET_LOSS, output_file_problem, passing_summary, summarize_result_set,  # noqa: E402
+                   unique_values)
 
 
 @dataclass
@@ -119,13 +121,22 @@ def extract(log_path: str, out_path: str | None) -> int:
         print(f"error: -o {out_path} is the log {log_path} itself; writing the code there would replace the log: "
               "name another file", file=sys.stderr)
         return 2
-    with open(out_path, "w", **LOG_ENCODING) as f:
-        f.write(code)
+    problem = output_file_problem(out_path)
+    if problem:
+        print(f"error: -o {out_path}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        with open(out_path, "w", **LOG_ENCODING) as f:
+            f.write(code)
+    except OSError as error:
+        print(f"error: -o {out_path}: {error.strerror or error}", file=sys.stderr)
+        return 2
     print(f"wrote {out_path} ({len(code.splitlines())} lines) from {log_path}", file=sys.stderr)
     return 0
 
 
 def check(log_paths: list[str], minimum_runs: int | None) -> int:
+    check_each_log_once(log_paths)
     checks = check_submission([parse_log(path) for path in log_paths], minimum_runs)
     for c in checks:
         print(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")

@@ -129,6 +129,11 @@ def test_arguments_are_checked(capsys):
         parse_args(["--tiny", "--world-size", "3"])  # the 16 sequences of a tiny step do not split over 3
     assert "--world-size 3: world size 3 does not divide" in capsys.readouterr().err
     assert parse_args(["--tiny", "--recipes", "muon, aurora"]).recipes == ["muon", "aurora"]
+    for seed in ("-1", str(2 ** 64)):
+        with pytest.raises(SystemExit):
+            parse_args(["--tiny", "--seed", seed])
+        assert capsys.readouterr().err.splitlines()[-1].endswith(
+            f"error: --seed must be in [0, 2^64 - 1] (a torch generator seed), got {seed}")
 
 
 def test_full_size_on_the_cpu_points_to_tiny(capsys):

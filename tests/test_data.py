@@ -150,8 +150,31 @@ def test_listing_command_uses_recipe_step_counts(tmp_path):
     out = run_listing(tmp_path, "--recipe", "normuon")
     assert out.returncode == 1 and "the run needs 3300" in out.stdout
     assert "fewer than the 10,485,760" in out.stdout
-    missing = run_listing(tmp_path / "nope")
-    assert missing.returncode == 1 and "cached_fineweb10B.py" in missing.stderr
+
+
+def test_listing_command_refuses_a_path_that_is_no_folder(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert shards.main([str(missing)]) == 2
+    assert capsys.readouterr().err == (f"error: {missing}: no such folder; fetch FineWeb with `python "
+                                       "data/cached_fineweb10B.py` or write synthetic shards with `python "
+                                       "data/synthetic.py`\n")
+    write_shard(str(tmp_path / "t_val_000000.bin"), np.arange(10))
+    assert shards.main([str(tmp_path / "t_val_000000.bin")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 't_val_000000.bin'} is a file, not a folder; pass the "
+                                       f"folder that holds the shards\n")
+
+
+def test_listing_command_reports_what_it_cannot_read(tmp_path, run_bound_by_permissions):
+    write_folder(tmp_path / "data", 50, [100])
+    (tmp_path / "data" / "t_train_000001.bin").chmod(0)
+    done = run_bound_by_permissions([sys.executable, os.path.join(DATA_DIR, "shards.py"), str(tmp_path / "data"),
+                                     "--steps", "1", "--batch-tokens", "10", "--val-tokens", "50"])
+    assert done.returncode == 1 and "t_train_000001.bin  INVALID: cannot read it: Permission denied" in done.stdout
+    (tmp_path / "data").chmod(0)
+    done = run_bound_by_permissions([sys.executable, os.path.join(DATA_DIR, "shards.py"), str(tmp_path / "data")])
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"error: {tmp_path / 'data'}: cannot list it: Permission denied\n"
+    (tmp_path / "data").chmod(0o755)
 
 
 def test_listing_command_checks_the_cpu_preset_with_tiny(tmp_path):
@@ -198,13 +221,10 @@ def test_listing_refuses_shards_of_different_vocabularies_or_headers(tmp_path):
 
 
 @pytest.fixture
-def read_only_folder(tmp_path):
-    """(folder, run): a folder its owner cannot write into, and subprocess.run made to run a command as that owner.
-    Root ignores permission bits, so as root the command runs in a user namespace as uid 1000, which root's files
-    then belong to (util-linux unshare); where that is not possible the test is skipped."""
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    folder.chmod(0o555)
+def run_bound_by_permissions():
+    """subprocess.run for a command that the permission bits of this user's files bind. Root ignores them, so as
+    root the command runs in a user namespace as uid 1000, to which root's files then belong (util-linux unshare);
+    where that is not possible the test is skipped."""
     prefix = []
     if os.geteuid() == 0:
         prefix = ["unshare", "--user", "--map-user=1000", "--map-group=1000"]
@@ -215,13 +235,14 @@ def read_only_folder(tmp_path):
     def run(command):
         return subprocess.run([*prefix, *command], capture_output=True, text=True,
                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    yield folder, run
-    folder.chmod(0o755)
+    return run
 
 
 @pytest.mark.parametrize("script, flag", [("synthetic.py", "--out"), ("cached_fineweb10B.py", "--dir")])
-def test_a_read_only_folder_is_one_error_before_any_work(read_only_folder, script, flag):
-    folder, run = read_only_folder
+def test_a_read_only_folder_is_one_error_before_any_work(tmp_path, run_bound_by_permissions, script, flag):
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    run = run_bound_by_permissions
     for target in (folder, folder / "new"):
         done = run([sys.executable, os.path.join(DATA_DIR, script), flag, str(target)])
         assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
@@ -335,6 +356,7 @@ def test_downloader_rejects_shards_the_dataset_lacks(tmp_path):
     (["--steps", "-5"], "--steps must be at least 1, got -5"),
     (["--steps", "0"], "--steps must be at least 1, got 0"),
     (["--steps", "20000"], "--steps 20000 needs 106 train shards; the dataset has train shards 1..103"),
+    (["3", "--recipe", "muon"], "give either N or --recipe, not both"),
 ])
 def test_downloader_refuses_bad_arguments_before_any_network_or_folder(tmp_path, fake_hub, capsys, args, message):
     folder = tmp_path / "shards"

@@ -312,6 +312,29 @@ def test_figure_format_is_checked_before_any_output(tmp_path, set_a, name, probl
         assert sorted(os.listdir(tmp_path)) == ["a0.txt", "a1.txt"]  # nothing written
 
 
+def test_a_log_given_twice_is_refused_as_it_would_inflate_n(tmp_path, set_a, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert stats.main([*set_a, "a0.txt"]) == 2
+    assert capsys.readouterr().err == (f"error: a0.txt is {set_a[0]} again: every log is one set of runs, counted "
+                                       "once (twice would inflate n); give each log once\n")
+    assert stats.main([*set_a, "--vs", set_a[1]]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {set_a[1]} is {set_a[1]} again: ")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vs-label", "b2"], "--vs-label names the --vs set; give --vs LOG... too"),
+    (["--vs", "{b}", "--label", "x", "--vs-label", "x"], "--label and --vs-label are both 'x'; give the sets two names"),
+    (["--plot", "{tmp}/f.png", "--plot-diagnostics", "{tmp}/f.png"],
+     "--plot and --plot-diagnostics both name {tmp}/f.png; give each figure its own file"),
+    (["--json", "--markdown"], "argument --markdown: not allowed with argument --json"),
+])
+def test_flags_that_contradict_each_other_are_refused(tmp_path, set_a, set_b, capsys, argv, message):
+    with pytest.raises(SystemExit) as refused:
+        stats.main([*set_a, *(arg.format(b=set_b[0], tmp=tmp_path) for arg in argv)])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: " + message.format(tmp=tmp_path))
+
+
 def test_missing_figure_folder_is_refused_before_any_output(tmp_path, set_a):
     for flag in ("--plot", "--plot-diagnostics"):
         target = str(tmp_path / "missing" / "x.png")
@@ -319,14 +342,14 @@ def test_missing_figure_folder_is_refused_before_any_output(tmp_path, set_a):
                               capture_output=True, text=True)
         assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
         assert done.stderr.splitlines() == [f"error: {flag} {target}: the folder {tmp_path / 'missing'} does not "
-                                            "exist; create it or write the figure elsewhere"]
-    # A path the figure cannot be written to (here a folder) fails with one line, after the table.
+                                            "exist; create it or write elsewhere"]
+    # A path that is a folder, refused before the table too.
     folder = tmp_path / "taken.png"
     folder.mkdir()
     done = subprocess.run([sys.executable, os.path.join(RECORDS, "stats.py"), *set_a, "--plot", str(folder)],
                           capture_output=True, text=True)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.splitlines() == [f"error: --plot {folder}: Is a directory"]
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"error: --plot {folder}: {folder} is a folder; name a file"]
 
 
 # ---- the public log of leaderboard result #17 (Aurora, 20 runs), measured lines only ----

@@ -163,6 +163,23 @@ def test_placeholder_val_lines_are_one_error(tmp_path, capsys):
                                        "a number; pass the logs a training run wrote (logs/*.txt)\n")
 
 
+def test_extract_output_that_cannot_be_written_is_one_error(tmp_path, capsys):
+    log = write_log(tmp_path / "log.txt", GOOD, 100)
+    for out, problem in ((tmp_path, f"{tmp_path} is a folder; name a file"),
+                         (tmp_path / "missing" / "x.py", f"the folder {tmp_path / 'missing'} does not exist; create "
+                                                          "it or write elsewhere")):
+        assert submission.main(["extract", log, "-o", str(out)]) == 2
+        assert capsys.readouterr().err == f"error: -o {out}: {problem}\n"
+    assert sorted(os.listdir(tmp_path)) == ["log.txt"]
+
+
+def test_check_refuses_a_log_given_twice(tmp_path, capsys):
+    log = write_log(tmp_path / "a.txt", GOOD, 100)
+    assert submission.main(["check", log, log]) == 2
+    assert capsys.readouterr().err == (f"error: {log} is {log} again: every log is one set of runs, counted once "
+                                       "(twice would inflate n); give each log once\n")
+
+
 def test_extract_keeps_bytes_that_are_not_utf8(tmp_path):
     code = b"x = 1  # latin-1 caf\xe9\n"
     log = tmp_path / "latin1.txt"

@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "versus_record.py")
@@ -99,7 +100,7 @@ def test_help_and_a_log_without_code(tmp_path):
     assert subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, timeout=120).returncode == 0
     (tmp_path / "log.txt").write_text("step:0/10 val_loss:1.0\n")
     done = subprocess.run([sys.executable, SCRIPT, "--record-log", str(tmp_path / "log.txt"), "--work",
-                           str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "w"), "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no line of 100 '='" in done.stderr
 
 
@@ -119,7 +120,7 @@ def temp_folder(tmp_path, monkeypatch):
 
 def test_code_that_does_not_parse_is_refused_before_any_work(tmp_path, temp_folder, capsys):
     log = record_log(tmp_path / "log.txt", "train_steps = 1000\nif train_steps\n    print(train_steps)\n")
-    assert versus_record.main(["--record-log", log, "--work", str(tmp_path / "work")]) == 2
+    assert versus_record.main(["--record-log", log, "--work", str(tmp_path / "work"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {log}: its code does not parse (line 2: ") and err.count("\n") == 1, err
     assert not (tmp_path / "work").exists() and os.listdir(temp_folder) == []
@@ -142,9 +143,32 @@ def test_no_work_folder_is_left_after_a_refusal_or_a_failure(tmp_path, temp_fold
     """The default work folder is made after every check and removed at the end, even when a side fails."""
     no_code = tmp_path / "no_code.txt"
     no_code.write_text("step:0/10 val_loss:1.0\n")
-    assert versus_record.main(["--record-log", str(no_code)]) == 2
+    assert versus_record.main(["--record-log", str(no_code), "--device", "cpu"]) == 2
     assert "no line of 100 '='" in capsys.readouterr().err and os.listdir(temp_folder) == []
     failing = record_log(tmp_path / "log.txt", "train_steps = 1000\nraise SystemExit(3)\n")
     assert versus_record.main(["--record-log", failing, "--steps", "1", "--tiny", "--device", "cpu"]) == 1
     assert "error: the record failed (exit " in capsys.readouterr().err
     assert os.listdir(temp_folder) == []
+
+
+def test_every_flag_is_checked_before_any_work(tmp_path, temp_folder, capsys):
+    log = record_log(tmp_path / "log.txt", "train_steps = 1000\n")
+    (tmp_path / "file").write_text("x")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"# caf\xe9\ntrain_steps = 1000\n" + b"=" * 100 + b"\n")
+    cases = [
+        (["--record-log", str(tmp_path)], f"error: --record-log {tmp_path} is a folder, not a log file"),
+        (["--record-log", log, "--steps", "4096"],
+         "error: --steps 4096 needs 2,147,483,650 train tokens in one shard, more than a shard holds (2,147,483,647)"),
+        (["--record-log", log, "--work", str(tmp_path / "file")],
+         f"error: --work {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder; choose another --work"),
+    ]
+    if not torch.cuda.is_available():  # the default device: ours would fail after the record's run
+        cases.append((["--record-log", log], "error: --device cuda: torch "))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as refused:
+            versus_record.main(argv)
+        assert refused.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+    assert versus_record.main(["--record-log", str(latin1), "--work", str(tmp_path / "w"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {latin1}: cannot read it as UTF-8 text")
+    assert sorted(os.listdir(tmp_path)) == ["file", "latin1.txt", "log.txt", "tmp"] and os.listdir(temp_folder) == []
