@@ -1,5 +1,6 @@
 """Tests of data/: shard format, downloader (hub client monkeypatched), tokenizer, synthetic shards."""
 
+import errno
 import hashlib
 import json
 import math
@@ -478,6 +479,24 @@ def test_tokenizer_command_checks_every_argument_before_loading_the_tokenizer(tm
     assert capsys.readouterr().err.splitlines()[-1].endswith("error: " + message.format(tmp=tmp_path))
 
 
+def test_tokenizer_command_checks_for_pyarrow_before_the_tokenizer(tmp_path, monkeypatch, capsys):
+    try:
+        import pyarrow  # noqa: F401
+        pytest.skip("pyarrow is installed")
+    except ImportError:
+        pass
+    monkeypatch.setattr(fineweb, "gpt2_encoding", lambda: pytest.fail("loaded the tokenizer before the checks"))
+    monkeypatch.setattr(fineweb, "list_repo_files", lambda *a, **k: pytest.fail("listed the hub without pyarrow"))
+    (tmp_path / "x.parquet").write_bytes(b"")
+    for argv, named in (([str(tmp_path / "x.parquet")], str(tmp_path / "x.parquet")),
+                        (["--hub"], "HuggingFaceFW/fineweb/sample/10BT")):
+        with pytest.raises(SystemExit) as refused:
+            fineweb.main([*argv, "--out", str(tmp_path / "out")])
+        line = capsys.readouterr().err.splitlines()[-1]
+        assert refused.value.code == 2 and f"error: {named}: reading .parquet needs pyarrow" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_hub_mode_checks_pyarrow_before_listing_or_downloading(monkeypatch):
     try:
         import pyarrow  # noqa: F401
@@ -586,6 +605,29 @@ def test_synthetic_replaces_the_folders_shards_as_a_set(tmp_path):
     assert [os.path.basename(p) for p in paths] == ["synthetic_val_000000.bin", "synthetic_train_000001.bin"]
     assert [int(read_shard(p).max()) for p in paths] == [511, 511] and validate_shard(paths[1]) == 4000
     assert (out / "notes.txt").read_text() == "mine" and validate_shard(str(out / "other_train_000001.bin")) == 10
+
+
+def test_a_failed_write_leaves_the_earlier_set_as_it_was(tmp_path, monkeypatch, capsys):
+    """The disk fills while the second shard of a new set is written: one error line, the earlier set untouched,
+    no hidden staging folder left, and a folder made for the set removed again."""
+    out = tmp_path / "out"
+    earlier = synthetic.write_synthetic_shards(str(out), vocab_size=512, train_shards=2, tokens_per_shard=5000,
+                                               val_tokens=3000)
+    before = digests(earlier)
+    written = []
+
+    def disk_fills_after_one_shard(path, tokens):
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        written.append(path)
+        write_shard(path, tokens)
+    monkeypatch.setattr(synthetic, "write_shard", disk_fills_after_one_shard)
+    for folder in (out, tmp_path / "new"):
+        written.clear()
+        assert synthetic.main(["--out", str(folder), "--vocab-size", "1000", "--train-shards", "3"]) == 1
+        assert capsys.readouterr().err.startswith(f"error: writing the shards into {folder}: [Errno 28] No space")
+    assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in earlier) and digests(earlier) == before
+    assert not (tmp_path / "new").exists()
 
 
 def test_synthetic_command_default_layout(tmp_path):
