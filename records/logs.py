@@ -3,7 +3,11 @@
 A log is: the run's source code, a line of exactly 100 '=', then free-form lines of which these
 matter:
 - val lines `step:{s}/{T} val_loss:{x} [train_time:{t}s|ms] [step_avg:{a}ms]`; a line with
-  `step:0/` starts a new trial (several trials may share one log);
+  `step:0/` starts a new trial (several trials may share one log). Where a recipe evaluates a readout
+  of the weights rather than the weights themselves, the line carries both losses, in one of the record
+  logs' two layouts: `val_loss:{raw} ... val_ema_loss:{readout}` (#46's Tail-EMA), or
+  `val_loss:{readout} ... ref_gamma:{g} ... [raw_val_loss:{raw}]` (#42's reference interpolation; its
+  public logs have no raw loss there);
 - `diag {json}` lines (our diagnostics, docs/diagnostics.md), attached to the trial they were measured in;
 - `config {json}` lines (our resolved configuration; the "recipe" key names the recipe, and
   hyperparameters.model.mlp_ratio the MLP width ratio);
@@ -19,6 +23,11 @@ from pathlib import Path
 
 CODE_SEPARATOR = "=" * 100
 VAL_LINE = re.compile(r"step:(\d+)/(\d+)\s+val_loss:(\S*)")
+# The name:value fields after val_loss; a name starts after white space, so raw_val_loss is never val_loss.
+FIELD = re.compile(r"(?<!\S)(\w+):(\S*)")
+READOUT_LOSS = "val_ema_loss"  # #46: the readout's loss, with val_loss the raw one
+RAW_LOSS = "raw_val_loss"  # ours for #42-style recipes: the raw loss, with val_loss the readout's
+READOUT_APPLIED = "ref_gamma"  # #42: val_loss is the readout's; without raw_val_loss the raw loss is not logged
 TRAIN_TIME = re.compile(r"train_time:([0-9.]+)(ms|s)\b")
 STEP_AVG = re.compile(r"step_avg:([0-9.]+)ms")
 HARDWARE_LINE = re.compile(r"^Running PyTorch .* on (.+) with world_size (\d+)\s*$")
@@ -34,7 +43,8 @@ class LogError(Exception):
 class ValPoint:
     step: int
     total_steps: int
-    val_loss: float
+    val_loss: float  # the loss the record is decided on: the readout's where one is logged, else the weights'
+    raw_val_loss: float | None  # the weights' own loss; None where a readout was applied and this was not logged
     train_time_s: float | None = None
     step_avg_ms: float | None = None
 
@@ -60,7 +70,11 @@ class Run:
     def final_step(self) -> int:
         return self.points[-1].step
 
-    def losses(self) -> dict[int, float]:
+    def losses(self, loss: str = "readout") -> dict[int, float]:
+        """Per step, the readout loss (what the record is decided on), or with loss="raw" the weights' own loss
+        at the steps where it was logged."""
+        if loss == "raw":
+            return {p.step: p.raw_val_loss for p in self.points if p.raw_val_loss is not None}
         return {p.step: p.val_loss for p in self.points}
 
 
@@ -85,17 +99,29 @@ def split_code(text: str) -> tuple[str | None, str]:
     return None, text
 
 
+def number(text: str, quoted: str, name: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"'{quoted}': the {name} is not a number") from None
+
+
 def parse_val_line(line: str) -> ValPoint | None:
-    """The point of a val line, None for any other line; ValueError (saying what is wrong) when the line's
-    loss is not a number, as in a README that quotes `step:50/50 val_loss:...`."""
+    """The point of a val line, None for any other line; ValueError (saying what is wrong) when one of its
+    losses is not a number, as in a README that quotes `step:50/50 val_loss:...`."""
     match = VAL_LINE.search(line)
     if match is None:
         return None
     step, total, loss = match.groups()
-    try:
-        point = ValPoint(int(step), int(total), float(loss))
-    except ValueError:
-        raise ValueError(f"'{match[0]}': the val_loss is not a number") from None
+    val_loss = number(loss, match[0], "val_loss")
+    fields = dict(FIELD.findall(line, match.end()))
+    losses = {name: number(fields[name], f"{name}:{fields[name]}", name) for name in (READOUT_LOSS, RAW_LOSS)
+              if name in fields}
+    if READOUT_LOSS in losses:
+        readout, raw = losses[READOUT_LOSS], losses.get(RAW_LOSS, val_loss)
+    else:
+        readout, raw = val_loss, losses.get(RAW_LOSS, None if READOUT_APPLIED in fields else val_loss)
+    point = ValPoint(int(step), int(total), readout, raw)
     time_match = TRAIN_TIME.search(line, match.end())
     if time_match is not None:
         seconds = float(time_match.group(1))

@@ -1,5 +1,6 @@
 """records/submission.py: cutting the code out of a log, and checking a log set for a submission."""
 
+import glob
 import json
 import os
 import subprocess
@@ -111,6 +112,34 @@ def test_check_flags_a_run_stopped_early(tmp_path, capsys):
     path = write_log(tmp_path / "a.txt", [GOOD[0], {0: 10.8258, 50: 3.27}], 100)
     code, out = run_check(capsys, [path])
     assert code == 1 and "FAIL steps" in out and "last step 50" in out
+
+
+def test_check_accepts_runs_that_all_stop_at_the_same_step_before_t(tmp_path, capsys):
+    """A stop inside a longer schedule, the same for every run (record #42 stops at 2860 of T=2900)."""
+    paths = [write_log(tmp_path / "a.txt", [{0: 10.8258, 50: 3.40, 90: 3.270}], 100),
+             write_log(tmp_path / "b.txt", [{0: 10.8258, 50: 3.41, 90: 3.272}], 100)]
+    code, out = run_check(capsys, paths)
+    assert code == 0, out
+    assert "PASS steps: every run has T=100 and stops at step 90" in out
+
+
+RECORD42 = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "record42_val_lines",
+                                         "*.txt")))
+RECORD46 = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "record46_val_lines",
+                                         "*.txt")))
+
+
+def test_records_42_and_46_val_lines(capsys):
+    """The val lines only (no code section, so the code check fails): every other check applies."""
+    code, out = run_check(capsys, RECORD42, "--n", "16")
+    assert code == 1 and out.splitlines()[0].startswith("FAIL code: no code section")
+    assert "PASS steps: every run has T=2900 and stops at step 2860" in out
+    assert "PASS runs: 16 run(s)" in out and "PASS bar: first passing step 2860, mean val loss 3.27894" in out
+    code, out = run_check(capsys, RECORD46, "--n", "8")
+    assert "PASS bar: first passing step 2690, mean val loss 3.27833" in out and "PASS runs: 8 run(s)" in out
+    # #46's seed 7 stops at 2765, the others at 2900: the rule asks every run to stop at the same step.
+    assert (f"FAIL steps: runs stop at different steps, 2765 and 2900: {RECORD46[-1]}#0 (last step 2765)"
+            in out.splitlines())
 
 
 def test_check_refuses_logs_that_are_not_record_runs(tmp_path, capsys):
