@@ -13,22 +13,27 @@ CUDA under torchrun. So this script, in a work folder (--work, default a fresh t
      `edited: line N ...`; nothing else is changed), and runs it under torchrun on one process with 2 trials;
   3. runs our train_gpt.py with --recipe on the same shards, --steps and 2 trials under torchrun;
 then prints both sides' ms/step per trial (train_time / steps at the last validation; the first trial
-includes compilation, the second is compile-free) with their step-0 and last val losses, and the
-ratio ours/record of the compile-free trials.
+includes compilation, the second is compile-free) with their first and last val losses (records/logs.py
+reads the val lines: the readout's loss where a line has one), and the ratio ours/record of the
+compile-free trials.
 """
 
 import argparse
+import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "data"))
+sys.path.insert(0, str(ROOT / "records"))
 import train_gpt  # noqa: E402
+from logs import LogError, parse_log_text  # noqa: E402
 from shards import MAX_SHARD_TOKENS, check_output_folder  # noqa: E402
 from synthetic import write_synthetic_shards  # noqa: E402
 
@@ -36,7 +41,6 @@ GPT2_VOCAB = 50257
 TRIALS = 2
 # The step-count constant of record scripts: a name assigned a whole number on a line of its own.
 STEP_CONSTANT = re.compile(r"^(?P<indent>\s*)(?P<name>train_steps|num_iterations)\s*=\s*(?P<value>\d+)\s*(#.*)?$")
-VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:([0-9.]+) train_time:([0-9.]+)s")
 
 
 class RecordError(RuntimeError):
@@ -81,20 +85,28 @@ def set_step_count(code, steps, log_path):
     return "\n".join(lines), f"line {index + 1} '{old}' -> '{lines[index].strip()}'"
 
 
+class Trial(NamedTuple):
+    first_step: int
+    first_loss: float
+    last_loss: float
+    ms_per_step: float  # train_time / steps at the last validation
+
+
 def trials_of(output):
-    """[(step-0 val loss, last val loss, ms/step at the last validation), ...] per trial: a trial's val
-    lines start again at step 0."""
+    """The trials in a run's output, read by records/logs.py: a trial's val lines start again at step 0, and a
+    line's loss is its readout's where it has one (#46's val_ema_loss), as the record is decided."""
+    try:
+        runs = parse_log_text(output, "the output").runs
+    except LogError as e:
+        raise RecordError(str(e)) from None
     trials = []
-    for step, steps, loss, train_time in VAL_LINE.findall(output):
-        if int(step) == 0:
-            trials.append([])
-        if trials:
-            trials[-1].append((int(step), int(steps), float(loss), float(train_time)))
-    result = []
-    for vals in trials:
-        step, _, last_loss, train_time = vals[-1]
-        result.append((vals[0][2], last_loss, 1000 * train_time / step if step else float("nan")))
-    return result
+    for run in runs:
+        first, last = run.points[0], run.points[-1]
+        if last.train_time_s is None:
+            raise RecordError(f"the val line of step {last.step} in the output has no train_time, so no time per step")
+        trials.append(Trial(first.step, first.val_loss, last.val_loss,
+                            1000 * last.train_time_s / last.step if last.step else math.nan))
+    return trials
 
 
 def train_tokens_needed(steps, hp):
@@ -199,12 +211,12 @@ def compare(args, work, code, edit):
         print(f"error: {e}", file=sys.stderr)
         return 1
     for name, trials in (("record", record), (f"ours ({args.recipe})", ours)):
-        for index, (first, last, ms) in enumerate(trials):
+        for index, trial in enumerate(trials):
             kind = "compile included" if index == 0 else "compile-free"
-            print(f"{name:<16} trial {index + 1}: {ms:9.2f} ms/step ({kind})   val loss step 0 {first:.5f}, "
-                  f"step {args.steps} {last:.5f}")
-    print(f"ms/step, compile-free trial: record {record[-1][2]:.2f}, ours {ours[-1][2]:.2f}, "
-          f"ours/record {ours[-1][2] / record[-1][2]:.3f}x")
+            print(f"{name:<16} trial {index + 1}: {trial.ms_per_step:9.2f} ms/step ({kind})   val loss step "
+                  f"{trial.first_step} {trial.first_loss:.5f}, step {args.steps} {trial.last_loss:.5f}")
+    print(f"ms/step, compile-free trial: record {record[-1].ms_per_step:.2f}, ours {ours[-1].ms_per_step:.2f}, "
+          f"ours/record {ours[-1].ms_per_step / record[-1].ms_per_step:.3f}x")
     return 0
 
 

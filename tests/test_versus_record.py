@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "versus_record.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import versus_record  # noqa: E402
-from versus_record import RecordError, set_step_count  # noqa: E402
+from versus_record import RecordError, set_step_count, trials_of  # noqa: E402
 
 STAND_IN = '''import glob, os, sys, time
 import numpy as np
@@ -172,3 +172,12 @@ def test_every_flag_is_checked_before_any_work(tmp_path, temp_folder, capsys):
     assert versus_record.main(["--record-log", str(latin1), "--work", str(tmp_path / "w"), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith(f"error: {latin1}: cannot read it as UTF-8 text")
     assert sorted(os.listdir(tmp_path)) == ["file", "latin1.txt", "log.txt", "tmp"] and os.listdir(temp_folder) == []
+
+
+def test_trials_are_read_with_the_readout_loss_where_a_line_has_one():
+    """#46-style lines (ours for such recipes too) put the readout's val_ema_loss between val_loss and train_time."""
+    trial = ("step:0/4 val_loss:6.00000 val_ema_loss:6.00000 train_time:0.000s step_avg:nanms\n"
+             "step:4/4 val_loss:5.00000 val_avg_loss:5.00000 val_ema_loss:4.90000 train_time:0.400s step_avg:100.00ms\n")
+    assert trials_of("noise\n" + trial + "step:1/4 train_time:0.1s\n" + trial) == [(0, 6.0, 4.9, 100.0)] * 2
+    with pytest.raises(RecordError, match="no train_time"):
+        trials_of("step:0/4 val_loss:6.0\nstep:4/4 val_loss:5.0\n")
