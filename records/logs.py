@@ -178,7 +178,8 @@ def parse_log_text(text: str, path: str = "<text>") -> LogFile:
         try:
             point = parse_val_line(line)
         except ValueError as problem:
-            raise LogError(f"{path}:{line_number}: {problem}; pass the logs a training run wrote (logs/*.txt)") from None
+            raise LogError(f"{path}:{line_number}: {problem}; pass the logs a training run wrote "
+                           f"(logs/*.txt)") from None
         if point is not None:
             if point.step == 0 or not runs:
                 runs.append(Run(path, len(runs), recipe, hardware, diagnostics=pending_diagnostics,

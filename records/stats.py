@@ -210,7 +210,8 @@ def undecided_warnings(result: ResultSet) -> list[str]:
     warnings = early_stops(result) if result.first_passing_step is None else []
     gaps = result.raw_gaps()
     if gaps:
-        lacking = sorted({run.path for run in result.runs for p in run.points if p.step in gaps and p.raw_val_loss is None})
+        lacking = sorted({run.path for run in result.runs for p in run.points
+                          if p.step in gaps and p.raw_val_loss is None})
         where = "every log" if len(lacking) == len({run.path for run in result.runs}) else ", ".join(lacking)
         warnings.append(f"set {result.label}: at step(s) {gaps} a readout was applied ({READOUT_APPLIED}) and no raw "
                         f"loss logged ({RAW_LOSS}) in {where}: the raw crossing may lie there, so it is undecided")

@@ -6,11 +6,11 @@
 `extract` writes the code section (everything before the first line of 100 '=') byte for byte, which
 is how the leaderboard reproduces a submission. `check` verifies what a submission needs: every log
 has a code section and it is the same in every log; every log of ours ran the record's settings (its
-`config` line's `is_record_recipe`; the leaderboard's logs have no config line); every run has the same step count T and
-stops at the same step, T or a stop inside the schedule such as #42's 2860 of 2900 (no per-run early stopping);
-there are n runs (at least N if given); the mean over all runs clears the bar of
-docs/benchmark.md#rules-and-statistics, on the readout loss where the logs have one (records/stats.py). It prints each check and exits 1 if any
-fails.
+`config` line's `is_record_recipe`; the leaderboard's logs have no config line); every run has the same
+step count T and stops at the same step, T or a stop inside the schedule such as #42's 2860 of 2900 (no
+per-run early stopping); there are n runs (at least N if given); the mean over all runs clears the bar of
+docs/benchmark.md#rules-and-statistics, on the readout loss where the logs have one (records/stats.py).
+It prints each check and exits 1 if any fails.
 """
 
 import argparse

@@ -340,7 +340,8 @@ def test_a_log_given_twice_is_refused_as_it_would_inflate_n(tmp_path, set_a, mon
 
 @pytest.mark.parametrize("argv, message", [
     (["--vs-label", "b2"], "--vs-label names the --vs set; give --vs LOG... too"),
-    (["--vs", "{b}", "--label", "x", "--vs-label", "x"], "--label and --vs-label are both 'x'; give the sets two names"),
+    (["--vs", "{b}", "--label", "x", "--vs-label", "x"],
+     "--label and --vs-label are both 'x'; give the sets two names"),
     (["--plot", "{tmp}/f.png", "--plot-diagnostics", "{tmp}/f.png"],
      "--plot and --plot-diagnostics both name {tmp}/f.png; give each figure its own file"),
     (["--json", "--markdown"], "argument --markdown: not allowed with argument --json"),
@@ -585,6 +586,6 @@ def test_record46_val_lines_give_both_published_crossings(capsys):
         assert stats.main([*RECORD46, *argv]) == 0
         out, err = capsys.readouterr()
         assert f"a (n=8): first passing step {step}, mean val loss" in out
-        assert err.splitlines()[-1] == (f"note: set a: 1 of 8 runs stops before its T=2900, at step 2765 ({RECORD46[-1]} "
-                                        f"trial 0), at or after the reported step {step}: every run logged the steps "
-                                        "up to it, so the result stands")
+        assert err.splitlines()[-1] == (f"note: set a: 1 of 8 runs stops before its T=2900, at step 2765 "
+                                        f"({RECORD46[-1]} trial 0), at or after the reported step {step}: every run "
+                                        "logged the steps up to it, so the result stands")
