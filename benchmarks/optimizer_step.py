@@ -113,7 +113,7 @@ def main(argv=None):
     # fp32 weights and gradients, what make_params allocates first: a lower bound of what the benchmark holds.
     needed = 2 * 4 * sum(rows * cols for rows, cols in shapes)
     if needed > memory_bytes(device):
-        parser.error(f"--scale {args.scale:g}: the {len(shapes)} matrices and their gradients alone take "
+        parser.error(f"--scale {scale:g}: the {len(shapes)} matrices and their gradients alone take "
                      f"{needed / 1e9:,.0f} GB, more than the {memory_bytes(device) / 1e9:,.0f} GB of {device.type} "
                      f"memory; lower --scale")
     if args.eager:
