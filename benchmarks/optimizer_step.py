@@ -11,6 +11,7 @@ Compiled by default (the first steps, untimed, compile); --eager (or TORCH_COMPI
 the update math uncompiled, which is what to use on a small CPU box where compiling costs minutes.
 """
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -66,6 +67,13 @@ def median_step_ms(optimizer, device, warmup, steps):
     return statistics.median(1000 * timed(device, optimizer.step) for _ in range(steps))
 
 
+def memory_bytes(device):
+    """What memory the device has: the GPU's, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -89,17 +97,29 @@ def main(argv=None):
     parser.add_argument("--riemannian", action="store_true",
                         help="also time Aurora(variant='riemannian') (docs/recipes.md#variants), batched only")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.scale is not None and not 0 < args.scale < math.inf:
+        parser.error(f"--scale must be a positive number, got {args.scale}")
     try:
         device = train_gpt.resolve_device(args.device, 0)
     except train_gpt.SetupError as e:
         parser.error(str(e))
     scale = args.scale if args.scale is not None else (1.0 if device.type == "cuda" else 0.25)
     width = max(8, round(MODEL.model_dim * scale))
+    shapes = hidden_matrix_shapes(width, MODEL.num_layers)
+    # fp32 weights and gradients, what make_params allocates first: a lower bound of what the benchmark holds.
+    needed = 2 * 4 * sum(rows * cols for rows, cols in shapes)
+    if needed > memory_bytes(device):
+        parser.error(f"--scale {scale:g}: the {len(shapes)} matrices and their gradients alone take "
+                     f"{needed / 1e9:,.0f} GB, more than the {memory_bytes(device) / 1e9:,.0f} GB of {device.type} "
+                     f"memory; lower --scale")
     if args.eager:
         torch._dynamo.config.disable = True
     compiled = train_gpt.compile_is_active()
 
-    shapes = hidden_matrix_shapes(width, MODEL.num_layers)
     print(f"device: {device_name(device)}; torch {torch.__version__}; "
           f"{'compiled' if compiled else 'eager'}; width {width} (scale {scale:g}): "
           f"{len(shapes)} matrices ({width}x{width} x48, {4 * width}x{width} x12, {width}x{4 * width} x12); "

@@ -546,6 +546,8 @@ def parse_args(argv):
                      f"{', '.join(train_gpt.RECIPES)} (unknown: {', '.join(unknown) or 'none'})")
     if args.iters < 1 or args.warmup < 0:
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
+    if not 0 <= args.seed < 2 ** 64:
+        parser.error(f"--seed must be in [0, 2^64 - 1] (a torch generator seed), got {args.seed}")
     if args.world_size < 1:
         parser.error(f"--world-size must be >= 1, got {args.world_size}")
     try:

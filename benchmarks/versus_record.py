@@ -13,29 +13,34 @@ CUDA under torchrun. So this script, in a work folder (--work, default a fresh t
      `edited: line N ...`; nothing else is changed), and runs it under torchrun on one process with 2 trials;
   3. runs our train_gpt.py with --recipe on the same shards, --steps and 2 trials under torchrun;
 then prints both sides' ms/step per trial (train_time / steps at the last validation; the first trial
-includes compilation, the second is compile-free) with their step-0 and last val losses, and the
-ratio ours/record of the compile-free trials.
+includes compilation, the second is compile-free) with their first and last val losses (records/logs.py
+reads the val lines: the readout's loss where a line has one), and the ratio ours/record of the
+compile-free trials.
 """
 
 import argparse
+import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "data"))
+sys.path.insert(0, str(ROOT / "records"))
 import train_gpt  # noqa: E402
+from logs import LogError, parse_log_text  # noqa: E402
+from shards import MAX_SHARD_TOKENS, check_output_folder  # noqa: E402
 from synthetic import write_synthetic_shards  # noqa: E402
 
 GPT2_VOCAB = 50257
 TRIALS = 2
 # The step-count constant of record scripts: a name assigned a whole number on a line of its own.
 STEP_CONSTANT = re.compile(r"^(?P<indent>\s*)(?P<name>train_steps|num_iterations)\s*=\s*(?P<value>\d+)\s*(#.*)?$")
-VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:([0-9.]+) train_time:([0-9.]+)s")
 
 
 class RecordError(RuntimeError):
@@ -48,6 +53,22 @@ def record_code(log_text, log_path):
     if train_gpt.SEPARATOR not in lines:
         raise RecordError(f"{log_path}: no line of 100 '=' (not a leaderboard log: the code ends at that line)")
     return "\n".join(lines[:lines.index(train_gpt.SEPARATOR)]) + "\n"
+
+
+def read_record_code(log_path, steps):
+    """(code, edit): the code of the leaderboard log at log_path with its step count set to `steps`, and that
+    edit described. RecordError when the log is unreadable or holds no code that compiles."""
+    try:
+        text = Path(log_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecordError(f"{log_path}: cannot read it as UTF-8 text ({e})") from None
+    code = record_code(text, log_path)
+    try:
+        compile(code, log_path, "exec")
+    except SyntaxError as e:
+        raise RecordError(f"{log_path}: its code does not parse (line {e.lineno}: {e.msg}); pass a leaderboard log, "
+                          f"whose code is the script that ran") from None
+    return set_step_count(code, steps, log_path)
 
 
 def set_step_count(code, steps, log_path):
@@ -64,20 +85,34 @@ def set_step_count(code, steps, log_path):
     return "\n".join(lines), f"line {index + 1} '{old}' -> '{lines[index].strip()}'"
 
 
+class Trial(NamedTuple):
+    first_step: int
+    first_loss: float
+    last_loss: float
+    ms_per_step: float  # train_time / steps at the last validation
+
+
 def trials_of(output):
-    """[(step-0 val loss, last val loss, ms/step at the last validation), ...] per trial: a trial's val
-    lines start again at step 0."""
+    """The trials in a run's output, read by records/logs.py: a trial's val lines start again at step 0, and a
+    line's loss is its readout's where it has one (#46's val_ema_loss), as the record is decided."""
+    try:
+        runs = parse_log_text(output, "the output").runs
+    except LogError as e:
+        raise RecordError(str(e)) from None
     trials = []
-    for step, steps, loss, train_time in VAL_LINE.findall(output):
-        if int(step) == 0:
-            trials.append([])
-        if trials:
-            trials[-1].append((int(step), int(steps), float(loss), float(train_time)))
-    result = []
-    for vals in trials:
-        step, _, last_loss, train_time = vals[-1]
-        result.append((vals[0][2], last_loss, 1000 * train_time / step if step else float("nan")))
-    return result
+    for run in runs:
+        first, last = run.points[0], run.points[-1]
+        if last.train_time_s is None:
+            raise RecordError(f"the val line of step {last.step} in the output has no train_time, so no time per step")
+        trials.append(Trial(first.step, first.val_loss, last.val_loss,
+                            1000 * last.train_time_s / last.step if last.step else math.nan))
+    return trials
+
+
+def train_tokens_needed(steps, hp):
+    """Tokens of the one train shard: record loaders move to the next shard when pos + batch + 1 >= its length, one
+    token more than we read."""
+    return steps * hp.batch_tokens + 2
 
 
 def run(command, cwd, timeout, what):
@@ -106,39 +141,61 @@ def parse_args(argv):
                         help="our side's device (the record's is whatever it hard-codes)")
     parser.add_argument("--tiny", action="store_true",
                         help="our CPU preset and shards of its 512-id vocabulary (for a small stand-in record)")
-    parser.add_argument("--work", metavar="DIR", help="work folder (default: a new temporary folder)")
+    parser.add_argument("--work", metavar="DIR",
+                        help="work folder, kept (default: a new temporary folder, removed at the end)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed to each side (default 1800)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    train_tokens = train_tokens_needed(args.steps, train_gpt.TINY if args.tiny else train_gpt.FULL)
+    if train_tokens > MAX_SHARD_TOKENS:
+        parser.error(f"--steps {args.steps} needs {train_tokens:,} train tokens in one shard, more than a shard holds "
+                     f"({MAX_SHARD_TOKENS:,})")
+    if args.timeout < 1:
+        parser.error(f"--timeout must be at least 1 second, got {args.timeout}")
+    if os.path.isdir(args.record_log):
+        parser.error(f"--record-log {args.record_log} is a folder, not a log file")
     if not os.path.isfile(args.record_log):
         parser.error(f"--record-log {args.record_log}: no such file")
+    if args.work:
+        check_output_folder(parser, "--work", args.work)
+    try:
+        train_gpt.resolve_device(args.device, 0)
+    except train_gpt.SetupError as e:
+        parser.error(str(e))
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    hp = train_gpt.TINY if args.tiny else train_gpt.FULL
-    work = Path(args.work or tempfile.mkdtemp(prefix="versus_record_")).resolve()
     try:
-        code = record_code(Path(args.record_log).read_text(), args.record_log)
-        code, edit = set_step_count(code, args.steps, args.record_log)
+        code, edit = read_record_code(args.record_log, args.steps)
     except RecordError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # The work folder is made only now that every check has passed.
+    if args.work:
+        return compare(args, Path(args.work).resolve(), code, edit)
+    with tempfile.TemporaryDirectory(prefix="versus_record_", ignore_cleanup_errors=True) as work:
+        return compare(args, Path(work), code, edit)
+
+
+def compare(args, work, code, edit):
+    """Both sides in `work` on the same shards; the exit status."""
+    hp = train_gpt.TINY if args.tiny else train_gpt.FULL
     data = work / "data" / "fineweb10B"
     data.mkdir(parents=True, exist_ok=True)
     vocab = hp.model.vocab_size if args.tiny else GPT2_VOCAB
-    # Record loaders move to the next shard when pos + batch + 1 >= its length: one token more than we read.
-    train_tokens, val_tokens = args.steps * hp.batch_tokens + 2, hp.val_tokens + 2
+    train_tokens, val_tokens = train_tokens_needed(args.steps, hp), hp.val_tokens + 2
     val_path, train_path = write_synthetic_shards(str(work / "synthetic"), vocab_size=vocab, train_shards=1,
                                                   tokens_per_shard=train_tokens, val_tokens=val_tokens)
     for source, name in ((val_path, "fineweb_val_000000.bin"), (train_path, "fineweb_train_000001.bin")):
         (data / name).unlink(missing_ok=True)
         os.symlink(source, data / name)
     (work / "record.py").write_text(code)
-    print(f"record: the code of {args.record_log}, saved as {work / 'record.py'}; edited: {edit}; nothing else "
-          f"changed")
+    kept = "" if args.work else " (a temporary folder, removed at the end; --work DIR keeps it)"
+    print(f"record: the code of {args.record_log}, saved as {work / 'record.py'}{kept}; edited: {edit}; nothing "
+          f"else changed")
     print(f"data: synthetic shards of vocabulary {vocab} in {data} ({train_tokens:,} train tokens, {val_tokens:,} "
           f"val), for both sides; {args.steps} steps, {TRIALS} trials each, one process under torchrun")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
@@ -154,12 +211,12 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     for name, trials in (("record", record), (f"ours ({args.recipe})", ours)):
-        for index, (first, last, ms) in enumerate(trials):
+        for index, trial in enumerate(trials):
             kind = "compile included" if index == 0 else "compile-free"
-            print(f"{name:<16} trial {index + 1}: {ms:9.2f} ms/step ({kind})   val loss step 0 {first:.5f}, "
-                  f"step {args.steps} {last:.5f}")
-    print(f"ms/step, compile-free trial: record {record[-1][2]:.2f}, ours {ours[-1][2]:.2f}, "
-          f"ours/record {ours[-1][2] / record[-1][2]:.3f}x")
+            print(f"{name:<16} trial {index + 1}: {trial.ms_per_step:9.2f} ms/step ({kind})   val loss step "
+                  f"{trial.first_step} {trial.first_loss:.5f}, step {args.steps} {trial.last_loss:.5f}")
+    print(f"ms/step, compile-free trial: record {record[-1].ms_per_step:.2f}, ours {ours[-1].ms_per_step:.2f}, "
+          f"ours/record {ours[-1].ms_per_step / record[-1].ms_per_step:.3f}x")
     return 0
 
 

@@ -19,8 +19,8 @@ from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                     RemoteEntryNotFoundError, RepositoryNotFoundError)
 
-from shards import (DEFAULT_RECIPE, ShardError, record_recipe_steps, recipe_steps, shard_filename, train_shards_needed,
-                    validate_shard)
+from shards import (DEFAULT_RECIPE, ShardError, check_output_folder, record_recipe_steps, recipe_steps, shard_filename,
+                    train_shards_needed, validate_shard)
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 REPO_TYPE = "dataset"
@@ -127,26 +127,27 @@ def main(argv=None):
                                                  f"{REPO_ID} into data/fineweb10B/.")
     parser.add_argument("num_train_shards", nargs="?", type=int, metavar="N",
                         help=f"train shards to fetch (default: what --recipe needs, {DEFAULT_RECIPE} by default)")
-    parser.add_argument("--recipe", choices=sorted(record_recipe_steps()), default=DEFAULT_RECIPE,
+    parser.add_argument("--recipe", choices=sorted(record_recipe_steps()),
                         help=f"fetch the shards this recipe's step count needs (default {DEFAULT_RECIPE})")
     parser.add_argument("--steps", type=int, help="fetch the shards this many steps need (overrides --recipe)")
     parser.add_argument("--dir", default=DEFAULT_DIR, help="where to put the shards (default data/fineweb10B)")
     args = parser.parse_args(argv)
     if args.num_train_shards is not None and args.steps is not None:
         parser.error("give either N or --steps, not both")
+    if args.num_train_shards is not None and args.recipe is not None:
+        parser.error("give either N or --recipe, not both")
     # Everything is checked before the hub is contacted or any folder is made (the hub client makes DIR/.cache).
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.num_train_shards is not None:
         num_train_shards, asked = args.num_train_shards, f"N {args.num_train_shards}"
     else:
-        steps = args.steps if args.steps is not None else recipe_steps(args.recipe)
+        steps = args.steps if args.steps is not None else recipe_steps(args.recipe or DEFAULT_RECIPE)
         num_train_shards = train_shards_needed(steps)
         asked = f"--steps {steps} needs {num_train_shards} train shards"
     if not 0 <= num_train_shards <= LAST_TRAIN_SHARD:
         parser.error(f"{asked}; the dataset has train shards 1..{LAST_TRAIN_SHARD}")
-    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
-        parser.error(f"--dir {args.dir} is a file, not a folder")
+    check_output_folder(parser, "--dir", args.dir)
     if args.num_train_shards is None:
         print(f"{steps} steps need {num_train_shards} train shards")
     try:

@@ -24,7 +24,7 @@ import numpy as np
 from huggingface_hub import hf_hub_download, list_repo_files
 from tqdm import tqdm
 
-from shards import MAX_TOKEN_ID, TOKENS_PER_SHARD, shard_filename, write_shard
+from shards import MAX_SHARD_TOKENS, MAX_TOKEN_ID, TOKENS_PER_SHARD, check_output_folder, shard_filename, write_shard
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 HUB_REPO = "HuggingFaceFW/fineweb"
@@ -198,8 +198,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Tokenize raw text into GPT-2 token shards (val first).")
     parser.add_argument("inputs", nargs="*", help=".txt / .jsonl / .parquet files or folders of them")
     parser.add_argument("--hub", action="store_true", help="tokenize a hub dataset's parquet files")
-    parser.add_argument("--hub-repo", default=HUB_REPO, help=f"dataset repo for --hub (default {HUB_REPO})")
-    parser.add_argument("--hub-folder", default=HUB_FOLDER, help=f"folder in it (default {HUB_FOLDER})")
+    parser.add_argument("--hub-repo", help=f"dataset repo for --hub (default {HUB_REPO})")
+    parser.add_argument("--hub-folder", help=f"folder in it (default {HUB_FOLDER})")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default data/fineweb10B)")
     parser.add_argument("--prefix", default="fineweb", help="shard name prefix (default fineweb)")
     parser.add_argument("--shard-size", type=int, default=TOKENS_PER_SHARD,
@@ -208,11 +208,37 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, help="encoding processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards with the same prefix")
     args = parser.parse_args(argv)
+    # Every argument is checked before the tokenizer is loaded (its BPE files may need the network) or a file is read.
     if args.hub == bool(args.inputs):
         parser.error("give input files/folders or --hub (one of the two)")
+    if not args.hub and (args.hub_repo or args.hub_folder):
+        parser.error("--hub-repo and --hub-folder apply only with --hub")
+    if args.shard_size < 1:
+        parser.error(f"--shard-size must be at least 1, got {args.shard_size}")
+    if args.shard_size > MAX_SHARD_TOKENS:
+        parser.error(f"--shard-size must be at most {MAX_SHARD_TOKENS:,} (a shard header counts its tokens in an "
+                     f"int32), got {args.shard_size:,}")
+    for name in ("max_shards", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.prefix or "/" in args.prefix:
+        parser.error(f"--prefix {args.prefix}: a file name prefix without '/' (the folder is --out)")
+    check_output_folder(parser, "--out", args.out)
+    try:
+        if not args.overwrite and os.path.isdir(args.out):
+            refuse_existing_shards(args.out, args.prefix)
+        files = [] if args.hub else expand_inputs(args.inputs)
+        if not args.hub and not files:
+            raise ValueError(f"the inputs hold no {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]} file")
+        parquet = [f"{args.hub_repo or HUB_REPO}/{args.hub_folder or HUB_FOLDER}"] if args.hub else \
+            [path for path in files if path.endswith(".parquet")]
+        if parquet:
+            import_pyarrow_parquet(parquet[0])
+    except (OSError, ValueError, ImportError) as e:
+        parser.error(str(e))
     try:
         encoder = gpt2_encoding()
-        docs = hub_documents(args.hub_repo, args.hub_folder) if args.hub else documents(expand_inputs(args.inputs))
+        docs = hub_documents(args.hub_repo or HUB_REPO, args.hub_folder or HUB_FOLDER) if args.hub else documents(files)
         paths = tokenize_to_shards(docs, args.out, encoder, args.prefix, args.shard_size, args.workers,
                                    args.max_shards, args.overwrite)
     except (RuntimeError, ImportError, OSError, ValueError) as e:  # each names the file or setting at fault

@@ -6,7 +6,8 @@ arithmetic of how many train shards a run needs, and a command that checks a dat
     python data/shards.py --tiny                           # data/synthetic against the CPU preset
     python data/shards.py data/synthetic --steps 300 --batch-tokens 8192 --val-tokens 65536
 
-Exit status 0 when every shard is valid and there are enough tokens for the run, 1 otherwise.
+Exit status 0 when every shard is valid and there are enough tokens for the run, 1 otherwise, 2 when the folder
+is missing, not a folder or cannot be listed.
 """
 
 import argparse
@@ -24,6 +25,8 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_BYTES = 2  # uint16
 MAX_TOKEN_ID = np.iinfo(np.uint16).max
+MAX_SHARD_TOKENS = np.iinfo(np.int32).max  # the header counts the tokens in an int32
+MAX_SHARD_INDEX = 999_999  # shard names number them with 6 digits
 
 TOKENS_PER_SHARD = 100_000_000  # every published FineWeb shard but the last
 BATCH_TOKENS = 524_288  # tokens per optimizer step (docs/benchmark.md#training-loop)
@@ -62,6 +65,34 @@ def shard_filename(prefix, index):
     return f"{prefix}_{role}_{index:06d}.bin"
 
 
+def nearest_existing(path):
+    """`path` itself if it exists, else its closest ancestor that does: where a missing folder would be made."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def output_folder_problem(folder):
+    """Why files cannot be written into `folder`, made first if missing, or None. Checked before any work, so that
+    a bad folder is one error line and not a traceback once the work is done."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    existing = nearest_existing(folder)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, so no folder can be made below it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"the folder {existing} is not writable"
+    return None
+
+
+def check_output_folder(parser, flag, folder):
+    """parser.error (one error line, exit 2) unless files can be written into `folder`."""
+    problem = output_folder_problem(folder)
+    if problem:
+        parser.error(f"{flag} {folder}: {problem}; choose another {flag}")
+
+
 def shard_file_size(num_tokens):
     """Bytes of a complete shard holding num_tokens tokens."""
     return HEADER_BYTES + TOKEN_BYTES * num_tokens
@@ -80,6 +111,8 @@ def write_shard(path, tokens):
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be a 1-D array, got shape {tokens.shape}")
+    if tokens.size > MAX_SHARD_TOKENS:
+        raise ValueError(f"{path}: {tokens.size:,} tokens, more than a shard's header can count ({MAX_SHARD_TOKENS:,})")
     if tokens.size and (tokens.min() < 0 or tokens.max() > MAX_TOKEN_ID):
         raise ValueError(f"{path}: token ids must lie in [0, {MAX_TOKEN_ID}] to fit uint16, "
                          f"got [{tokens.min()}, {tokens.max()}]")
@@ -90,12 +123,16 @@ def write_shard(path, tokens):
     os.replace(partial, path)
 
 
+def read_header(path):
+    return np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+
+
 def validate_shard(path):
     """Check the header and the file size; return the token count N. Raises ShardError."""
     file_size = os.path.getsize(path)
     if file_size < HEADER_BYTES:
         raise ShardError(path, f"file is {file_size} bytes, shorter than the {HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    header = read_header(path)
     if header[0] != MAGIC:
         raise ShardError(path, f"bad magic number {header[0]} (expected {MAGIC}); not a token shard")
     if header[1] != VERSION:
@@ -119,14 +156,6 @@ def read_shard(path):
     return np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_BYTES).astype(np.uint16)
 
 
-def check_token_ids(path, vocab_size):
-    """Raise ShardError if the shard holds an id the model has no embedding row for (vocabulary ids are
-    0..vocab_size-1): it was tokenized for another vocabulary, and the trainer refuses it."""
-    tokens = read_shard(path)
-    highest = int(tokens.max()) if tokens.size else -1
-    if highest >= vocab_size:
-        raise ShardError(path, f"token id {highest}, but the vocabulary has {vocab_size} ids (0..{vocab_size - 1}); "
-                               f"tokenized for another vocabulary")
 
 
 def steps_in_shard(num_tokens, batch=BATCH_TOKENS):
@@ -156,6 +185,50 @@ class ShardStatus:
     path: str
     num_tokens: int | None  # None when invalid
     error: str | None
+    highest_id: int | None = None  # None when invalid or empty
+    header: tuple[int, ...] | None = None  # None when invalid
+
+
+def inspect_shard(path, vocab_size):
+    """The shard's status: its header and size valid (validate_shard), and every token id below vocab_size (the
+    model has no embedding row for a larger one: tokenized for another vocabulary, and the trainer refuses it)."""
+    try:
+        tokens = read_shard(path)
+    except ShardError as e:
+        return ShardStatus(path, None, e.problem)
+    except OSError as e:
+        return ShardStatus(path, None, f"cannot read it: {e.strerror or e}")
+    highest = int(tokens.max()) if tokens.size else None
+    if highest is not None and highest >= vocab_size:
+        return ShardStatus(path, None, f"token id {highest}, but the vocabulary has {vocab_size} ids "
+                                       f"(0..{vocab_size - 1}); tokenized for another vocabulary")
+    return ShardStatus(path, tokens.size, None, highest, tuple(int(v) for v in read_header(path)))
+
+
+def disagreements(statuses):
+    """What the valid shards of one folder disagree on, as problem lines. Every shard of a set holds its
+    vocabulary's end-of-text id, its highest id (511 with 512 ids, GPT-2's 50256), so different highest ids mean
+    shards written for different vocabularies, as a second write into the folder can leave; and their headers
+    must be the same but for the token count."""
+    valid = [s for s in statuses if s.num_tokens is not None]
+    problems = []
+    names_by_highest = {}
+    for status in valid:
+        if status.highest_id is not None:
+            names_by_highest.setdefault(status.highest_id, []).append(os.path.basename(status.path))
+    if len(names_by_highest) > 1:
+        groups = "; ".join(f"{highest} in {', '.join(names)}" for highest, names in sorted(names_by_highest.items()))
+        problems.append(f"the shards disagree on their highest token id (their vocabulary's end-of-text id), so they "
+                        f"were written for different vocabularies: {groups}; write the set again")
+    for status in valid[1:]:
+        reference = valid[0]  # the val shard when it is valid: the first in streaming order
+        differing = [i for i, (a, b) in enumerate(zip(status.header, reference.header)) if a != b and i != 2]
+        if differing:
+            i = differing[0]
+            problems.append(f"the shard headers disagree beyond the token count (another writer or format version): "
+                            f"{os.path.basename(status.path)} differs from {os.path.basename(reference.path)} at "
+                            f"header int {i} ({status.header[i]}, not {reference.header[i]}); write the set again")
+    return problems
 
 
 def shard_role(filename):
@@ -167,20 +240,13 @@ def shard_role(filename):
 
 
 def inspect_folder(folder, vocab_size):
-    """Status of every .bin shard in folder (header, size and token ids below vocab_size), grouped by role,
+    """Status of every .bin shard in folder (inspect_shard), grouped by role,
     each group in sorted filename order (the order the trainer streams them)."""
     groups = {"val": [], "train": [], "other": []}
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".bin"):
             continue
-        path = os.path.join(folder, name)
-        try:
-            num_tokens = validate_shard(path)
-            check_token_ids(path, vocab_size)
-            status = ShardStatus(path, num_tokens, None)
-        except ShardError as e:
-            status = ShardStatus(path, None, e.problem)
-        groups[shard_role(name) or "other"].append(status)
+        groups[shard_role(name) or "other"].append(inspect_shard(os.path.join(folder, name), vocab_size))
     return groups
 
 
@@ -221,6 +287,7 @@ def folder_report(folder, steps, batch, val_tokens, vocab_size):
                  f"{batch:,} tokens; the run needs {steps}")
     if available < steps:
         problems.append(f"train shards feed {available} steps, the run needs {steps}")
+    problems += disagreements([status for group in groups.values() for status in group])
     lines.extend(f"NOT ENOUGH / INVALID: {p}" for p in problems)
     if not problems:
         lines.append("OK: valid and enough for the run")
@@ -254,16 +321,23 @@ def main(argv=None):
     # The trainer's own presets, so the check follows what `train_gpt.py [--tiny]` will read.
     preset = trainer().TINY if args.tiny else trainer().FULL
     folder = args.folder or os.path.join(os.path.dirname(__file__), "synthetic" if args.tiny else "fineweb10B")
-    if not os.path.isdir(folder):
-        print(f"{folder}: no such folder. Fetch FineWeb with `python data/cached_fineweb10B.py` "
-              f"or write synthetic shards with `python data/synthetic.py`.", file=sys.stderr)
-        return 1
     steps = args.steps if args.steps is not None else preset.steps or recipe_steps(args.recipe)
     batch_tokens = args.batch_tokens or preset.batch_tokens
     val_tokens = args.val_tokens or preset.val_tokens
     vocab_size = args.vocab_size or preset.model.vocab_size
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        print(f"error: {folder} is a file, not a folder; pass the folder that holds the shards", file=sys.stderr)
+        return 2
+    try:
+        lines, ok = folder_report(folder, steps, batch_tokens, val_tokens, vocab_size)
+    except FileNotFoundError:
+        print(f"error: {folder}: no such folder; fetch FineWeb with `python data/cached_fineweb10B.py` or write "
+              f"synthetic shards with `python data/synthetic.py`", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {folder}: cannot list it: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"{folder}: checked against {'the CPU preset (--tiny)' if args.tiny else 'the full-size benchmark'}")
-    lines, ok = folder_report(folder, steps, batch_tokens, val_tokens, vocab_size)
     print("\n".join(lines))
     if not ok and not args.tiny:
         print("(shards for the CPU preset, such as data/synthetic, are checked with --tiny)")

@@ -14,16 +14,21 @@ the seed, its index and its size, so adding train shards leaves the others uncha
 """
 
 import argparse
+import glob
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
 
-from shards import shard_filename, write_shard
+from shards import (MAX_SHARD_INDEX, MAX_SHARD_TOKENS, check_output_folder, nearest_existing, shard_file_size,
+                    shard_filename, write_shard)
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synthetic")
+PREFIX = "synthetic"
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), PREFIX)
 DEFAULT_VOCAB_SIZE = 512
 DEFAULT_TRAIN_SHARDS = 2
 DEFAULT_TOKENS_PER_SHARD = 2_000_000
@@ -110,24 +115,37 @@ def conditional_entropy(tokens, order, vocab_size):
 def write_synthetic_shards(out_dir=DEFAULT_OUT, vocab_size=DEFAULT_VOCAB_SIZE,
                            train_shards=DEFAULT_TRAIN_SHARDS, tokens_per_shard=DEFAULT_TOKENS_PER_SHARD,
                            val_tokens=DEFAULT_VAL_TOKENS, seed=0):
-    """Write synthetic_val_000000.bin and synthetic_train_000001.bin ... into out_dir; return the paths,
-    val first. Token ids lie in [0, vocab_size) and EOT is vocab_size - 1."""
+    """Write synthetic_val_000000.bin and synthetic_train_000001.bin ... into out_dir as one set; return the
+    paths, val first. Token ids lie in [0, vocab_size) and EOT is vocab_size - 1. The set is written into a
+    hidden folder inside out_dir, then takes the place of every synthetic_{val,train}_*.bin there, so no shard
+    of an earlier set (more shards, another vocabulary) is left beside it, and a failure leaves the earlier set
+    as it was. Other files in out_dir stay."""
     if not 2 <= vocab_size <= 65536:
         raise ValueError(f"vocab_size must be in [2, 65536] (uint16 shards), got {vocab_size}")
     if min(train_shards, tokens_per_shard, val_tokens) < 1:
         raise ValueError("train_shards, tokens_per_shard and val_tokens must all be at least 1")
+    created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    table = successor_table(vocab_size, seed)
-    # Child 0 of the seed builds the table; child 1 + k writes shard k (0 = val).
-    shard_seeds = np.random.SeedSequence(seed).spawn(2 + train_shards)[1:]
-    paths = []
-    for index, shard_seed in enumerate(shard_seeds):
-        size = val_tokens if index == 0 else tokens_per_shard
-        tokens = generate_stream(table, size, np.random.default_rng(shard_seed))
-        path = os.path.join(out_dir, shard_filename("synthetic", index))
-        write_shard(path, tokens)
-        paths.append(path)
-    return paths
+    staging = tempfile.mkdtemp(prefix=f".{PREFIX}-", dir=out_dir)
+    try:
+        table = successor_table(vocab_size, seed)
+        # Child 0 of the seed builds the table; child 1 + k writes shard k (0 = val).
+        shard_seeds = np.random.SeedSequence(seed).spawn(2 + train_shards)[1:]
+        names = [shard_filename(PREFIX, index) for index in range(len(shard_seeds))]
+        for index, shard_seed in enumerate(shard_seeds):
+            size = val_tokens if index == 0 else tokens_per_shard
+            tokens = generate_stream(table, size, np.random.default_rng(shard_seed))
+            write_shard(os.path.join(staging, names[index]), tokens)
+        for role in ("val", "train"):
+            for old in glob.glob(os.path.join(glob.escape(out_dir), f"{PREFIX}_{role}_*.bin")):
+                os.remove(old)
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+    return [os.path.join(out_dir, name) for name in names]
 
 
 def main(argv=None):
@@ -147,13 +165,26 @@ def main(argv=None):
     for name in ("train_shards", "tokens_per_shard", "val_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, most, why in (("train_shards", MAX_SHARD_INDEX, "shard names have 6 digits"),
+                            ("tokens_per_shard", MAX_SHARD_TOKENS, "a shard header counts its tokens in an int32"),
+                            ("val_tokens", MAX_SHARD_TOKENS, "a shard header counts its tokens in an int32")):
+        if getattr(args, name) > most:
+            parser.error(f"--{name.replace('_', '-')} must be at most {most:,} ({why}), got {getattr(args, name):,}")
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more (numpy seeds are non-negative), got {args.seed}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out {args.out} is a file, not a folder")
+    check_output_folder(parser, "--out", args.out)
+    needed = shard_file_size(args.val_tokens) + args.train_shards * shard_file_size(args.tokens_per_shard)
+    free = shutil.disk_usage(nearest_existing(args.out)).free
+    if needed > free:
+        parser.error(f"--out {args.out}: the shards take {needed / 1e6:,.0f} MB, more than the {free / 1e6:,.0f} MB "
+                     f"free there; write fewer or smaller shards")
     start = time.perf_counter()
-    paths = write_synthetic_shards(args.out, args.vocab_size, args.train_shards, args.tokens_per_shard,
-                                   args.val_tokens, args.seed)
+    try:
+        paths = write_synthetic_shards(args.out, args.vocab_size, args.train_shards, args.tokens_per_shard,
+                                       args.val_tokens, args.seed)
+    except (OSError, MemoryError) as e:  # the disk or memory ran out while writing: the earlier set is untouched
+        print(f"error: writing the shards into {args.out}: {e}", file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - start
     total = args.val_tokens + args.train_shards * args.tokens_per_shard
     print(f"wrote {len(paths)} shards ({total:,} tokens) to {args.out} in {seconds:.1f}s")

@@ -3,7 +3,11 @@
 A log is: the run's source code, a line of exactly 100 '=', then free-form lines of which these
 matter:
 - val lines `step:{s}/{T} val_loss:{x} [train_time:{t}s|ms] [step_avg:{a}ms]`; a line with
-  `step:0/` starts a new trial (several trials may share one log);
+  `step:0/` starts a new trial (several trials may share one log). Where a recipe evaluates a readout
+  of the weights rather than the weights themselves, the line carries both losses, in one of the record
+  logs' two layouts: `val_loss:{raw} ... val_ema_loss:{readout}` (#46's Tail-EMA), or
+  `val_loss:{readout} ... ref_gamma:{g} ... [raw_val_loss:{raw}]` (#42's reference interpolation; its
+  public logs have no raw loss there);
 - `diag {json}` lines (our diagnostics, docs/diagnostics.md), attached to the trial they were measured in;
 - `config {json}` lines (our resolved configuration; the "recipe" key names the recipe, and
   hyperparameters.model.mlp_ratio the MLP width ratio);
@@ -12,12 +16,18 @@ Everything else is ignored, so the leaderboard's own logs parse too.
 """
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 CODE_SEPARATOR = "=" * 100
-VAL_LINE = re.compile(r"step:(\d+)/(\d+)\s+val_loss:([0-9.]+)")
+VAL_LINE = re.compile(r"step:(\d+)/(\d+)\s+val_loss:(\S*)")
+# The name:value fields after val_loss; a name starts after white space, so raw_val_loss is never val_loss.
+FIELD = re.compile(r"(?<!\S)(\w+):(\S*)")
+READOUT_LOSS = "val_ema_loss"  # #46: the readout's loss, with val_loss the raw one
+RAW_LOSS = "raw_val_loss"  # ours for #42-style recipes: the raw loss, with val_loss the readout's
+READOUT_APPLIED = "ref_gamma"  # #42: val_loss is the readout's; without raw_val_loss the raw loss is not logged
 TRAIN_TIME = re.compile(r"train_time:([0-9.]+)(ms|s)\b")
 STEP_AVG = re.compile(r"step_avg:([0-9.]+)ms")
 HARDWARE_LINE = re.compile(r"^Running PyTorch .* on (.+) with world_size (\d+)\s*$")
@@ -25,11 +35,16 @@ DIAG_PREFIX = "diag "
 CONFIG_PREFIX = "config "
 
 
+class LogError(Exception):
+    """A file that cannot be read as a training log; the message names it (and the line) and what to pass."""
+
+
 @dataclass
 class ValPoint:
     step: int
     total_steps: int
-    val_loss: float
+    val_loss: float  # the loss the record is decided on: the readout's where one is logged, else the weights'
+    raw_val_loss: float | None  # the weights' own loss; None where a readout was applied and this was not logged
     train_time_s: float | None = None
     step_avg_ms: float | None = None
 
@@ -55,7 +70,11 @@ class Run:
     def final_step(self) -> int:
         return self.points[-1].step
 
-    def losses(self) -> dict[int, float]:
+    def losses(self, loss: str = "readout") -> dict[int, float]:
+        """Per step, the readout loss (what the record is decided on), or with loss="raw" the weights' own loss
+        at the steps where it was logged."""
+        if loss == "raw":
+            return {p.step: p.raw_val_loss for p in self.points if p.raw_val_loss is not None}
         return {p.step: p.val_loss for p in self.points}
 
 
@@ -80,12 +99,29 @@ def split_code(text: str) -> tuple[str | None, str]:
     return None, text
 
 
+def number(text: str, quoted: str, name: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"'{quoted}': the {name} is not a number") from None
+
+
 def parse_val_line(line: str) -> ValPoint | None:
+    """The point of a val line, None for any other line; ValueError (saying what is wrong) when one of its
+    losses is not a number, as in a README that quotes `step:50/50 val_loss:...`."""
     match = VAL_LINE.search(line)
     if match is None:
         return None
     step, total, loss = match.groups()
-    point = ValPoint(int(step), int(total), float(loss))
+    val_loss = number(loss, match[0], "val_loss")
+    fields = dict(FIELD.findall(line, match.end()))
+    losses = {name: number(fields[name], f"{name}:{fields[name]}", name) for name in (READOUT_LOSS, RAW_LOSS)
+              if name in fields}
+    if READOUT_LOSS in losses:
+        readout, raw = losses[READOUT_LOSS], losses.get(RAW_LOSS, val_loss)
+    else:
+        readout, raw = val_loss, losses.get(RAW_LOSS, None if READOUT_APPLIED in fields else val_loss)
+    point = ValPoint(int(step), int(total), readout, raw)
     time_match = TRAIN_TIME.search(line, match.end())
     if time_match is not None:
         seconds = float(time_match.group(1))
@@ -137,8 +173,13 @@ def parse_log_text(text: str, path: str = "<text>") -> LogFile:
     # trial (written just before its `step:0/` line); they wait here until that trial starts.
     pending_diagnostics: list[dict] = []
     latest_step = -1
-    for line in rest.splitlines():
-        point = parse_val_line(line)
+    first_line_number = len(code.splitlines()) + 1 if code else 1
+    for line_number, line in enumerate(rest.splitlines(), first_line_number):
+        try:
+            point = parse_val_line(line)
+        except ValueError as problem:
+            raise LogError(f"{path}:{line_number}: {problem}; pass the logs a training run wrote "
+                           f"(logs/*.txt)") from None
         if point is not None:
             if point.step == 0 or not runs:
                 runs.append(Run(path, len(runs), recipe, hardware, diagnostics=pending_diagnostics,
@@ -187,14 +228,37 @@ def read_log_text(path: str | Path) -> str:
         return f.read()
 
 
-def parse_log(path: str | Path) -> LogFile:
+def read_log(path: str | Path) -> str:
+    """The text of the log file at `path`; LogError when it is missing, a folder or unreadable."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a log file; pass the log files in it, e.g. "
-                                f"{path / '*.txt'}")
+        raise LogError(f"{path} is a folder, not a log file; pass the log files in it, e.g. {path / '*.txt'}")
     if not path.is_file():
-        raise FileNotFoundError(f"log file not found: {path} (pass paths to logs/*.txt files)")
-    return parse_log_text(read_log_text(path), str(path))
+        raise LogError(f"log file not found: {path} (pass paths to logs/*.txt files)")
+    try:
+        return read_log_text(path)
+    except OSError as error:
+        raise LogError(f"{path}: cannot read it: {error.strerror or error}") from None
+
+
+def check_each_log_once(paths: list[str]) -> None:
+    """LogError for a file given twice, under any name (a relative path, a symlink, a hard link): its runs would
+    count twice, and the bar's sqrt(n) would rise with them."""
+    seen: dict[tuple[int, int], str] = {}
+    for path in paths:
+        try:
+            status = os.stat(path)
+        except OSError:
+            continue  # missing or unreadable: parse_log says so
+        file = (status.st_dev, status.st_ino)
+        if file in seen:
+            raise LogError(f"{path} is {seen[file]} again: every log is one set of runs, counted once (twice would "
+                           "inflate n); give each log once")
+        seen[file] = path
+
+
+def parse_log(path: str | Path) -> LogFile:
+    return parse_log_text(read_log(path), str(path))
 
 
 def runs_of(log_files: list[LogFile]) -> list[Run]:

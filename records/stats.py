@@ -12,9 +12,19 @@ n runs. With --vs, the pairwise bar (same page) compares the first set (a) with 
 their reported steps; its statistic is positive when a is better and null when either set never
 clears the bar.
 
-Exit status: 0; 1 when a run's log stops before its final step T (cut off: crashed, killed, or still
-running): everything is printed, with a warning naming the log and its last step, but the numbers are
-not those of complete runs; 2 when a log or figure path is unusable (nothing is computed).
+The loss is the one the record is decided on: where a recipe evaluates a readout of the weights (#46's
+Tail-EMA `val_ema_loss`, #42's reference interpolation), the readout's; `--loss raw` takes the weights'
+own loss instead (records/logs.py says which field is which).
+
+A run whose log stops before its T cannot change the result once the set clears the bar: the reported
+step is one every run logged, and a run's losses up to it do not depend on when it stopped later (#42
+stops every run at 2860 of 2900, #46 one run at 2765). Such stops get a note. When the set does not
+clear the bar, the steps a run did not log could decide it: a warning, exit status 1.
+
+Exit status: 0; 1 when the result is undecided: the set does not clear the bar and some run's log stops
+before its T (crashed, killed, still running, or stopped early), or with --loss raw some steps before
+the reported one have no raw loss (everything is printed, with a warning naming the logs); 2 when a log
+or figure path is unusable (nothing is computed).
 """
 
 import argparse
@@ -29,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: records/ is not a package
 
-from logs import Run, parse_log, runs_of  # noqa: E402
+from logs import RAW_LOSS, READOUT_APPLIED, LogError, Run, check_each_log_once, parse_log, runs_of  # noqa: E402
 
 TARGET_LOSS = 3.28
 BAR = 0.004  # one-sided z-test with sigma 0.0013 at p < 0.001 (docs/benchmark.md#rules-and-statistics)
@@ -37,6 +47,7 @@ LOSS_PER_STEP = 0.0045 / 100  # the leaderboard's measured slope near the target
 # Logged losses are decimals (5 places); comparisons allow for the float error of their arithmetic so
 # that a mean sitting exactly on the bar counts as clearing it, as `>=` says.
 FLOAT_SLACK = 1e-12
+LOSSES = ("readout", "raw")  # what Run.losses returns: the loss the record is decided on, or the weights' own
 
 
 @dataclass
@@ -53,10 +64,23 @@ class ResultSet:
     steps: dict[int, StepStats]
     first_passing_step: int | None
     mean_at_first_passing_step: float | None
+    loss: str = "readout"  # LOSSES
 
     @property
     def n(self) -> int:
         return len(self.runs)
+
+    def steps_without_raw_loss(self) -> list[int]:
+        """Steps at which some run applied a readout and logged no raw loss."""
+        return sorted({p.step for run in self.runs for p in run.points if p.raw_val_loss is None})
+
+    def raw_gaps(self) -> list[int]:
+        """With loss="raw", the steps without a raw loss before the reported step (all of them when there is none):
+        the raw crossing may lie there, unseen."""
+        if self.loss != "raw":
+            return []
+        first = self.first_passing_step
+        return [step for step in self.steps_without_raw_loss() if first is None or step < first]
 
 
 def decimal_mean(values: list[float]) -> float:
@@ -80,8 +104,8 @@ def mean_over_runs_by_step(per_run: list[dict[int, float]]) -> dict[int, StepSta
     return {step: step_stats(v) for step, v in sorted(by_step.items())}
 
 
-def summarize_steps(runs: list[Run]) -> dict[int, StepStats]:
-    return mean_over_runs_by_step([run.losses() for run in runs])
+def summarize_steps(runs: list[Run], loss: str = "readout") -> dict[int, StepStats]:
+    return mean_over_runs_by_step([run.losses(loss) for run in runs])
 
 
 def bar_statistic(mean_loss: float, n: int) -> float:
@@ -116,19 +140,19 @@ def compare(a: ResultSet, b: ResultSet) -> dict:
     return {"statistic": statistic, "significant": clears_bar(statistic)}
 
 
-def summarize_result_set(runs: list[Run], label: str) -> ResultSet:
-    steps = summarize_steps(runs)
+def summarize_result_set(runs: list[Run], label: str, loss: str = "readout") -> ResultSet:
+    steps = summarize_steps(runs, loss)
     step = first_passing_step(steps, len(runs))
     mean = steps[step].mean if step is not None else None
-    return ResultSet(label, runs, steps, step, mean)
+    return ResultSet(label, runs, steps, step, mean, loss)
 
 
-def load_result_set(paths: list[str], label: str) -> ResultSet:
+def load_result_set(paths: list[str], label: str, loss: str = "readout") -> ResultSet:
     runs = runs_of([parse_log(path) for path in paths])
     if not runs:
-        raise SystemExit(f"error: no val lines (step:S/T val_loss:X) in {', '.join(paths)}; "
-                         "pass the logs/*.txt files a training run wrote")
-    return summarize_result_set(runs, label)
+        raise LogError(f"no val lines (step:S/T val_loss:X) in {', '.join(paths)}; "
+                       "pass the logs/*.txt files a training run wrote")
+    return summarize_result_set(runs, label, loss)
 
 
 def unique_values(values) -> list:
@@ -157,11 +181,43 @@ def consistency_warnings(result: ResultSet) -> list[str]:
     return warnings
 
 
-def cut_off_runs(result: ResultSet) -> list[str]:
-    """One line for each run whose log stops before its final step T."""
-    return [f"{run.path}: trial {run.trial} stops at step {run.final_step} of {run.total_steps}: the log is cut off "
-            f"mid-run (crashed, killed or still running), so its numbers are not those of a complete run"
-            for run in result.runs if run.final_step != run.total_steps]
+def early_stops(result: ResultSet) -> list[str]:
+    """One line per step at which runs stop before their T, saying whether that matters: not when the set clears
+    the bar (every run logged the reported step and the steps before it), but otherwise the steps not logged could
+    decide the result."""
+    stops: dict[tuple[int, int], list[Run]] = {}
+    for run in result.runs:
+        if run.final_step != run.total_steps:
+            stops.setdefault((run.final_step, run.total_steps), []).append(run)
+    if result.first_passing_step is None:
+        consequence = ("and the set does not clear the bar before that: the steps not logged could decide the result "
+                       "(crashed, killed, still running or stopped early)")
+    else:
+        consequence = (f"at or after the reported step {result.first_passing_step}: every run logged the steps up "
+                       f"to it, so the result stands")
+    lines = []
+    for (final, total), runs in sorted(stops.items()):
+        which = "" if len(runs) == result.n else " (" + ", ".join(f"{r.path} trial {r.trial}" for r in runs) + ")"
+        verb = "stops before its" if len(runs) == 1 else "stop before their"
+        lines.append(f"set {result.label}: {len(runs)} of {result.n} runs {verb} T={total}, at step {final}{which}, "
+                     f"{consequence}")
+    return lines
+
+
+def undecided_warnings(result: ResultSet) -> list[str]:
+    """Why the set's result is not final: runs whose logs stop before their T when the set does not clear the bar,
+    and with loss="raw" steps before the reported one without a raw loss."""
+    warnings = early_stops(result) if result.first_passing_step is None else []
+    gaps = result.raw_gaps()
+    if gaps:
+        lacking = sorted({run.path for run in result.runs for p in run.points
+                          if p.step in gaps and p.raw_val_loss is None})
+        where = "every log" if len(lacking) == len({run.path for run in result.runs}) else ", ".join(lacking)
+        warnings.append(f"set {result.label}: at step(s) {gaps} a readout was applied ({READOUT_APPLIED}) and no raw "
+                        f"loss logged ({RAW_LOSS}) in {where}: the raw crossing may lie there, so it is undecided")
+    return warnings
+
+
 
 
 def steady_step_time_ms(run: Run) -> float | None:
@@ -364,9 +420,9 @@ def steps_json(steps: dict[int, StepStats]) -> dict:
 
 
 def result_json(result: ResultSet) -> dict:
-    return {"n": result.n, "first_passing_step": result.first_passing_step,
+    return {"loss": result.loss, "n": result.n, "first_passing_step": result.first_passing_step,
             "mean_at_first_passing_step": result.mean_at_first_passing_step,
-            "steps": steps_json(result.steps)}
+            "steps": steps_json(result.steps), "steps_without_raw_loss": result.steps_without_raw_loss()}
 
 
 def diagnostics_json(summary: dict) -> dict:
@@ -376,11 +432,15 @@ def diagnostics_json(summary: dict) -> dict:
 
 
 def passing_summary(result: ResultSet) -> str:
+    gaps = result.raw_gaps()
+    undecided = f"; steps {gaps} lack a raw loss, so the raw crossing is undecided" if gaps else ""
     if result.first_passing_step is None:
+        if gaps:
+            return f"the raw loss never clears the bar at a step every run logged it{undecided}"
         return f"never clears the bar ({TARGET_LOSS} - L) * sqrt(n) >= {BAR} at a step logged by all runs"
     mean = result.mean_at_first_passing_step
     return (f"first passing step {result.first_passing_step}, mean val loss {mean:.5f}, "
-            f"({TARGET_LOSS} - L) * sqrt(n) = {bar_statistic(mean, result.n):.5f} with n={result.n}")
+            f"({TARGET_LOSS} - L) * sqrt(n) = {bar_statistic(mean, result.n):.5f} with n={result.n}{undecided}")
 
 
 def pairwise_line(pairwise: dict, a: ResultSet, b: ResultSet) -> str:
@@ -392,8 +452,9 @@ def pairwise_line(pairwise: dict, a: ResultSet, b: ResultSet) -> str:
 
 
 def text_report(result: ResultSet) -> str:
+    which = ", the raw loss (--loss raw)" if result.loss == "raw" else ""
     lines = [f"== {display_name(result)}: {len(result.runs)} run(s) from "
-             f"{len({run.path for run in result.runs})} log(s)",
+             f"{len({run.path for run in result.runs})} log(s){which}",
              f"{'step':>6} {'mean':>9} {'std':>9} {'n':>4}"]
     lines += [f"{step:>6} {s.mean:>9.5f} {fmt(s.std):>9} {s.n:>4}" for step, s in result.steps.items()]
     lines.append(f"{display_name(result)}: {passing_summary(result)}")
@@ -607,24 +668,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("logs", nargs="+", metavar="LOG", help="log files of set a (each trial is a run)")
     parser.add_argument("--vs", nargs="+", metavar="LOG", help="log files of set b for the pairwise test")
     parser.add_argument("--label", default="a", help="name of the first set (default: a)")
-    parser.add_argument("--vs-label", default="b", help="name of the --vs set (default: b)")
+    parser.add_argument("--vs-label", help="name of the --vs set (default: b)")
+    parser.add_argument("--loss", choices=LOSSES, default="readout",
+                        help="readout (default): the loss the record is decided on, val_ema_loss where logged, else "
+                             "val_loss (with ref_gamma, #42's readout); raw: the weights' own loss, raw_val_loss where "
+                             "logged, else val_loss (none where ref_gamma is logged without raw_val_loss)")
     parser.add_argument("--plot", metavar="PNG", help="write mean val-loss curves to this PNG")
-    parser.add_argument("--markdown", action="store_true", help="print markdown tables for a records README")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    output.add_argument("--markdown", action="store_true", help="print markdown tables for a records README")
     parser.add_argument("--diagnostics", action="store_true",
                         help="summarize diag lines (dead neurons, leverage) per recipe")
     parser.add_argument("--plot-diagnostics", metavar="PNG", help="plot the diagnostics summary to this PNG")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.vs_label is not None and not args.vs:
+        parser.error("--vs-label names the --vs set; give --vs LOG... too")
+    if args.vs_label is None:
+        args.vs_label = "b"
+    if args.vs and args.label == args.vs_label:
+        parser.error(f"--label and --vs-label are both '{args.label}'; give the sets two names")
+    if args.plot and args.plot_diagnostics and os.path.realpath(args.plot) == os.path.realpath(args.plot_diagnostics):
+        parser.error(f"--plot and --plot-diagnostics both name {args.plot}; give each figure its own file")
+    for flag, path in (("--plot", args.plot), ("--plot-diagnostics", args.plot_diagnostics)):
+        problem = path and figure_path_problem(path)
+        if problem:
+            parser.exit(2, f"error: {flag} {path}: {problem}\n")
+    return args
+
+
+def figure_formats() -> list[str]:
+    """The extensions matplotlib writes a figure to by itself: all it lists but pgf, which needs a LaTeX install."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    return sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})
+
+
+def output_file_problem(path: str) -> str | None:
+    """Why a file cannot be written at `path` (checked before any work), or None."""
+    if os.path.isdir(path):
+        return f"{path} is a folder; name a file"
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist; create it or write elsewhere"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {folder} is not writable"
+    return None
 
 
 def figure_path_problem(path: str) -> str | None:
     """Why a figure cannot be written at `path` (checked before any work), or None."""
-    folder = Path(path).resolve().parent
-    if not folder.is_dir():
-        return f"the folder {folder} does not exist; create it or write the figure elsewhere"
-    if not os.access(folder, os.W_OK):
-        return f"the folder {folder} is not writable"
-    return None
+    extension = Path(path).suffix.lower().removeprefix(".")
+    formats = figure_formats()
+    if extension not in formats:
+        problem = f"matplotlib writes no '.{extension}' files" if extension else \
+            "the name has no extension to say the format"
+        return f"{problem}; name it with one of {', '.join('.' + f for f in formats)}"
+    return output_file_problem(path)
 
 
 def write_figure(flag: str, path: str, plot, *plot_args) -> bool:
@@ -639,25 +737,25 @@ def write_figure(flag: str, path: str, plot, *plot_args) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for flag, path in (("--plot", args.plot), ("--plot-diagnostics", args.plot_diagnostics)):
-        problem = path and figure_path_problem(path)
-        if problem:
-            print(f"error: {flag} {path}: {problem}", file=sys.stderr)
-            return 2
     try:
-        results = [load_result_set(args.logs, args.label)]
+        check_each_log_once(args.logs + (args.vs or []))
+        results = [load_result_set(args.logs, args.label, args.loss)]
         if args.vs:
-            results.append(load_result_set(args.vs, args.vs_label))
-    except (FileNotFoundError, IsADirectoryError) as error:
+            results.append(load_result_set(args.vs, args.vs_label, args.loss))
+    except LogError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     pairwise = compare(*results) if len(results) == 2 else None
-    cut_off = [line for result in results for line in cut_off_runs(result)]
+    undecided = [line for result in results for line in undecided_warnings(result)]
     for result in results:
         for warning in consistency_warnings(result):
             print(f"warning: {warning}", file=sys.stderr)
-    for line in cut_off:
+    for line in undecided:
         print(f"warning: {line}", file=sys.stderr)
+    for result in results:
+        if result.first_passing_step is not None:
+            for note in early_stops(result):
+                print(f"note: {note}", file=sys.stderr)
     diagnostics = (summarize_diagnostics(results)
                    if args.diagnostics or args.plot_diagnostics else None)
 
@@ -680,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_diagnostics and not write_figure("--plot-diagnostics", args.plot_diagnostics, plot_diagnostics,
                                                   diagnostics):
         return 2
-    return 1 if cut_off else 0
+    return 1 if undecided else 0
 
 
 if __name__ == "__main__":

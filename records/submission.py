@@ -6,22 +6,26 @@
 `extract` writes the code section (everything before the first line of 100 '=') byte for byte, which
 is how the leaderboard reproduces a submission. `check` verifies what a submission needs: every log
 has a code section and it is the same in every log; every log of ours ran the record's settings (its
-`config` line's `is_record_recipe`; the leaderboard's logs have no config line); every run has the same step count T and logged
-its final step T (no per-run early stopping); there are n runs (at least N if given); the mean over
-all runs clears the bar of docs/benchmark.md#rules-and-statistics. It prints each check and exits 1 if any
-fails.
+`config` line's `is_record_recipe`; the leaderboard's logs have no config line); every run has the same
+step count T and stops at the same step, T or a stop inside the schedule such as #42's 2860 of 2900 (no
+per-run early stopping); there are n runs (at least N if given); the mean over all runs clears the bar of
+docs/benchmark.md#rules-and-statistics, on the readout loss where the logs have one (records/stats.py).
+It prints each check and exits 1 if any fails.
 """
 
 import argparse
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: records/ is not a package
 
-from logs import LOG_ENCODING, LogFile, parse_log, runs_of  # noqa: E402
-from stats import BAR, TARGET_LOSS, passing_summary, summarize_result_set, unique_values  # noqa: E402
+from logs import (LOG_ENCODING, LogError, LogFile, check_each_log_once, parse_log, read_log, runs_of,  # noqa: E402
+                  split_code)
+from stats import (BAR, TARGET_LOSS, output_file_problem, passing_summary, summarize_result_set,  # noqa: E402
+                   unique_values)
 
 
 @dataclass
@@ -72,11 +76,13 @@ def check_step_counts(logs: list[LogFile]) -> Check:
     if len(totals) > 1:
         per_run = ", ".join(f"{run.path}#{run.trial}: T={run.total_steps}" for run in runs)
         return Check("steps", False, f"runs have different step counts T {totals}: {per_run}")
-    unfinished = [f"{run.path}#{run.trial} (last step {run.final_step})"
-                  for run in runs if run.final_step != run.total_steps]
-    if unfinished:
-        return Check("steps", False, f"runs that did not log their final step {totals[0]}: "
-                     + ", ".join(unfinished))
+    stops = unique_values(run.final_step for run in runs)
+    if len(stops) > 1:
+        early = [f"{run.path}#{run.trial} (last step {run.final_step})" for run in runs if run.final_step != stops[-1]]
+        return Check("steps", False, f"runs stop at different steps, {' and '.join(map(str, stops))}: "
+                     + ", ".join(early))
+    if stops[0] != totals[0]:
+        return Check("steps", True, f"every run has T={totals[0]} and stops at step {stops[0]}")
     return Check("steps", True, f"every run trained and validated to step T={totals[0]}")
 
 
@@ -105,21 +111,35 @@ def check_submission(logs: list[LogFile], minimum_runs: int | None) -> list[Chec
 
 
 def extract(log_path: str, out_path: str | None) -> int:
-    log = parse_log(log_path)
-    if log.code is None:
+    code, _ = split_code(read_log(log_path))  # the code only: what follows it need not be a well-formed log
+    if code is None:
         print(f"error: {log_path} has no line of 100 '=' so it holds no code section; "
               "only logs written by train_gpt.py (or the leaderboard) can be extracted", file=sys.stderr)
         return 1
     if out_path is None:
-        sys.stdout.write(log.code)
+        sys.stdout.write(code)
         return 0
-    with open(out_path, "w", **LOG_ENCODING) as f:
-        f.write(log.code)
-    print(f"wrote {out_path} ({len(log.code.splitlines())} lines) from {log_path}", file=sys.stderr)
+    # samefile compares the files themselves, so a relative path, a symlink or a hard link to the log counts too.
+    if os.path.exists(out_path) and os.path.samefile(out_path, log_path):
+        print(f"error: -o {out_path} is the log {log_path} itself; writing the code there would replace the log: "
+              "name another file", file=sys.stderr)
+        return 2
+    problem = output_file_problem(out_path)
+    if problem:
+        print(f"error: -o {out_path}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        with open(out_path, "w", **LOG_ENCODING) as f:
+            f.write(code)
+    except OSError as error:
+        print(f"error: -o {out_path}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out_path} ({len(code.splitlines())} lines) from {log_path}", file=sys.stderr)
     return 0
 
 
 def check(log_paths: list[str], minimum_runs: int | None) -> int:
+    check_each_log_once(log_paths)
     checks = check_submission([parse_log(path) for path in log_paths], minimum_runs)
     for c in checks:
         print(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")
@@ -150,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "extract":
             return extract(args.log, args.output)
         return check(args.logs, args.n)
-    except (FileNotFoundError, IsADirectoryError) as error:
+    except LogError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

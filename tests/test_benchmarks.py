@@ -149,6 +149,11 @@ def test_arguments_are_checked(capsys):
         parse_args(["--tiny", "--world-size", "3"])  # the 16 sequences of a tiny step do not split over 3
     assert "--world-size 3: world size 3 does not divide" in capsys.readouterr().err
     assert parse_args(["--tiny", "--recipes", "muon, aurora"]).recipes == ["muon", "aurora"]
+    for seed in ("-1", str(2 ** 64)):
+        with pytest.raises(SystemExit):
+            parse_args(["--tiny", "--seed", seed])
+        assert capsys.readouterr().err.splitlines()[-1].endswith(
+            f"error: --seed must be in [0, 2^64 - 1] (a torch generator seed), got {seed}")
 
 
 def test_full_size_on_the_cpu_points_to_tiny(capsys):
@@ -165,3 +170,27 @@ def test_device_cuda_without_a_gpu_is_refused_by_both_benchmarks(capsys):
             main(["--tiny", "--device", "cuda"] if main is parse_args else ["--device", "cuda"])
         assert exit_info.value.code == 2
         assert "--device cuda: torch " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--steps", "-2"], "--steps must be at least 1, got -2"),
+    (["--warmup", "-1"], "--warmup must be 0 or more, got -1"),
+    (["--scale", "0"], "--scale must be a positive number, got 0.0"),
+    (["--scale", "nan"], "--scale must be a positive number, got nan"),
+    (["--scale", "inf"], "--scale must be a positive number, got inf"),
+])
+def test_optimizer_step_refuses_bad_counts_before_timing(capsys, argv, message):
+    # A tiny width, so that a benchmark that went ahead would finish in a second (and then fail the test).
+    with pytest.raises(SystemExit) as refused:
+        optimizer_step.main(["--scale", "0.02", "--eager", "--device", "cpu", *argv])
+    assert refused.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+
+
+def test_optimizer_step_refuses_a_scale_whose_matrices_cannot_fit(capsys):
+    with pytest.raises(SystemExit) as refused:
+        optimizer_step.main(["--scale", "1000", "--eager", "--device", "cpu"])
+    line = capsys.readouterr().err.splitlines()[-1]
+    # 72 matrices of width 768,000: 144 * 768000^2 fp32 weights and as many gradients, 679,477 GB.
+    assert refused.value.code == 2 and ("error: --scale 1000: the 72 matrices and their gradients alone take "
+                                        "679,477 GB, more than the ") in line and line.endswith("; lower --scale")

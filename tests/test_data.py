@@ -1,5 +1,6 @@
 """Tests of data/: shard format, downloader (hub client monkeypatched), tokenizer, synthetic shards."""
 
+import errno
 import hashlib
 import json
 import math
@@ -56,6 +57,10 @@ def test_write_refuses_ids_outside_uint16(tmp_path):
         write_shard(str(tmp_path / "a.bin"), np.array([65536]))
     with pytest.raises(ValueError, match="1-D"):
         write_shard(str(tmp_path / "a.bin"), np.zeros((2, 2), dtype=np.int64))
+    too_many = np.broadcast_to(np.uint16(0), (shards.MAX_SHARD_TOKENS + 1,))  # 2^31 tokens, a view of one
+    with pytest.raises(ValueError, match="2,147,483,648 tokens, more than a shard's header can count"):
+        write_shard(str(tmp_path / "a.bin"), too_many)
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("corrupt, problem", [
@@ -146,8 +151,31 @@ def test_listing_command_uses_recipe_step_counts(tmp_path):
     out = run_listing(tmp_path, "--recipe", "normuon")
     assert out.returncode == 1 and "the run needs 3300" in out.stdout
     assert "fewer than the 10,485,760" in out.stdout
-    missing = run_listing(tmp_path / "nope")
-    assert missing.returncode == 1 and "cached_fineweb10B.py" in missing.stderr
+
+
+def test_listing_command_refuses_a_path_that_is_no_folder(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert shards.main([str(missing)]) == 2
+    assert capsys.readouterr().err == (f"error: {missing}: no such folder; fetch FineWeb with `python "
+                                       "data/cached_fineweb10B.py` or write synthetic shards with `python "
+                                       "data/synthetic.py`\n")
+    write_shard(str(tmp_path / "t_val_000000.bin"), np.arange(10))
+    assert shards.main([str(tmp_path / "t_val_000000.bin")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 't_val_000000.bin'} is a file, not a folder; pass the "
+                                       f"folder that holds the shards\n")
+
+
+def test_listing_command_reports_what_it_cannot_read(tmp_path, run_bound_by_permissions):
+    write_folder(tmp_path / "data", 50, [100])
+    (tmp_path / "data" / "t_train_000001.bin").chmod(0)
+    done = run_bound_by_permissions([sys.executable, os.path.join(DATA_DIR, "shards.py"), str(tmp_path / "data"),
+                                     "--steps", "1", "--batch-tokens", "10", "--val-tokens", "50"])
+    assert done.returncode == 1 and "t_train_000001.bin  INVALID: cannot read it: Permission denied" in done.stdout
+    (tmp_path / "data").chmod(0)
+    done = run_bound_by_permissions([sys.executable, os.path.join(DATA_DIR, "shards.py"), str(tmp_path / "data")])
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"error: {tmp_path / 'data'}: cannot list it: Permission denied\n"
+    (tmp_path / "data").chmod(0o755)
 
 
 def test_listing_command_checks_the_cpu_preset_with_tiny(tmp_path):
@@ -168,6 +196,60 @@ def test_listing_command_checks_the_cpu_preset_with_tiny(tmp_path):
     assert other.returncode == 1
     assert ("synthetic_train_000002.bin  INVALID: token id 49999, but the vocabulary has 512 ids (0..511)"
             in other.stdout), other.stdout
+
+
+def test_listing_refuses_shards_of_different_vocabularies_or_headers(tmp_path):
+    """Every shard holds its vocabulary's end-of-text id, the highest id (511 of 512; GPT-2's 50256): a set whose
+    highest ids differ mixes vocabularies, even where each id is below --vocab-size."""
+    write_shard(str(tmp_path / "t_val_000000.bin"), 511 - np.arange(200))
+    write_shard(str(tmp_path / "t_train_000001.bin"), 511 - np.arange(200))
+    write_shard(str(tmp_path / "t_train_000002.bin"), 999 - np.arange(200))
+    write_shard(str(tmp_path / "t_train_000003.bin"), 999 - np.arange(200))
+    mixed = run_listing(tmp_path, "--steps", 1, "--batch-tokens", 10, "--val-tokens", 10, "--vocab-size", 1000)
+    assert mixed.returncode == 1
+    assert ("NOT ENOUGH / INVALID: the shards disagree on their highest token id (their vocabulary's end-of-text id), "
+            "so they were written for different vocabularies: 511 in t_val_000000.bin, t_train_000001.bin; 999 in "
+            "t_train_000002.bin, t_train_000003.bin; write the set again") in mixed.stdout.splitlines(), mixed.stdout
+    for name in ("t_train_000002.bin", "t_train_000003.bin"):
+        write_shard(str(tmp_path / name), 511 - np.arange(200))
+    assert run_listing(tmp_path, "--steps", 1, "--batch-tokens", 10, "--val-tokens", 10).returncode == 0
+    rewrite_header_field(str(tmp_path / "t_train_000003.bin"), 5, 7)  # a header field we always write as 0
+    other_header = run_listing(tmp_path, "--steps", 1, "--batch-tokens", 10, "--val-tokens", 10)
+    assert other_header.returncode == 1
+    assert ("NOT ENOUGH / INVALID: the shard headers disagree beyond the token count (another writer or format "
+            "version): t_train_000003.bin differs from t_val_000000.bin at header int 5 (7, not 0); write the set "
+            "again") in other_header.stdout.splitlines(), other_header.stdout
+
+
+@pytest.fixture
+def run_bound_by_permissions():
+    """subprocess.run for a command that the permission bits of this user's files bind. Root ignores them, so as
+    root the command runs in a user namespace as uid 1000, to which root's files then belong (util-linux unshare);
+    where that is not possible the test is skipped."""
+    prefix = []
+    if os.geteuid() == 0:
+        prefix = ["unshare", "--user", "--map-user=1000", "--map-group=1000"]
+        probe = subprocess.run([*prefix, "true"], capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip(f"root, and no user namespace to run as a user that permissions bind: {probe.stderr!r}")
+
+    def run(command):
+        return subprocess.run([*prefix, *command], capture_output=True, text=True,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return run
+
+
+@pytest.mark.parametrize("script, flag", [("synthetic.py", "--out"), ("cached_fineweb10B.py", "--dir")])
+def test_a_read_only_folder_is_one_error_before_any_work(tmp_path, run_bound_by_permissions, script, flag):
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    run = run_bound_by_permissions
+    for target in (folder, folder / "new"):
+        done = run([sys.executable, os.path.join(DATA_DIR, script), flag, str(target)])
+        assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+        assert done.stderr.splitlines()[-1].endswith(
+            f"error: {flag} {target}: the folder {folder} is not writable; choose another {flag}"), done.stderr
+    assert os.listdir(folder) == []
 
 
 # ---------------------------------------------------------------- cached_fineweb10B.py
@@ -275,6 +357,7 @@ def test_downloader_rejects_shards_the_dataset_lacks(tmp_path):
     (["--steps", "-5"], "--steps must be at least 1, got -5"),
     (["--steps", "0"], "--steps must be at least 1, got 0"),
     (["--steps", "20000"], "--steps 20000 needs 106 train shards; the dataset has train shards 1..103"),
+    (["3", "--recipe", "muon"], "give either N or --recipe, not both"),
 ])
 def test_downloader_refuses_bad_arguments_before_any_network_or_folder(tmp_path, fake_hub, capsys, args, message):
     folder = tmp_path / "shards"
@@ -356,9 +439,62 @@ def test_tokenizer_command(tmp_path, byte_encoder, monkeypatch, capsys):
     args = [str(tmp_path / "doc.txt"), "--out", str(out), "--prefix", "p", "--shard-size", "3", "--workers", "1"]
     assert fineweb.main(args) == 0
     assert [read_shard(str(out / n)).tolist() for n in sorted(os.listdir(out))] == [[*b"c"], [EOT, *b"ab"]]
-    assert fineweb.main(args) == 1 and "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # the shards are there now: refused before any work
+        fineweb.main(args)
+    assert refused.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert fineweb.main([*args, "--overwrite"]) == 0
     with pytest.raises(SystemExit):
         fineweb.main(["--out", str(out)])  # neither files nor --hub
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{tmp}/missing.txt"], "{tmp}/missing.txt: no such file or folder"),
+    (["{tmp}/notes.md"], "{tmp}/notes.md: unsupported file type; use .txt, .jsonl, .parquet"),
+    (["{tmp}/empty"], "the inputs hold no .txt, .jsonl or .parquet file"),
+    (["{tmp}/doc.txt", "--shard-size", "0"], "--shard-size must be at least 1, got 0"),
+    (["{tmp}/doc.txt", "--shard-size", "2147483648"],
+     "--shard-size must be at most 2,147,483,647 (a shard header counts its tokens in an int32), got 2,147,483,648"),
+    (["{tmp}/doc.txt", "--max-shards", "0"], "--max-shards must be at least 1, got 0"),
+    (["{tmp}/doc.txt", "--workers", "0"], "--workers must be at least 1, got 0"),
+    (["{tmp}/doc.txt", "--prefix", "a/b"], "--prefix a/b: a file name prefix without '/' (the folder is --out)"),
+    (["{tmp}/doc.txt", "--prefix", ""], "--prefix : a file name prefix without '/' (the folder is --out)"),
+    (["{tmp}/doc.txt", "--hub-repo", "x/y"], "--hub-repo and --hub-folder apply only with --hub"),
+    (["{tmp}/doc.txt", "--out", "{tmp}/doc.txt"], "--out {tmp}/doc.txt: {tmp}/doc.txt is a file, not a folder; "
+                                                  "choose another --out"),
+    (["{tmp}/doc.txt", "--out", "{tmp}/out"], "{tmp}/out already holds 1 'fineweb_*.bin' shards (e.g. "
+                                              "fineweb_val_000000.bin); choose another --out or --prefix, or pass "
+                                              "--overwrite"),
+])
+def test_tokenizer_command_checks_every_argument_before_loading_the_tokenizer(tmp_path, monkeypatch, capsys, argv,
+                                                                              message):
+    monkeypatch.setattr(fineweb, "gpt2_encoding", lambda: pytest.fail("loaded the tokenizer before the checks"))
+    (tmp_path / "doc.txt").write_text("abc")
+    (tmp_path / "notes.md").write_text("abc")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "out").mkdir()
+    write_shard(str(tmp_path / "out" / "fineweb_val_000000.bin"), np.arange(5))
+    with pytest.raises(SystemExit) as refused:
+        fineweb.main([arg.format(tmp=tmp_path) for arg in argv])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: " + message.format(tmp=tmp_path))
+
+
+def test_tokenizer_command_checks_for_pyarrow_before_the_tokenizer(tmp_path, monkeypatch, capsys):
+    try:
+        import pyarrow  # noqa: F401
+        pytest.skip("pyarrow is installed")
+    except ImportError:
+        pass
+    monkeypatch.setattr(fineweb, "gpt2_encoding", lambda: pytest.fail("loaded the tokenizer before the checks"))
+    monkeypatch.setattr(fineweb, "list_repo_files", lambda *a, **k: pytest.fail("listed the hub without pyarrow"))
+    (tmp_path / "x.parquet").write_bytes(b"")
+    for argv, named in (([str(tmp_path / "x.parquet")], str(tmp_path / "x.parquet")),
+                        (["--hub"], "HuggingFaceFW/fineweb/sample/10BT")):
+        with pytest.raises(SystemExit) as refused:
+            fineweb.main([*argv, "--out", str(tmp_path / "out")])
+        line = capsys.readouterr().err.splitlines()[-1]
+        assert refused.value.code == 2 and f"error: {named}: reading .parquet needs pyarrow" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_hub_mode_checks_pyarrow_before_listing_or_downloading(monkeypatch):
@@ -429,6 +565,12 @@ def test_conditional_entropy_on_known_sequences():
     (["--val-tokens", "0"], "--val-tokens must be at least 1, got 0"),
     (["--vocab-size", "70000"], "--vocab-size must be in [2, 65536] (ids are stored as uint16), got 70000"),
     (["--seed", "-1"], "--seed must be 0 or more (numpy seeds are non-negative), got -1"),
+    (["--val-tokens", "100000000000000"], "--val-tokens must be at most 2,147,483,647 (a shard header counts its "
+                                          "tokens in an int32), got 100,000,000,000,000"),
+    (["--tokens-per-shard", "2147483648"], "--tokens-per-shard must be at most 2,147,483,647 (a shard header counts "
+                                           "its tokens in an int32), got 2,147,483,648"),
+    (["--train-shards", "1000000"], "--train-shards must be at most 999,999 (shard names have 6 digits), "
+                                    "got 1,000,000"),
 ])
 def test_synthetic_refuses_bad_numbers_before_writing(tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -436,6 +578,56 @@ def test_synthetic_refuses_bad_numbers_before_writing(tmp_path, capsys, args, me
         synthetic.main([*args, "--out", str(out)])
     assert refused.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
     assert not out.exists()
+
+
+def test_synthetic_refuses_a_set_larger_than_the_free_disk_space(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as refused:
+        synthetic.main(["--out", str(out), "--train-shards", "999999", "--tokens-per-shard", "2147483647"])
+    line = capsys.readouterr().err.splitlines()[-1]
+    # 1,024 + 2 * 2,147,483,647 bytes for each of the 999,999 train shards, 1,024 + 2 * 1,000,000 for the val shard.
+    assert refused.value.code == 2 and "error: --out " + str(out) + ": the shards take 4,294,964,025 MB, more " \
+        "than the " in line and line.endswith(" MB free there; write fewer or smaller shards"), line
+    assert not out.exists()
+
+
+def test_synthetic_replaces_the_folders_shards_as_a_set(tmp_path):
+    """A second run into the same folder, with fewer shards and another vocabulary, leaves none of the first run's
+    shards beside its own; files that are not synthetic shards stay as they were."""
+    out = tmp_path / "out"
+    synthetic.write_synthetic_shards(str(out), vocab_size=1000, train_shards=3, tokens_per_shard=5000, val_tokens=3000)
+    (out / "notes.txt").write_text("mine")
+    write_shard(str(out / "other_train_000001.bin"), np.arange(10))
+    paths = synthetic.write_synthetic_shards(str(out), vocab_size=512, train_shards=1, tokens_per_shard=4000,
+                                             val_tokens=2000)
+    assert sorted(os.listdir(out)) == ["notes.txt", "other_train_000001.bin", "synthetic_train_000001.bin",
+                                       "synthetic_val_000000.bin"]
+    assert [os.path.basename(p) for p in paths] == ["synthetic_val_000000.bin", "synthetic_train_000001.bin"]
+    assert [int(read_shard(p).max()) for p in paths] == [511, 511] and validate_shard(paths[1]) == 4000
+    assert (out / "notes.txt").read_text() == "mine" and validate_shard(str(out / "other_train_000001.bin")) == 10
+
+
+def test_a_failed_write_leaves_the_earlier_set_as_it_was(tmp_path, monkeypatch, capsys):
+    """The disk fills while the second shard of a new set is written: one error line, the earlier set untouched,
+    no hidden staging folder left, and a folder made for the set removed again."""
+    out = tmp_path / "out"
+    earlier = synthetic.write_synthetic_shards(str(out), vocab_size=512, train_shards=2, tokens_per_shard=5000,
+                                               val_tokens=3000)
+    before = digests(earlier)
+    written = []
+
+    def disk_fills_after_one_shard(path, tokens):
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        written.append(path)
+        write_shard(path, tokens)
+    monkeypatch.setattr(synthetic, "write_shard", disk_fills_after_one_shard)
+    for folder in (out, tmp_path / "new"):
+        written.clear()
+        assert synthetic.main(["--out", str(folder), "--vocab-size", "1000", "--train-shards", "3"]) == 1
+        assert capsys.readouterr().err.startswith(f"error: writing the shards into {folder}: [Errno 28] No space")
+    assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in earlier) and digests(earlier) == before
+    assert not (tmp_path / "new").exists()
 
 
 def test_synthetic_command_default_layout(tmp_path):

@@ -1,6 +1,7 @@
 """records/logs.py and records/stats.py on logs in the leaderboard format (docs/benchmark.md#log-format),
 written here or taken from the leaderboard (tests/data/)."""
 
+import glob
 import json
 import math
 import os
@@ -137,7 +138,9 @@ def test_pairwise_statistic_hand_computed():
 
 def test_json_schema_single_set(capsys, set_a):
     payload = run_stats_json(capsys, set_a)
-    assert set(payload) == {"n", "first_passing_step", "mean_at_first_passing_step", "steps"}
+    assert set(payload) == {"loss", "n", "first_passing_step", "mean_at_first_passing_step", "steps",
+                            "steps_without_raw_loss"}
+    assert payload["loss"] == "readout" and payload["steps_without_raw_loss"] == []
     assert payload["n"] == 4 and payload["first_passing_step"] == 750
     assert payload["mean_at_first_passing_step"] == pytest.approx(3.277, abs=1e-12)
     assert set(payload["steps"]) == {"0", "500", "750", "1000"}
@@ -264,15 +267,90 @@ def test_log_cut_off_mid_run_is_reported_with_its_last_step_and_exit_1(tmp_path,
     assert stats.main([*set_a, cut]) == 1
     out, err = capsys.readouterr()
     assert "== a (n=5)" in out  # the numbers are still printed
-    assert err.splitlines()[-1] == (f"warning: {cut}: trial 0 stops at step 500 of 1000: the log is cut off mid-run "
-                                    "(crashed, killed or still running), so its numbers are not those of a complete run")
-    assert stats.main(set_a) == 0 and "cut off" not in capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"warning: set a: 1 of 5 runs stops before its T=1000, at step 500 ({cut} trial "
+                                    "0), and the set does not clear the bar before that: the steps not logged could "
+                                    "decide the result (crashed, killed, still running or stopped early)")
+    assert stats.main(set_a) == 0 and "stops at step" not in capsys.readouterr().err
+
+
+def test_a_run_that_stops_after_the_reported_step_leaves_the_result_standing(tmp_path, set_a, capsys):
+    """Every run logged the steps up to the reported step, and a run's losses there do not depend on when it
+    stopped later: a note, exit 0."""
+    early = write_log(tmp_path / "early.txt", [{0: 10.8258, 500: 3.290, 750: 3.277}], 1000)  # stops at 750 of 1000
+    assert stats.main([*set_a, early]) == 0
+    out, err = capsys.readouterr()
+    assert "first passing step 750" in out and "n=5" in out
+    assert err.splitlines() == [
+        "warning: set a: 1 step(s) not logged by every run (e.g. [1000]); they cannot be the reported step",
+        f"note: set a: 1 of 5 runs stops before its T=1000, at step 750 ({early} trial 0), at or after the reported "
+        "step 750: every run logged the steps up to it, so the result stands"]
 
 
 def test_a_folder_is_called_a_folder(tmp_path, capsys):
     assert stats.main([str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"error: {tmp_path} is a folder, not a log file; pass the log files in it, "
                                        f"e.g. {tmp_path / '*.txt'}\n")
+
+
+def test_val_line_without_a_number_is_one_error_naming_the_file_and_line(tmp_path, capsys):
+    """Text that looks like val lines but holds a placeholder, as a README quotes them."""
+    doc = tmp_path / "notes.md"
+    doc.write_text("# notes\n\nIt prints step:0/50 val_loss:10.82584 first, then\nstep:50/50 val_loss:... lower.\n")
+    assert stats.main([str(doc)]) == 2
+    assert capsys.readouterr().err == (f"error: {doc}:4: 'step:50/50 val_loss:...': the val_loss is not a number; "
+                                       "pass the logs a training run wrote (logs/*.txt)\n")
+    readme = os.path.join(os.path.dirname(RECORDS), "README.md")  # the project's own, which quotes val lines
+    done = subprocess.run([sys.executable, os.path.join(RECORDS, "stats.py"), readme], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"error: {readme}")
+
+
+def test_a_file_without_val_lines_is_one_error(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("no val lines here\n")
+    assert stats.main([str(empty)]) == 2
+    assert capsys.readouterr().err == (f"error: no val lines (step:S/T val_loss:X) in {empty}; pass the logs/*.txt "
+                                       "files a training run wrote\n")
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("curves.txt", "matplotlib writes no '.txt' files"),
+    ("curves", "the name has no extension to say the format"),
+])
+def test_figure_format_is_checked_before_any_output(tmp_path, set_a, name, problem):
+    for flag in ("--plot", "--plot-diagnostics"):
+        target = str(tmp_path / name)
+        done = subprocess.run([sys.executable, os.path.join(RECORDS, "stats.py"), *set_a, flag, target],
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(f"error: {flag} {target}: {problem}; name it with one of ") and ".png" in line
+        assert sorted(os.listdir(tmp_path)) == ["a0.txt", "a1.txt"]  # nothing written
+
+
+def test_a_log_given_twice_is_refused_as_it_would_inflate_n(tmp_path, set_a, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert stats.main([*set_a, "a0.txt"]) == 2
+    assert capsys.readouterr().err == (f"error: a0.txt is {set_a[0]} again: every log is one set of runs, counted "
+                                       "once (twice would inflate n); give each log once\n")
+    assert stats.main([*set_a, "--vs", set_a[1]]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {set_a[1]} is {set_a[1]} again: ")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vs-label", "b2"], "--vs-label names the --vs set; give --vs LOG... too"),
+    (["--vs", "{b}", "--label", "x", "--vs-label", "x"],
+     "--label and --vs-label are both 'x'; give the sets two names"),
+    (["--plot", "{tmp}/f.png", "--plot-diagnostics", "{tmp}/f.png"],
+     "--plot and --plot-diagnostics both name {tmp}/f.png; give each figure its own file"),
+    (["--json", "--markdown"], "argument --markdown: not allowed with argument --json"),
+])
+def test_flags_that_contradict_each_other_are_refused(tmp_path, set_a, set_b, capsys, argv, message):
+    with pytest.raises(SystemExit) as refused:
+        stats.main([*set_a, *(arg.format(b=set_b[0], tmp=tmp_path) for arg in argv)])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: " + message.format(tmp=tmp_path))
 
 
 def test_missing_figure_folder_is_refused_before_any_output(tmp_path, set_a):
@@ -282,14 +360,14 @@ def test_missing_figure_folder_is_refused_before_any_output(tmp_path, set_a):
                               capture_output=True, text=True)
         assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
         assert done.stderr.splitlines() == [f"error: {flag} {target}: the folder {tmp_path / 'missing'} does not "
-                                            "exist; create it or write the figure elsewhere"]
-    # A path the figure cannot be written to (here a folder) fails with one line, after the table.
+                                            "exist; create it or write elsewhere"]
+    # A path that is a folder, refused before the table too.
     folder = tmp_path / "taken.png"
     folder.mkdir()
     done = subprocess.run([sys.executable, os.path.join(RECORDS, "stats.py"), *set_a, "--plot", str(folder)],
                           capture_output=True, text=True)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.splitlines() == [f"error: --plot {folder}: Is a directory"]
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"error: --plot {folder}: {folder} is a folder; name a file"]
 
 
 # ---- the public log of leaderboard result #17 (Aurora, 20 runs), measured lines only ----
@@ -405,3 +483,109 @@ def test_step_exchange_rate_decides_a_pairwise_verdict():
     statistic = stats.pairwise_statistic(3000, 3.2790, 4, 3100, 3.2785, 4)
     assert statistic == pytest.approx(0.004 / math.sqrt(0.5), rel=1e-9)
     assert stats.clears_bar(statistic)
+
+
+# ---- readout and raw losses (records #42 and #46, and our trainer's lines for such recipes) ----
+
+@pytest.mark.parametrize("line, readout, raw", [
+    # The leaderboard's and ours: one loss, no readout.
+    ("step:3175/3200 val_loss:3.27885 train_time:500.0s step_avg:157.30ms", 3.27885, 3.27885),
+    # #42's public logs: val_loss is the reference-interpolated readout, and the raw loss is not logged.
+    ("step:2860/2900 val_loss:3.27837 train_time:2145.235s step_avg:750.08ms ema_beta:0 ref_gamma:-0.075 "
+     "ref_step:2375", 3.27837, None),
+    ("step:2750/2900 val_loss:3.28852 train_time:2062.380s step_avg:749.96ms ema_beta:0", 3.28852, 3.28852),
+    # Ours for #42-style recipes: the raw loss appended.
+    ("step:2860/2900 val_loss:3.27837 train_time:2145.235s step_avg:750.08ms ref_gamma:-0.075 ref_step:2375 "
+     "raw_val_loss:3.27911", 3.27837, 3.27911),
+    # #46's logs, and ours for #46-style recipes: val_loss is raw, val_ema_loss the Tail-EMA readout.
+    ("step:2690/2900 val_loss:3.28208 val_avg_loss:3.28208 val_ema_loss:3.27795 train_time:9000.0s "
+     "step_avg:3700.00ms", 3.27795, 3.28208),
+    ("step:2690/2900 val_loss:3.28208 val_ema_loss:3.27795 train_time:9000.0s step_avg:3700.00ms", 3.27795, 3.28208),
+])
+def test_val_line_readout_and_raw_losses(line, readout, raw):
+    point = logs.parse_val_line(line)
+    assert (point.val_loss, point.raw_val_loss) == (readout, raw)
+    assert point.train_time_s is not None and point.step_avg_ms is not None
+
+
+def test_a_readout_or_raw_loss_that_is_not_a_number_is_one_error(tmp_path, capsys):
+    for field in ("val_ema_loss", "raw_val_loss"):
+        log = tmp_path / f"{field}.txt"
+        log.write_text(f"step:10/10 val_loss:3.2 {field}:nan? train_time:1.0s\n")
+        assert stats.main([str(log)]) == 2
+        assert capsys.readouterr().err == (f"error: {log}:1: '{field}:nan?': the {field} is not a number; pass the "
+                                           "logs a training run wrote (logs/*.txt)\n")
+
+
+def test_raw_flag_decides_on_the_raw_loss_and_says_where_none_was_logged(tmp_path, capsys):
+    """Two runs with a readout at step 100; the second logged no raw loss there."""
+    a = tmp_path / "a.txt"
+    a.write_text("step:50/100 val_loss:3.30000\nstep:100/100 val_loss:3.27000 ref_gamma:-0.075 raw_val_loss:3.27200\n")
+    b = tmp_path / "b.txt"
+    b.write_text("step:50/100 val_loss:3.30000\nstep:100/100 val_loss:3.27200 ref_gamma:-0.075\n")
+    readout = run_stats_json(capsys, [str(a), str(b)])
+    assert readout["first_passing_step"] == 100 and readout["mean_at_first_passing_step"] == pytest.approx(3.271)
+    assert stats.main([str(a), str(b), "--loss", "raw", "--json"]) == 1
+    out, err = capsys.readouterr()
+    raw = json.loads(out)
+    assert raw["loss"] == "raw" and raw["first_passing_step"] is None and raw["steps_without_raw_loss"] == [100]
+    assert raw["steps"]["100"]["n"] == 1 and raw["steps"]["100"]["mean"] == pytest.approx(3.272)
+    assert (f"warning: set a: at step(s) [100] a readout was applied (ref_gamma) and no raw loss logged "
+            f"(raw_val_loss) in {b}: the raw crossing may lie there, so it is undecided") in err.splitlines()
+    assert stats.main([str(a), str(b), "--loss", "raw"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("== a (n=2): 2 run(s) from 2 log(s), the raw loss (--loss raw)\n")
+    assert ("a (n=2): the raw loss never clears the bar at a step every run logged it; steps [100] lack a raw loss, "
+            "so the raw crossing is undecided") in out
+
+
+RECORD42 = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "record42_val_lines",
+                                         "*.txt")))
+RECORD46 = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "record46_val_lines",
+                                         "*.txt")))
+
+
+def test_record42_val_lines_give_the_published_result():
+    """#42: 16 runs, each stopping at 2860 of a 2900-step schedule by design; its README: mean 3.278939375 at
+    K=2860, (3.28 - mean) * sqrt(16) = 0.00424250."""
+    assert len(RECORD42) == 16
+    done = subprocess.run([sys.executable, os.path.join(RECORDS, "stats.py"), *RECORD42], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert ("a (n=16): first passing step 2860, mean val loss 3.27894, (3.28 - L) * sqrt(n) = 0.00424 with n=16"
+            in done.stdout.splitlines())
+    assert done.stderr.splitlines() == [
+        "note: set a: 16 of 16 runs stop before their T=2900, at step 2860, at or after the reported step 2860: "
+        "every run logged the steps up to it, so the result stands"]
+    result = stats.load_result_set(RECORD42, "a")
+    assert result.mean_at_first_passing_step == pytest.approx(3.278939375, abs=1e-12)
+    assert stats.bar_statistic(result.mean_at_first_passing_step, 16) == pytest.approx(0.0042425, abs=1e-9)
+    assert not stats.clears_bar(stats.bar_statistic(result.steps[2850].mean, 16))  # 2850 misses
+
+
+def test_record42_val_lines_have_no_raw_loss_where_the_readout_applies(capsys):
+    assert stats.main([*RECORD42, "--loss", "raw", "--json"]) == 1
+    raw = json.loads(capsys.readouterr().out)
+    assert raw["first_passing_step"] is None and raw["steps_without_raw_loss"] == [2850, 2860]
+    assert max(map(int, raw["steps"])) == 2750  # the raw loss at 2750 is the readout: none applied there
+
+
+def test_record46_val_lines_give_both_published_crossings(capsys):
+    """#46's README: the Tail-EMA readout first clears at 2690 (mean 3.278329; 2685 fails at 0.00387), the raw
+    loss at 2735 (mean 3.278345; 2730 fails at 0.00357); seed 7 stops at 2765 by design, the others at 2900."""
+    assert len(RECORD46) == 8
+    readout = stats.load_result_set(RECORD46, "a")
+    assert readout.n == 8 and readout.first_passing_step == 2690
+    assert f"{readout.mean_at_first_passing_step:.6f}" == "3.278329"
+    assert f"{stats.bar_statistic(readout.steps[2685].mean, 8):.5f}" == "0.00387"
+    assert readout.steps[2690].n == 8 and readout.steps[2770].n == 7
+    raw = stats.load_result_set(RECORD46, "a", loss="raw")
+    assert raw.first_passing_step == 2735 and f"{raw.mean_at_first_passing_step:.6f}" == "3.278345"
+    assert f"{stats.bar_statistic(raw.steps[2730].mean, 8):.5f}" == "0.00357"
+    for argv, step in (([], 2690), (["--loss", "raw"], 2735)):
+        assert stats.main([*RECORD46, *argv]) == 0
+        out, err = capsys.readouterr()
+        assert f"a (n=8): first passing step {step}, mean val loss" in out
+        assert err.splitlines()[-1] == (f"note: set a: 1 of 8 runs stops before its T=2900, at step 2765 "
+                                        f"({RECORD46[-1]} trial 0), at or after the reported step {step}: every run "
+                                        "logged the steps up to it, so the result stands")

@@ -1,5 +1,6 @@
 """records/submission.py: cutting the code out of a log, and checking a log set for a submission."""
 
+import glob
 import json
 import os
 import subprocess
@@ -58,6 +59,23 @@ def test_extracted_code_runs(tmp_path):
     assert done.stdout == "42\n"
 
 
+@pytest.mark.parametrize("spelling", ["as given", "relative", "symlink", "hard link"])
+def test_extract_refuses_to_write_over_its_own_log(tmp_path, monkeypatch, capsys, spelling):
+    log = write_log(tmp_path / "log.txt", GOOD, 100)
+    original = (tmp_path / "log.txt").read_bytes()
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    if spelling == "symlink":
+        (tmp_path / "link.txt").symlink_to(tmp_path / "log.txt")
+    elif spelling == "hard link":
+        os.link(tmp_path / "log.txt", tmp_path / "link.txt")
+    out = {"as given": log, "relative": "../log.txt"}.get(spelling, str(tmp_path / "link.txt"))
+    assert submission.main(["extract", log, "-o", out]) == 2
+    assert capsys.readouterr().err == (f"error: -o {out} is the log {log} itself; writing the code there would "
+                                       "replace the log: name another file\n")
+    assert (tmp_path / "log.txt").read_bytes() == original
+
+
 def test_extract_refuses_a_log_without_code(tmp_path, capsys):
     path = tmp_path / "nocode.txt"
     path.write_text("step:0/10 val_loss:10.8\n")
@@ -94,6 +112,34 @@ def test_check_flags_a_run_stopped_early(tmp_path, capsys):
     path = write_log(tmp_path / "a.txt", [GOOD[0], {0: 10.8258, 50: 3.27}], 100)
     code, out = run_check(capsys, [path])
     assert code == 1 and "FAIL steps" in out and "last step 50" in out
+
+
+def test_check_accepts_runs_that_all_stop_at_the_same_step_before_t(tmp_path, capsys):
+    """A stop inside a longer schedule, the same for every run (record #42 stops at 2860 of T=2900)."""
+    paths = [write_log(tmp_path / "a.txt", [{0: 10.8258, 50: 3.40, 90: 3.270}], 100),
+             write_log(tmp_path / "b.txt", [{0: 10.8258, 50: 3.41, 90: 3.272}], 100)]
+    code, out = run_check(capsys, paths)
+    assert code == 0, out
+    assert "PASS steps: every run has T=100 and stops at step 90" in out
+
+
+RECORD42 = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "record42_val_lines",
+                                         "*.txt")))
+RECORD46 = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "record46_val_lines",
+                                         "*.txt")))
+
+
+def test_records_42_and_46_val_lines(capsys):
+    """The val lines only (no code section, so the code check fails): every other check applies."""
+    code, out = run_check(capsys, RECORD42, "--n", "16")
+    assert code == 1 and out.splitlines()[0].startswith("FAIL code: no code section")
+    assert "PASS steps: every run has T=2900 and stops at step 2860" in out
+    assert "PASS runs: 16 run(s)" in out and "PASS bar: first passing step 2860, mean val loss 3.27894" in out
+    code, out = run_check(capsys, RECORD46, "--n", "8")
+    assert "PASS bar: first passing step 2690, mean val loss 3.27833" in out and "PASS runs: 8 run(s)" in out
+    # #46's seed 7 stops at 2765, the others at 2900: the rule asks every run to stop at the same step.
+    assert (f"FAIL steps: runs stop at different steps, 2765 and 2900: {RECORD46[-1]}#0 (last step 2765)"
+            in out.splitlines())
 
 
 def test_check_refuses_logs_that_are_not_record_runs(tmp_path, capsys):
@@ -133,6 +179,34 @@ def test_missing_file_is_a_clear_error(tmp_path, capsys, argv):
     assert submission.main([*argv, str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"error: {tmp_path} is a folder, not a log file; pass the log files in it, "
                                        f"e.g. {tmp_path / '*.txt'}\n")
+
+
+def test_placeholder_val_lines_are_one_error(tmp_path, capsys):
+    """A README quoting val lines with '...': extract needs only the code section, check names the line."""
+    doc = tmp_path / "README.md"
+    doc.write_text("Run it; it prints\nstep:50/50 val_loss:... at the end.\n")
+    assert submission.main(["extract", str(doc)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {doc} has no line of 100 '='")
+    assert submission.main(["check", str(doc)]) == 2
+    assert capsys.readouterr().err == (f"error: {doc}:2: 'step:50/50 val_loss:...': the val_loss is not "
+                                       "a number; pass the logs a training run wrote (logs/*.txt)\n")
+
+
+def test_extract_output_that_cannot_be_written_is_one_error(tmp_path, capsys):
+    log = write_log(tmp_path / "log.txt", GOOD, 100)
+    for out, problem in ((tmp_path, f"{tmp_path} is a folder; name a file"),
+                         (tmp_path / "missing" / "x.py", f"the folder {tmp_path / 'missing'} does not exist; create "
+                                                          "it or write elsewhere")):
+        assert submission.main(["extract", log, "-o", str(out)]) == 2
+        assert capsys.readouterr().err == f"error: -o {out}: {problem}\n"
+    assert sorted(os.listdir(tmp_path)) == ["log.txt"]
+
+
+def test_check_refuses_a_log_given_twice(tmp_path, capsys):
+    log = write_log(tmp_path / "a.txt", GOOD, 100)
+    assert submission.main(["check", log, log]) == 2
+    assert capsys.readouterr().err == (f"error: {log} is {log} again: every log is one set of runs, counted once "
+                                       "(twice would inflate n); give each log once\n")
 
 
 def test_extract_keeps_bytes_that_are_not_utf8(tmp_path):

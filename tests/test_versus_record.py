@@ -7,13 +7,16 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "versus_record.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from versus_record import RecordError, set_step_count  # noqa: E402
+import versus_record  # noqa: E402
+from versus_record import RecordError, set_step_count, trials_of  # noqa: E402
 
 STAND_IN = '''import glob, os, sys, time
 import numpy as np
@@ -97,5 +100,84 @@ def test_help_and_a_log_without_code(tmp_path):
     assert subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, timeout=120).returncode == 0
     (tmp_path / "log.txt").write_text("step:0/10 val_loss:1.0\n")
     done = subprocess.run([sys.executable, SCRIPT, "--record-log", str(tmp_path / "log.txt"), "--work",
-                           str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "w"), "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no line of 100 '='" in done.stderr
+
+
+def record_log(path, code):
+    path.write_text(code + "=" * 100 + "\nstep:0/1000 val_loss:6.23832 train_time:0.000s step_avg:nanms\n")
+    return str(path)
+
+
+@pytest.fixture
+def temp_folder(tmp_path, monkeypatch):
+    """Where tempfile makes the default work folder, so that a test sees what is left there."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_code_that_does_not_parse_is_refused_before_any_work(tmp_path, temp_folder, capsys):
+    log = record_log(tmp_path / "log.txt", "train_steps = 1000\nif train_steps\n    print(train_steps)\n")
+    assert versus_record.main(["--record-log", log, "--work", str(tmp_path / "work"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {log}: its code does not parse (line 2: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "work").exists() and os.listdir(temp_folder) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--timeout", "-1"], "error: --timeout must be at least 1 second, got -1"),
+    (["--timeout", "0"], "error: --timeout must be at least 1 second, got 0"),
+    (["--steps", "0"], "error: --steps must be at least 1, got 0"),
+])
+def test_bad_numbers_are_refused_before_any_work(tmp_path, temp_folder, capsys, argv, message):
+    log = record_log(tmp_path / "log.txt", "train_steps = 1000\n")
+    with pytest.raises(SystemExit) as refused:
+        versus_record.main(["--record-log", log, *argv])
+    assert refused.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
+    assert os.listdir(temp_folder) == []
+
+
+def test_no_work_folder_is_left_after_a_refusal_or_a_failure(tmp_path, temp_folder, capsys):
+    """The default work folder is made after every check and removed at the end, even when a side fails."""
+    no_code = tmp_path / "no_code.txt"
+    no_code.write_text("step:0/10 val_loss:1.0\n")
+    assert versus_record.main(["--record-log", str(no_code), "--device", "cpu"]) == 2
+    assert "no line of 100 '='" in capsys.readouterr().err and os.listdir(temp_folder) == []
+    failing = record_log(tmp_path / "log.txt", "train_steps = 1000\nraise SystemExit(3)\n")
+    assert versus_record.main(["--record-log", failing, "--steps", "1", "--tiny", "--device", "cpu"]) == 1
+    assert "error: the record failed (exit " in capsys.readouterr().err
+    assert os.listdir(temp_folder) == []
+
+
+def test_every_flag_is_checked_before_any_work(tmp_path, temp_folder, capsys):
+    log = record_log(tmp_path / "log.txt", "train_steps = 1000\n")
+    (tmp_path / "file").write_text("x")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"# caf\xe9\ntrain_steps = 1000\n" + b"=" * 100 + b"\n")
+    cases = [
+        (["--record-log", str(tmp_path)], f"error: --record-log {tmp_path} is a folder, not a log file"),
+        (["--record-log", log, "--steps", "4096"],
+         "error: --steps 4096 needs 2,147,483,650 train tokens in one shard, more than a shard holds (2,147,483,647)"),
+        (["--record-log", log, "--work", str(tmp_path / "file")],
+         f"error: --work {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder; choose another --work"),
+    ]
+    if not torch.cuda.is_available():  # the default device: ours would fail after the record's run
+        cases.append((["--record-log", log], "error: --device cuda: torch "))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as refused:
+            versus_record.main(argv)
+        assert refused.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+    assert versus_record.main(["--record-log", str(latin1), "--work", str(tmp_path / "w"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {latin1}: cannot read it as UTF-8 text")
+    assert sorted(os.listdir(tmp_path)) == ["file", "latin1.txt", "log.txt", "tmp"] and os.listdir(temp_folder) == []
+
+
+def test_trials_are_read_with_the_readout_loss_where_a_line_has_one():
+    """#46-style lines (ours for such recipes too) put the readout's val_ema_loss between val_loss and train_time."""
+    trial = ("step:0/4 val_loss:6.00000 val_ema_loss:6.00000 train_time:0.000s step_avg:nanms\n"
+             "step:4/4 val_loss:5.00000 val_avg_loss:5.00000 val_ema_loss:4.90000 train_time:0.400s step_avg:100.00ms\n")
+    assert trials_of("noise\n" + trial + "step:1/4 train_time:0.1s\n" + trial) == [(0, 6.0, 4.9, 100.0)] * 2
+    with pytest.raises(RecordError, match="no train_time"):
+        trials_of("step:0/4 val_loss:6.0\nstep:4/4 val_loss:5.0\n")
