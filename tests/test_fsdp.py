@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from optimizers import Aurora, Muon
+from optimizers import Aurora, Muon, MuonChain
 from test_optimizers import RECORD_SETTINGS, ROOT, make_problem, run_on_gloo_ranks, run_optimizer
 from test_train_gpt import run_bounded
 
@@ -179,6 +179,10 @@ def refusal_worker(rank, world_size, out_dir):
             Muon(params, lr=0.02)
         except ValueError as error:
             messages[case] = str(error)
+    try:  # records #42 and #46's optimizer keeps whole matrices on owner ranks: it refuses FSDP2's shards
+        MuonChain([torch.nn.Parameter(distribute_tensor(torch.zeros(8, 6), mesh, [Shard(0)]))], lr=0.02)
+    except ValueError as error:
+        messages["muon_chain"] = str(error)
     if rank == 0:
         torch.save(messages, os.path.join(out_dir, "messages.pt"))
 
@@ -191,6 +195,7 @@ def test_unsupported_placements_are_refused_naming_parameter_and_placement(tmp_p
     assert "'blocks.1.w'" in messages["mesh2d"] and "2-D mesh" in messages["mesh2d"]
     assert "'blocks.2.b'" in messages["vector"] and "(8,)" in messages["vector"] and "2-D" in messages["vector"]
     assert "Shard(dim=0)" in messages["vector"]
+    assert "is an FSDP2 DTensor" in messages["muon_chain"] and "(8, 6)" in messages["muon_chain"]
 
 
 # ----------------------------------------------------------------------------------------------
