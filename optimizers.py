@@ -453,6 +453,14 @@ def flops_per_rank(plan, shapes, world_size, matrix_flops):
 # Optimizers.
 # --------------------------------------------------------------------------------------------
 
+def closure_loss(closure):
+    """torch.optim's closure protocol: the loss the closure returns, computed with grad enabled (None without one)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def rank_and_world_size():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -716,10 +724,7 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         rank, world_size = rank_and_world_size()
         launched = []
         for group in self.param_groups:
@@ -1428,10 +1433,7 @@ class MuonChain(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         rank, world_size = rank_and_world_size()
         matrices = self.matrices()
         owners = self.owners(world_size)
@@ -1525,10 +1527,7 @@ class BiasFreeAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
