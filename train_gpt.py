@@ -1153,8 +1153,9 @@ def check_save_path(path):
     """A --save path that cannot be written is refused before anything is compiled or trained, and
     nothing is left behind: a temporary file is made and removed in the deepest folder of the path that
     exists. Missing folders are created only when the checkpoint is saved (save_checkpoint)."""
-    if os.path.isdir(path):
-        raise SetupError(f"--save {path}: is a directory; give a file path such as {os.path.join(path, 'ckpt.pt')}")
+    # A path ending in a separator, '.' or '..' names a folder even where none exists yet.
+    if os.path.isdir(path) or os.path.basename(path) in ("", ".", ".."):
+        raise SetupError(f"--save {path}: names a folder; give a file path such as {os.path.join(path, 'ckpt.pt')}")
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)

@@ -1418,7 +1418,7 @@ def test_optimizer_state_that_does_not_fit_is_refused(tiny_run, data_args, tmp_p
 
 
 @pytest.mark.parametrize("target, problem", [
-    (lambda tmp: tmp, "is a directory"),
+    (lambda tmp: tmp, "names a folder"),
     (lambda tmp: tmp / "afile" / "ck.pt", "is a file, not a folder"),
     (lambda tmp: "/proc/ck.pt", "cannot write there"),
 ])
@@ -1431,6 +1431,17 @@ def test_unwritable_save_path_is_refused_before_training(data_args, tmp_path, ta
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "step:" not in result.stdout and not (tmp_path / "logs").exists()  # no step ran, nothing compiled
     assert not list(tmp_path.glob("**/*.tmp"))
+
+
+@pytest.mark.parametrize("path", ["ckpts/", "ckpts/..", "."])
+def test_a_save_path_naming_a_folder_is_refused_before_any_work(data_args, tmp_path, monkeypatch, capsys, path):
+    """`--save DIR/` once trained to the end and then lost the weights (`invalid file name: DIR/.tmp`)."""
+    monkeypatch.chdir(tmp_path)
+    for run in (["--check-args"], ["--steps", "2", "--no-diagnostics", *data_args]):
+        assert tg.main(["--tiny", "--save", path, *run]) == 2
+        message = capsys.readouterr().err
+        assert message.startswith(f"error: --save {path}: ") and message.count("\n") == 1, message
+        assert "a file path such as" in message and os.listdir(tmp_path) == []
 
 
 def test_failed_save_leaves_no_tmp_file(tmp_path, monkeypatch):
