@@ -12,6 +12,7 @@ of a log runs on its own and reproduces the run.
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import glob
 import inspect
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -121,6 +123,11 @@ class SetupError(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class WriteError(RuntimeError):
+    """A file of a running run (checkpoint, log, per-unit records) could not be written: the message names it
+    and says what is kept."""
 
 
 def lr_multiplier(step, steps):
@@ -1149,31 +1156,72 @@ def periodic_checkpoints(path):
     return [name for _, name in sorted(found)]
 
 
-def check_save_path(path):
-    """A --save path that cannot be written is refused before anything is compiled or trained, and
-    nothing is left behind: a temporary file is made and removed in the deepest folder of the path that
-    exists. Missing folders are created only when the checkpoint is saved (save_checkpoint)."""
-    # A path ending in a separator, '.' or '..' names a folder even where none exists yet.
-    if os.path.isdir(path) or os.path.basename(path) in ("", ".", ".."):
-        raise SetupError(f"--save {path}: names a folder; give a file path such as {os.path.join(path, 'ckpt.pt')}")
+def megabytes(count):
+    return count // 2 ** 20
+
+
+def tensor_bytes(value):
+    """The bytes of every tensor in nested dicts, lists and tuples (what torch.save writes, less a little)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        value = list(value.values())
+    return sum(map(tensor_bytes, value)) if isinstance(value, (list, tuple)) else 0
+
+
+def estimated_checkpoint_bytes(config):
+    """About the size of one checkpoint, from a weightless model: the weights and, at most, two optimizer
+    moments per weight (AdamW keeps two, the matrix optimizers one)."""
+    with torch.device("meta"):
+        return 3 * tensor_bytes(GPT(config).state_dict())
+
+
+def check_room(what, path, needed_bytes, elsewhere):
+    """The deepest folder of `path` that exists must be a folder where a file can be made, with `needed_bytes`
+    free; nothing is left behind (a temporary file is made there and removed), and missing folders are made
+    only when the file is written. `what` names the file in an error, `elsewhere` says how to avoid the folder."""
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
-        raise SetupError(f"--save {path}: {folder} is a file, not a folder; give a writable file path")
+        raise SetupError(f"{what}: {folder} is a file, not a folder; {elsewhere}")
     try:
         with tempfile.NamedTemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise SetupError(f"--save {path}: cannot write there ({e.strerror or e}); give a writable file path") from None
+        raise SetupError(f"{what}: cannot write in {folder} ({e.strerror or e}); {elsewhere}") from None
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise SetupError(f"{what}: {folder} has {megabytes(free)} MB free, it needs about {megabytes(needed_bytes)} "
+                         f"MB; free space there or {elsewhere}")
+
+
+def check_save_path(path, config):
+    """A --save path that cannot be written, or on a disk without room for a checkpoint, is refused before
+    anything is compiled or trained."""
+    # A path ending in a separator, '.' or '..' names a folder even where none exists yet.
+    if os.path.isdir(path) or os.path.basename(path) in ("", ".", ".."):
+        raise SetupError(f"--save {path}: names a folder; give a file path such as {os.path.join(path, 'ckpt.pt')}")
+    check_room(f"--save {path}", path, estimated_checkpoint_bytes(config), "save elsewhere")
 
 
 def save_checkpoint(path, checkpoint):
-    """Written beside `path`, then renamed over it, so an interrupted save keeps the previous one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """Written beside `path`, then renamed over it, so a failed or interrupted save keeps the previous one. A
+    failure is a WriteError; torch reports a full disk as ENOSPC or only as a RuntimeError of its zip writer
+    ("unexpected pos"), so the free space then decides which it was."""
+    folder = os.path.dirname(path) or "."
     try:
+        os.makedirs(folder, exist_ok=True)
         torch.save(checkpoint, path + ".tmp")
         os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:
+        needed = tensor_bytes(checkpoint)
+        full = getattr(e, "errno", None) == errno.ENOSPC or (os.path.isdir(folder)
+                                                             and shutil.disk_usage(folder).free < needed)
+        problem = f"no space left on device: {path} needs about {megabytes(needed)} MB" if full else \
+            f"{path}: the checkpoint could not be written ({str(e).splitlines()[0]})"
+        raise WriteError(f"{problem}; the file there before is kept. {'Free space' if full else 'Fix that'}, "
+                         f"then --resume the newest checkpoint") from None
     finally:
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
@@ -1498,7 +1546,7 @@ def check_run(args, hp, recipe, steps, dist_info):
                          f"{hp.model.seq_len}")
     init_weights, resume = read_start_checkpoints(args, hp, recipe, steps)
     if args.save and dist_info.rank == 0:
-        check_save_path(args.save)
+        check_save_path(args.save, hp.model)
     device = resolve_device(args.device, dist_info.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return layout, init_weights, resume, device
 
@@ -1626,7 +1674,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         log.event("interrupted", {**where(run), "note": "Ctrl-C; the log is complete up to here"})
         return 130
-    except (NonFiniteLoss, SetupError) as e:
+    except (NonFiniteLoss, SetupError, WriteError) as e:
         log.event("error", {**where(run), "message": str(e)})
         print(f"error: {e}", file=sys.stderr)
         return 3

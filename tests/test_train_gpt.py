@@ -3,10 +3,12 @@
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1420,7 +1422,7 @@ def test_optimizer_state_that_does_not_fit_is_refused(tiny_run, data_args, tmp_p
 @pytest.mark.parametrize("target, problem", [
     (lambda tmp: tmp, "names a folder"),
     (lambda tmp: tmp / "afile" / "ck.pt", "is a file, not a folder"),
-    (lambda tmp: "/proc/ck.pt", "cannot write there"),
+    (lambda tmp: "/proc/ck.pt", "cannot write in /proc"),
 ])
 def test_unwritable_save_path_is_refused_before_training(data_args, tmp_path, target, problem):
     (tmp_path / "afile").write_text("x")
@@ -1444,6 +1446,66 @@ def test_a_save_path_naming_a_folder_is_refused_before_any_work(data_args, tmp_p
         assert "a file path such as" in message and os.listdir(tmp_path) == []
 
 
+def on_a_full_disk(monkeypatch, folder, free=2 ** 20):
+    """shutil.disk_usage as if the disk holding `folder` had `free` bytes left, other disks as they are."""
+    real = shutil.disk_usage
+
+    def disk_usage(path):
+        usage = real(path)
+        inside = os.path.realpath(path) + os.sep
+        return usage._replace(free=free) if inside.startswith(os.path.realpath(folder) + os.sep) else usage
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+
+
+def test_a_save_folder_without_room_for_a_checkpoint_is_refused_before_any_work(tiny_run, data_args, tmp_path,
+                                                                               monkeypatch, capsys):
+    folder, _, _ = tiny_run
+    saved = (folder / "ck.trial0.pt").stat().st_size
+    estimate = tg.estimated_checkpoint_bytes(tg.TINY.model)
+    assert saved <= estimate <= 2 * saved  # about one checkpoint, never less
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "full").mkdir()
+    on_a_full_disk(monkeypatch, tmp_path / "full")
+    for run in (["--check-args"], ["--steps", "2", "--no-diagnostics", *data_args]):
+        assert tg.main(["--tiny", "--save", "full/ck.pt", *run]) == 2
+        assert capsys.readouterr().err == (f"error: --save full/ck.pt: {tmp_path / 'full'} has 1 MB free, it needs about "
+                                           f"{estimate // 2 ** 20} MB; free space there or save elsewhere\n")
+        assert os.listdir(tmp_path) == ["full"] and os.listdir(tmp_path / "full") == []
+
+
+@pytest.mark.parametrize("failure", ["OSError ENOSPC", "torch's zip writer"])
+def test_a_save_that_runs_out_of_space_keeps_the_previous_checkpoint_and_the_log(data_args, tmp_path, monkeypatch,
+                                                                                capsys, failure):
+    """The room was there before training, then the disk filled up: the final save fails with one line, the
+    earlier checkpoints and the log stay."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ck.pt").write_bytes(b"previous")
+    save = torch.save
+
+    def save_on_a_full_disk(obj, path):
+        if not str(path).endswith("ck.pt.tmp"):  # the periodic checkpoint of step 1 still fits
+            return save(obj, path)
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        if failure == "OSError ENOSPC":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        on_a_full_disk(monkeypatch, tmp_path, free=4096)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4096")
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    with torch._dynamo.config.patch(disable=True):
+        code = tg.main(["--tiny", "--steps", "2", "--save", "ck.pt", "--save-every", "1", "--run-id", "full",
+                        "--no-diagnostics", *data_args])
+    assert code == 3
+    needed = r"about \d+ MB"
+    assert re.fullmatch(rf"error: no space left on device: ck.pt needs {needed}; the file there before is kept\. "
+                        r"Free space, then --resume the newest checkpoint\n", capsys.readouterr().err)
+    assert (tmp_path / "ck.pt").read_bytes() == b"previous" and not list(tmp_path.glob("*.tmp"))
+    assert torch.load(tmp_path / "ck.step1.pt", weights_only=True)["step"] == 1
+    _, lines = split_log((tmp_path / "logs" / "full.txt").read_text())
+    assert [step for step, _, _ in val_records(lines)] == [0, 2] and lines[-1].startswith("error ")
+    assert "no space left on device: ck.pt" in events(lines, "error")[0]["message"]
+
+
 def test_failed_save_leaves_no_tmp_file(tmp_path, monkeypatch):
     def failing_save(obj, path):
         with open(path, "wb") as f:
@@ -1451,7 +1513,8 @@ def test_failed_save_leaves_no_tmp_file(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", failing_save)
     (tmp_path / "ck.pt").write_bytes(b"previous")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(tg.WriteError, match="ck.pt: the checkpoint could not be written .disk full.; the file there "
+                                           "before is kept"):
         tg.save_checkpoint(str(tmp_path / "ck.pt"), {"step": 1})
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"] and (tmp_path / "ck.pt").read_bytes() == b"previous"
 
