@@ -702,15 +702,25 @@ def running_line(device, world_size):
     return f"Running PyTorch {torch.__version__} {build} on {name} with world_size {world_size}"
 
 
+def existing_log(path):
+    run_id = os.path.splitext(os.path.basename(path))[0]
+    return SetupError(f"--run-id {run_id}: {path} exists (an earlier run's log); give another --run-id, or "
+                      f"--overwrite to replace it")
+
+
 class RunLog:
     """Rank 0's log file, flushed line by line so a crash or Ctrl-C keeps everything written so far.
-    Other ranks get a RunLog(None), which writes nothing."""
+    Other ranks get a RunLog(None), which writes nothing. Created exclusively unless `overwrite`, so of two
+    runs started at once with one run id the second stops (SetupError) instead of writing into the other's log."""
 
-    def __init__(self, path):
+    def __init__(self, path, overwrite=False):
         self.file = None
         if path is not None:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "w", buffering=1)
+            try:
+                self.file = open(path, "w" if overwrite else "x", buffering=1)
+            except FileExistsError:
+                raise existing_log(path) from None
 
     def write(self, text, echo=True):
         if self.file is None:
@@ -1093,7 +1103,9 @@ def parse_args(argv):
     parser.add_argument("--resume", metavar="PATH", help="continue the run saved in the checkpoint PATH "
                         "(same recipe, --steps and preset; any world size)")
     parser.add_argument("--init-from", metavar="PATH", help="start every trial from the model weights in PATH")
-    parser.add_argument("--run-id", help="log name under logs/ (default: recipe and a random id)")
+    parser.add_argument("--run-id", help="log name under logs/ (default: recipe and a random id); refused if "
+                                         "logs/RUN_ID.txt exists, unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace the log of an earlier run with this --run-id")
     parser.add_argument("--ddp", action="store_true",
                         help="under torchrun, DistributedDataParallel and the optimizers' all-gathers even with "
                              "one process: one GPU then runs the multi-GPU code path (same results)")
@@ -1530,10 +1542,10 @@ def write_diagnostics(run, optimizers):
     run.log.echo(diagnostics_summary(reports))
 
 
-def check_run(args, hp, recipe, steps, dist_info):
+def check_run(args, hp, recipe, steps, dist_info, log_path):
     """Every check of the arguments that reads no data: a usable world size and batch, the --init-from
-    and --resume checkpoints, the --save path, the device. Creates nothing. Returns (layout, --init-from
-    weights, --resume checkpoint, device)."""
+    and --resume checkpoints, the --save path, the log's path, the device. Creates nothing. Returns (layout,
+    --init-from weights, --resume checkpoint, device)."""
     ranks_are = "GPUs" if uses_cuda(args.device) else "processes"
     try:
         layout = batch_layout(hp, dist_info.world_size, ranks_are)
@@ -1545,8 +1557,11 @@ def check_run(args, hp, recipe, steps, dist_info):
         raise SetupError(f"--probe-tokens {args.probe_tokens}: not a multiple of the sequence length "
                          f"{hp.model.seq_len}")
     init_weights, resume = read_start_checkpoints(args, hp, recipe, steps)
-    if args.save and dist_info.rank == 0:
-        check_save_path(args.save, hp.model)
+    if dist_info.rank == 0:  # the rank that writes them
+        if args.save:
+            check_save_path(args.save, hp.model)
+        if os.path.exists(log_path) and not args.overwrite:
+            raise existing_log(log_path)
     device = resolve_device(args.device, dist_info.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return layout, init_weights, resume, device
 
@@ -1621,22 +1636,24 @@ def main(argv=None):
         recipe = with_aux_from(recipe, RECIPES[args.aux_from])
     steps = args.steps or hp.steps or recipe.steps
     dist_info = distributed_from_env()
+    run_id = args.run_id or f"{recipe.name}-{uuid.uuid4()}"
+    log_path = os.path.join("logs", f"{run_id}.txt")
     try:
-        layout, init_weights, resume, device = check_run(args, hp, recipe, steps, dist_info)
+        layout, init_weights, resume, device = check_run(args, hp, recipe, steps, dist_info, log_path)
         if args.check_args:
             return 0
         train_paths, val_path = check_data(args, hp, steps)
         val_start, train_probe_start = data_offsets(args, hp, val_path, train_paths[0])
+        setup_device(dist_info, device)
+        log = RunLog(log_path if dist_info.rank == 0 else None, args.overwrite)
     except SetupError as e:
+        leave_process_group(finished=False)
         # Every rank finds the same problem; rank 0 reports it and fails. The others stop quietly with
         # status 0: a rank that failed first would make torchrun kill rank 0 before it had printed.
         if dist_info.rank != 0:
             return 0
         print(f"error: {e}", file=sys.stderr)
         return 2
-    setup_device(dist_info, device)
-    run_id = args.run_id or f"{recipe.name}-{uuid.uuid4()}"
-    log = RunLog(os.path.join("logs", f"{run_id}.txt") if dist_info.rank == 0 else None)
     run, finished = None, False
     try:
         log.write(logged_source(), echo=False)

@@ -1519,6 +1519,43 @@ def test_failed_save_leaves_no_tmp_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"] and (tmp_path / "ck.pt").read_bytes() == b"previous"
 
 
+def test_a_run_id_whose_log_exists_is_refused_unless_overwrite(data_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "again.txt").write_text("the earlier run\n")
+    for run in (["--check-args"], ["--steps", "2", "--no-diagnostics", *data_args]):
+        assert tg.main(["--tiny", "--run-id", "again", *run]) == 2
+        assert capsys.readouterr().err == ("error: --run-id again: logs/again.txt exists (an earlier run's log); give "
+                                           "another --run-id, or --overwrite to replace it\n")
+    assert (tmp_path / "logs" / "again.txt").read_text() == "the earlier run\n"
+    assert tg.main(["--tiny", "--run-id", "again", "--overwrite", "--check-args"]) == 0
+    with torch._dynamo.config.patch(disable=True):
+        assert tg.main(["--tiny", "--run-id", "again", "--overwrite", "--steps", "2", "--no-diagnostics",
+                        *data_args]) == 0
+    _, lines = split_log((tmp_path / "logs" / "again.txt").read_text())
+    assert lines[-1].startswith("done ")
+
+
+def test_of_twins_started_at_once_the_second_stops_and_the_first_keeps_its_log(data_args, tmp_path, monkeypatch,
+                                                                            capsys):
+    """Both pass the check for an existing log; the log is created exclusively, so the one that comes second
+    stops with one line instead of writing into the other's log."""
+    monkeypatch.chdir(tmp_path)
+    check_data = tg.check_data
+
+    def twin_creates_the_log_meanwhile(*args):
+        (tmp_path / "logs").mkdir()
+        (tmp_path / "logs" / "twin.txt").write_text("the twin's log\n")
+        return check_data(*args)
+    monkeypatch.setattr(tg, "check_data", twin_creates_the_log_meanwhile)
+    with torch._dynamo.config.patch(disable=True):
+        assert tg.main(["--tiny", "--run-id", "twin", "--steps", "2", "--no-diagnostics", *data_args]) == 2
+    assert capsys.readouterr().err == ("error: --run-id twin: logs/twin.txt exists (an earlier run's log); give "
+                                       "another --run-id, or --overwrite to replace it\n")
+    assert os.listdir(tmp_path / "logs") == ["twin.txt"]
+    assert (tmp_path / "logs" / "twin.txt").read_text() == "the twin's log\n"
+
+
 def test_train_stream_position_round_trips(tmp_path):
     write_shard(str(tmp_path / "a.bin"), np.arange(30))
     write_shard(str(tmp_path / "b.bin"), np.arange(100, 120))
