@@ -702,31 +702,50 @@ def running_line(device, world_size):
     return f"Running PyTorch {torch.__version__} {build} on {name} with world_size {world_size}"
 
 
+LOG_ROOM_BYTES = 16 * 2 ** 20  # the log and its per-unit records (a full-size run's take about 10 MB)
+LOGS_ELSEWHERE = "run from a folder whose logs/ can take it"
+
+
 def existing_log(path):
     run_id = os.path.splitext(os.path.basename(path))[0]
     return SetupError(f"--run-id {run_id}: {path} exists (an earlier run's log); give another --run-id, or "
                       f"--overwrite to replace it")
 
 
+def write_error(path, error, kept):
+    """The WriteError of a run's file that could not be written; `kept` says what the run keeps."""
+    if error.errno == errno.ENOSPC:
+        return WriteError(f"no space left on device: {path} could not be written; {kept}")
+    return WriteError(f"{path}: could not be written ({error.strerror or error}); {kept}")
+
+
 class RunLog:
-    """Rank 0's log file, flushed line by line so a crash or Ctrl-C keeps everything written so far.
-    Other ranks get a RunLog(None), which writes nothing. Created exclusively unless `overwrite`, so of two
-    runs started at once with one run id the second stops (SetupError) instead of writing into the other's log."""
+    """Rank 0's log file, written unbuffered line by line, so a crash or Ctrl-C keeps everything written so
+    far and a failed write (a full disk: WriteError) leaves nothing to write again at close. Other ranks get
+    a RunLog(None), which writes nothing. Created exclusively unless `overwrite`, so of two runs started at
+    once with one run id the second stops (SetupError) instead of writing into the other's log."""
 
     def __init__(self, path, overwrite=False):
-        self.file = None
+        self.path, self.file = path, None
         if path is not None:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             try:
-                self.file = open(path, "w" if overwrite else "x", buffering=1)
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                self.file = open(path, "wb" if overwrite else "xb", buffering=0)
             except FileExistsError:
                 raise existing_log(path) from None
+            except OSError as e:
+                raise SetupError(f"the log {path}: cannot be created ({e.strerror or e}); {LOGS_ELSEWHERE}") from None
 
     def write(self, text, echo=True):
-        if self.file is None:
+        if self.file is None:  # another rank's, or a log that could not be written
             return
-        self.file.write(text if text.endswith("\n") else text + "\n")
-        self.file.flush()
+        line = (text if text.endswith("\n") else text + "\n").encode()
+        try:
+            if self.file.write(line) < len(line):  # a short write: the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            self.close()
+            raise write_error(self.path, e, "it keeps every line written before") from None
         if echo:
             print(text, flush=True)
 
@@ -736,12 +755,18 @@ class RunLog:
 
     def echo(self, text):
         """A console line that is not part of the log file (rank 0 only, like the log)."""
-        if self.file is not None:
+        if self.path is not None:
             print(text, flush=True)
+
+    def end(self, kind, payload):
+        """The log's last line, an event; a log that cannot take it any more leaves the report to the caller."""
+        with contextlib.suppress(WriteError):
+            self.event(kind, payload)
 
     def close(self):
         if self.file is not None:
             self.file.close()
+            self.file = None
 
 
 def record_differences(hp, recipe, steps, init_from):
@@ -888,12 +913,19 @@ class UnitRecords:
             self.rows.setdefault((trial, f"{name}_layer_mean_power"), []).append(means.cpu().numpy())
 
     def save(self):
-        """Rewritten whole at every probe (beside, then renamed over), so a crash keeps the earlier probes."""
+        """Rewritten whole at every probe (beside, then renamed over), so a crash or a full disk keeps the
+        earlier probes."""
         arrays = dict(self.arrays)
         arrays |= {f"trial{trial}.{name}": np.stack(rows) for (trial, name), rows in self.rows.items()}
-        with open(self.path + ".tmp", "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(self.path + ".tmp", self.path)
+        try:
+            with open(self.path + ".tmp", "wb") as f:
+                np.savez_compressed(f, **arrays)
+            os.replace(self.path + ".tmp", self.path)
+        except OSError as e:
+            raise write_error(self.path, e, "the records of the earlier probes are kept") from None
+        finally:
+            if os.path.lexists(self.path + ".tmp"):
+                os.remove(self.path + ".tmp")
 
 
 def units_path(log_path):
@@ -1562,6 +1594,7 @@ def check_run(args, hp, recipe, steps, dist_info, log_path):
             check_save_path(args.save, hp.model)
         if os.path.exists(log_path) and not args.overwrite:
             raise existing_log(log_path)
+        check_room(f"the log {log_path}", log_path, LOG_ROOM_BYTES, LOGS_ELSEWHERE)
     device = resolve_device(args.device, dist_info.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return layout, init_weights, resume, device
 
@@ -1674,7 +1707,7 @@ def main(argv=None):
             probe = probe_sequences(val_shard, args.probe_tokens, hp.model.seq_len, val_start).to(device)
             train_probe = probe_sequences(load_shard(train_paths[0], hp.model.vocab_size), args.probe_tokens,
                                           hp.model.seq_len, train_probe_start).to(device)
-            units = UnitRecords(units_path(log.file.name), args.probe_tokens)
+            units = UnitRecords(units_path(log.path), args.probe_tokens)
         run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
                   torch.compile(distributed_model(raw_model, device, even_alone=args.ddp), dynamic=False),
                   torch.Generator().manual_seed(args.seed), train_paths,
@@ -1689,14 +1722,14 @@ def main(argv=None):
         finished = True
         return 0
     except KeyboardInterrupt:
-        log.event("interrupted", {**where(run), "note": "Ctrl-C; the log is complete up to here"})
+        log.end("interrupted", {**where(run), "note": "Ctrl-C; the log is complete up to here"})
         return 130
     except (NonFiniteLoss, SetupError, WriteError) as e:
-        log.event("error", {**where(run), "message": str(e)})
+        log.end("error", {**where(run), "message": str(e)})
         print(f"error: {e}", file=sys.stderr)
         return 3
     except Exception as e:
-        log.event("error", {**where(run), "message": f"{type(e).__name__}: {e}"})
+        log.end("error", {**where(run), "message": f"{type(e).__name__}: {e}"})
         raise
     finally:
         log.close()

@@ -1556,6 +1556,44 @@ def test_of_twins_started_at_once_the_second_stops_and_the_first_keeps_its_log(d
     assert (tmp_path / "logs" / "twin.txt").read_text() == "the twin's log\n"
 
 
+@pytest.mark.parametrize("problem", ["read-only", "full"])
+def test_a_logs_folder_that_cannot_take_the_log_is_refused_before_any_work(data_args, tmp_path, monkeypatch, capsys,
+                                                                         problem):
+    monkeypatch.chdir(tmp_path)
+    if problem == "read-only":
+        os.symlink("/sys", tmp_path / "logs")  # not writable, even for root
+        expected = f"cannot write in {tmp_path / 'logs'} (Permission denied); run from a folder whose logs/ can take it"
+    else:
+        on_a_full_disk(monkeypatch, tmp_path)
+        expected = f"{tmp_path} has 1 MB free, it needs about 16 MB; free space there or run from a folder whose logs/ " \
+                   f"can take it"
+    for run in (["--check-args"], ["--steps", "2", "--no-diagnostics", *data_args]):
+        assert tg.main(["--tiny", "--run-id", "x", *run]) == 2
+        assert capsys.readouterr().err == f"error: the log logs/x.txt: {expected}\n"
+        assert os.listdir(tmp_path) == (["logs"] if problem == "read-only" else [])
+
+
+@pytest.mark.parametrize("full", ["log", "per-unit records"])
+def test_a_log_on_a_full_disk_ends_the_run_with_one_line(data_args, tmp_path, monkeypatch, capsys, full):
+    """/dev/full answers every write with ENOSPC, as a disk that filled up during the run."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    os.symlink("/dev/full", tmp_path / "logs" / ("full.txt" if full == "log" else "full.units.npz.tmp"))
+    with torch._dynamo.config.patch(disable=True):
+        code = tg.main(["--tiny", "--steps", "2", "--run-id", "full", "--overwrite", *data_args])
+    assert code == 3
+    message = capsys.readouterr().err
+    if full == "log":
+        assert message == ("error: no space left on device: logs/full.txt could not be written; it keeps every line "
+                           "written before\n")
+    else:
+        assert message == ("error: no space left on device: logs/full.units.npz could not be written; the records of "
+                           "the earlier probes are kept\n")
+        _, lines = split_log((tmp_path / "logs" / "full.txt").read_text())
+        assert lines[-1].startswith("error ") and "full.units.npz could not be written" in lines[-1]
+        assert os.listdir(tmp_path / "logs") == ["full.txt"]
+
+
 def test_train_stream_position_round_trips(tmp_path):
     write_shard(str(tmp_path / "a.bin"), np.arange(30))
     write_shard(str(tmp_path / "b.bin"), np.arange(100, 120))
