@@ -21,6 +21,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -123,6 +124,14 @@ class SetupError(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what timeout, torchrun and schedulers send), ended like Ctrl-C: the log gets its end line."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
 
 
 class WriteError(RuntimeError):
@@ -1688,6 +1697,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     run, finished = None, False
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         log.write(logged_source(), echo=False)
         log.write(SEPARATOR, echo=False)
@@ -1721,9 +1731,10 @@ def main(argv=None):
         log.event("done", done)
         finished = True
         return 0
-    except KeyboardInterrupt:
-        log.end("interrupted", {**where(run), "note": "Ctrl-C; the log is complete up to here"})
-        return 130
+    except KeyboardInterrupt as e:
+        signal_name, status = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)
+        log.end("interrupted", {**where(run), "note": f"{signal_name}; the log is complete up to here"})
+        return status
     except (NonFiniteLoss, SetupError, WriteError) as e:
         log.end("error", {**where(run), "message": str(e)})
         print(f"error: {e}", file=sys.stderr)
@@ -1732,6 +1743,7 @@ def main(argv=None):
         log.end("error", {**where(run), "message": f"{type(e).__name__}: {e}"})
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         log.close()
         leave_process_group(finished)
 

@@ -417,6 +417,26 @@ def test_interrupt_leaves_a_complete_log_and_the_last_checkpoint(data_args, tmp_
     assert 1 <= torch.load(periodic[-1], weights_only=True)["step"] <= interrupted["step"]
 
 
+def test_sigterm_ends_the_log_like_ctrl_c_with_status_143(tmp_path):
+    """SIGTERM is what timeout, torchrun and schedulers send: the log still gets its end line."""
+    steps = 200
+    write_synthetic_shards(str(tmp_path), vocab_size=512, train_shards=1, tokens_per_shard=(steps + 2) * TINY_BATCH,
+                           val_tokens=tg.TINY.val_tokens + 100)
+    data = ["--train-files", str(tmp_path / "synthetic_train_*.bin"), "--val-files", str(tmp_path / "synthetic_val_*.bin")]
+    log = tmp_path / "logs" / "term.txt"
+    with own_session([sys.executable, TRAIN_GPT, *ON_CPU, "--tiny", "--steps", str(steps), "--no-diagnostics",
+                      "--run-id", "term", *data], cwd=tmp_path, env=uncompiled_env()) as process:
+        wait_while_running(process, lambda: log.exists() and f"step:0/{steps} val_loss" in log.read_text(), 600,
+                           "no step 0 in 600 s or the run ended before it")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    _, lines = split_log(log.read_text())
+    (interrupted,) = events(lines, "interrupted")
+    assert lines[-1].startswith("interrupted ") and interrupted["note"].startswith("SIGTERM")
+    assert interrupted["trial"] == 0 and 0 <= interrupted["step"] < steps
+
+
 def test_nan_weights_stop_the_run_at_step_0(data_args, tmp_path):
     model = tg.GPT(tg.TINY.model)
     with torch.no_grad():
