@@ -1280,6 +1280,13 @@ def save_checkpoint(path, checkpoint):
             os.remove(path + ".tmp")
 
 
+def resume_settings(args):
+    """The flags that set a run's course beyond its recipe, T, model and batch: a checkpoint records them and
+    a run that resumes it must give the same."""
+    return {"seed": args.seed, "data_seed": args.data_seed, "aux_from": args.aux_from,
+            "freeze_mlp_scalars": args.freeze_mlp_scalars}
+
+
 def checkpoint_state(run, optimizers, stream, step):
     """Everything a resumed run needs to continue bit-identically, plus what it must match."""
     rng = {"init": run.generator.get_state(), "torch": torch.get_rng_state()}
@@ -1288,7 +1295,7 @@ def checkpoint_state(run, optimizers, stream, step):
     return {"model": run.raw_model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
             "step": step, "steps": run.steps, "trial": run.trial, "recipe": run.recipe.name,
             "model_config": dataclasses.asdict(run.hp.model), "batch_tokens": run.hp.batch_tokens,
-            "stream": stream.state_dict(), "rng": rng}
+            **resume_settings(run.args), "stream": stream.state_dict(), "rng": rng}
 
 
 def save_trial_checkpoint(run, optimizers, stream, step, save_path):
@@ -1346,17 +1353,30 @@ def check_model_state(state, config, path):
     load_model_state(model, state, path)
 
 
-def check_resumable(checkpoint, path, recipe, steps, hp):
-    """A checkpoint continues only the run it came from: the same recipe, T, model and batch."""
+def check_resumable(checkpoint, path, args, recipe, steps, hp):
+    """A checkpoint continues only the run it came from: the same recipe, T, model, batch and resume_settings
+    (those a checkpoint holds: one saved before they were recorded leaves them to the command line), and
+    only a run with steps left to train."""
     if "stream" not in checkpoint:
         raise SetupError(f"{path}: holds weights only, not a run to resume (use --init-from for weights)")
     expected = {"recipe": recipe.name, "steps": steps, "model_config": dataclasses.asdict(hp.model),
                 "batch_tokens": hp.batch_tokens}
+    expected |= {name: value for name, value in resume_settings(args).items() if name in checkpoint}
     differences = [f"{name} {checkpoint.get(name)!r} (this run: {value!r})"
                    for name, value in expected.items() if checkpoint.get(name) != value]
     if differences:
-        raise SetupError(f"{path}: saved by a different run: {'; '.join(differences)}")
+        raise SetupError(f"{path}: saved by a different run: {'; '.join(differences)}; resume with the saved run's "
+                         f"settings")
     check_model_state(checkpoint["model"], hp.model, path)
+    if checkpoint["trial"] >= args.trials:
+        raise SetupError(f"{path}: saved in trial {checkpoint['trial']}, but this run has --trials {args.trials}")
+    step = checkpoint["step"]
+    if args.stop_at and args.stop_at <= step:
+        raise SetupError(f"--stop-at {args.stop_at}: the checkpoint {path} is at step {step} already, so nothing "
+                         f"would be trained; give a later step (up to --steps {steps})")
+    if step == steps and checkpoint["trial"] == args.trials - 1:
+        raise SetupError(f"--resume {path}: the saved run ended there (step {step} of its last trial), so nothing "
+                         f"would be trained; give a checkpoint from before its end")
 
 
 def read_start_checkpoints(args, hp, recipe, steps):
@@ -1367,9 +1387,7 @@ def read_start_checkpoints(args, hp, recipe, steps):
         check_model_state(init_weights, hp.model, args.init_from)
     if args.resume:
         resume = read_checkpoint(args.resume)
-        check_resumable(resume, args.resume, recipe, steps, hp)
-        if resume["trial"] >= args.trials:
-            raise SetupError(f"{args.resume}: saved in trial {resume['trial']}, but this run has --trials {args.trials}")
+        check_resumable(resume, args.resume, args, recipe, steps, hp)
     return init_weights, resume
 
 
@@ -1651,7 +1669,7 @@ def knob_differences(args):
             if getattr(args, name) is not None and getattr(args, name) is not False]  # --data-seed 0 counts
 
 
-def config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id):
+def config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id, resume=None):
     differences = record_differences(hp, recipe, steps, args.init_from) + knob_differences(args)
     return {"command": shlex.join([sys.executable] + sys.argv), "run_id": run_id, "recipe": recipe.name,
             "preset": "tiny" if args.tiny else "full",
@@ -1661,7 +1679,10 @@ def config_record(args, hp, recipe, steps, dist_info, device, layout, train_path
             "batch_seqs": hp.batch_tokens // hp.model.seq_len, "micro_batch_seqs_used": layout.micro_seqs,
             "adam_betas": ADAM_BETAS, "adam_eps": ADAM_EPS,
             "momentum": MOMENTUM, "nesterov": True, "train_shards_used": len(train_paths), "val_shard": val_path,
-            "init_from": args.init_from, "resume": args.resume, "save": args.save, "save_every": args.save_every,
+            "init_from": args.init_from, "resume": args.resume,
+            # resume_settings that an older --resume checkpoint did not record, so could not be checked
+            "resume_unchecked": [name for name in resume_settings(args) if name not in resume] if resume else None,
+            "save": args.save, "save_every": args.save_every,
             "keep_last": args.keep_last, "freeze_mlp_scalars": args.freeze_mlp_scalars, "aux_from": args.aux_from,
             "data_seed": args.data_seed, "stop_at": args.stop_at,
             "diagnostics": not args.no_diagnostics, "probe_tokens": args.probe_tokens, "probe_every": args.probe_every,
@@ -1704,7 +1725,7 @@ def main(argv=None):
         log.write(running_line(device, dist_info.world_size))
         log.write(SEPARATOR, echo=False)
         log.event("config", config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths,
-                                          val_path, run_id))
+                                          val_path, run_id, resume))
         raw_model = GPT(hp.model).to(device)
         if args.freeze_mlp_scalars:
             for param in mlp_scalars(raw_model):

@@ -1422,6 +1422,66 @@ def test_mismatched_checkpoint_is_refused_naming_what_differs(tiny_run, data_arg
     assert message.startswith(f"error: {path}: ") and problem in message and message.count("\n") == 1, message
 
 
+@pytest.mark.parametrize("flags, problem", [
+    (["--seed", "1"], "seed 0 (this run: 1)"),
+    (["--data-seed", "3"], "data_seed None (this run: 3)"),
+    (["--aux-from", "muon"], "aux_from None (this run: 'muon')"),
+    (["--freeze-mlp-scalars"], "freeze_mlp_scalars False (this run: True)"),
+])
+def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(tiny_run, data_args, tmp_path, monkeypatch, capsys,
+                                                               flags, problem):
+    """Such a flag was either ignored (the checkpoint won) while the config line claimed it, or the run was not
+    the saved run's continuation. (--trials 2: the checkpoint ends trial 0, trial 1 is left to run.)"""
+    folder, _, _ = tiny_run
+    path = str(folder / "ck.trial0.pt")
+    monkeypatch.chdir(tmp_path)
+    for run in (["--check-args"], ["--no-diagnostics", *data_args]):
+        assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", path, *flags, *run]) == 2
+        assert capsys.readouterr().err == (f"error: {path}: saved by a different run: {problem}; resume with the "
+                                           f"saved run's settings\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_saved_before_the_settings_were_recorded_resumes_and_the_log_says_so(tiny_run, data_args,
+                                                                                         tmp_path, monkeypatch):
+    """Its seed, data seed, --aux-from and --freeze-mlp-scalars are unknown: taken from the command line,
+    listed as unchecked in the config line."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tiny_checkpoint(tiny_run)
+    for name in ("seed", "data_seed", "aux_from", "freeze_mlp_scalars"):
+        del checkpoint[name]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    with torch._dynamo.config.patch(disable=True):
+        assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", "old.pt", "--seed", "1",
+                        "--run-id", "old", "--no-diagnostics", *data_args]) == 0
+    _, lines = split_log((tmp_path / "logs" / "old.txt").read_text())
+    assert events(lines, "config")[0]["resume_unchecked"] == ["seed", "data_seed", "aux_from", "freeze_mlp_scalars"]
+    assert [step for step, _, _ in val_records(lines)] == [STEPS, 0, STEPS]  # trial 0 resumed at its end, trial 1
+
+
+def test_stop_at_at_or_before_the_resumed_step_is_refused(tiny_run, tmp_path, monkeypatch, capsys):
+    """It ended with `done` and no training."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tiny_checkpoint(tiny_run)
+    checkpoint["step"] = 5  # as a periodic checkpoint of step 5
+    torch.save(checkpoint, tmp_path / "ck.pt")
+    for stop_at in (3, 5):
+        assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", "ck.pt", "--stop-at",
+                        str(stop_at), "--check-args"]) == 2
+        assert capsys.readouterr().err == (f"error: --stop-at {stop_at}: the checkpoint ck.pt is at step 5 already, "
+                                           f"so nothing would be trained; give a later step (up to --steps {STEPS})\n")
+    assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", "ck.pt", "--stop-at", "6",
+                    "--check-args"]) == 0
+
+
+def test_resuming_the_end_of_the_last_trial_is_refused(tiny_run, capsys):
+    folder, _, _ = tiny_run
+    path = str(folder / "ck.trial1.pt")
+    assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", path, "--check-args"]) == 2
+    assert capsys.readouterr().err == (f"error: --resume {path}: the saved run ended there (step {STEPS} of its last "
+                                       f"trial), so nothing would be trained; give a checkpoint from before its end\n")
+
+
 def test_init_from_loads_strictly(tiny_run, data_args, tmp_path, capsys):
     weights = tiny_checkpoint(tiny_run)["model"]
     del weights["norm_b.gains"]
@@ -1430,12 +1490,14 @@ def test_init_from_loads_strictly(tiny_run, data_args, tmp_path, capsys):
     assert 'Missing key(s) in state_dict: "norm_b.gains"' in capsys.readouterr().err
 
 
-def test_optimizer_state_that_does_not_fit_is_refused(tiny_run, data_args, tmp_path, capsys):
+def test_optimizer_state_that_does_not_fit_is_refused(tiny_run, data_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     checkpoint = tiny_checkpoint(tiny_run)
     checkpoint["optimizers"][1] = checkpoint["optimizers"][0]  # AdamW's state where Aurora's belongs
     torch.save(checkpoint, tmp_path / "ck.pt")
-    assert tg.main(["--tiny", "--steps", str(STEPS), "--resume", str(tmp_path / "ck.pt"), "--run-id", "opt",
-                    *data_args]) == 3
+    # (--trials 2: the checkpoint ends trial 0, so trial 1 is left to run.)
+    assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", str(tmp_path / "ck.pt"),
+                    "--run-id", "opt", *data_args]) == 3
     assert "its Aurora state does not fit" in capsys.readouterr().err
 
 
