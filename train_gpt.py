@@ -295,11 +295,16 @@ class TrainStream:
         self.shard_index, self.pos = state["shard_index"], state["pos"]
 
 
+SEED_MAX = 2 ** 64 - 1  # torch seeds a generator with 0 .. 2^64 - 1 (a negative seed aliases a large one)
+DATA_SEED_STRIDE = 1_000_003
+DATA_SEED_MAX = SEED_MAX // DATA_SEED_STRIDE - 1  # batch_order's seeds stay within SEED_MAX
+
+
 @functools.lru_cache(maxsize=4)
 def batch_order(num_batches, data_seed, shard_index):
     """--data-seed: the order in which the train stream takes a shard's batches, a permutation drawn from
     the seed and the shard's index."""
-    generator = torch.Generator().manual_seed(data_seed * 1_000_003 + shard_index)
+    generator = torch.Generator().manual_seed(data_seed * DATA_SEED_STRIDE + shard_index)
     return torch.randperm(num_batches, generator=generator).tolist()
 
 
@@ -1159,6 +1164,12 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name, highest, why in (("seed", SEED_MAX, "torch's 64-bit seeds"),
+                               ("data_seed", DATA_SEED_MAX, f"a shard's batch order is seeded with S x "
+                                                            f"{DATA_SEED_STRIDE} + its index, within 64 bits")):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= highest:
+            parser.error(f"--{name.replace('_', '-')} must be a whole number from 0 to {highest} ({why}), got {value}")
     if args.stop_at and args.save:
         parser.error("--stop-at ends a run before its schedule does; leave out --save")
     if args.save_every and not args.save:

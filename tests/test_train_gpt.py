@@ -1205,6 +1205,25 @@ def test_data_seed_permutes_the_batches_of_a_shard_and_moves_the_val_slice(tmp_p
     assert len(offsets) > 5 and all(o % 8 == 0 and o + 100 <= 1000 for o in offsets)
 
 
+@pytest.mark.parametrize("flag, value", [("--seed", 2 ** 64), ("--seed", -1), ("--data-seed", 2 ** 64 // 1_000_003),
+                                         ("--data-seed", -1)])
+def test_a_seed_torch_cannot_take_is_refused_with_the_arguments(data_args, tmp_path, monkeypatch, capsys, flag,
+                                                                 value):
+    """It crashed with a traceback after the log was opened."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused, torch._dynamo.config.patch(disable=True):
+        tg.main(["--tiny", flag, str(value), "--steps", "2", "--no-diagnostics", *data_args])
+    assert refused.value.code == 2 and os.listdir(tmp_path) == []
+    assert f"{flag} must be a whole number from 0 to " in capsys.readouterr().err
+
+
+def test_the_largest_seeds_accepted_seed_torch():
+    tg.parse_args(["--seed", str(2 ** 64 - 1), "--data-seed", str(tg.DATA_SEED_MAX)])
+    torch.Generator().manual_seed(2 ** 64 - 1)
+    assert tg.data_offset(tg.DATA_SEED_MAX, 1000, 100, 8) % 8 == 0
+    assert sorted(tg.batch_order(5, tg.DATA_SEED_MAX, tg.DATA_SEED_STRIDE - 1)) == list(range(5))
+
+
 def test_each_knob_is_flagged_and_none_by_default():
     assert tg.knob_differences(tg.parse_args([])) == []
     for flags, name in ((["--freeze-mlp-scalars"], "freeze_mlp_scalars"), (["--aux-from", "aurora"], "aux_from"),
