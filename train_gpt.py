@@ -210,12 +210,16 @@ def steps_in_shard(num_tokens, batch_tokens):
     return (num_tokens - batch_tokens - 2) // batch_tokens + 1 if num_tokens >= batch_tokens + 2 else 0
 
 
+def glob_matches_nothing(flag, pattern):
+    return SetupError(f"{flag} {pattern!r}: the glob matches no file (in {os.getcwd()}); check the path")
+
+
 def find_shards(pattern, hp, steps, what, flag=None):
     """The files of a shard glob, sorted. `flag` names the option the user gave the glob with: no match
     is then a wrong glob; for the preset's own glob the error says how to get the data."""
     paths = sorted(glob.glob(pattern))
     if not paths and flag:
-        raise SetupError(f"{flag} {pattern!r}: the glob matches no file (in {os.getcwd()}); check the path")
+        raise glob_matches_nothing(flag, pattern)
     if not paths:
         shards = shards_read([hp.data_shard_tokens] * (steps + 1), steps, hp.batch_tokens)
         raise SetupError(f"no {what} shards match {pattern!r} (in {os.getcwd()}). Get them with: "
@@ -1185,9 +1189,9 @@ def parse_args(argv):
 def resolve_hyperparameters(args):
     hp = TINY if args.tiny else FULL
     overrides = {}
-    if args.train_files:
+    if args.train_files is not None:
         overrides["train_files"] = args.train_files
-    if args.val_files:
+    if args.val_files is not None:
         overrides["val_files"] = args.val_files
     if args.batch_seqs:
         overrides["batch_tokens"] = args.batch_seqs * hp.model.seq_len
@@ -1623,6 +1627,10 @@ def check_run(args, hp, recipe, steps, dist_info, log_path):
         raise SetupError(f"--batch-seqs {args.batch_seqs}: {e}" if args.batch_seqs else str(e)) from e
     if args.stop_at and args.stop_at > steps:
         raise SetupError(f"--stop-at {args.stop_at}: after the last step {steps}; give a step up to --steps")
+    for flag, pattern in (("--train-files", args.train_files), ("--val-files", args.val_files)):
+        # (Not the preset's own globs: run.sh writes their shards after --check-args.)
+        if pattern is not None and not glob.glob(pattern):
+            raise glob_matches_nothing(flag, pattern)
     if args.probe_tokens % hp.model.seq_len:
         raise SetupError(f"--probe-tokens {args.probe_tokens}: not a multiple of the sequence length "
                          f"{hp.model.seq_len}")
@@ -1642,8 +1650,8 @@ def check_data(args, hp, steps):
     checked as each shard is loaded). Returns (train shard paths, val shard path)."""
     trained = args.stop_at or steps
     train_paths = check_train_shards(find_shards(hp.train_files, hp, trained, "train",
-                                                 args.train_files and "--train-files"), trained, hp)
-    val_path = find_shards(hp.val_files, hp, steps, "val", args.val_files and "--val-files")[0]
+                                                 args.train_files is not None and "--train-files"), trained, hp)
+    val_path = find_shards(hp.val_files, hp, steps, "val", args.val_files is not None and "--val-files")[0]
     if read_shard_header(val_path) < hp.val_tokens + 1:
         raise SetupError(f"{val_path}: fewer than the {hp.val_tokens + 1} tokens validation needs")
     return train_paths, val_path

@@ -29,16 +29,24 @@ def test_a_flag_without_its_value_is_one_clear_error(args, message):
     assert done.stderr.splitlines() == [message]
 
 
-def test_arguments_train_gpt_refuses_are_refused_before_any_data_is_written(tmp_path):
-    """train_gpt.py --check-args decides (no copy of its choices in bash), after setup, before data/synthetic.py."""
+def project_copy(folder):
+    """run.sh with what it runs, in `folder`, using this environment as its .venv (nothing to install)."""
     for name in ("run.sh", "requirements.txt", "requirements-test.txt", "train_gpt.py", "optimizers.py"):
-        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
-    shutil.copytree(os.path.join(ROOT, "data"), tmp_path / "data",
-                    ignore=shutil.ignore_patterns("synthetic", "fineweb10B"))
-    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), tmp_path / ".venv")  # this environment: no install
-    done = subprocess.run(["bash", "run.sh", "--tiny", "--recipe", "adam"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 2 and "argument --recipe: invalid choice: 'adam'" in done.stderr, done.stderr
+        shutil.copy(os.path.join(ROOT, name), folder / name)
+    shutil.copytree(os.path.join(ROOT, "data"), folder / "data",
+                    ignore=shutil.ignore_patterns("synthetic", "fineweb10B", "__pycache__"))
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), folder / ".venv")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tiny", "--recipe", "adam"], "argument --recipe: invalid choice: 'adam'"),
+    (["--train-files", "nowhere_*.bin"], "error: --train-files 'nowhere_*.bin': the glob matches no file"),
+])
+def test_arguments_train_gpt_refuses_are_refused_before_any_data_is_written(tmp_path, args, message):
+    """train_gpt.py --check-args decides (no copy of its choices in bash), after setup, before data/synthetic.py."""
+    project_copy(tmp_path)
+    done = subprocess.run(["bash", "run.sh", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "data" / "synthetic").exists()
     assert not (tmp_path / "logs").exists()
 

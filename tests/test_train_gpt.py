@@ -456,10 +456,13 @@ def write_tokens(path, count):
 
 
 @pytest.mark.parametrize("flag", ["--train-files", "--val-files"])
-def test_a_glob_given_that_matches_nothing_is_named_as_such(data_args, tmp_path, capsys, flag):
-    pattern = str(tmp_path / "nowhere_*.bin")
+@pytest.mark.parametrize("check_args", [[], ["--check-args"]])
+@pytest.mark.parametrize("pattern", ["nowhere_*.bin", ""])
+def test_a_glob_given_that_matches_nothing_is_named_as_such(data_args, tmp_path, capsys, flag, check_args, pattern):
+    """--check-args answers it too: it globs the patterns given (not the preset's: run.sh writes those after)."""
+    pattern = pattern and str(tmp_path / pattern)
     files = {"--train-files": data_args[1], "--val-files": data_args[3], flag: pattern}
-    assert tg.main(["--tiny", "--steps", "2", *(item for pair in files.items() for item in pair)]) == 2
+    assert tg.main(["--tiny", "--steps", "2", *check_args, *(item for pair in files.items() for item in pair)]) == 2
     assert capsys.readouterr().err == (f"error: {flag} {pattern!r}: the glob matches no file (in {os.getcwd()}); "
                                        "check the path\n")
 
