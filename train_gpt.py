@@ -260,7 +260,8 @@ class TrainStream:
     pos + B + 1 >= len(shard). With a data seed (--data-seed, not a record) the batches of each shard are
     visited in the order batch_order draws instead."""
 
-    def __init__(self, paths, batch_tokens, rank, world_size, vocab_size, pin_memory=False, data_seed=None):
+    def __init__(self, paths, batch_tokens, rank, world_size, vocab_size, pin_memory=False, data_seed=None,
+                 first_shard=None):
         self.paths = paths
         self.data_seed = data_seed
         self.vocab_size = vocab_size
@@ -269,7 +270,7 @@ class TrainStream:
         self.rank_tokens = batch_tokens // world_size
         self.offset = rank * self.rank_tokens
         self.shard_index = 0
-        self.tokens = load_shard(paths[0], vocab_size, pin_memory)
+        self.tokens = load_shard(paths[0], vocab_size, pin_memory) if first_shard is None else first_shard
         self.pos = 0
 
     def next_batch(self):
@@ -1452,6 +1453,7 @@ class Run:
     model: nn.Module  # the compiled raw_model (in DistributedDataParallel when several processes train)
     generator: torch.Generator  # initializations, one draw per trial
     train_paths: list
+    first_train_shard: torch.Tensor | None  # read before the log, until the first trial's stream takes it
     val_buffer: torch.Tensor
     probe: torch.Tensor  # the diagnostics' val probe, (sequences, seq_len) input tokens
     train_probe: torch.Tensor  # the same number of tokens from the first train shard
@@ -1524,7 +1526,8 @@ def train_trial(run):
         if isinstance(optimizer, tuple(MATRIX_OPTIMIZERS.values())):
             optimizer.gather_alone = args.ddp  # the all-gather path even in a world of one
     stream = TrainStream(run.train_paths, hp.batch_tokens, run.dist.rank, run.dist.world_size, hp.model.vocab_size,
-                         pin_memory=device.type == "cuda", data_seed=args.data_seed)
+                         pin_memory=device.type == "cuda", data_seed=args.data_seed, first_shard=run.first_train_shard)
+    run.first_train_shard = None  # later trials read it again rather than keep it for the whole run
     first_step = 0
     if run.resume is not None:  # rank 0 saved it; every rank restores the same state
         first_step = restore_checkpoint(run, run.resume, optimizers, stream)
@@ -1672,6 +1675,22 @@ def data_offsets(args, hp, val_path, first_train_path):
             data_offset(args.data_seed, train_tokens, probe_tokens, seq_len))
 
 
+def load_start_tokens(args, hp, dist_info, device, train_paths, val_path, val_start, train_probe_start):
+    """What a run reads before its first step, each shard once, their token ids checked before the log is
+    opened: this rank's validation tokens and (rank 0, with diagnostics) the val probe, both from where
+    validation starts, and the first train shard, with the train probe sliced from it. The val shard itself is
+    not kept (about 200 MB at full size). Returns (val buffer, val probe, first train shard, train probe)."""
+    seq_len, vocab_size = hp.model.seq_len, hp.model.vocab_size
+    val_shard = load_shard(val_path, vocab_size)
+    first_train_shard = load_shard(train_paths[0], vocab_size, pin_memory=device.type == "cuda")
+    val_buffer = val_slice(val_shard, hp.val_tokens, dist_info.rank, dist_info.world_size, val_start).to(device)
+    probe = train_probe = None
+    if not args.no_diagnostics and dist_info.rank == 0:
+        probe = probe_sequences(val_shard, args.probe_tokens, seq_len, val_start).to(device)
+        train_probe = probe_sequences(first_train_shard, args.probe_tokens, seq_len, train_probe_start).to(device)
+    return val_buffer, probe, first_train_shard, train_probe
+
+
 def compile_is_active():
     """Whether torch.compile really compiles in this process, as torch itself decides. Two switches turn
     it off in different ways: TORCH_COMPILE_DISABLE=1 sets torch._dynamo.config.disable (checked at every
@@ -1727,6 +1746,8 @@ def main(argv=None):
         train_paths, val_path = check_data(args, hp, steps)
         val_start, train_probe_start = data_offsets(args, hp, val_path, train_paths[0])
         setup_device(dist_info, device)
+        val_buffer, probe, first_train_shard, train_probe = load_start_tokens(
+            args, hp, dist_info, device, train_paths, val_path, val_start, train_probe_start)
         log = RunLog(log_path if dist_info.rank == 0 else None, args.overwrite)
     except SetupError as e:
         leave_process_group(finished=False)
@@ -1749,18 +1770,10 @@ def main(argv=None):
         if args.freeze_mlp_scalars:
             for param in mlp_scalars(raw_model):
                 param.requires_grad_(False)
-        val_shard = load_shard(val_path, hp.model.vocab_size)
-        val_buffer = val_slice(val_shard, hp.val_tokens, dist_info.rank, dist_info.world_size, val_start).to(device)
-        # The diagnostics' fixed probes: the val tokens from where validation starts, and a train slice.
-        probe = train_probe = units = None
-        if not args.no_diagnostics and dist_info.rank == 0:
-            probe = probe_sequences(val_shard, args.probe_tokens, hp.model.seq_len, val_start).to(device)
-            train_probe = probe_sequences(load_shard(train_paths[0], hp.model.vocab_size), args.probe_tokens,
-                                          hp.model.seq_len, train_probe_start).to(device)
-            units = UnitRecords(units_path(log.path), args.probe_tokens)
+        units = UnitRecords(units_path(log.path), args.probe_tokens) if probe is not None else None
         run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
                   torch.compile(distributed_model(raw_model, device, even_alone=args.ddp), dynamic=False),
-                  torch.Generator().manual_seed(args.seed), train_paths,
+                  torch.Generator().manual_seed(args.seed), train_paths, first_train_shard,
                   val_buffer, probe, train_probe, hp.micro_batch_seqs, units, init_weights, resume)
         for trial in range(resume["trial"] if resume else 0, args.trials):
             run.trial = trial

@@ -4,6 +4,7 @@
 import contextlib
 import dataclasses
 import errno
+import gc
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -547,7 +549,60 @@ def test_token_id_outside_the_vocabulary_is_one_error_line_naming_the_shard(data
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(f"error: {bad}: holds token id 600, but the model's vocabulary has 512 ids")
     assert result.stderr.count("\n") == 1 and "python data/synthetic.py" in result.stderr, result.stderr
-    assert "step:" not in result.stdout  # refused before the first forward
+    assert "step:" not in result.stdout and not (tmp_path / "logs").exists()  # refused before the log is opened
+
+
+def test_token_ids_are_checked_up_to_the_last_id_of_the_vocabulary(tmp_path):
+    path = str(tmp_path / "edge.bin")
+    tokens = np.arange(1000) % 512
+    tokens[7] = 511
+    write_shard(path, tokens)
+    assert int(tg.load_shard(path, 512).long().max()) == 511
+    tokens[7] = 512
+    write_shard(path, tokens)
+    with pytest.raises(tg.SetupError, match="holds token id 512, but the model's vocabulary has 512 ids"):
+        tg.load_shard(path, 512)
+
+
+@pytest.mark.parametrize("data_seed", [None, 3])
+def test_main_reads_each_shard_once_keeps_no_val_shard_and_probes_where_validation_starts(tmp_path, monkeypatch,
+                                                                                       data_seed):
+    """Through main, one step: the val shard and the first train shard are read once each (the train probe
+    is sliced from the shard the stream then takes), the val shard is not kept for the run, and the val probe
+    starts where validation starts, also where --data-seed moves it."""
+    monkeypatch.chdir(tmp_path)
+    seq_len = tg.TINY.model.seq_len
+    val_path, train_path = write_synthetic_shards(str(tmp_path), vocab_size=512, train_shards=1,
+                                                  tokens_per_shard=3 * TINY_BATCH,
+                                                  val_tokens=tg.TINY.val_tokens + 8 * seq_len)
+    val_start = tg.data_offset(data_seed, tg.TINY.val_tokens + 8 * seq_len, tg.TINY.val_tokens + 1, seq_len)
+    assert (val_start > 0) == (data_seed is not None)
+    loads, seen = [], {}
+    load_shard = tg.load_shard
+
+    def load_shard_kept_track_of(path, *args, **kwargs):
+        tokens = load_shard(path, *args, **kwargs)
+        loads.append((path, weakref.ref(tokens)))
+        return tokens
+
+    def first_trial(run):
+        gc.collect()
+        seen["shards alive"] = [path for path, tokens in loads if tokens() is not None]
+        seen["val"], seen["probe"] = run.val_buffer.clone(), run.probe.clone()
+        train_trial(run)
+
+    train_trial = tg.train_trial
+    monkeypatch.setattr(tg, "load_shard", load_shard_kept_track_of)
+    monkeypatch.setattr(tg, "train_trial", first_trial)
+    seed = [] if data_seed is None else ["--data-seed", str(data_seed)]
+    with torch._dynamo.config.patch(disable=True):
+        assert tg.main(["--tiny", "--steps", "1", "--train-files", train_path, "--val-files", val_path, *seed,
+                        *SMALL_PROBE]) == 0
+    assert [path for path, _ in loads] == [val_path, train_path]
+    assert seen["shards alive"] == [train_path]  # the first train shard, for the stream; not the val shard
+    shard = tg.load_shard(val_path, 512)
+    assert torch.equal(seen["val"], shard[val_start:val_start + tg.TINY.val_tokens + 1].long())
+    assert torch.equal(seen["probe"].flatten(), shard[val_start:val_start + PROBE_TOKENS].long())
 
 
 def test_train_stream_slices_ranks_and_moves_to_the_next_shard(tmp_path):
