@@ -1282,6 +1282,30 @@ def test_the_largest_seeds_accepted_seed_torch():
     assert sorted(tg.batch_order(5, tg.DATA_SEED_MAX, tg.DATA_SEED_STRIDE - 1)) == list(range(5))
 
 
+def test_data_seed_gives_each_shard_its_own_batch_order(tmp_path):
+    """Two shards of 10 batches each, streamed with a data seed: each shard's batches come in an order of its own."""
+    batch, batches = 8, 10
+    paths = []
+    for index in range(2):
+        paths.append(str(tmp_path / f"train_{index}.bin"))
+        write_shard(paths[-1], 1000 * index + np.arange(batch * batches + 2))
+    stream = tg.TrainStream(paths, batch, 0, 1, 4096, data_seed=5)
+    starts = [int(stream.next_batch()[0]) for _ in range(2 * batches)]
+    orders = [[(start - 1000 * index) // batch for start in starts[index * batches:(index + 1) * batches]]
+              for index in range(2)]
+    assert [sorted(order) for order in orders] == [list(range(batches))] * 2
+    assert orders[0] != orders[1] and list(range(batches)) not in orders
+
+
+def test_data_offset_draws_every_whole_sequence_that_leaves_room_and_no_other():
+    """Shards from exactly as long as needed to two sequences more: every allowed offset is drawn over the
+    seeds, and none that would overrun the shard."""
+    seq_len, needed = 8, 100
+    for shard_tokens, offsets in ((100, [0]), (107, [0]), (108, [0, 8]), (115, [0, 8]), (116, [0, 8, 16])):
+        drawn = {tg.data_offset(seed, shard_tokens, needed, seq_len) for seed in range(200)}
+        assert sorted(drawn) == offsets, shard_tokens
+
+
 def test_each_knob_is_flagged_and_none_by_default():
     assert tg.knob_differences(tg.parse_args([])) == []
     for flags, name in ((["--freeze-mlp-scalars"], "freeze_mlp_scalars"), (["--aux-from", "aurora"], "aux_from"),
