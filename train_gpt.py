@@ -1729,6 +1729,25 @@ def config_record(args, hp, recipe, steps, dist_info, device, layout, train_path
             "differs_from_record": differences}
 
 
+def counted(number, noun):
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def config_summary(config, log_path):
+    """The console's one line for a config record; the log holds the whole JSON."""
+    model = config["hyperparameters"]["model"]
+    run = (f"{config['recipe']}, {config['preset']} preset, {config['steps']} steps of {config['batch_seqs']} x "
+           f"{model['seq_len']} tokens, {counted(config['trials'], 'trial')}, seed {config['seed']}, "
+           f"{config['device']}, world size "
+           f"{config['world_size']}, {'compiled' if config['compiled'] else 'not compiled'}")
+    when = f"every {config['probe_every']} steps" if config["probe_every"] else "at every validation"
+    diagnostics = f"diagnostics on {config['probe_tokens']:,}-token probes {when}" if config["diagnostics"] else \
+        "no diagnostics"
+    differences = len(config["differs_from_record"])
+    record = f"not a record ({counted(differences, 'setting')} differing)" if differences else "a record run"
+    return f"config: {run}; {diagnostics}; {record}; the whole config is in {log_path}"
+
+
 def main(argv=None):
     args = parse_args(argv)
     hp = resolve_hyperparameters(args)
@@ -1764,8 +1783,10 @@ def main(argv=None):
         log.write(SEPARATOR, echo=False)
         log.write(running_line(device, dist_info.world_size))
         log.write(SEPARATOR, echo=False)
-        log.event("config", config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths,
-                                          val_path, run_id, resume))
+        config = config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id,
+                               resume)
+        log.event("config", config, echo=False)
+        log.echo(config_summary(config, log_path))
         raw_model = GPT(hp.model).to(device)
         if args.freeze_mlp_scalars:
             for param in mlp_scalars(raw_model):

@@ -161,6 +161,35 @@ def test_console_shows_val_lines_and_one_readable_diag_line_per_validation(tiny_
     assert console[-1].startswith("done ")
 
 
+def test_console_gets_one_readable_config_line_and_the_log_the_json(tiny_run):
+    folder, lines, _ = tiny_run
+    console = (folder / "console.txt").read_text().splitlines()
+    (config,) = events(lines, "config")
+    assert config["differs_from_record"] and not [line for line in console if line.startswith("config {")]
+    (summary,) = [line for line in console if line.startswith("config")]
+    assert summary == (f"config: aurora, tiny preset, {STEPS} steps of 16 x 256 tokens, 2 trials, seed 0, cpu, world "
+                       f"size 1, not compiled; diagnostics on {PROBE_TOKENS:,}-token probes at every validation; not a "
+                       f"record ({len(config['differs_from_record'])} settings differing); the whole config is in "
+                       f"logs/tiny.txt")
+
+
+@pytest.mark.parametrize("flags, diagnostics, record", [
+    (["--no-diagnostics"], "no diagnostics", "a record run"),
+    (["--probe-every", "250", "--seed", "3"], "diagnostics on 65,536-token probes every 250 steps", "a record run"),
+    (["--freeze-mlp-scalars", "--trials", "1"], "diagnostics on 65,536-token probes at every validation",
+     "not a record (1 setting differing)"),
+])
+def test_config_summary_of_full_size_runs(flags, diagnostics, record):
+    args = tg.parse_args(flags)
+    hp = tg.resolve_hyperparameters(args)
+    config = tg.config_record(args, hp, tg.RECIPES["aurora"], 3200, tg.Distributed(0, 8, 0, True),
+                              torch.device("cpu"), tg.batch_layout(hp, 8), ["train.bin"], "val.bin", "r")
+    assert tg.config_summary(config, "logs/r.txt") == (
+        f"config: aurora, full preset, 3200 steps of 512 x 1024 tokens, 1 trial, seed {args.seed}, cpu, world size 8, "
+        f"{'compiled' if config['compiled'] else 'not compiled'}; {diagnostics}; {record}; the whole config is in "
+        f"logs/r.txt")
+
+
 def test_diagnostics_summary_reads_the_reports_and_skips_what_it_does_not_know():
     reports = {"neurons": {"dead_fraction": 0.351, "nearly_dead_fraction": 0.402, "dead_fraction_per_layer": [0.3],
                            "sparse_fraction": 0.5},  # a definition the summary has never heard of
