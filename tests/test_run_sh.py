@@ -51,6 +51,30 @@ def test_arguments_train_gpt_refuses_are_refused_before_any_data_is_written(tmp_
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
+def test_a_cpu_run_keeps_valid_synthetic_shards_and_rewrites_invalid_ones(tmp_path):
+    """bash run.sh wrote data/synthetic/ again on every CPU run; now only when data/shards.py --tiny finds the
+    shards missing, invalid or too few. One uncompiled step per run keeps the test short."""
+    project_copy(tmp_path)
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS="1")
+    shards = tmp_path / "data" / "synthetic"
+
+    def run_sh(run_id):
+        done = subprocess.run(["bash", "run.sh", "--tiny", "--steps", "1", "--no-diagnostics", "--run-id", run_id],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    assert "wrote 3 shards" in run_sh("first")
+    written = {path.name: path.stat().st_mtime_ns for path in shards.iterdir()}
+    assert "run.sh: data/synthetic/ holds valid shards for the CPU preset: kept" in run_sh("second")
+    assert {path.name: path.stat().st_mtime_ns for path in shards.iterdir()} == written
+    val = shards / "synthetic_val_000000.bin"
+    val.write_bytes(val.read_bytes()[:-100])  # truncated
+    assert "wrote 3 shards" in run_sh("third")
+    assert val.stat().st_size == 1024 + 2 * 1_000_000
+
+
 def offline_setup(clone, python3_bin):
     """`bash run.sh --setup` in a copy of the project, with python3 from python3_bin first on PATH and pip
     cut off from every index, local wheel folder and config file, so any install attempt fails."""
