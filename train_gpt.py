@@ -1111,8 +1111,15 @@ def rounded(value, digits=6):
 # Training loop (docs/benchmark.md#training-loop)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors as one `error:` line, like every other refusal (no usage text before it)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="aurora")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU preset: small model on data/synthetic/ (python data/synthetic.py); "

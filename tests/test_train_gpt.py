@@ -413,6 +413,21 @@ def test_ddp_in_a_world_of_one_computes_what_the_plain_process_does(tiny_run, da
                      torch.load(tmp_path / "ck.pt", weights_only=True)["model"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", "adam"], "error: argument --recipe: invalid choice: 'adam' (choose from "),
+    (["--steps", "ten"], "error: argument --steps: invalid int value: 'ten'"),
+    (["--seed"], "error: argument --seed: expected one argument"),
+    (["--bogus"], "error: unrecognized arguments: --bogus"),
+    (["--steps", "0"], "error: --steps must be at least 1, got 0"),
+])
+def test_an_argument_error_is_one_error_line(capsys, argv, message):
+    """argparse's own errors too (not its usage text first)."""
+    with pytest.raises(SystemExit) as refused:
+        tg.parse_args(argv)
+    error = capsys.readouterr().err
+    assert refused.value.code == 2 and error.startswith(message) and error.count("\n") == 1, error
+
+
 def test_ddp_without_torchrun_is_refused(capsys):
     with pytest.raises(SystemExit):
         tg.parse_args(["--ddp"])
