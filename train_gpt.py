@@ -1161,7 +1161,7 @@ def parse_args(argv):
                         "position, RNG) here at the end of a trial")
     parser.add_argument("--save-every", type=int, metavar="K",
                         help="with --save: also every K steps, to PATH with .stepS before the extension")
-    parser.add_argument("--keep-last", type=int, default=2, metavar="N",
+    parser.add_argument("--keep-last", type=int, metavar="N",
                         help="with --save-every: keep only the newest N of those periodic checkpoints (default 2)")
     parser.add_argument("--resume", metavar="PATH", help="continue the run saved in the checkpoint PATH "
                         "(same recipe, --steps and preset; any world size)")
@@ -1187,8 +1187,12 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and not 0 <= value <= highest:
             parser.error(f"--{name.replace('_', '-')} must be a whole number from 0 to {highest} ({why}), got {value}")
+    if args.keep_last is not None and not args.save_every:
+        parser.error("--keep-last keeps the newest checkpoints of --save-every; give --save-every K too, or leave it out")
     if args.probe_tokens is None:
         args.probe_tokens = PROBE_TOKENS["tiny" if args.tiny else "full"]
+    if args.keep_last is None:
+        args.keep_last = 2
     if args.stop_at and args.save:
         parser.error("--stop-at ends a run before its schedule does; leave out --save")
     if args.save_every and not args.save:
@@ -1642,6 +1646,9 @@ def check_run(args, hp, recipe, steps, dist_info, log_path):
         layout = batch_layout(hp, dist_info.world_size, ranks_are)
     except SetupError as e:
         raise SetupError(f"--batch-seqs {args.batch_seqs}: {e}" if args.batch_seqs else str(e)) from e
+    if args.save_every and args.save_every >= steps:
+        raise SetupError(f"--save-every {args.save_every}: no periodic checkpoint before the last step {steps} (the "
+                         f"final one is saved anyway); give K below --steps, or leave it out")
     if args.stop_at and args.stop_at > steps:
         raise SetupError(f"--stop-at {args.stop_at}: after the last step {steps}; give a step up to --steps")
     for flag, pattern in (("--train-files", args.train_files), ("--val-files", args.val_files)):

@@ -419,6 +419,8 @@ def test_ddp_in_a_world_of_one_computes_what_the_plain_process_does(tiny_run, da
     (["--seed"], "error: argument --seed: expected one argument"),
     (["--bogus"], "error: unrecognized arguments: --bogus"),
     (["--steps", "0"], "error: --steps must be at least 1, got 0"),
+    (["--save", "ck.pt", "--keep-last", "3"], "error: --keep-last keeps the newest checkpoints of --save-every; give "
+                                              "--save-every K too, or leave it out"),
 ])
 def test_an_argument_error_is_one_error_line(capsys, argv, message):
     """argparse's own errors too (not its usage text first)."""
@@ -426,6 +428,14 @@ def test_an_argument_error_is_one_error_line(capsys, argv, message):
         tg.parse_args(argv)
     error = capsys.readouterr().err
     assert refused.value.code == 2 and error.startswith(message) and error.count("\n") == 1, error
+
+
+def test_save_every_that_would_save_no_periodic_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert tg.main(["--tiny", "--steps", "10", "--save", "ck.pt", "--save-every", "10", "--check-args"]) == 2
+    assert capsys.readouterr().err == ("error: --save-every 10: no periodic checkpoint before the last step 10 (the "
+                                       "final one is saved anyway); give K below --steps, or leave it out\n")
+    assert tg.main(["--tiny", "--steps", "10", "--save", "ck.pt", "--save-every", "9", "--check-args"]) == 0
 
 
 def test_ddp_without_torchrun_is_refused(capsys):
