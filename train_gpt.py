@@ -1187,6 +1187,11 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and not 0 <= value <= highest:
             parser.error(f"--{name.replace('_', '-')} must be a whole number from 0 to {highest} ({why}), got {value}")
+    if args.run_id is not None and (not args.run_id or "/" in args.run_id or args.run_id.startswith(".")
+                                    or not args.run_id.isprintable() or len(args.run_id.encode()) > 240):
+        # (240: the longest file it names, <run id>.units.npz.tmp, stays within a file name's 255 bytes)
+        parser.error(f"--run-id {args.run_id!r}: give a plain file name of up to 240 bytes, without '/' and not "
+                     f"starting with '.' (the log is logs/RUN_ID.txt)")
     if args.keep_last is not None and not args.save_every:
         parser.error("--keep-last keeps the newest checkpoints of --save-every; give --save-every K too, or leave it out")
     if args.probe_tokens is None:
@@ -1283,12 +1288,22 @@ def check_room(what, path, needed_bytes, elsewhere):
                          f"MB; free space there or {elsewhere}")
 
 
-def check_save_path(path, config):
-    """A --save path that cannot be written, or on a disk without room for a checkpoint, is refused before
-    anything is compiled or trained."""
+NAME_MAX = 255  # the bytes of a file name on Linux's file systems
+
+
+def check_save_path(path, config, trials, steps, log_path):
+    """A --save path that the run could not write in the end is refused before anything is compiled or
+    trained: a folder, this run's log, names too long, an unwritable folder, a disk without room."""
     # A path ending in a separator, '.' or '..' names a folder even where none exists yet.
     if os.path.isdir(path) or os.path.basename(path) in ("", ".", ".."):
         raise SetupError(f"--save {path}: names a folder; give a file path such as {os.path.join(path, 'ckpt.pt')}")
+    for what, other in (("log", log_path), ("per-unit records file", units_path(log_path))):
+        if os.path.abspath(path) == os.path.abspath(other):
+            raise SetupError(f"--save {path}: is this run's {what}; give another file path")
+    longest = os.path.basename(periodic_checkpoint_path(checkpoint_path(path, trials - 1, trials), steps)) + ".tmp"
+    if len(longest.encode()) > NAME_MAX:
+        raise SetupError(f"--save {path}: its checkpoints' names (up to {longest!r}) are longer than the {NAME_MAX} "
+                         f"bytes a file name may have; give a shorter name")
     check_room(f"--save {path}", path, estimated_checkpoint_bytes(config), "save elsewhere")
 
 
@@ -1661,7 +1676,7 @@ def check_run(args, hp, recipe, steps, dist_info, log_path):
     init_weights, resume = read_start_checkpoints(args, hp, recipe, steps)
     if dist_info.rank == 0:  # the rank that writes them
         if args.save:
-            check_save_path(args.save, hp.model)
+            check_save_path(args.save, hp.model, args.trials, steps, log_path)
         if os.path.exists(log_path) and not args.overwrite:
             raise existing_log(log_path)
         check_room(f"the log {log_path}", log_path, LOG_ROOM_BYTES, LOGS_ELSEWHERE)

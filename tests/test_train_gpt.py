@@ -438,6 +438,29 @@ def test_save_every_that_would_save_no_periodic_checkpoint_is_refused(tmp_path, 
     assert tg.main(["--tiny", "--steps", "10", "--save", "ck.pt", "--save-every", "9", "--check-args"]) == 0
 
 
+@pytest.mark.parametrize("run_id", ["", "a/b", "../up", ".hidden", "x" * 241, "tab\there"])
+def test_a_run_id_that_is_not_a_plain_file_name_is_refused(capsys, run_id):
+    with pytest.raises(SystemExit) as refused:
+        tg.parse_args(["--run-id", run_id])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == (f"error: --run-id {run_id!r}: give a plain file name of up to 240 bytes, "
+                                       f"without '/' and not starting with '.' (the log is logs/RUN_ID.txt)\n")
+
+
+@pytest.mark.parametrize("save, problem", [
+    ("logs/same.txt", "is this run's log; give another file path"),
+    ("logs/same.units.npz", "is this run's per-unit records file; give another file path"),
+    ("c" * 240 + ".pt", "its checkpoints' names (up to 'cccc"),
+])
+def test_a_save_path_the_run_could_not_write_in_the_end_is_refused_before_any_work(tmp_path, monkeypatch, capsys,
+                                                                                   save, problem):
+    monkeypatch.chdir(tmp_path)
+    assert tg.main(["--tiny", "--run-id", "same", "--save", save, "--save-every", "5", "--trials", "2",
+                    "--check-args"]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: --save {save}: {problem}") and message.count("\n") == 1, message
+
+
 def test_ddp_without_torchrun_is_refused(capsys):
     with pytest.raises(SystemExit):
         tg.parse_args(["--ddp"])
