@@ -1261,11 +1261,30 @@ def tensor_bytes(value):
     return sum(map(tensor_bytes, value)) if isinstance(value, (list, tuple)) else 0
 
 
-def estimated_checkpoint_bytes(config):
-    """About the size of one checkpoint, from a weightless model: the weights and, at most, two optimizer
-    moments per weight (AdamW keeps two, the matrix optimizers one)."""
+def weight_bytes(config):
+    """The bytes of the model's weights, from a weightless model."""
     with torch.device("meta"):
-        return 3 * tensor_bytes(GPT(config).state_dict())
+        return tensor_bytes(GPT(config).state_dict())
+
+
+def estimated_checkpoint_bytes(config):
+    """About the size of one checkpoint: the weights and, at most, two optimizer moments per weight (AdamW
+    keeps two, the matrix optimizers one)."""
+    return 3 * weight_bytes(config)
+
+
+def check_memory(args, config, device):
+    """The weights, their gradients and two optimizer moments must fit in the device's memory (activations
+    come on top), or the run would fail after its log was opened."""
+    needed = 4 * weight_bytes(config)
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        flag = f"--mlp-ratio {args.mlp_ratio}: " if args.mlp_ratio else ""
+        raise SetupError(f"{flag}the model's weights, gradients and optimizer moments need about {needed // 2 ** 30} "
+                         f"GB, more than the {memory // 2 ** 30} GB of {device.type} memory; give a smaller --mlp-ratio")
 
 
 def check_room(what, path, needed_bytes, elsewhere):
@@ -1681,6 +1700,7 @@ def check_run(args, hp, recipe, steps, dist_info, log_path):
             raise existing_log(log_path)
         check_room(f"the log {log_path}", log_path, LOG_ROOM_BYTES, LOGS_ELSEWHERE)
     device = resolve_device(args.device, dist_info.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    check_memory(args, hp.model, device)
     return layout, init_weights, resume, device
 
 

@@ -461,6 +461,14 @@ def test_a_save_path_the_run_could_not_write_in_the_end_is_refused_before_any_wo
     assert message.startswith(f"error: --save {save}: {problem}") and message.count("\n") == 1, message
 
 
+def test_a_model_too_large_for_the_device_memory_is_refused_before_any_work(capsys):
+    ratio = 10_000_000  # a 1.28e9-unit MLP per layer: about 21 TB of weights, gradients and moments
+    assert tg.main(["--tiny", "--device", "cpu", "--mlp-ratio", str(ratio), "--check-args"]) == 2
+    message = capsys.readouterr().err
+    assert re.fullmatch(rf"error: --mlp-ratio {ratio}: the model's weights, gradients and optimizer moments need "
+                        r"about \d+ GB, more than the \d+ GB of cpu memory; give a smaller --mlp-ratio\n", message)
+
+
 def test_ddp_without_torchrun_is_refused(capsys):
     with pytest.raises(SystemExit):
         tg.parse_args(["--ddp"])
