@@ -589,13 +589,30 @@ class Distributed:
     world_size: int
     local_rank: int
     launched: bool  # under torchrun (a process group exists, even with one process)
+    local_world_size: int = 1  # the processes on this node
+
+
+LAUNCH_FIX = "start under torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE, or unset them"
+
+
+def launch_number(name, default=None):
+    """A whole number torchrun sets in the environment (`default` where it may be missing)."""
+    value = os.environ.get(name)
+    if value is None and default is not None:
+        return default
+    if value is None or not value.isdigit():
+        raise SetupError(f"{name}={value!r} in the environment is not a whole number; {LAUNCH_FIX}")
+    return int(value)
 
 
 def distributed_from_env():
+    """This process's place in a torchrun launch, or a plain single process where RANK is not set."""
     if "RANK" not in os.environ:
         return Distributed(0, 1, 0, False)
-    return Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                       int(os.environ.get("LOCAL_RANK", 0)), True)
+    rank, world_size = launch_number("RANK"), launch_number("WORLD_SIZE")
+    if rank >= world_size:
+        raise SetupError(f"RANK={rank} in the environment is not below WORLD_SIZE={world_size}; {LAUNCH_FIX}")
+    return Distributed(rank, world_size, launch_number("LOCAL_RANK", 0), True, launch_number("LOCAL_WORLD_SIZE", 1))
 
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -1699,7 +1716,7 @@ def check_run(args, hp, recipe, steps, dist_info, log_path):
         if os.path.exists(log_path) and not args.overwrite:
             raise existing_log(log_path)
         check_room(f"the log {log_path}", log_path, LOG_ROOM_BYTES, LOGS_ELSEWHERE)
-    device = resolve_device(args.device, dist_info.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    device = resolve_device(args.device, dist_info.local_rank, dist_info.local_world_size)
     check_memory(args, hp.model, device)
     return layout, init_weights, resume, device
 
@@ -1811,10 +1828,11 @@ def main(argv=None):
     if args.aux_from:
         recipe = with_aux_from(recipe, RECIPES[args.aux_from])
     steps = args.steps or hp.steps or recipe.steps
-    dist_info = distributed_from_env()
     run_id = args.run_id or f"{recipe.name}-{uuid.uuid4()}"
     log_path = os.path.join("logs", f"{run_id}.txt")
+    dist_info = Distributed(0, 1, 0, False)  # until the environment is read (rank 0 reports its errors)
     try:
+        dist_info = distributed_from_env()
         layout, init_weights, resume, device = check_run(args, hp, recipe, steps, dist_info, log_path)
         if args.check_args:
             return 0

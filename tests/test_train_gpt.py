@@ -746,6 +746,24 @@ def test_world_size_must_divide_the_sequences_of_a_step(data_args, monkeypatch, 
         tg.batch_layout(tg.FULL, 6, "GPUs")
 
 
+@pytest.mark.parametrize("environment, problem", [
+    ({"RANK": "zero", "WORLD_SIZE": "2"}, "RANK='zero' in the environment is not a whole number"),
+    ({"RANK": "0"}, "WORLD_SIZE=None in the environment is not a whole number"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' in the environment is not a whole number"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "x"},
+     "LOCAL_WORLD_SIZE='x' in the environment is not a whole number"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 in the environment is not below WORLD_SIZE=2"),
+])
+def test_a_launch_environment_torchrun_did_not_set_is_one_error_line(monkeypatch, capsys, environment, problem):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert tg.main(["--tiny", "--check-args"]) == 2
+    assert capsys.readouterr().err == (f"error: {problem}; start under torchrun, which sets RANK, WORLD_SIZE, "
+                                       f"LOCAL_RANK and LOCAL_WORLD_SIZE, or unset them\n")
+
+
 def test_world_size_error_under_torchrun_is_printed_once(data_args, tmp_path):
     result = run_trainer(["--tiny", "--steps", "2", *data_args], cwd=tmp_path, check=False,
                          launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3"))
