@@ -5,7 +5,8 @@
 #   with a GPU:    downloads the FineWeb shards the recipe needs and runs torchrun on every visible GPU;
 #   without a GPU, or with --tiny: writes the synthetic shards (unless valid ones are there) and runs the
 #   trainer's CPU preset (--tiny).
-# --setup stops after installing; --seeds N runs N times with --seed 0..N-1. Before any data is written
+# --setup (alone) stops after installing; --seeds N runs N times with --seed 0..N-1 (so not with --seed, and
+# not with --run-id or --save, which name one run). Before any data is written
 # or fetched, train_gpt.py --check-args refuses the arguments it would refuse.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,25 +17,40 @@ need_value() {  # EXAMPLE "$@": the flag in $1 must be followed by a value (not 
   if [ $# -lt 2 ] || [[ "$2" == --* ]]; then fail "$1 needs a value, e.g. $1 $example"; fi
 }
 
+others=()
+for arg in "$@"; do [ "$arg" = --setup ] || others+=("$arg"); done
+if [ ${#others[@]} -lt $# ] && [ ${#others[@]} -gt 0 ]; then
+  fail "--setup only installs; leave out the other arguments (${others[*]})"
+fi
 setup_only=0
 tiny=0
 seeds=1
+seeds_given=0
 args=()          # passed through to train_gpt.py
 fetch_args=()    # the subset the shard downloader understands
+one_run=()       # the flags that name a single run
 while [ $# -gt 0 ]; do
   case "$1" in
     --setup) setup_only=1 ;;
     --seeds)
       need_value 20 "$@"
       [[ "$2" =~ ^[1-9][0-9]*$ ]] || fail "--seeds takes a whole number of runs (1 or more), got '$2'"
-      seeds="$2"; shift ;;
+      seeds="$2"; seeds_given=1; shift ;;
     --recipe|--steps)
       if [ "$1" = --recipe ]; then need_value aurora "$@"; else need_value 500 "$@"; fi
       args+=("$1" "$2"); fetch_args+=("$1" "$2"); shift ;;
     --tiny) tiny=1 ;;
+    --seed|--seed=*|--run-id|--run-id=*|--save|--save=*) one_run+=("${1%%=*}"); args+=("$1") ;;
     *) args+=("$1") ;;
   esac
   shift
+done
+for flag in "${one_run[@]}"; do
+  case "$flag" in
+    --seed) [ "$seeds_given" = 0 ] || fail "--seeds $seeds runs seeds 0 to $((seeds - 1)); give --seeds or --seed, not both" ;;
+    --run-id) [ "$seeds" = 1 ] || fail "--run-id names one run and --seeds $seeds makes $seeds; leave out --run-id (each run gets a log of its own)" ;;
+    --save) [ "$seeds" = 1 ] || fail "--save names one run and --seeds $seeds makes $seeds; leave out --save (each run would overwrite the checkpoint of the one before)" ;;
+  esac
 done
 
 has_gpu=0

@@ -22,8 +22,15 @@ RUN_SH = os.path.join(ROOT, "run.sh")
     (["--seeds", "0"], "run.sh: --seeds takes a whole number of runs (1 or more), got '0'"),
     (["--tiny", "--recipe"], "run.sh: --recipe needs a value, e.g. --recipe aurora"),
     (["--steps"], "run.sh: --steps needs a value, e.g. --steps 500"),
+    (["--seeds", "2", "--seed", "5"], "run.sh: --seeds 2 runs seeds 0 to 1; give --seeds or --seed, not both"),
+    (["--seed=5", "--seeds", "1"], "run.sh: --seeds 1 runs seeds 0 to 0; give --seeds or --seed, not both"),
+    (["--seeds", "3", "--run-id", "x"], "run.sh: --run-id names one run and --seeds 3 makes 3; leave out --run-id "
+                                        "(each run gets a log of its own)"),
+    (["--save=ck.pt", "--seeds", "3"], "run.sh: --save names one run and --seeds 3 makes 3; leave out --save "
+                                       "(each run would overwrite the checkpoint of the one before)"),
+    (["--setup", "--recipe", "muon"], "run.sh: --setup only installs; leave out the other arguments (--recipe muon)"),
 ])
-def test_a_flag_without_its_value_is_one_clear_error(args, message):
+def test_its_own_arguments_are_refused_with_one_line_before_setup(args, message):
     done = subprocess.run(["bash", RUN_SH, *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [message]
