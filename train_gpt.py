@@ -167,10 +167,13 @@ HEADER_INTS = 256
 
 def read_shard_header(path):
     """Validate a shard's header and size; return its token count."""
-    size = os.path.getsize(path)
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise SetupError(f"{path}: cannot be read as a shard ({e.strerror or e})") from None
     if size < HEADER_INTS * 4:
         raise SetupError(f"{path}: {size} bytes, shorter than the 1024-byte shard header (corrupt or truncated)")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header[0] != SHARD_MAGIC:
         raise SetupError(f"{path}: magic number {header[0]}, expected {SHARD_MAGIC} (not a token shard)")
     if header[1] != SHARD_VERSION:

@@ -620,6 +620,13 @@ def test_corrupt_shard_is_refused_with_its_name(data_args, tmp_path, capsys, cor
     assert str(bad) in message and problem in message
 
 
+@pytest.mark.parametrize("flag", ["--train-files", "--val-files"])
+def test_a_glob_matching_a_folder_is_one_error_line_naming_it(data_args, tmp_path, capsys, flag):
+    files = {"--train-files": data_args[1], "--val-files": data_args[3], flag: str(tmp_path)}
+    assert tg.main(["--tiny", "--steps", "2", *(item for pair in files.items() for item in pair)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: cannot be read as a shard (Is a directory)\n"
+
+
 @pytest.mark.parametrize("which", ["train", "val"])
 def test_token_id_outside_the_vocabulary_is_one_error_line_naming_the_shard(data_args, tmp_path, which):
     """A shard with a valid header but ids from another tokenizer never reaches the forward."""
