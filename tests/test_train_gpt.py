@@ -421,6 +421,9 @@ def test_ddp_in_a_world_of_one_computes_what_the_plain_process_does(tiny_run, da
     (["--steps", "0"], "error: --steps must be at least 1, got 0"),
     (["--save", "ck.pt", "--keep-last", "3"], "error: --keep-last keeps the newest checkpoints of --save-every; give "
                                               "--save-every K too, or leave it out"),
+    (["--stop-at", "5", "--save", "x.pt"], "error: --stop-at ends a run before its schedule does; leave out --save"),
+    (["--save-every", "5"], "error: --save-every needs --save PATH"),
+    (["--resume", "a.pt", "--init-from", "b.pt"], "error: --resume restores the weights itself; leave out --init-from"),
 ])
 def test_an_argument_error_is_one_error_line(capsys, argv, message):
     """argparse's own errors too (not its usage text first)."""
@@ -428,6 +431,28 @@ def test_an_argument_error_is_one_error_line(capsys, argv, message):
         tg.parse_args(argv)
     error = capsys.readouterr().err
     assert refused.value.code == 2 and error.startswith(message) and error.count("\n") == 1, error
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "12", "--stop-at", "13"], "--stop-at 13: after the last step 12; give a step up to --steps"),
+    (["--probe-tokens", "100"], "--probe-tokens 100: not a multiple of the sequence length 256"),
+])
+def test_settings_that_contradict_the_preset_are_refused_by_check_args(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert tg.main(["--tiny", "--check-args", *argv]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_val_shard_shorter_than_validation_is_refused(data_args, tmp_path, capsys):
+    short = tmp_path / "short_val_000000.bin"
+    write_tokens(short, tg.TINY.val_tokens)  # one token short: the targets need val_tokens + 1
+    assert tg.main(["--tiny", "--steps", "2", "--train-files", data_args[1], "--val-files", str(short)]) == 2
+    assert capsys.readouterr().err == f"error: {short}: fewer than the {tg.TINY.val_tokens + 1} tokens validation needs\n"
+
+
+def test_a_log_that_cannot_be_created_is_a_setup_error():
+    with pytest.raises(tg.SetupError, match=r"^the log /sys/x.txt: cannot be created \(Permission denied\); run from"):
+        tg.RunLog("/sys/x.txt")
 
 
 def test_save_every_that_would_save_no_periodic_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
@@ -609,6 +634,7 @@ def test_too_few_fineweb_shards_print_the_download_command(tmp_path):
     (lambda header, body: (header[:1] + [7] + header[2:], body), "version 7"),
     (lambda header, body: ([123] + header[1:], body), "magic number 123"),
     (lambda header, body: (header, body[:-10]), "truncated"),
+    (lambda header, body: (header[:10], b""), "40 bytes, shorter than the 1024-byte shard header"),
 ])
 def test_corrupt_shard_is_refused_with_its_name(data_args, tmp_path, capsys, corruption, problem):
     header, body = [20240520, 1, 40000] + [0] * 253, np.arange(40000, dtype="<u2").tobytes()
@@ -1629,6 +1655,7 @@ def test_truncated_checkpoint_is_one_line_naming_the_file(tiny_run, data_args, t
     (lambda ck: ck["model_config"].__setitem__("model_dim", 64), "'model_dim': 64"),
     (lambda ck: ck.__setitem__("batch_tokens", 8), f"batch_tokens 8 (this run: {TINY_BATCH})"),
     (lambda ck: ck.pop("stream"), "holds weights only"),
+    (lambda ck: ck.__setitem__("trial", 1), "saved in trial 1, but this run has --trials 1"),
 ])
 def test_mismatched_checkpoint_is_refused_naming_what_differs(tiny_run, data_args, tmp_path, capsys, change,
                                                                 problem):
@@ -1701,6 +1728,14 @@ def test_resuming_the_end_of_the_last_trial_is_refused(tiny_run, capsys):
                                        f"trial), so nothing would be trained; give a checkpoint from before its end\n")
 
 
+def test_init_from_a_dict_without_weights_is_refused(tmp_path, capsys):
+    torch.save({"model": {"step": 3}}, tmp_path / "odd.pt")
+    path = str(tmp_path / "odd.pt")
+    assert tg.main(["--tiny", "--init-from", path, "--check-args"]) == 2
+    assert capsys.readouterr().err == (f"error: {path}: holds no model state dict (a dict of tensors, or one under "
+                                       f"'model')\n")
+
+
 def test_init_from_loads_strictly(tiny_run, data_args, tmp_path, capsys):
     weights = tiny_checkpoint(tiny_run)["model"]
     del weights["norm_b.gains"]
@@ -1709,15 +1744,20 @@ def test_init_from_loads_strictly(tiny_run, data_args, tmp_path, capsys):
     assert 'Missing key(s) in state_dict: "norm_b.gains"' in capsys.readouterr().err
 
 
-def test_optimizer_state_that_does_not_fit_is_refused(tiny_run, data_args, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("change, problem", [
+    (lambda states: states.__setitem__(1, states[0]), "its Aurora state does not fit"),  # AdamW's state as Aurora's
+    (lambda states: states.pop(), "holds 1 optimizer states, this run has 2"),
+])
+def test_optimizer_state_that_does_not_fit_is_refused(tiny_run, data_args, tmp_path, monkeypatch, capsys, change,
+                                                      problem):
     monkeypatch.chdir(tmp_path)
     checkpoint = tiny_checkpoint(tiny_run)
-    checkpoint["optimizers"][1] = checkpoint["optimizers"][0]  # AdamW's state where Aurora's belongs
+    change(checkpoint["optimizers"])
     torch.save(checkpoint, tmp_path / "ck.pt")
     # (--trials 2: the checkpoint ends trial 0, so trial 1 is left to run.)
     assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", str(tmp_path / "ck.pt"),
                     "--run-id", "opt", *data_args]) == 3
-    assert "its Aurora state does not fit" in capsys.readouterr().err
+    assert problem in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("target, problem", [
