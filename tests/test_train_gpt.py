@@ -670,6 +670,26 @@ def test_token_id_outside_the_vocabulary_is_one_error_line_naming_the_shard(data
     assert "step:" not in result.stdout and not (tmp_path / "logs").exists()  # refused before the log is opened
 
 
+def test_a_bad_token_id_in_a_later_train_shard_ends_the_run_with_one_line_and_the_log(data_args, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """Shards after the first are read when the stream reaches them (reading every shard first would cost a
+    full-size run minutes): the run stops there, its log ending with the error."""
+    monkeypatch.chdir(tmp_path)
+    write_tokens(tmp_path / "two_train_000001.bin", 2 * TINY_BATCH + 2)  # 2 steps
+    bad = np.arange(2 * TINY_BATCH + 2) % 512
+    bad[5] = 600
+    write_shard(str(tmp_path / "two_train_000002.bin"), bad)
+    with torch._dynamo.config.patch(disable=True):
+        assert tg.main(["--tiny", "--steps", "3", "--no-diagnostics", "--run-id", "later", "--train-files",
+                        str(tmp_path / "two_train_*.bin"), "--val-files", data_args[3]]) == 3
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: {tmp_path / 'two_train_000002.bin'}: holds token id 600") and \
+        message.count("\n") == 1
+    _, lines = split_log((tmp_path / "logs" / "later.txt").read_text())
+    (error,) = events(lines, "error")
+    assert lines[-1].startswith("error ") and error["step"] == 2 and "holds token id 600" in error["message"]
+
+
 def test_token_ids_are_checked_up_to_the_last_id_of_the_vocabulary(tmp_path):
     path = str(tmp_path / "edge.bin")
     tokens = np.arange(1000) % 512
