@@ -46,11 +46,14 @@ while [ $# -gt 0 ]; do
   shift
 done
 for flag in "${one_run[@]}"; do
-  case "$flag" in
-    --seed) [ "$seeds_given" = 0 ] || fail "--seeds $seeds runs seeds 0 to $((seeds - 1)); give --seeds or --seed, not both" ;;
-    --run-id) [ "$seeds" = 1 ] || fail "--run-id names one run and --seeds $seeds makes $seeds; leave out --run-id (each run gets a log of its own)" ;;
-    --save) [ "$seeds" = 1 ] || fail "--save names one run and --seeds $seeds makes $seeds; leave out --save (each run would overwrite the checkpoint of the one before)" ;;
-  esac
+  if [ "$flag" = --seed ] && [ "$seeds_given" = 1 ]; then
+    fail "--seeds $seeds runs seeds 0 to $((seeds - 1)); give --seeds or --seed, not both"
+  fi
+  if [ "$flag" != --seed ] && [ "$seeds" != 1 ]; then
+    why="each run gets a log of its own"
+    [ "$flag" = --save ] && why="each run would overwrite the checkpoint of the one before"
+    fail "$flag names one run and --seeds $seeds makes $seeds; leave out $flag ($why)"
+  fi
 done
 
 has_gpu=0

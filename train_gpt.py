@@ -1183,8 +1183,9 @@ def parse_args(argv):
                         help="with --save: also every K steps, to PATH with .stepS before the extension")
     parser.add_argument("--keep-last", type=int, metavar="N",
                         help="with --save-every: keep only the newest N of those periodic checkpoints (default 2)")
-    parser.add_argument("--resume", metavar="PATH", help="continue the run saved in the checkpoint PATH "
-                        "(same recipe, --steps and preset; any world size)")
+    parser.add_argument("--resume", metavar="PATH", help="continue the run saved in the checkpoint PATH (same "
+                        "recipe, --steps, preset, --seed, --data-seed, --aux-from, --freeze-mlp-scalars; any world "
+                        "size)")
     parser.add_argument("--init-from", metavar="PATH", help="start every trial from the model weights in PATH")
     parser.add_argument("--run-id", help="log name under logs/ (default: recipe and a random id); refused if "
                                          "logs/RUN_ID.txt exists, unless --overwrite")
@@ -1213,7 +1214,8 @@ def parse_args(argv):
         parser.error(f"--run-id {args.run_id!r}: give a plain file name of up to 240 bytes, without '/' and not "
                      f"starting with '.' (the log is logs/RUN_ID.txt)")
     if args.keep_last is not None and not args.save_every:
-        parser.error("--keep-last keeps the newest checkpoints of --save-every; give --save-every K too, or leave it out")
+        parser.error("--keep-last keeps the newest checkpoints of --save-every; give --save-every K too, or leave "
+                     "it out")
     if args.probe_tokens is None:
         args.probe_tokens = PROBE_TOKENS["tiny" if args.tiny else "full"]
     if args.keep_last is None:
@@ -1303,8 +1305,9 @@ def check_memory(args, config, device):
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > memory:
         flag = f"--mlp-ratio {args.mlp_ratio}: " if args.mlp_ratio else ""
-        raise SetupError(f"{flag}the model's weights, gradients and optimizer moments need about {needed // 2 ** 30} "
-                         f"GB, more than the {memory // 2 ** 30} GB of {device.type} memory; give a smaller --mlp-ratio")
+        raise SetupError(f"{flag}the model's weights, gradients and optimizer moments need about "
+                         f"{needed // 2 ** 30} GB, more than the {memory // 2 ** 30} GB of {device.type} memory; give "
+                         f"a smaller --mlp-ratio")
 
 
 def check_room(what, path, needed_bytes, elsewhere):

@@ -28,7 +28,9 @@ DEADLINE_S=${DEADLINE_S:-465}
 if ! [[ "$DEADLINE_S" =~ ^[0-9]+$ ]] || [ "$((10#$DEADLINE_S))" -le 5 ]; then
   fail "DEADLINE_S must be a whole number of seconds above 5 (each stage needs more), got '$DEADLINE_S'"
 fi
-mkdir -p "$OUT" 2>/dev/null && [ -w "$OUT" ] || fail "OUT=$OUT: cannot make or write that folder; set OUT to a writable folder"
+if ! mkdir -p "$OUT" 2>/dev/null || ! [ -w "$OUT" ]; then
+  fail "OUT=$OUT: cannot make or write that folder; set OUT to a writable folder"
+fi
 OUT=$(cd "$OUT" && pwd)
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"

@@ -447,7 +447,8 @@ def test_a_val_shard_shorter_than_validation_is_refused(data_args, tmp_path, cap
     short = tmp_path / "short_val_000000.bin"
     write_tokens(short, tg.TINY.val_tokens)  # one token short: the targets need val_tokens + 1
     assert tg.main(["--tiny", "--steps", "2", "--train-files", data_args[1], "--val-files", str(short)]) == 2
-    assert capsys.readouterr().err == f"error: {short}: fewer than the {tg.TINY.val_tokens + 1} tokens validation needs\n"
+    assert capsys.readouterr().err == (f"error: {short}: fewer than the {tg.TINY.val_tokens + 1} tokens validation "
+                                       f"needs\n")
 
 
 def test_a_log_that_cannot_be_created_is_a_setup_error():
