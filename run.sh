@@ -3,8 +3,10 @@
 #   bash run.sh [--setup] [--seeds N] [train_gpt.py arguments...]
 # Makes .venv (reusing the torch python3 imports, if any), installs what .venv cannot import, then:
 #   with a GPU:    downloads the FineWeb shards the recipe needs and runs torchrun on every visible GPU;
-#   without a GPU, or with --tiny: writes the synthetic shards and runs the trainer's CPU preset (--tiny).
-# --setup stops after installing; --seeds N runs N times with --seed 0..N-1. Before any data is written
+#   without a GPU, or with --tiny: writes the synthetic shards (unless valid ones are there) and runs the
+#   trainer's CPU preset (--tiny).
+# --setup (alone) stops after installing; --seeds N runs N times with --seed 0..N-1 (so not with --seed, and
+# not with --run-id or --save, which name one run). Before any data is written
 # or fetched, train_gpt.py --check-args refuses the arguments it would refuse.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,25 +17,43 @@ need_value() {  # EXAMPLE "$@": the flag in $1 must be followed by a value (not 
   if [ $# -lt 2 ] || [[ "$2" == --* ]]; then fail "$1 needs a value, e.g. $1 $example"; fi
 }
 
+others=()
+for arg in "$@"; do [ "$arg" = --setup ] || others+=("$arg"); done
+if [ ${#others[@]} -lt $# ] && [ ${#others[@]} -gt 0 ]; then
+  fail "--setup only installs; leave out the other arguments (${others[*]})"
+fi
 setup_only=0
 tiny=0
 seeds=1
+seeds_given=0
 args=()          # passed through to train_gpt.py
 fetch_args=()    # the subset the shard downloader understands
+one_run=()       # the flags that name a single run
 while [ $# -gt 0 ]; do
   case "$1" in
     --setup) setup_only=1 ;;
     --seeds)
       need_value 20 "$@"
       [[ "$2" =~ ^[1-9][0-9]*$ ]] || fail "--seeds takes a whole number of runs (1 or more), got '$2'"
-      seeds="$2"; shift ;;
+      seeds="$2"; seeds_given=1; shift ;;
     --recipe|--steps)
       if [ "$1" = --recipe ]; then need_value aurora "$@"; else need_value 500 "$@"; fi
       args+=("$1" "$2"); fetch_args+=("$1" "$2"); shift ;;
     --tiny) tiny=1 ;;
+    --seed|--seed=*|--run-id|--run-id=*|--save|--save=*) one_run+=("${1%%=*}"); args+=("$1") ;;
     *) args+=("$1") ;;
   esac
   shift
+done
+for flag in "${one_run[@]}"; do
+  if [ "$flag" = --seed ] && [ "$seeds_given" = 1 ]; then
+    fail "--seeds $seeds runs seeds 0 to $((seeds - 1)); give --seeds or --seed, not both"
+  fi
+  if [ "$flag" != --seed ] && [ "$seeds" != 1 ]; then
+    why="each run gets a log of its own"
+    [ "$flag" = --save ] && why="each run would overwrite the checkpoint of the one before"
+    fail "$flag names one run and --seeds $seeds makes $seeds; leave out $flag ($why)"
+  fi
 done
 
 has_gpu=0
@@ -108,7 +128,12 @@ if [ "$has_gpu" = 1 ] && [ "$tiny" = 0 ]; then
     "$PY" -m torch.distributed.run --standalone --nproc_per_node="$ngpu" train_gpt.py --seed "$s" "${args[@]}"
   done
 else
-  "$PY" data/synthetic.py
+  # The synthetic shards are deterministic: valid ones, enough for the preset, are kept.
+  if "$PY" data/shards.py --tiny >/dev/null 2>&1; then
+    echo "run.sh: data/synthetic/ holds valid shards for the CPU preset: kept"
+  else
+    "$PY" data/synthetic.py
+  fi
   for ((s = 0; s < seeds; s++)); do
     "$PY" train_gpt.py --tiny --seed "$s" "${args[@]}"
   done

@@ -12,6 +12,7 @@ of a log runs on its own and reproduces the run.
 import argparse
 import contextlib
 import dataclasses
+import errno
 import fnmatch
 import functools
 import glob
@@ -20,6 +21,8 @@ import json
 import math
 import os
 import shlex
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -37,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 # ---------------------------------------------------------------------------------------------------
 # Optimizers: this import line is replaced by the text of optimizers.py in the logged source.
 
-from optimizers import (Aurora, BiasFreeAdam, EMANesterov, Muon, MuonChain, NorMuon, ReferenceReadout, TailEMA, all_finite, contra_coefficient, early_trust_cap, early_trust_floor, power_cool_lr, warmup_cooldown_momentum)
+from optimizers import (Aurora, BiasFreeAdam, EMANesterov, Muon, MuonChain, NorMuon, ReferenceReadout, TailEMA, all_finite, contra_coefficient, early_trust_cap, early_trust_floor, piece_range, power_cool_lr, warmup_cooldown_momentum)
 
 # ---------------------------------------------------------------------------------------------------
 # Configuration: the fixed benchmark (docs/benchmark.md), the CPU preset and the three recipes (docs/recipes.md)
@@ -89,6 +92,12 @@ TINY = Hyperparameters(
     data_command="python data/synthetic.py --train-shards {shards}",
     data_shard_tokens=2_000_000,
 )
+
+# The diagnostics' probes per preset: --probe-tokens and --probe-every (None: at every validation). The CPU
+# preset's 11 probes of 65,536 tokens took 87% as long as its training; 5 of its 16,384 validation tokens take
+# a ninth (README).
+PROBE_TOKENS = {"full": 65_536, "tiny": TINY.val_tokens}
+PROBE_EVERY = {"full": None, "tiny": 50}
 
 
 def step_field(default=None):
@@ -400,6 +409,19 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what timeout, torchrun and schedulers send), ended like Ctrl-C: the log gets its end line."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+class WriteError(RuntimeError):
+    """A file of a running run (checkpoint, log, per-unit records) could not be written: the message names it
+    and says what is kept."""
+
+
 def lr_multiplier(step, steps):
     """docs/benchmark.md#training-loop: 1 for the first 30% of training, then linear to 0 at step T."""
     progress = step / steps
@@ -424,10 +446,13 @@ HEADER_INTS = 256
 
 def read_shard_header(path):
     """Validate a shard's header and size; return its token count."""
-    size = os.path.getsize(path)
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise SetupError(f"{path}: cannot be read as a shard ({e.strerror or e})") from None
     if size < HEADER_INTS * 4:
         raise SetupError(f"{path}: {size} bytes, shorter than the 1024-byte shard header (corrupt or truncated)")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header[0] != SHARD_MAGIC:
         raise SetupError(f"{path}: magic number {header[0]}, expected {SHARD_MAGIC} (not a token shard)")
     if header[1] != SHARD_VERSION:
@@ -471,12 +496,16 @@ def steps_in_shard(num_tokens, batch_tokens):
     return (num_tokens - batch_tokens - 2) // batch_tokens + 1 if num_tokens >= batch_tokens + 2 else 0
 
 
+def glob_matches_nothing(flag, pattern):
+    return SetupError(f"{flag} {pattern!r}: the glob matches no file (in {os.getcwd()}); check the path")
+
+
 def find_shards(pattern, hp, steps, what, flag=None):
     """The files of a shard glob, sorted. `flag` names the option the user gave the glob with: no match
     is then a wrong glob; for the preset's own glob the error says how to get the data."""
     paths = sorted(glob.glob(pattern))
     if not paths and flag:
-        raise SetupError(f"{flag} {pattern!r}: the glob matches no file (in {os.getcwd()}); check the path")
+        raise glob_matches_nothing(flag, pattern)
     if not paths:
         shards = shards_read([hp.data_shard_tokens] * (steps + 1), steps, hp.batch_tokens)
         raise SetupError(f"no {what} shards match {pattern!r} (in {os.getcwd()}). Get them with: "
@@ -517,7 +546,8 @@ class TrainStream:
     pos + B + 1 >= len(shard). With a data seed (--data-seed, not a record) the batches of each shard are
     visited in the order batch_order draws instead."""
 
-    def __init__(self, paths, batch_tokens, rank, world_size, vocab_size, pin_memory=False, data_seed=None):
+    def __init__(self, paths, batch_tokens, rank, world_size, vocab_size, pin_memory=False, data_seed=None,
+                 first_shard=None):
         self.paths = paths
         self.data_seed = data_seed
         self.vocab_size = vocab_size
@@ -526,7 +556,7 @@ class TrainStream:
         self.rank_tokens = batch_tokens // world_size
         self.offset = rank * self.rank_tokens
         self.shard_index = 0
-        self.tokens = load_shard(paths[0], vocab_size, pin_memory)
+        self.tokens = load_shard(paths[0], vocab_size, pin_memory) if first_shard is None else first_shard
         self.pos = 0
 
     def next_batch(self):
@@ -556,11 +586,16 @@ class TrainStream:
         self.shard_index, self.pos = state["shard_index"], state["pos"]
 
 
+SEED_MAX = 2 ** 64 - 1  # torch seeds a generator with 0 .. 2^64 - 1 (a negative seed aliases a large one)
+DATA_SEED_STRIDE = 1_000_003
+DATA_SEED_MAX = SEED_MAX // DATA_SEED_STRIDE - 1  # batch_order's seeds stay within SEED_MAX
+
+
 @functools.lru_cache(maxsize=4)
 def batch_order(num_batches, data_seed, shard_index):
     """--data-seed: the order in which the train stream takes a shard's batches, a permutation drawn from
     the seed and the shard's index."""
-    generator = torch.Generator().manual_seed(data_seed * 1_000_003 + shard_index)
+    generator = torch.Generator().manual_seed(data_seed * DATA_SEED_STRIDE + shard_index)
     return torch.randperm(num_batches, generator=generator).tolist()
 
 
@@ -1012,13 +1047,30 @@ class Distributed:
     world_size: int
     local_rank: int
     launched: bool  # under torchrun (a process group exists, even with one process)
+    local_world_size: int = 1  # the processes on this node
+
+
+LAUNCH_FIX = "start under torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE, or unset them"
+
+
+def launch_number(name, default=None):
+    """A whole number torchrun sets in the environment (`default` where it may be missing)."""
+    value = os.environ.get(name)
+    if value is None and default is not None:
+        return default
+    if value is None or not value.isdigit():
+        raise SetupError(f"{name}={value!r} in the environment is not a whole number; {LAUNCH_FIX}")
+    return int(value)
 
 
 def distributed_from_env():
+    """This process's place in a torchrun launch, or a plain single process where RANK is not set."""
     if "RANK" not in os.environ:
         return Distributed(0, 1, 0, False)
-    return Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                       int(os.environ.get("LOCAL_RANK", 0)), True)
+    rank, world_size = launch_number("RANK"), launch_number("WORLD_SIZE")
+    if rank >= world_size:
+        raise SetupError(f"RANK={rank} in the environment is not below WORLD_SIZE={world_size}; {LAUNCH_FIX}")
+    return Distributed(rank, world_size, launch_number("LOCAL_RANK", 0), True, launch_number("LOCAL_WORLD_SIZE", 1))
 
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -1117,7 +1169,7 @@ def broadcast_parameters(model):
 # Logging (docs/benchmark.md#log-format)
 
 SEPARATOR = "=" * 100
-OPTIMIZERS_IMPORT = "from optimizers import (Aurora, BiasFreeAdam, EMANesterov, Muon, MuonChain, NorMuon, ReferenceReadout, TailEMA, all_finite, contra_coefficient, early_trust_cap, early_trust_floor, power_cool_lr, warmup_cooldown_momentum)"
+OPTIMIZERS_IMPORT = "from optimizers import (Aurora, BiasFreeAdam, EMANesterov, Muon, MuonChain, NorMuon, ReferenceReadout, TailEMA, all_finite, contra_coefficient, early_trust_cap, early_trust_floor, piece_range, power_cool_lr, warmup_cooldown_momentum)"
 
 
 def logged_source():
@@ -1151,21 +1203,50 @@ def running_line(device, world_size):
     return f"Running PyTorch {torch.__version__} {build} on {name} with world_size {world_size}"
 
 
-class RunLog:
-    """Rank 0's log file, flushed line by line so a crash or Ctrl-C keeps everything written so far.
-    Other ranks get a RunLog(None), which writes nothing."""
+LOG_ROOM_BYTES = 16 * 2 ** 20  # the log and its per-unit records (a full-size run's take about 10 MB)
+LOGS_ELSEWHERE = "run from a folder whose logs/ can take it"
 
-    def __init__(self, path):
-        self.file = None
+
+def existing_log(path):
+    run_id = os.path.splitext(os.path.basename(path))[0]
+    return SetupError(f"--run-id {run_id}: {path} exists (an earlier run's log); give another --run-id, or "
+                      f"--overwrite to replace it")
+
+
+def write_error(path, error, kept):
+    """The WriteError of a run's file that could not be written; `kept` says what the run keeps."""
+    if error.errno == errno.ENOSPC:
+        return WriteError(f"no space left on device: {path} could not be written; {kept}")
+    return WriteError(f"{path}: could not be written ({error.strerror or error}); {kept}")
+
+
+class RunLog:
+    """Rank 0's log file, written unbuffered line by line, so a crash or Ctrl-C keeps everything written so
+    far and a failed write (a full disk: WriteError) leaves nothing to write again at close. Other ranks get
+    a RunLog(None), which writes nothing. Created exclusively unless `overwrite`, so of two runs started at
+    once with one run id the second stops (SetupError) instead of writing into the other's log."""
+
+    def __init__(self, path, overwrite=False):
+        self.path, self.file = path, None
         if path is not None:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "w", buffering=1)
+            try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                self.file = open(path, "wb" if overwrite else "xb", buffering=0)
+            except FileExistsError:
+                raise existing_log(path) from None
+            except OSError as e:
+                raise SetupError(f"the log {path}: cannot be created ({e.strerror or e}); {LOGS_ELSEWHERE}") from None
 
     def write(self, text, echo=True):
-        if self.file is None:
+        if self.file is None:  # another rank's, or a log that could not be written
             return
-        self.file.write(text if text.endswith("\n") else text + "\n")
-        self.file.flush()
+        line = (text if text.endswith("\n") else text + "\n").encode()
+        try:
+            if self.file.write(line) < len(line):  # a short write: the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            self.close()
+            raise write_error(self.path, e, "it keeps every line written before") from None
         if echo:
             print(text, flush=True)
 
@@ -1175,12 +1256,18 @@ class RunLog:
 
     def echo(self, text):
         """A console line that is not part of the log file (rank 0 only, like the log)."""
-        if self.file is not None:
+        if self.path is not None:
             print(text, flush=True)
+
+    def end(self, kind, payload):
+        """The log's last line, an event; a log that cannot take it any more leaves the report to the caller."""
+        with contextlib.suppress(WriteError):
+            self.event(kind, payload)
 
     def close(self):
         if self.file is not None:
             self.file.close()
+            self.file = None
 
 
 def record_differences(hp, recipe, steps, init_from, aurora=None):
@@ -1334,12 +1421,19 @@ class UnitRecords:
             self.rows.setdefault((trial, f"{name}_layer_mean_power"), []).append(means.cpu().numpy())
 
     def save(self):
-        """Rewritten whole at every probe (beside, then renamed over), so a crash keeps the earlier probes."""
+        """Rewritten whole at every probe (beside, then renamed over), so a crash or a full disk keeps the
+        earlier probes."""
         arrays = dict(self.arrays)
         arrays |= {f"trial{trial}.{name}": np.stack(rows) for (trial, name), rows in self.rows.items()}
-        with open(self.path + ".tmp", "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(self.path + ".tmp", self.path)
+        try:
+            with open(self.path + ".tmp", "wb") as f:
+                np.savez_compressed(f, **arrays)
+            os.replace(self.path + ".tmp", self.path)
+        except OSError as e:
+            raise write_error(self.path, e, "the records of the earlier probes are kept") from None
+        finally:
+            if os.path.lexists(self.path + ".tmp"):
+                os.remove(self.path + ".tmp")
 
 
 def units_path(log_path):
@@ -1502,8 +1596,15 @@ def rounded(value, digits=6):
 # Training loop (docs/benchmark.md#training-loop)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors as one `error:` line, like every other refusal (no usage text before it)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="aurora")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU preset: small model on data/synthetic/ (python data/synthetic.py); "
@@ -1525,12 +1626,13 @@ def parse_args(argv):
     parser.add_argument("--mlp", choices=MLP_KINDS, default="relu2",
                         help="the MLP: relu2 (default, the benchmark's) or swiglu (gate and up projections, the "
                              "hidden width chosen to keep the parameter count; not a record)")
-    parser.add_argument("--probe-tokens", type=int, default=65_536, metavar="N",
-                        help="the diagnostics probe N val tokens and N train tokens (default 65536), in "
-                             "micro-batches, outside the timed region; a multiple of the sequence length")
+    parser.add_argument("--probe-tokens", type=int, metavar="N",
+                        help=f"the diagnostics probe N val tokens and N train tokens (default {PROBE_TOKENS['full']}; "
+                             f"--tiny: {PROBE_TOKENS['tiny']}), in micro-batches, outside the timed region; a "
+                             f"multiple of the sequence length")
     parser.add_argument("--probe-every", type=int, metavar="K",
-                        help="probe only at validation steps that are multiples of K, and at the last step "
-                             "(default: every validation)")
+                        help=f"probe only at validation steps that are multiples of K, and at the last step "
+                             f"(default: every validation; --tiny: {PROBE_EVERY['tiny']})")
     parser.add_argument("--freeze-mlp-scalars", action="store_true",
                         help="do not train the MLP input norm gains and the MLP input biases (not a record)")
     parser.add_argument("--aurora", metavar="PATTERN",
@@ -1552,12 +1654,15 @@ def parse_args(argv):
                         "position, RNG) here at the end of a trial")
     parser.add_argument("--save-every", type=int, metavar="K",
                         help="with --save: also every K steps, to PATH with .stepS before the extension")
-    parser.add_argument("--keep-last", type=int, default=2, metavar="N",
+    parser.add_argument("--keep-last", type=int, metavar="N",
                         help="with --save-every: keep only the newest N of those periodic checkpoints (default 2)")
-    parser.add_argument("--resume", metavar="PATH", help="continue the run saved in the checkpoint PATH "
-                        "(same recipe, --steps and preset; any world size)")
+    parser.add_argument("--resume", metavar="PATH", help="continue the run saved in the checkpoint PATH (same "
+                        "recipe, --steps, preset, --seed, --data-seed, --aux-from, --freeze-mlp-scalars; any world "
+                        "size)")
     parser.add_argument("--init-from", metavar="PATH", help="start every trial from the model weights in PATH")
-    parser.add_argument("--run-id", help="log name under logs/ (default: recipe and a random id)")
+    parser.add_argument("--run-id", help="log name under logs/ (default: recipe and a random id); refused if "
+                                         "logs/RUN_ID.txt exists, unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace the log of an earlier run with this --run-id")
     parser.add_argument("--ddp", action="store_true",
                         help="under torchrun, DistributedDataParallel and the optimizers' all-gathers even with "
                              "one process: one GPU then runs the multi-GPU code path (same results)")
@@ -1570,6 +1675,27 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name, highest, why in (("seed", SEED_MAX, "torch's 64-bit seeds"),
+                               ("data_seed", DATA_SEED_MAX, f"a shard's batch order is seeded with S x "
+                                                            f"{DATA_SEED_STRIDE} + its index, within 64 bits")):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= highest:
+            parser.error(f"--{name.replace('_', '-')} must be a whole number from 0 to {highest} ({why}), got {value}")
+    if args.run_id is not None and (not args.run_id or "/" in args.run_id or args.run_id.startswith(".")
+                                    or not args.run_id.isprintable() or len(args.run_id.encode()) > 240):
+        # (240: the longest file it names, <run id>.units.npz.tmp, stays within a file name's 255 bytes)
+        parser.error(f"--run-id {args.run_id!r}: give a plain file name of up to 240 bytes, without '/' and not "
+                     f"starting with '.' (the log is logs/RUN_ID.txt)")
+    if args.keep_last is not None and not args.save_every:
+        parser.error("--keep-last keeps the newest checkpoints of --save-every; give --save-every K too, or leave "
+                     "it out")
+    preset = "tiny" if args.tiny else "full"
+    if args.probe_tokens is None:
+        args.probe_tokens = PROBE_TOKENS[preset]
+    if args.probe_every is None:
+        args.probe_every = PROBE_EVERY[preset]
+    if args.keep_last is None:
+        args.keep_last = 2
     if args.stop_at and args.save:
         parser.error("--stop-at ends a run before its schedule does; leave out --save")
     if args.save_every and not args.save:
@@ -1587,9 +1713,9 @@ def parse_args(argv):
 def resolve_hyperparameters(args):
     hp = TINY if args.tiny else FULL
     overrides = {}
-    if args.train_files:
+    if args.train_files is not None:
         overrides["train_files"] = args.train_files
-    if args.val_files:
+    if args.val_files is not None:
         overrides["val_files"] = args.val_files
     if args.batch_seqs:
         overrides["batch_tokens"] = args.batch_seqs * hp.model.seq_len
@@ -1622,30 +1748,139 @@ def periodic_checkpoints(path):
     return [name for _, name in sorted(found)]
 
 
-def check_save_path(path):
-    """A --save path that cannot be written is refused before anything is compiled or trained, and
-    nothing is left behind: a temporary file is made and removed in the deepest folder of the path that
-    exists. Missing folders are created only when the checkpoint is saved (save_checkpoint)."""
-    if os.path.isdir(path):
-        raise SetupError(f"--save {path}: is a directory; give a file path such as {os.path.join(path, 'ckpt.pt')}")
+def megabytes(count):
+    return count // 2 ** 20
+
+
+def tensor_bytes(value):
+    """The bytes of every tensor in nested dicts, lists and tuples (what torch.save writes, less a little)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        value = list(value.values())
+    return sum(map(tensor_bytes, value)) if isinstance(value, (list, tuple)) else 0
+
+
+def weight_bytes(config):
+    """The bytes of the model's weights, from a weightless model."""
+    with torch.device("meta"):
+        return tensor_bytes(GPT(config).state_dict())
+
+
+def adam_state_bytes(optimizer):
+    """Bytes of an AdamW's (exp_avg and exp_avg_sq in the parameter's dtype, a float32 step) or a
+    BiasFreeAdam's (exp_avg in the parameter's dtype, exp_avg_sq in float32) state: whole on every rank."""
+    per_element = (lambda p: 2 * p.element_size()) if isinstance(optimizer, torch.optim.AdamW) else \
+        (lambda p: p.element_size() + 4)
+    steps = 4 if isinstance(optimizer, torch.optim.AdamW) else 0
+    return sum(p.numel() * per_element(p) + steps for group in optimizer.param_groups for p in group["params"])
+
+
+def piece_bytes(tensors, world_size, element_size=None):
+    """Each rank's bytes of 1/W pieces (optimizers.piece_range) of tensors shaped like `tensors`."""
+    return [sum((hi - lo) * (element_size or t.element_size())
+                for t in tensors for lo, hi in [piece_range(t.numel(), rank, world_size)])
+            for rank in range(world_size)]
+
+
+def state_bytes_per_rank(model, recipe, optimizer_set, world_size):
+    """{part: bytes on each of world_size ranks} of the optimizer state: the matrix optimizer's (its own
+    plan), the Adams' (whole on every rank, as in the records), the lookahead's (previous weights and
+    buffer) and the readout's (Tail-EMA float32 without the embedding; a reference) in 1/W pieces."""
+    matrix = next(opt for opt in optimizer_set if isinstance(opt, tuple(MATRIX_OPTIMIZERS.values())))
+    adam = sum(adam_state_bytes(opt) for opt in optimizer_set if opt is not matrix)
+    params = list(model.parameters())
+    averages = [[0] * world_size]
+    if recipe.lookahead is not None:
+        averages += [piece_bytes(params, world_size)] * 2
+    if isinstance(recipe.readout, TailEMASpec):
+        averages.append(piece_bytes([p for p in params if p is not model.embed.weight], world_size, 4))
+    elif recipe.readout is not None:
+        averages.append(piece_bytes(params, world_size))
+    return {"matrix": matrix.state_bytes_per_rank(world_size), "adam": [adam] * world_size,
+            "weight_averages": [sum(parts) for parts in zip(*averages)]}
+
+
+def estimated_checkpoint_bytes(config, recipe):
+    """About the size of one checkpoint: the weights and the recipe's whole optimizer state (what one
+    process keeps), from a weightless model."""
+    with torch.device("meta"):
+        model = GPT(config)
+    state = state_bytes_per_rank(model, recipe, build_optimizers(model, recipe), 1)
+    return weight_bytes(config) + sum(part[0] for part in state.values())
+
+
+def check_memory(args, config, device):
+    """The weights, their gradients and two optimizer moments must fit in the device's memory (activations
+    come on top), or the run would fail after its log was opened."""
+    needed = 4 * weight_bytes(config)
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        flag = f"--mlp-ratio {args.mlp_ratio}: " if args.mlp_ratio else ""
+        raise SetupError(f"{flag}the model's weights, gradients and optimizer moments need about "
+                         f"{needed // 2 ** 30} GB, more than the {memory // 2 ** 30} GB of {device.type} memory; give "
+                         f"a smaller --mlp-ratio")
+
+
+def check_room(what, path, needed_bytes, elsewhere):
+    """The deepest folder of `path` that exists must be a folder where a file can be made, with `needed_bytes`
+    free; nothing is left behind (a temporary file is made there and removed), and missing folders are made
+    only when the file is written. `what` names the file in an error, `elsewhere` says how to avoid the folder."""
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
-        raise SetupError(f"--save {path}: {folder} is a file, not a folder; give a writable file path")
+        raise SetupError(f"{what}: {folder} is a file, not a folder; {elsewhere}")
     try:
         with tempfile.NamedTemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise SetupError(f"--save {path}: cannot write there ({e.strerror or e}); give a writable file path") from None
+        raise SetupError(f"{what}: cannot write in {folder} ({e.strerror or e}); {elsewhere}") from None
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise SetupError(f"{what}: {folder} has {megabytes(free)} MB free, it needs about {megabytes(needed_bytes)} "
+                         f"MB; free space there or {elsewhere}")
+
+
+NAME_MAX = 255  # the bytes of a file name on Linux's file systems
+
+
+def check_save_path(path, config, recipe, trials, steps, log_path):
+    """A --save path that the run could not write in the end is refused before anything is compiled or
+    trained: a folder, this run's log, names too long, an unwritable folder, a disk without room."""
+    # A path ending in a separator, '.' or '..' names a folder even where none exists yet.
+    if os.path.isdir(path) or os.path.basename(path) in ("", ".", ".."):
+        raise SetupError(f"--save {path}: names a folder; give a file path such as {os.path.join(path, 'ckpt.pt')}")
+    for what, other in (("log", log_path), ("per-unit records file", units_path(log_path))):
+        if os.path.abspath(path) == os.path.abspath(other):
+            raise SetupError(f"--save {path}: is this run's {what}; give another file path")
+    longest = os.path.basename(periodic_checkpoint_path(checkpoint_path(path, trials - 1, trials), steps)) + ".tmp"
+    if len(longest.encode()) > NAME_MAX:
+        raise SetupError(f"--save {path}: its checkpoints' names (up to {longest!r}) are longer than the {NAME_MAX} "
+                         f"bytes a file name may have; give a shorter name")
+    check_room(f"--save {path}", path, estimated_checkpoint_bytes(config, recipe), "save elsewhere")
 
 
 def save_checkpoint(path, checkpoint):
-    """Written beside `path`, then renamed over it, so an interrupted save keeps the previous one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """Written beside `path`, then renamed over it, so a failed or interrupted save keeps the previous one. A
+    failure is a WriteError; torch reports a full disk as ENOSPC or only as a RuntimeError of its zip writer
+    ("unexpected pos"), so the free space then decides which it was."""
+    folder = os.path.dirname(path) or "."
     try:
+        os.makedirs(folder, exist_ok=True)
         torch.save(checkpoint, path + ".tmp")
         os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:
+        needed = tensor_bytes(checkpoint)
+        full = getattr(e, "errno", None) == errno.ENOSPC or (os.path.isdir(folder)
+                                                             and shutil.disk_usage(folder).free < needed)
+        problem = f"no space left on device: {path} needs about {megabytes(needed)} MB" if full else \
+            f"{path}: the checkpoint could not be written ({str(e).splitlines()[0]})"
+        raise WriteError(f"{problem}; the file there before is kept. {'Free space' if full else 'Fix that'}, "
+                         f"then --resume the newest checkpoint") from None
     finally:
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
@@ -1659,6 +1894,13 @@ class TrialState:
     lookahead: EMANesterov | None
     readout: ReferenceReadout | TailEMA | None
     stream: TrainStream
+
+
+def resume_settings(args):
+    """The flags that set a run's course beyond its recipe, T, model and batch: a checkpoint records them and
+    a run that resumes it must give the same."""
+    return {"seed": args.seed, "data_seed": args.data_seed, "aux_from": args.aux_from,
+            "freeze_mlp_scalars": args.freeze_mlp_scalars}
 
 
 def checkpoint_state(run, trial, step):
@@ -1675,7 +1917,7 @@ def checkpoint_state(run, trial, step):
             "readout": trial.readout and trial.readout.state_dict(),
             "step": step, "steps": run.steps, "trial": run.trial, "recipe": run.recipe.name,
             "model_config": dataclasses.asdict(run.hp.model), "batch_tokens": run.hp.batch_tokens,
-            "stream": trial.stream.state_dict(), "rng": rng}
+            **resume_settings(run.args), "stream": trial.stream.state_dict(), "rng": rng}
 
 
 def save_trial_checkpoint(run, checkpoint, step, save_path):
@@ -1734,17 +1976,30 @@ def check_model_state(state, config, path):
     load_model_state(model, state, path)
 
 
-def check_resumable(checkpoint, path, recipe, steps, hp):
-    """A checkpoint continues only the run it came from: the same recipe, T, model and batch."""
+def check_resumable(checkpoint, path, args, recipe, steps, hp):
+    """A checkpoint continues only the run it came from: the same recipe, T, model, batch and resume_settings
+    (those a checkpoint holds: one saved before they were recorded leaves them to the command line), and
+    only a run with steps left to train."""
     if "stream" not in checkpoint:
         raise SetupError(f"{path}: holds weights only, not a run to resume (use --init-from for weights)")
     expected = {"recipe": recipe.name, "steps": steps, "model_config": dataclasses.asdict(hp.model),
                 "batch_tokens": hp.batch_tokens}
+    expected |= {name: value for name, value in resume_settings(args).items() if name in checkpoint}
     differences = [f"{name} {checkpoint.get(name)!r} (this run: {value!r})"
                    for name, value in expected.items() if checkpoint.get(name) != value]
     if differences:
-        raise SetupError(f"{path}: saved by a different run: {'; '.join(differences)}")
+        raise SetupError(f"{path}: saved by a different run: {'; '.join(differences)}; resume with the saved run's "
+                         f"settings")
     check_model_state(checkpoint["model"], hp.model, path)
+    if checkpoint["trial"] >= args.trials:
+        raise SetupError(f"{path}: saved in trial {checkpoint['trial']}, but this run has --trials {args.trials}")
+    step = checkpoint["step"]
+    if args.stop_at and args.stop_at <= step:
+        raise SetupError(f"--stop-at {args.stop_at}: the checkpoint {path} is at step {step} already, so nothing "
+                         f"would be trained; give a later step (up to --steps {steps})")
+    if step == steps and checkpoint["trial"] == args.trials - 1:
+        raise SetupError(f"--resume {path}: the saved run ended there (step {step} of its last trial), so nothing "
+                         f"would be trained; give a checkpoint from before its end")
 
 
 def read_start_checkpoints(args, hp, recipe, steps):
@@ -1755,9 +2010,7 @@ def read_start_checkpoints(args, hp, recipe, steps):
         check_model_state(init_weights, hp.model, args.init_from)
     if args.resume:
         resume = read_checkpoint(args.resume)
-        check_resumable(resume, args.resume, recipe, steps, hp)
-        if resume["trial"] >= args.trials:
-            raise SetupError(f"{args.resume}: saved in trial {resume['trial']}, but this run has --trials {args.trials}")
+        check_resumable(resume, args.resume, args, recipe, steps, hp)
     return init_weights, resume
 
 
@@ -1814,6 +2067,7 @@ class Run:
     generator: torch.Generator  # initializations, one draw per trial
     sign_generator: torch.Generator  # record #46's gain signs: the generator itself on the CPU, a CUDA one on a GPU
     train_paths: list
+    first_train_shard: torch.Tensor | None  # read before the log, until the first trial's stream takes it
     val_buffer: torch.Tensor
     probe: torch.Tensor  # the diagnostics' val probe, (sequences, seq_len) input tokens
     train_probe: torch.Tensor  # the same number of tokens from the first train shard
@@ -1896,7 +2150,9 @@ def train_trial(run):
     trial = TrialState(optimizers, recipe.lookahead and EMANesterov(params, recipe.lookahead.ema),
                        recipe.readout and recipe.readout.make(run.raw_model),
                        TrainStream(run.train_paths, hp.batch_tokens, run.dist.rank, run.dist.world_size,
-                                   hp.model.vocab_size, pin_memory=device.type == "cuda", data_seed=args.data_seed))
+                                   hp.model.vocab_size, pin_memory=device.type == "cuda", data_seed=args.data_seed,
+                                   first_shard=run.first_train_shard))
+    run.first_train_shard = None  # later trials read it again rather than keep it for the whole run
     first_step = 0
     if run.resume is not None:  # rank 0 saved it; every rank restores the same state
         first_step = restore_checkpoint(run, run.resume, trial)
@@ -2021,24 +2277,37 @@ def write_diagnostics(run, optimizers):
     run.log.echo(diagnostics_summary(reports))
 
 
-def check_run(args, hp, recipe, steps, dist_info):
+def check_run(args, hp, recipe, steps, dist_info, log_path):
     """Every check of the arguments that reads no data: a usable world size and batch, the --init-from
-    and --resume checkpoints, the --save path, the device. Creates nothing. Returns (layout, --init-from
-    weights, --resume checkpoint, device)."""
+    and --resume checkpoints, the --save path, the log's path, the device. Creates nothing. Returns (layout,
+    --init-from weights, --resume checkpoint, device)."""
     ranks_are = "GPUs" if uses_cuda(args.device) else "processes"
     try:
         layout = batch_layout(hp, dist_info.world_size, ranks_are)
     except SetupError as e:
         raise SetupError(f"--batch-seqs {args.batch_seqs}: {e}" if args.batch_seqs else str(e)) from e
+    final = recipe.stop or steps
+    if args.save_every and args.save_every >= final:
+        raise SetupError(f"--save-every {args.save_every}: no periodic checkpoint before the last step {final} (the "
+                         f"final one is saved anyway); give K below it, or leave it out")
     if args.stop_at and args.stop_at > steps:
         raise SetupError(f"--stop-at {args.stop_at}: after the last step {steps}; give a step up to --steps")
+    for flag, pattern in (("--train-files", args.train_files), ("--val-files", args.val_files)):
+        # (Not the preset's own globs: run.sh writes their shards after --check-args.)
+        if pattern is not None and not glob.glob(pattern):
+            raise glob_matches_nothing(flag, pattern)
     if args.probe_tokens % hp.model.seq_len:
         raise SetupError(f"--probe-tokens {args.probe_tokens}: not a multiple of the sequence length "
                          f"{hp.model.seq_len}")
     init_weights, resume = read_start_checkpoints(args, hp, recipe, steps)
-    if args.save and dist_info.rank == 0:
-        check_save_path(args.save)
-    device = resolve_device(args.device, dist_info.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if dist_info.rank == 0:  # the rank that writes them
+        if args.save:
+            check_save_path(args.save, hp.model, recipe, args.trials, steps, log_path)
+        if os.path.exists(log_path) and not args.overwrite:
+            raise existing_log(log_path)
+        check_room(f"the log {log_path}", log_path, LOG_ROOM_BYTES, LOGS_ELSEWHERE)
+    device = resolve_device(args.device, dist_info.local_rank, dist_info.local_world_size)
+    check_memory(args, hp.model, device)
     return layout, init_weights, resume, device
 
 
@@ -2047,8 +2316,8 @@ def check_data(args, hp, steps):
     checked as each shard is loaded). Returns (train shard paths, val shard path)."""
     trained = args.stop_at or steps
     train_paths = check_train_shards(find_shards(hp.train_files, hp, trained, "train",
-                                                 args.train_files and "--train-files"), trained, hp)
-    val_path = find_shards(hp.val_files, hp, steps, "val", args.val_files and "--val-files")[0]
+                                                 args.train_files is not None and "--train-files"), trained, hp)
+    val_path = find_shards(hp.val_files, hp, steps, "val", args.val_files is not None and "--val-files")[0]
     if read_shard_header(val_path) < hp.val_tokens + 1:
         raise SetupError(f"{val_path}: fewer than the {hp.val_tokens + 1} tokens validation needs")
     return train_paths, val_path
@@ -2069,6 +2338,22 @@ def data_offsets(args, hp, val_path, first_train_path):
             data_offset(args.data_seed, train_tokens, probe_tokens, seq_len))
 
 
+def load_start_tokens(args, hp, dist_info, device, train_paths, val_path, val_start, train_probe_start):
+    """What a run reads before its first step, each shard once, their token ids checked before the log is
+    opened: this rank's validation tokens and (rank 0, with diagnostics) the val probe, both from where
+    validation starts, and the first train shard, with the train probe sliced from it. The val shard itself is
+    not kept (about 200 MB at full size). Returns (val buffer, val probe, first train shard, train probe)."""
+    seq_len, vocab_size = hp.model.seq_len, hp.model.vocab_size
+    val_shard = load_shard(val_path, vocab_size)
+    first_train_shard = load_shard(train_paths[0], vocab_size, pin_memory=device.type == "cuda")
+    val_buffer = val_slice(val_shard, hp.val_tokens, dist_info.rank, dist_info.world_size, val_start).to(device)
+    probe = train_probe = None
+    if not args.no_diagnostics and dist_info.rank == 0:
+        probe = probe_sequences(val_shard, args.probe_tokens, seq_len, val_start).to(device)
+        train_probe = probe_sequences(first_train_shard, args.probe_tokens, seq_len, train_probe_start).to(device)
+    return val_buffer, probe, first_train_shard, train_probe
+
+
 def compile_is_active():
     """Whether torch.compile really compiles in this process, as torch itself decides. Two switches turn
     it off in different ways: TORCH_COMPILE_DISABLE=1 sets torch._dynamo.config.disable (checked at every
@@ -2085,7 +2370,8 @@ def knob_differences(args):
             if getattr(args, name) is not None and getattr(args, name) is not False]  # --data-seed 0 counts
 
 
-def config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id, aurora=None):
+def config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id, aurora=None,
+                  resume=None):
     differences = record_differences(hp, recipe, steps, args.init_from, aurora) + knob_differences(args)
     return {"command": shlex.join([sys.executable] + sys.argv), "run_id": run_id, "recipe": recipe.name,
             "record": recipe.record, "preset": "tiny" if args.tiny else "full",
@@ -2096,7 +2382,10 @@ def config_record(args, hp, recipe, steps, dist_info, device, layout, train_path
                                   "matrices": sorted(aurora["matrices"])},
             "batch_seqs": hp.batch_tokens // hp.model.seq_len, "micro_batch_seqs_used": layout.micro_seqs,
             "train_shards_used": len(train_paths), "val_shard": val_path,
-            "init_from": args.init_from, "resume": args.resume, "save": args.save, "save_every": args.save_every,
+            "init_from": args.init_from, "resume": args.resume,
+            # resume_settings that an older --resume checkpoint did not record, so could not be checked
+            "resume_unchecked": [name for name in resume_settings(args) if name not in resume] if resume else None,
+            "save": args.save, "save_every": args.save_every,
             "keep_last": args.keep_last, "freeze_mlp_scalars": args.freeze_mlp_scalars, "aux_from": args.aux_from,
             "data_seed": args.data_seed, "stop_at": args.stop_at,
             "diagnostics": not args.no_diagnostics, "probe_tokens": args.probe_tokens, "probe_every": args.probe_every,
@@ -2149,54 +2438,73 @@ def resolve_recipe(args, hp):
     return recipe, steps, hp, aurora
 
 
+def counted(number, noun):
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def config_summary(config, log_path):
+    """The console's one line for a config record; the log holds the whole JSON."""
+    model = config["hyperparameters"]["model"]
+    run = (f"{config['recipe']}, {config['preset']} preset, {config['steps']} steps of {config['batch_seqs']} x "
+           f"{model['seq_len']} tokens, {counted(config['trials'], 'trial')}, seed {config['seed']}, "
+           f"{config['device']}, world size "
+           f"{config['world_size']}, {'compiled' if config['compiled'] else 'not compiled'}")
+    when = f"every {config['probe_every']} steps" if config["probe_every"] else "at every validation"
+    diagnostics = f"diagnostics on {config['probe_tokens']:,}-token probes {when}" if config["diagnostics"] else \
+        "no diagnostics"
+    differences = len(config["differs_from_record"])
+    record = f"not a record ({counted(differences, 'setting')} differing)" if differences else "a record run"
+    return f"config: {run}; {diagnostics}; {record}; the whole config is in {log_path}"
+
+
 def main(argv=None):
     args = parse_args(argv)
-    dist_info = distributed_from_env()
+    dist_info = Distributed(0, 1, 0, False)  # until the environment is read (rank 0 reports its errors)
     try:
+        dist_info = distributed_from_env()
         recipe, steps, hp, aurora = resolve_recipe(args, resolve_hyperparameters(args))
-        layout, init_weights, resume, device = check_run(args, hp, recipe, steps, dist_info)
+        run_id = args.run_id or f"{recipe.name}-{uuid.uuid4()}"
+        log_path = os.path.join("logs", f"{run_id}.txt")
+        layout, init_weights, resume, device = check_run(args, hp, recipe, steps, dist_info, log_path)
         if args.check_args:
             return 0
         train_paths, val_path = check_data(args, hp, steps)
         val_start, train_probe_start = data_offsets(args, hp, val_path, train_paths[0])
+        setup_device(dist_info, device)
+        val_buffer, probe, first_train_shard, train_probe = load_start_tokens(
+            args, hp, dist_info, device, train_paths, val_path, val_start, train_probe_start)
+        log = RunLog(log_path if dist_info.rank == 0 else None, args.overwrite)
     except SetupError as e:
+        leave_process_group(finished=False)
         # Every rank finds the same problem; rank 0 reports it and fails. The others stop quietly with
         # status 0: a rank that failed first would make torchrun kill rank 0 before it had printed.
         if dist_info.rank != 0:
             return 0
         print(f"error: {e}", file=sys.stderr)
         return 2
-    setup_device(dist_info, device)
-    run_id = args.run_id or f"{recipe.name}-{uuid.uuid4()}"
-    log = RunLog(os.path.join("logs", f"{run_id}.txt") if dist_info.rank == 0 else None)
     run, finished = None, False
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         log.write(logged_source(), echo=False)
         log.write(SEPARATOR, echo=False)
         log.write(running_line(device, dist_info.world_size))
         log.write(SEPARATOR, echo=False)
-        log.event("config", config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths,
-                                          val_path, run_id, aurora))
+        config = config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id,
+                               aurora, resume)
+        log.event("config", config, echo=False)
+        log.echo(config_summary(config, log_path))
         raw_model = GPT(hp.model).to(device)
         if args.freeze_mlp_scalars:
             for param in mlp_scalars(raw_model):
                 param.requires_grad_(False)
-        val_shard = load_shard(val_path, hp.model.vocab_size)
-        val_buffer = val_slice(val_shard, hp.val_tokens, dist_info.rank, dist_info.world_size, val_start).to(device)
-        # The diagnostics' fixed probes: the val tokens from where validation starts, and a train slice.
-        probe = train_probe = units = None
-        if not args.no_diagnostics and dist_info.rank == 0:
-            probe = probe_sequences(val_shard, args.probe_tokens, hp.model.seq_len, val_start).to(device)
-            train_probe = probe_sequences(load_shard(train_paths[0], hp.model.vocab_size), args.probe_tokens,
-                                          hp.model.seq_len, train_probe_start).to(device)
-            units = UnitRecords(units_path(log.file.name), args.probe_tokens)
+        units = UnitRecords(units_path(log.path), args.probe_tokens) if probe is not None else None
         generator = torch.Generator().manual_seed(args.seed)
         # Record #46 draws its gain signs from the run device's default generator, seeded as the record seeds it.
         sign_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(args.seed)
         run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
                   torch.compile(distributed_model(raw_model, device, even_alone=args.ddp), dynamic=False),
-                  generator, sign_generator, train_paths, val_buffer, probe, train_probe, hp.micro_batch_seqs,
-                  units, init_weights, resume, aurora and (aurora["matrices"], aurora["backend"]))
+                  generator, sign_generator, train_paths, first_train_shard, val_buffer, probe, train_probe,
+                  hp.micro_batch_seqs, units, init_weights, resume, aurora and (aurora["matrices"], aurora["backend"]))
         for trial in range(resume["trial"] if resume else 0, args.trials):
             run.trial = trial
             train_trial(run)
@@ -2206,17 +2514,19 @@ def main(argv=None):
         log.event("done", done)
         finished = True
         return 0
-    except KeyboardInterrupt:
-        log.event("interrupted", {**where(run), "note": "Ctrl-C; the log is complete up to here"})
-        return 130
-    except (NonFiniteLoss, SetupError) as e:
-        log.event("error", {**where(run), "message": str(e)})
+    except KeyboardInterrupt as e:
+        signal_name, status = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)
+        log.end("interrupted", {**where(run), "note": f"{signal_name}; the log is complete up to here"})
+        return status
+    except (NonFiniteLoss, SetupError, WriteError) as e:
+        log.end("error", {**where(run), "message": str(e)})
         print(f"error: {e}", file=sys.stderr)
         return 3
     except Exception as e:
-        log.event("error", {**where(run), "message": f"{type(e).__name__}: {e}"})
+        log.end("error", {**where(run), "message": f"{type(e).__name__}: {e}"})
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         log.close()
         leave_process_group(finished)
 

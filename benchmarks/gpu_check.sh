@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The first minutes on a lent GPU, in one command and under one deadline:
-#   bash benchmarks/gpu_check.sh            # one CUDA GPU, no network; ends within DEADLINE_S (default 450 s)
+#   bash benchmarks/gpu_check.sh            # one CUDA GPU, no network; ends within DEADLINE_S (default 465 s)
 #   bash benchmarks/gpu_check.sh --smoke    # the same stages at tiny size on the CPU (CI runs this)
 # Stages: 1. setup (run.sh --setup) and the environment (device, torch, CUDA, cuDNN, triton);
 #   2. pytest -m cuda (skipped tests on a CPU); 3. a 50-step full-size run of train_gpt.py under torchrun
@@ -13,15 +13,24 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+fail() { echo "gpu_check.sh: $*" >&2; exit 2; }
+# Everything is checked before the first stage: nothing runs or is written for a refused call.
+[ $# -le 1 ] || fail "one argument at most (--smoke, or nothing), got $#"
 smoke=0
 case "${1:-}" in
   --smoke) smoke=1 ;;
   "") ;;
-  *) echo "gpu_check.sh: unknown argument '$1' (use --smoke for the CPU run, or nothing)" >&2; exit 2 ;;
+  *) fail "unknown argument '$1' (use --smoke for the CPU run, or nothing)" ;;
 esac
 OUT=${OUT:-logs/gpu_check}
 DEADLINE_S=${DEADLINE_S:-465}
-mkdir -p "$OUT"
+# A stage with 5 s or less left is skipped (stage), so a shorter deadline could only skip them all.
+if ! [[ "$DEADLINE_S" =~ ^[0-9]+$ ]] || [ "$((10#$DEADLINE_S))" -le 5 ]; then
+  fail "DEADLINE_S must be a whole number of seconds above 5 (each stage needs more), got '$DEADLINE_S'"
+fi
+if ! mkdir -p "$OUT" 2>/dev/null || ! [ -w "$OUT" ]; then
+  fail "OUT=$OUT: cannot make or write that folder; set OUT to a writable folder"
+fi
 OUT=$(cd "$OUT" && pwd)
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
@@ -101,7 +110,7 @@ if ! wait "$shards_pid"; then
 else
   TORCH_LOGS=recompiles,graph_breaks stage "train_gpt.py $steps steps --ddp" train.txt 150 \
     "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py "${size[@]}" --device "$device" \
-    --ddp --steps "$steps" --run-id gpu_check --train-files "$DATA/synthetic_train_*.bin" \
+    --ddp --steps "$steps" --run-id gpu_check --overwrite --train-files "$DATA/synthetic_train_*.bin" \
     --val-files "$DATA/synthetic_val_*.bin"
   grep -E '^Running|val_loss|^done|^error' "$OUT/train.txt" | sed 's/^/    /' | tee -a "$SUMMARY"
   note "    recompiles logged: $(grep -c 'Recompiling' "$OUT/train.txt"), graph breaks logged: $(grep -ci 'graph break' "$OUT/train.txt")"

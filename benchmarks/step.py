@@ -193,52 +193,13 @@ def matrix_flops_per_rank(matrix_optimizer, world_size):
             "one_bucket_per_shape": flops_balance(matrix_optimizer.flops_per_rank(world_size, join_transposes=False))}
 
 
-def adam_state_bytes(optimizer):
-    """Bytes of an AdamW's (exp_avg and exp_avg_sq in the parameter's dtype, a float32 step) or a
-    BiasFreeAdam's (exp_avg in the parameter's dtype, exp_avg_sq in float32) state: kept whole on every rank."""
-    total = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if isinstance(optimizer, torch.optim.AdamW):
-                total += 2 * p.numel() * p.element_size() + 4
-            else:
-                total += p.numel() * (p.element_size() + 4)
-    return total
-
-
-def piece_bytes(tensors, world_size, element_size=None):
-    """Each rank's bytes of 1/W pieces (optimizers.piece_range) of tensors shaped like `tensors`."""
-    return [sum((hi - lo) * (element_size or t.element_size())
-                for t in tensors for lo, hi in [optimizers.piece_range(t.numel(), rank, world_size)])
-            for rank in range(world_size)]
-
-
-def weight_average_bytes(model, recipe, world_size):
-    """Each rank's bytes of the recipe's lookahead (previous weights and buffer, in the weights' dtypes) and
-    readout (Tail-EMA: float32, the embedding excluded; reference: the weights' dtypes), all in 1/W pieces."""
-    params = list(model.parameters())
-    totals = [0] * world_size
-    parts = []
-    if recipe.lookahead is not None:
-        parts += [piece_bytes(params, world_size)] * 2
-    if isinstance(recipe.readout, train_gpt.TailEMASpec):
-        parts.append(piece_bytes([p for p in params if p is not model.embed.weight], world_size, 4))
-    elif recipe.readout is not None:
-        parts.append(piece_bytes(params, world_size))
-    for part in parts:
-        totals = [a + b for a, b in zip(totals, part)]
-    return totals
-
-
 def state_report(model, recipe, optimizer_set, world_size):
     """Optimizer-state bytes per rank (matrix optimizer, Adam, lookahead and readout) against what one
     process keeps, and the matrix optimizer's largest all-gather buffer (one bucket, transient)."""
     matrix = next(opt for opt in optimizer_set if isinstance(opt, tuple(train_gpt.MATRIX_OPTIMIZERS.values())))
-    adam = sum(adam_state_bytes(opt) for opt in optimizer_set if opt is not matrix)
-    per_rank = {"matrix": matrix.state_bytes_per_rank(world_size), "adam": [adam] * world_size,
-                "weight_averages": weight_average_bytes(model, recipe, world_size)}
+    per_rank = train_gpt.state_bytes_per_rank(model, recipe, optimizer_set, world_size)
     totals = [sum(parts) for parts in zip(*per_rank.values())]
-    one_process = (sum(matrix.state_bytes_per_rank(1)) + adam + sum(weight_average_bytes(model, recipe, 1)))
+    one_process = sum(part[0] for part in train_gpt.state_bytes_per_rank(model, recipe, optimizer_set, 1).values())
     return {"per_rank": per_rank, "total_per_rank": totals, "max_over_mean": max(totals) / (sum(totals) / len(totals)),
             "one_process": one_process, "bucket": matrix.gather_bytes(world_size)}
 

@@ -22,25 +22,64 @@ RUN_SH = os.path.join(ROOT, "run.sh")
     (["--seeds", "0"], "run.sh: --seeds takes a whole number of runs (1 or more), got '0'"),
     (["--tiny", "--recipe"], "run.sh: --recipe needs a value, e.g. --recipe aurora"),
     (["--steps"], "run.sh: --steps needs a value, e.g. --steps 500"),
+    (["--seeds", "2", "--seed", "5"], "run.sh: --seeds 2 runs seeds 0 to 1; give --seeds or --seed, not both"),
+    (["--seed=5", "--seeds", "1"], "run.sh: --seeds 1 runs seeds 0 to 0; give --seeds or --seed, not both"),
+    (["--seeds", "3", "--run-id", "x"], "run.sh: --run-id names one run and --seeds 3 makes 3; leave out --run-id "
+                                        "(each run gets a log of its own)"),
+    (["--save=ck.pt", "--seeds", "3"], "run.sh: --save names one run and --seeds 3 makes 3; leave out --save "
+                                       "(each run would overwrite the checkpoint of the one before)"),
+    (["--setup", "--recipe", "muon"], "run.sh: --setup only installs; leave out the other arguments (--recipe muon)"),
 ])
-def test_a_flag_without_its_value_is_one_clear_error(args, message):
+def test_its_own_arguments_are_refused_with_one_line_before_setup(args, message):
     done = subprocess.run(["bash", RUN_SH, *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [message]
 
 
-def test_arguments_train_gpt_refuses_are_refused_before_any_data_is_written(tmp_path):
-    """train_gpt.py --check-args decides (no copy of its choices in bash), after setup, before data/synthetic.py."""
+def project_copy(folder):
+    """run.sh with what it runs, in `folder`, using this environment as its .venv (nothing to install)."""
     for name in ("run.sh", "requirements.txt", "requirements-test.txt", "train_gpt.py", "optimizers.py"):
-        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
-    shutil.copytree(os.path.join(ROOT, "data"), tmp_path / "data",
-                    ignore=shutil.ignore_patterns("synthetic", "fineweb10B"))
-    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), tmp_path / ".venv")  # this environment: no install
-    done = subprocess.run(["bash", "run.sh", "--tiny", "--recipe", "adam"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 2 and "argument --recipe: invalid choice: 'adam'" in done.stderr, done.stderr
+        shutil.copy(os.path.join(ROOT, name), folder / name)
+    shutil.copytree(os.path.join(ROOT, "data"), folder / "data",
+                    ignore=shutil.ignore_patterns("synthetic", "fineweb10B", "__pycache__"))
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), folder / ".venv")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tiny", "--recipe", "adam"], "argument --recipe: invalid choice: 'adam'"),
+    (["--train-files", "nowhere_*.bin"], "error: --train-files 'nowhere_*.bin': the glob matches no file"),
+])
+def test_arguments_train_gpt_refuses_are_refused_before_any_data_is_written(tmp_path, args, message):
+    """train_gpt.py --check-args decides (no copy of its choices in bash), after setup, before data/synthetic.py."""
+    project_copy(tmp_path)
+    done = subprocess.run(["bash", "run.sh", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "data" / "synthetic").exists()
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.slow
+def test_a_cpu_run_keeps_valid_synthetic_shards_and_rewrites_invalid_ones(tmp_path):
+    """bash run.sh wrote data/synthetic/ again on every CPU run; now only when data/shards.py --tiny finds the
+    shards missing, invalid or too few. One uncompiled step per run keeps the test short."""
+    project_copy(tmp_path)
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS="1")
+    shards = tmp_path / "data" / "synthetic"
+
+    def run_sh(run_id):
+        done = subprocess.run(["bash", "run.sh", "--tiny", "--steps", "1", "--no-diagnostics", "--run-id", run_id],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    assert "wrote 3 shards" in run_sh("first")
+    written = {path.name: path.stat().st_mtime_ns for path in shards.iterdir()}
+    assert "run.sh: data/synthetic/ holds valid shards for the CPU preset: kept" in run_sh("second")
+    assert {path.name: path.stat().st_mtime_ns for path in shards.iterdir()} == written
+    val = shards / "synthetic_val_000000.bin"
+    val.write_bytes(val.read_bytes()[:-100])  # truncated
+    assert "wrote 3 shards" in run_sh("third")
+    assert val.stat().st_size == 1024 + 2 * 1_000_000
 
 
 def offline_setup(clone, python3_bin):

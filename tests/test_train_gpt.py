@@ -3,15 +3,19 @@
 
 import contextlib
 import dataclasses
+import errno
+import gc
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -155,6 +159,35 @@ def test_console_shows_val_lines_and_one_readable_diag_line_per_validation(tiny_
     assert summaries[0].startswith(f"diag: dead {100 * neurons[0]['dead_fraction']:.1f}%, nearly dead ")
     assert "leverage cv fc " in summaries[-1] and "fc update norm live " in summaries[-1]
     assert console[-1].startswith("done ")
+
+
+def test_console_gets_one_readable_config_line_and_the_log_the_json(tiny_run):
+    folder, lines, _ = tiny_run
+    console = (folder / "console.txt").read_text().splitlines()
+    (config,) = events(lines, "config")
+    assert config["differs_from_record"] and not [line for line in console if line.startswith("config {")]
+    (summary,) = [line for line in console if line.startswith("config")]
+    assert summary == (f"config: aurora, tiny preset, {STEPS} steps of 16 x 256 tokens, 2 trials, seed 0, cpu, world "
+                       f"size 1, not compiled; diagnostics on {PROBE_TOKENS:,}-token probes every 50 steps; not a "
+                       f"record ({len(config['differs_from_record'])} settings differing); the whole config is in "
+                       f"logs/tiny.txt")
+
+
+@pytest.mark.parametrize("flags, diagnostics, record", [
+    (["--no-diagnostics"], "no diagnostics", "a record run"),
+    (["--probe-every", "250", "--seed", "3"], "diagnostics on 65,536-token probes every 250 steps", "a record run"),
+    (["--freeze-mlp-scalars", "--trials", "1"], "diagnostics on 65,536-token probes at every validation",
+     "not a record (1 setting differing)"),
+])
+def test_config_summary_of_full_size_runs(flags, diagnostics, record):
+    args = tg.parse_args(flags)
+    hp = tg.resolve_hyperparameters(args)
+    config = tg.config_record(args, hp, tg.RECIPES["aurora"], 3200, tg.Distributed(0, 8, 0, True),
+                              torch.device("cpu"), tg.batch_layout(hp, 8), ["train.bin"], "val.bin", "r")
+    assert tg.config_summary(config, "logs/r.txt") == (
+        f"config: aurora, full preset, 3200 steps of 512 x 1024 tokens, 1 trial, seed {args.seed}, cpu, world size 8, "
+        f"{'compiled' if config['compiled'] else 'not compiled'}; {diagnostics}; {record}; the whole config is in "
+        f"logs/r.txt")
 
 
 def test_diagnostics_summary_reads_the_reports_and_skips_what_it_does_not_know():
@@ -381,6 +414,88 @@ def test_ddp_in_a_world_of_one_computes_what_the_plain_process_does(tiny_run, da
                      torch.load(tmp_path / "ck.pt", weights_only=True)["model"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", "adam"], "error: argument --recipe: invalid choice: 'adam' (choose from "),
+    (["--steps", "ten"], "error: argument --steps: invalid int value: 'ten'"),
+    (["--seed"], "error: argument --seed: expected one argument"),
+    (["--bogus"], "error: unrecognized arguments: --bogus"),
+    (["--steps", "0"], "error: --steps must be at least 1, got 0"),
+    (["--save", "ck.pt", "--keep-last", "3"], "error: --keep-last keeps the newest checkpoints of --save-every; give "
+                                              "--save-every K too, or leave it out"),
+    (["--stop-at", "5", "--save", "x.pt"], "error: --stop-at ends a run before its schedule does; leave out --save"),
+    (["--save-every", "5"], "error: --save-every needs --save PATH"),
+    (["--resume", "a.pt", "--init-from", "b.pt"], "error: --resume restores the weights itself; leave out --init-from"),
+])
+def test_an_argument_error_is_one_error_line(capsys, argv, message):
+    """argparse's own errors too (not its usage text first)."""
+    with pytest.raises(SystemExit) as refused:
+        tg.parse_args(argv)
+    error = capsys.readouterr().err
+    assert refused.value.code == 2 and error.startswith(message) and error.count("\n") == 1, error
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "12", "--stop-at", "13"], "--stop-at 13: after the last step 12; give a step up to --steps"),
+    (["--probe-tokens", "100"], "--probe-tokens 100: not a multiple of the sequence length 256"),
+])
+def test_settings_that_contradict_the_preset_are_refused_by_check_args(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert tg.main(["--tiny", "--check-args", *argv]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_val_shard_shorter_than_validation_is_refused(data_args, tmp_path, capsys):
+    short = tmp_path / "short_val_000000.bin"
+    write_tokens(short, tg.TINY.val_tokens)  # one token short: the targets need val_tokens + 1
+    assert tg.main(["--tiny", "--steps", "2", "--train-files", data_args[1], "--val-files", str(short)]) == 2
+    assert capsys.readouterr().err == (f"error: {short}: fewer than the {tg.TINY.val_tokens + 1} tokens validation "
+                                       f"needs\n")
+
+
+def test_a_log_that_cannot_be_created_is_a_setup_error():
+    with pytest.raises(tg.SetupError, match=r"^the log /sys/x.txt: cannot be created \(Permission denied\); run from"):
+        tg.RunLog("/sys/x.txt")
+
+
+def test_save_every_that_would_save_no_periodic_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert tg.main(["--tiny", "--steps", "10", "--save", "ck.pt", "--save-every", "10", "--check-args"]) == 2
+    assert capsys.readouterr().err == ("error: --save-every 10: no periodic checkpoint before the last step 10 (the "
+                                       "final one is saved anyway); give K below it, or leave it out\n")
+    assert tg.main(["--tiny", "--steps", "10", "--save", "ck.pt", "--save-every", "9", "--check-args"]) == 0
+
+
+@pytest.mark.parametrize("run_id", ["", "a/b", "../up", ".hidden", "x" * 241, "tab\there"])
+def test_a_run_id_that_is_not_a_plain_file_name_is_refused(capsys, run_id):
+    with pytest.raises(SystemExit) as refused:
+        tg.parse_args(["--run-id", run_id])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == (f"error: --run-id {run_id!r}: give a plain file name of up to 240 bytes, "
+                                       f"without '/' and not starting with '.' (the log is logs/RUN_ID.txt)\n")
+
+
+@pytest.mark.parametrize("save, problem", [
+    ("logs/same.txt", "is this run's log; give another file path"),
+    ("logs/same.units.npz", "is this run's per-unit records file; give another file path"),
+    ("c" * 240 + ".pt", "its checkpoints' names (up to 'cccc"),
+])
+def test_a_save_path_the_run_could_not_write_in_the_end_is_refused_before_any_work(tmp_path, monkeypatch, capsys,
+                                                                                   save, problem):
+    monkeypatch.chdir(tmp_path)
+    assert tg.main(["--tiny", "--run-id", "same", "--save", save, "--save-every", "5", "--trials", "2",
+                    "--check-args"]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: --save {save}: {problem}") and message.count("\n") == 1, message
+
+
+def test_a_model_too_large_for_the_device_memory_is_refused_before_any_work(capsys):
+    ratio = 10_000_000  # a 1.28e9-unit MLP per layer: about 21 TB of weights, gradients and moments
+    assert tg.main(["--tiny", "--device", "cpu", "--mlp-ratio", str(ratio), "--check-args"]) == 2
+    message = capsys.readouterr().err
+    assert re.fullmatch(rf"error: --mlp-ratio {ratio}: the model's weights, gradients and optimizer moments need "
+                        r"about \d+ GB, more than the \d+ GB of cpu memory; give a smaller --mlp-ratio\n", message)
+
+
 def test_ddp_without_torchrun_is_refused(capsys):
     with pytest.raises(SystemExit):
         tg.parse_args(["--ddp"])
@@ -416,6 +531,26 @@ def test_interrupt_leaves_a_complete_log_and_the_last_checkpoint(data_args, tmp_
     assert 1 <= torch.load(periodic[-1], weights_only=True)["step"] <= interrupted["step"]
 
 
+def test_sigterm_ends_the_log_like_ctrl_c_with_status_143(tmp_path):
+    """SIGTERM is what timeout, torchrun and schedulers send: the log still gets its end line."""
+    steps = 200
+    write_synthetic_shards(str(tmp_path), vocab_size=512, train_shards=1, tokens_per_shard=(steps + 2) * TINY_BATCH,
+                           val_tokens=tg.TINY.val_tokens + 100)
+    data = ["--train-files", str(tmp_path / "synthetic_train_*.bin"), "--val-files", str(tmp_path / "synthetic_val_*.bin")]
+    log = tmp_path / "logs" / "term.txt"
+    with own_session([sys.executable, TRAIN_GPT, *ON_CPU, "--tiny", "--steps", str(steps), "--no-diagnostics",
+                      "--run-id", "term", *data], cwd=tmp_path, env=uncompiled_env()) as process:
+        wait_while_running(process, lambda: log.exists() and f"step:0/{steps} val_loss" in log.read_text(), 600,
+                           "no step 0 in 600 s or the run ended before it")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    _, lines = split_log(log.read_text())
+    (interrupted,) = events(lines, "interrupted")
+    assert lines[-1].startswith("interrupted ") and interrupted["note"].startswith("SIGTERM")
+    assert interrupted["trial"] == 0 and 0 <= interrupted["step"] < steps
+
+
 def test_nan_weights_stop_the_run_at_step_0(data_args, tmp_path):
     model = tg.GPT(tg.TINY.model)
     with torch.no_grad():
@@ -435,10 +570,13 @@ def write_tokens(path, count):
 
 
 @pytest.mark.parametrize("flag", ["--train-files", "--val-files"])
-def test_a_glob_given_that_matches_nothing_is_named_as_such(data_args, tmp_path, capsys, flag):
-    pattern = str(tmp_path / "nowhere_*.bin")
+@pytest.mark.parametrize("check_args", [[], ["--check-args"]])
+@pytest.mark.parametrize("pattern", ["nowhere_*.bin", ""])
+def test_a_glob_given_that_matches_nothing_is_named_as_such(data_args, tmp_path, capsys, flag, check_args, pattern):
+    """--check-args answers it too: it globs the patterns given (not the preset's: run.sh writes those after)."""
+    pattern = pattern and str(tmp_path / pattern)
     files = {"--train-files": data_args[1], "--val-files": data_args[3], flag: pattern}
-    assert tg.main(["--tiny", "--steps", "2", *(item for pair in files.items() for item in pair)]) == 2
+    assert tg.main(["--tiny", "--steps", "2", *check_args, *(item for pair in files.items() for item in pair)]) == 2
     assert capsys.readouterr().err == (f"error: {flag} {pattern!r}: the glob matches no file (in {os.getcwd()}); "
                                        "check the path\n")
 
@@ -498,6 +636,7 @@ def test_too_few_fineweb_shards_print_the_download_command(tmp_path):
     (lambda header, body: (header[:1] + [7] + header[2:], body), "version 7"),
     (lambda header, body: ([123] + header[1:], body), "magic number 123"),
     (lambda header, body: (header, body[:-10]), "truncated"),
+    (lambda header, body: (header[:10], b""), "40 bytes, shorter than the 1024-byte shard header"),
 ])
 def test_corrupt_shard_is_refused_with_its_name(data_args, tmp_path, capsys, corruption, problem):
     header, body = [20240520, 1, 40000] + [0] * 253, np.arange(40000, dtype="<u2").tobytes()
@@ -507,6 +646,13 @@ def test_corrupt_shard_is_refused_with_its_name(data_args, tmp_path, capsys, cor
     assert tg.main(["--tiny", "--steps", "2", "--train-files", str(bad), "--val-files", data_args[3]]) == 2
     message = capsys.readouterr().err
     assert str(bad) in message and problem in message
+
+
+@pytest.mark.parametrize("flag", ["--train-files", "--val-files"])
+def test_a_glob_matching_a_folder_is_one_error_line_naming_it(data_args, tmp_path, capsys, flag):
+    files = {"--train-files": data_args[1], "--val-files": data_args[3], flag: str(tmp_path)}
+    assert tg.main(["--tiny", "--steps", "2", *(item for pair in files.items() for item in pair)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: cannot be read as a shard (Is a directory)\n"
 
 
 @pytest.mark.parametrize("which", ["train", "val"])
@@ -523,7 +669,80 @@ def test_token_id_outside_the_vocabulary_is_one_error_line_naming_the_shard(data
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(f"error: {bad}: holds token id 600, but the model's vocabulary has 512 ids")
     assert result.stderr.count("\n") == 1 and "python data/synthetic.py" in result.stderr, result.stderr
-    assert "step:" not in result.stdout  # refused before the first forward
+    assert "step:" not in result.stdout and not (tmp_path / "logs").exists()  # refused before the log is opened
+
+
+def test_a_bad_token_id_in_a_later_train_shard_ends_the_run_with_one_line_and_the_log(data_args, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """Shards after the first are read when the stream reaches them (reading every shard first would cost a
+    full-size run minutes): the run stops there, its log ending with the error."""
+    monkeypatch.chdir(tmp_path)
+    write_tokens(tmp_path / "two_train_000001.bin", 2 * TINY_BATCH + 2)  # 2 steps
+    bad = np.arange(2 * TINY_BATCH + 2) % 512
+    bad[5] = 600
+    write_shard(str(tmp_path / "two_train_000002.bin"), bad)
+    with torch._dynamo.config.patch(disable=True):
+        assert tg.main(["--tiny", "--steps", "3", "--no-diagnostics", "--run-id", "later", "--train-files",
+                        str(tmp_path / "two_train_*.bin"), "--val-files", data_args[3]]) == 3
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: {tmp_path / 'two_train_000002.bin'}: holds token id 600") and \
+        message.count("\n") == 1
+    _, lines = split_log((tmp_path / "logs" / "later.txt").read_text())
+    (error,) = events(lines, "error")
+    assert lines[-1].startswith("error ") and error["step"] == 2 and "holds token id 600" in error["message"]
+
+
+def test_token_ids_are_checked_up_to_the_last_id_of_the_vocabulary(tmp_path):
+    path = str(tmp_path / "edge.bin")
+    tokens = np.arange(1000) % 512
+    tokens[7] = 511
+    write_shard(path, tokens)
+    assert int(tg.load_shard(path, 512).long().max()) == 511
+    tokens[7] = 512
+    write_shard(path, tokens)
+    with pytest.raises(tg.SetupError, match="holds token id 512, but the model's vocabulary has 512 ids"):
+        tg.load_shard(path, 512)
+
+
+@pytest.mark.parametrize("data_seed", [None, 3])
+def test_main_reads_each_shard_once_keeps_no_val_shard_and_probes_where_validation_starts(tmp_path, monkeypatch,
+                                                                                       data_seed):
+    """Through main, one step: the val shard and the first train shard are read once each (the train probe
+    is sliced from the shard the stream then takes), the val shard is not kept for the run, and the val probe
+    starts where validation starts, also where --data-seed moves it."""
+    monkeypatch.chdir(tmp_path)
+    seq_len = tg.TINY.model.seq_len
+    val_path, train_path = write_synthetic_shards(str(tmp_path), vocab_size=512, train_shards=1,
+                                                  tokens_per_shard=3 * TINY_BATCH,
+                                                  val_tokens=tg.TINY.val_tokens + 8 * seq_len)
+    val_start = tg.data_offset(data_seed, tg.TINY.val_tokens + 8 * seq_len, tg.TINY.val_tokens + 1, seq_len)
+    assert (val_start > 0) == (data_seed is not None)
+    loads, seen = [], {}
+    load_shard = tg.load_shard
+
+    def load_shard_kept_track_of(path, *args, **kwargs):
+        tokens = load_shard(path, *args, **kwargs)
+        loads.append((path, weakref.ref(tokens)))
+        return tokens
+
+    def first_trial(run):
+        gc.collect()
+        seen["shards alive"] = [path for path, tokens in loads if tokens() is not None]
+        seen["val"], seen["probe"] = run.val_buffer.clone(), run.probe.clone()
+        train_trial(run)
+
+    train_trial = tg.train_trial
+    monkeypatch.setattr(tg, "load_shard", load_shard_kept_track_of)
+    monkeypatch.setattr(tg, "train_trial", first_trial)
+    seed = [] if data_seed is None else ["--data-seed", str(data_seed)]
+    with torch._dynamo.config.patch(disable=True):
+        assert tg.main(["--tiny", "--steps", "1", "--train-files", train_path, "--val-files", val_path, *seed,
+                        *SMALL_PROBE]) == 0
+    assert [path for path, _ in loads] == [val_path, train_path]
+    assert seen["shards alive"] == [train_path]  # the first train shard, for the stream; not the val shard
+    shard = tg.load_shard(val_path, 512)
+    assert torch.equal(seen["val"], shard[val_start:val_start + tg.TINY.val_tokens + 1].long())
+    assert torch.equal(seen["probe"].flatten(), shard[val_start:val_start + PROBE_TOKENS].long())
 
 
 def test_train_stream_slices_ranks_and_moves_to_the_next_shard(tmp_path):
@@ -580,6 +799,24 @@ def test_world_size_must_divide_the_sequences_of_a_step(data_args, monkeypatch, 
     assert capsys.readouterr().err == ""
     with pytest.raises(tg.SetupError, match="run on 1, 2, 4 or 8 GPUs"):
         tg.batch_layout(tg.FULL, 6, "GPUs")
+
+
+@pytest.mark.parametrize("environment, problem", [
+    ({"RANK": "zero", "WORLD_SIZE": "2"}, "RANK='zero' in the environment is not a whole number"),
+    ({"RANK": "0"}, "WORLD_SIZE=None in the environment is not a whole number"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' in the environment is not a whole number"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "x"},
+     "LOCAL_WORLD_SIZE='x' in the environment is not a whole number"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 in the environment is not below WORLD_SIZE=2"),
+])
+def test_a_launch_environment_torchrun_did_not_set_is_one_error_line(monkeypatch, capsys, environment, problem):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert tg.main(["--tiny", "--check-args"]) == 2
+    assert capsys.readouterr().err == (f"error: {problem}; start under torchrun, which sets RANK, WORLD_SIZE, "
+                                       f"LOCAL_RANK and LOCAL_WORLD_SIZE, or unset them\n")
 
 
 def test_world_size_error_under_torchrun_is_printed_once(data_args, tmp_path):
@@ -1094,6 +1331,17 @@ def test_probe_sequences_take_exactly_n_tokens_from_the_offset():
     assert probe.flatten().tolist() == list(range(16, 64))
 
 
+def test_the_tiny_preset_probes_its_validation_tokens_every_50_steps_and_full_size_65536_at_every_validation():
+    """The CPU preset's 11 probes of 65,536 tokens took 87% as long as its training (README: the measured share
+    of the smaller ones); the studies give their own --probe-tokens and --probe-every."""
+    tiny = tg.parse_args(["--tiny"])
+    assert (tiny.probe_tokens, tiny.probe_every) == (tg.TINY.val_tokens, 50) and tg.TINY.val_tokens == 16_384
+    full = tg.parse_args([])
+    assert (full.probe_tokens, full.probe_every) == (65_536, None)
+    study = tg.parse_args(["--tiny", "--probe-tokens", "65536", "--probe-every", "100"])
+    assert (study.probe_tokens, study.probe_every) == (65_536, 100)
+
+
 def test_a_probe_longer_than_the_val_shard_is_refused_before_any_work(data_args, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     too_many = (tg.TINY.val_tokens // 256 + 1) * 256  # the val shard holds val_tokens + 100
@@ -1188,6 +1436,49 @@ def test_data_seed_permutes_the_batches_of_a_shard_and_moves_the_val_slice(tmp_p
     assert tg.data_offset(None, 1000, 100, 8) == 0
     offsets = {tg.data_offset(seed, 1000, 100, 8) for seed in range(20)}
     assert len(offsets) > 5 and all(o % 8 == 0 and o + 100 <= 1000 for o in offsets)
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", 2 ** 64), ("--seed", -1), ("--data-seed", 2 ** 64 // 1_000_003),
+                                         ("--data-seed", -1)])
+def test_a_seed_torch_cannot_take_is_refused_with_the_arguments(data_args, tmp_path, monkeypatch, capsys, flag,
+                                                                 value):
+    """It crashed with a traceback after the log was opened."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused, torch._dynamo.config.patch(disable=True):
+        tg.main(["--tiny", flag, str(value), "--steps", "2", "--no-diagnostics", *data_args])
+    assert refused.value.code == 2 and os.listdir(tmp_path) == []
+    assert f"{flag} must be a whole number from 0 to " in capsys.readouterr().err
+
+
+def test_the_largest_seeds_accepted_seed_torch():
+    tg.parse_args(["--seed", str(2 ** 64 - 1), "--data-seed", str(tg.DATA_SEED_MAX)])
+    torch.Generator().manual_seed(2 ** 64 - 1)
+    assert tg.data_offset(tg.DATA_SEED_MAX, 1000, 100, 8) % 8 == 0
+    assert sorted(tg.batch_order(5, tg.DATA_SEED_MAX, tg.DATA_SEED_STRIDE - 1)) == list(range(5))
+
+
+def test_data_seed_gives_each_shard_its_own_batch_order(tmp_path):
+    """Two shards of 10 batches each, streamed with a data seed: each shard's batches come in an order of its own."""
+    batch, batches = 8, 10
+    paths = []
+    for index in range(2):
+        paths.append(str(tmp_path / f"train_{index}.bin"))
+        write_shard(paths[-1], 1000 * index + np.arange(batch * batches + 2))
+    stream = tg.TrainStream(paths, batch, 0, 1, 4096, data_seed=5)
+    starts = [int(stream.next_batch()[0]) for _ in range(2 * batches)]
+    orders = [[(start - 1000 * index) // batch for start in starts[index * batches:(index + 1) * batches]]
+              for index in range(2)]
+    assert [sorted(order) for order in orders] == [list(range(batches))] * 2
+    assert orders[0] != orders[1] and list(range(batches)) not in orders
+
+
+def test_data_offset_draws_every_whole_sequence_that_leaves_room_and_no_other():
+    """Shards from exactly as long as needed to two sequences more: every allowed offset is drawn over the
+    seeds, and none that would overrun the shard."""
+    seq_len, needed = 8, 100
+    for shard_tokens, offsets in ((100, [0]), (107, [0]), (108, [0, 8]), (115, [0, 8]), (116, [0, 8, 16])):
+        drawn = {tg.data_offset(seed, shard_tokens, needed, seq_len) for seed in range(200)}
+        assert sorted(drawn) == offsets, shard_tokens
 
 
 def test_each_knob_is_flagged_and_none_by_default():
@@ -1395,6 +1686,7 @@ def test_truncated_checkpoint_is_one_line_naming_the_file(tiny_run, data_args, t
     (lambda ck: ck["model_config"].__setitem__("model_dim", 64), "'model_dim': 64"),
     (lambda ck: ck.__setitem__("batch_tokens", 8), f"batch_tokens 8 (this run: {TINY_BATCH})"),
     (lambda ck: ck.pop("stream"), "holds weights only"),
+    (lambda ck: ck.__setitem__("trial", 1), "saved in trial 1, but this run has --trials 1"),
 ])
 def test_mismatched_checkpoint_is_refused_naming_what_differs(tiny_run, data_args, tmp_path, capsys, change,
                                                                 problem):
@@ -1407,6 +1699,74 @@ def test_mismatched_checkpoint_is_refused_naming_what_differs(tiny_run, data_arg
     assert message.startswith(f"error: {path}: ") and problem in message and message.count("\n") == 1, message
 
 
+@pytest.mark.parametrize("flags, problem", [
+    (["--seed", "1"], "seed 0 (this run: 1)"),
+    (["--data-seed", "3"], "data_seed None (this run: 3)"),
+    (["--aux-from", "muon"], "aux_from None (this run: 'muon')"),
+    (["--freeze-mlp-scalars"], "freeze_mlp_scalars False (this run: True)"),
+])
+def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(tiny_run, data_args, tmp_path, monkeypatch, capsys,
+                                                               flags, problem):
+    """Such a flag was either ignored (the checkpoint won) while the config line claimed it, or the run was not
+    the saved run's continuation. (--trials 2: the checkpoint ends trial 0, trial 1 is left to run.)"""
+    folder, _, _ = tiny_run
+    path = str(folder / "ck.trial0.pt")
+    monkeypatch.chdir(tmp_path)
+    for run in (["--check-args"], ["--no-diagnostics", *data_args]):
+        assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", path, *flags, *run]) == 2
+        assert capsys.readouterr().err == (f"error: {path}: saved by a different run: {problem}; resume with the "
+                                           f"saved run's settings\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_saved_before_the_settings_were_recorded_resumes_and_the_log_says_so(tiny_run, data_args,
+                                                                                         tmp_path, monkeypatch):
+    """Its seed, data seed, --aux-from and --freeze-mlp-scalars are unknown: taken from the command line,
+    listed as unchecked in the config line."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tiny_checkpoint(tiny_run)
+    for name in ("seed", "data_seed", "aux_from", "freeze_mlp_scalars"):
+        del checkpoint[name]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    with torch._dynamo.config.patch(disable=True):
+        assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", "old.pt", "--seed", "1",
+                        "--run-id", "old", "--no-diagnostics", *data_args]) == 0
+    _, lines = split_log((tmp_path / "logs" / "old.txt").read_text())
+    assert events(lines, "config")[0]["resume_unchecked"] == ["seed", "data_seed", "aux_from", "freeze_mlp_scalars"]
+    assert [step for step, _, _ in val_records(lines)] == [STEPS, 0, STEPS]  # trial 0 resumed at its end, trial 1
+
+
+def test_stop_at_at_or_before_the_resumed_step_is_refused(tiny_run, tmp_path, monkeypatch, capsys):
+    """It ended with `done` and no training."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tiny_checkpoint(tiny_run)
+    checkpoint["step"] = 5  # as a periodic checkpoint of step 5
+    torch.save(checkpoint, tmp_path / "ck.pt")
+    for stop_at in (3, 5):
+        assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", "ck.pt", "--stop-at",
+                        str(stop_at), "--check-args"]) == 2
+        assert capsys.readouterr().err == (f"error: --stop-at {stop_at}: the checkpoint ck.pt is at step 5 already, "
+                                           f"so nothing would be trained; give a later step (up to --steps {STEPS})\n")
+    assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", "ck.pt", "--stop-at", "6",
+                    "--check-args"]) == 0
+
+
+def test_resuming_the_end_of_the_last_trial_is_refused(tiny_run, capsys):
+    folder, _, _ = tiny_run
+    path = str(folder / "ck.trial1.pt")
+    assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", path, "--check-args"]) == 2
+    assert capsys.readouterr().err == (f"error: --resume {path}: the saved run ended there (step {STEPS} of its last "
+                                       f"trial), so nothing would be trained; give a checkpoint from before its end\n")
+
+
+def test_init_from_a_dict_without_weights_is_refused(tmp_path, capsys):
+    torch.save({"model": {"step": 3}}, tmp_path / "odd.pt")
+    path = str(tmp_path / "odd.pt")
+    assert tg.main(["--tiny", "--init-from", path, "--check-args"]) == 2
+    assert capsys.readouterr().err == (f"error: {path}: holds no model state dict (a dict of tensors, or one under "
+                                       f"'model')\n")
+
+
 def test_init_from_loads_strictly(tiny_run, data_args, tmp_path, capsys):
     weights = tiny_checkpoint(tiny_run)["model"]
     del weights["norm_b.gains"]
@@ -1415,19 +1775,26 @@ def test_init_from_loads_strictly(tiny_run, data_args, tmp_path, capsys):
     assert 'Missing key(s) in state_dict: "norm_b.gains"' in capsys.readouterr().err
 
 
-def test_optimizer_state_that_does_not_fit_is_refused(tiny_run, data_args, tmp_path, capsys):
+@pytest.mark.parametrize("change, problem", [
+    (lambda states: states.__setitem__(1, states[0]), "its Aurora state does not fit"),  # AdamW's state as Aurora's
+    (lambda states: states.pop(), "holds 1 optimizer states, this run has 2"),
+])
+def test_optimizer_state_that_does_not_fit_is_refused(tiny_run, data_args, tmp_path, monkeypatch, capsys, change,
+                                                      problem):
+    monkeypatch.chdir(tmp_path)
     checkpoint = tiny_checkpoint(tiny_run)
-    checkpoint["optimizers"][1] = checkpoint["optimizers"][0]  # AdamW's state where Aurora's belongs
+    change(checkpoint["optimizers"])
     torch.save(checkpoint, tmp_path / "ck.pt")
-    assert tg.main(["--tiny", "--steps", str(STEPS), "--resume", str(tmp_path / "ck.pt"), "--run-id", "opt",
-                    *data_args]) == 3
-    assert "its Aurora state does not fit" in capsys.readouterr().err
+    # (--trials 2: the checkpoint ends trial 0, so trial 1 is left to run.)
+    assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", str(tmp_path / "ck.pt"),
+                    "--run-id", "opt", *data_args]) == 3
+    assert problem in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("target, problem", [
-    (lambda tmp: tmp, "is a directory"),
+    (lambda tmp: tmp, "names a folder"),
     (lambda tmp: tmp / "afile" / "ck.pt", "is a file, not a folder"),
-    (lambda tmp: "/proc/ck.pt", "cannot write there"),
+    (lambda tmp: "/proc/ck.pt", "cannot write in /proc"),
 ])
 def test_unwritable_save_path_is_refused_before_training(data_args, tmp_path, target, problem):
     (tmp_path / "afile").write_text("x")
@@ -1440,6 +1807,77 @@ def test_unwritable_save_path_is_refused_before_training(data_args, tmp_path, ta
     assert not list(tmp_path.glob("**/*.tmp"))
 
 
+@pytest.mark.parametrize("path", ["ckpts/", "ckpts/..", "."])
+def test_a_save_path_naming_a_folder_is_refused_before_any_work(data_args, tmp_path, monkeypatch, capsys, path):
+    """`--save DIR/` once trained to the end and then lost the weights (`invalid file name: DIR/.tmp`)."""
+    monkeypatch.chdir(tmp_path)
+    for run in (["--check-args"], ["--steps", "2", "--no-diagnostics", *data_args]):
+        assert tg.main(["--tiny", "--save", path, *run]) == 2
+        message = capsys.readouterr().err
+        assert message.startswith(f"error: --save {path}: ") and message.count("\n") == 1, message
+        assert "a file path such as" in message and os.listdir(tmp_path) == []
+
+
+def on_a_full_disk(monkeypatch, folder, free=2 ** 20):
+    """shutil.disk_usage as if the disk holding `folder` had `free` bytes left, other disks as they are."""
+    real = shutil.disk_usage
+
+    def disk_usage(path):
+        usage = real(path)
+        inside = os.path.realpath(path) + os.sep
+        return usage._replace(free=free) if inside.startswith(os.path.realpath(folder) + os.sep) else usage
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+
+
+def test_a_save_folder_without_room_for_a_checkpoint_is_refused_before_any_work(tiny_run, data_args, tmp_path,
+                                                                               monkeypatch, capsys):
+    folder, _, _ = tiny_run
+    saved = (folder / "ck.trial0.pt").stat().st_size
+    estimate = tg.estimated_checkpoint_bytes(tg.TINY.model, tg.RECIPES["aurora"])
+    assert saved <= estimate <= 2 * saved  # about one checkpoint, never less
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "full").mkdir()
+    on_a_full_disk(monkeypatch, tmp_path / "full")
+    for run in (["--check-args"], ["--steps", "2", "--no-diagnostics", *data_args]):
+        assert tg.main(["--tiny", "--save", "full/ck.pt", *run]) == 2
+        assert capsys.readouterr().err == (f"error: --save full/ck.pt: {tmp_path / 'full'} has 1 MB free, it needs about "
+                                           f"{estimate // 2 ** 20} MB; free space there or save elsewhere\n")
+        assert os.listdir(tmp_path) == ["full"] and os.listdir(tmp_path / "full") == []
+
+
+@pytest.mark.parametrize("failure", ["OSError ENOSPC", "torch's zip writer"])
+def test_a_save_that_runs_out_of_space_keeps_the_previous_checkpoint_and_the_log(data_args, tmp_path, monkeypatch,
+                                                                                capsys, failure):
+    """The room was there before training, then the disk filled up: the final save fails with one line, the
+    earlier checkpoints and the log stay."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ck.pt").write_bytes(b"previous")
+    save = torch.save
+
+    def save_on_a_full_disk(obj, path):
+        if not str(path).endswith("ck.pt.tmp"):  # the periodic checkpoint of step 1 still fits
+            return save(obj, path)
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        if failure == "OSError ENOSPC":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        on_a_full_disk(monkeypatch, tmp_path, free=4096)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4096")
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    with torch._dynamo.config.patch(disable=True):
+        code = tg.main(["--tiny", "--steps", "2", "--save", "ck.pt", "--save-every", "1", "--run-id", "full",
+                        "--no-diagnostics", *data_args])
+    assert code == 3
+    needed = r"about \d+ MB"
+    assert re.fullmatch(rf"error: no space left on device: ck.pt needs {needed}; the file there before is kept\. "
+                        r"Free space, then --resume the newest checkpoint\n", capsys.readouterr().err)
+    assert (tmp_path / "ck.pt").read_bytes() == b"previous" and not list(tmp_path.glob("*.tmp"))
+    assert torch.load(tmp_path / "ck.step1.pt", weights_only=True)["step"] == 1
+    _, lines = split_log((tmp_path / "logs" / "full.txt").read_text())
+    assert [step for step, _, _ in val_records(lines)] == [0, 2] and lines[-1].startswith("error ")
+    assert "no space left on device: ck.pt" in events(lines, "error")[0]["message"]
+
+
 def test_failed_save_leaves_no_tmp_file(tmp_path, monkeypatch):
     def failing_save(obj, path):
         with open(path, "wb") as f:
@@ -1447,9 +1885,85 @@ def test_failed_save_leaves_no_tmp_file(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", failing_save)
     (tmp_path / "ck.pt").write_bytes(b"previous")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(tg.WriteError, match="ck.pt: the checkpoint could not be written .disk full.; the file there "
+                                           "before is kept"):
         tg.save_checkpoint(str(tmp_path / "ck.pt"), {"step": 1})
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"] and (tmp_path / "ck.pt").read_bytes() == b"previous"
+
+
+def test_a_run_id_whose_log_exists_is_refused_unless_overwrite(data_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "again.txt").write_text("the earlier run\n")
+    for run in (["--check-args"], ["--steps", "2", "--no-diagnostics", *data_args]):
+        assert tg.main(["--tiny", "--run-id", "again", *run]) == 2
+        assert capsys.readouterr().err == ("error: --run-id again: logs/again.txt exists (an earlier run's log); give "
+                                           "another --run-id, or --overwrite to replace it\n")
+    assert (tmp_path / "logs" / "again.txt").read_text() == "the earlier run\n"
+    assert tg.main(["--tiny", "--run-id", "again", "--overwrite", "--check-args"]) == 0
+    with torch._dynamo.config.patch(disable=True):
+        assert tg.main(["--tiny", "--run-id", "again", "--overwrite", "--steps", "2", "--no-diagnostics",
+                        *data_args]) == 0
+    _, lines = split_log((tmp_path / "logs" / "again.txt").read_text())
+    assert lines[-1].startswith("done ")
+
+
+def test_of_twins_started_at_once_the_second_stops_and_the_first_keeps_its_log(data_args, tmp_path, monkeypatch,
+                                                                            capsys):
+    """Both pass the check for an existing log; the log is created exclusively, so the one that comes second
+    stops with one line instead of writing into the other's log."""
+    monkeypatch.chdir(tmp_path)
+    check_data = tg.check_data
+
+    def twin_creates_the_log_meanwhile(*args):
+        (tmp_path / "logs").mkdir()
+        (tmp_path / "logs" / "twin.txt").write_text("the twin's log\n")
+        return check_data(*args)
+    monkeypatch.setattr(tg, "check_data", twin_creates_the_log_meanwhile)
+    with torch._dynamo.config.patch(disable=True):
+        assert tg.main(["--tiny", "--run-id", "twin", "--steps", "2", "--no-diagnostics", *data_args]) == 2
+    assert capsys.readouterr().err == ("error: --run-id twin: logs/twin.txt exists (an earlier run's log); give "
+                                       "another --run-id, or --overwrite to replace it\n")
+    assert os.listdir(tmp_path / "logs") == ["twin.txt"]
+    assert (tmp_path / "logs" / "twin.txt").read_text() == "the twin's log\n"
+
+
+@pytest.mark.parametrize("problem", ["read-only", "full"])
+def test_a_logs_folder_that_cannot_take_the_log_is_refused_before_any_work(data_args, tmp_path, monkeypatch, capsys,
+                                                                         problem):
+    monkeypatch.chdir(tmp_path)
+    if problem == "read-only":
+        os.symlink("/sys", tmp_path / "logs")  # not writable, even for root
+        expected = f"cannot write in {tmp_path / 'logs'} (Permission denied); run from a folder whose logs/ can take it"
+    else:
+        on_a_full_disk(monkeypatch, tmp_path)
+        expected = f"{tmp_path} has 1 MB free, it needs about 16 MB; free space there or run from a folder whose logs/ " \
+                   f"can take it"
+    for run in (["--check-args"], ["--steps", "2", "--no-diagnostics", *data_args]):
+        assert tg.main(["--tiny", "--run-id", "x", *run]) == 2
+        assert capsys.readouterr().err == f"error: the log logs/x.txt: {expected}\n"
+        assert os.listdir(tmp_path) == (["logs"] if problem == "read-only" else [])
+
+
+@pytest.mark.parametrize("full", ["log", "per-unit records"])
+def test_a_log_on_a_full_disk_ends_the_run_with_one_line(data_args, tmp_path, monkeypatch, capsys, full):
+    """/dev/full answers every write with ENOSPC, as a disk that filled up during the run."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    os.symlink("/dev/full", tmp_path / "logs" / ("full.txt" if full == "log" else "full.units.npz.tmp"))
+    with torch._dynamo.config.patch(disable=True):
+        code = tg.main(["--tiny", "--steps", "2", "--run-id", "full", "--overwrite", *data_args])
+    assert code == 3
+    message = capsys.readouterr().err
+    if full == "log":
+        assert message == ("error: no space left on device: logs/full.txt could not be written; it keeps every line "
+                           "written before\n")
+    else:
+        assert message == ("error: no space left on device: logs/full.units.npz could not be written; the records of "
+                           "the earlier probes are kept\n")
+        _, lines = split_log((tmp_path / "logs" / "full.txt").read_text())
+        assert lines[-1].startswith("error ") and "full.units.npz could not be written" in lines[-1]
+        assert os.listdir(tmp_path / "logs") == ["full.txt"]
 
 
 def test_train_stream_position_round_trips(tmp_path):
