@@ -1802,12 +1802,13 @@ def state_bytes_per_rank(model, recipe, optimizer_set, world_size):
 
 
 def estimated_checkpoint_bytes(config, recipe):
-    """About the size of one checkpoint: the weights and the recipe's whole optimizer state (what one
-    process keeps), from a weightless model."""
+    """About the size of one checkpoint, never less: the weights and the recipe's whole optimizer state (what
+    one process keeps), from a weightless model, plus 5% and 1 MiB for the RNG states, the data position and
+    the file's own structure."""
     with torch.device("meta"):
         model = GPT(config)
     state = state_bytes_per_rank(model, recipe, build_optimizers(model, recipe), 1)
-    return weight_bytes(config) + sum(part[0] for part in state.values())
+    return int(1.05 * (weight_bytes(config) + sum(part[0] for part in state.values()))) + 2 ** 20
 
 
 def check_memory(args, config, device):

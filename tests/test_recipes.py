@@ -415,6 +415,10 @@ def test_resume_continues_bit_identically(record, tmp_path):
     final = short_run_checkpoint(record, str(whole), ["--save-every", "12"])
     resumed = short_run_checkpoint(record, str(parts), resume=str(whole / "final.step12.pt"))
     assert_same_checkpoints(final, resumed)
+    # The --save room check's estimate covers the checkpoint with its SOAP, lookahead and readout state.
+    data = torch.load(os.path.join(DATA, f"record{record}.pt"), weights_only=False)
+    recipe = tg.scaled_recipe(tg.RECIPES[RECIPE_OF[record]], SHORT_STEPS)
+    assert os.path.getsize(final) <= tg.estimated_checkpoint_bytes(reduced_config(data), recipe)
 
 
 # ----------------------------------------------------------------------------------------------
