@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine.
-#   bash run.sh [--setup] [--seeds N] [train_gpt.py arguments...]
+#   bash run.sh [--setup] [--seeds N] [--recipes A,B,...] [train_gpt.py arguments...]
 # Makes .venv (reusing the torch python3 imports, if any), installs what .venv cannot import, then:
 #   with a GPU:    downloads the FineWeb shards the recipe needs and runs torchrun on every visible GPU;
 #   without a GPU, or with --tiny: writes the synthetic shards (unless valid ones are there) and runs the
 #   trainer's CPU preset (--tiny).
 # --setup (alone) stops after installing; --seeds N runs N times with --seed 0..N-1 (so not with --seed, and
-# not with --run-id or --save, which name one run). Before any data is written
+# not with --run-id or --save, which name one run); --recipes A,B runs every seed of each recipe and then
+# tabulates each recipe's runs with records/stats.py. Before any data is written
 # or fetched, train_gpt.py --check-args refuses the arguments it would refuse.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,6 +24,8 @@ if [ ${#others[@]} -lt $# ] && [ ${#others[@]} -gt 0 ]; then
   fail "--setup only installs; leave out the other arguments (${others[*]})"
 fi
 setup_only=0
+recipes=()       # --recipes A,B: each recipe in turn (every seed of one, then the next), tabulated at the end
+recipe_given=0
 tiny=0
 seeds=1
 seeds_given=0
@@ -37,14 +40,24 @@ while [ $# -gt 0 ]; do
       [[ "$2" =~ ^[1-9][0-9]*$ ]] || fail "--seeds takes a whole number of runs (1 or more), got '$2'"
       seeds="$2"; seeds_given=1; shift ;;
     --recipe|--steps)
-      if [ "$1" = --recipe ]; then need_value aurora "$@"; else need_value 500 "$@"; fi
+      if [ "$1" = --recipe ]; then need_value aurora "$@"; recipe_given=1; else need_value 500 "$@"; fi
       args+=("$1" "$2"); fetch_args+=("$1" "$2"); shift ;;
+    --recipes)
+      need_value aurora,soap-muon "$@"
+      [[ "$2" =~ ^[a-z0-9-]+(,[a-z0-9-]+)*$ ]] || fail "--recipes takes recipe names separated by commas, got '$2'"
+      IFS=, read -r -a recipes <<< "$2"; shift ;;
     --tiny) tiny=1 ;;
     --seed|--seed=*|--run-id|--run-id=*|--save|--save=*) one_run+=("${1%%=*}"); args+=("$1") ;;
     *) args+=("$1") ;;
   esac
   shift
 done
+if [ ${#recipes[@]} -gt 0 ] && [ "$recipe_given" = 1 ]; then
+  fail "give --recipe NAME or --recipes A,B,..., not both"
+fi
+if [ ${#recipes[@]} -gt 0 ] && [ ${#one_run[@]} -gt 0 ]; then
+  fail "${one_run[0]} names one run and --recipes makes one per recipe and seed; leave it out"
+fi
 for flag in "${one_run[@]}"; do
   if [ "$flag" = --seed ] && [ "$seeds_given" = 1 ]; then
     fail "--seeds $seeds runs seeds 0 to $((seeds - 1)); give --seeds or --seed, not both"
@@ -118,23 +131,41 @@ fi
 # train_gpt.py checks the arguments itself (recipe, numbers, checkpoints, --save) before any data is
 # written or fetched; it prints its one error line and exits 2 if it would refuse the run.
 preset=()
-if [ "$has_gpu" = 0 ] || [ "$tiny" = 1 ]; then preset=(--tiny); fi
-"$PY" train_gpt.py --check-args "${preset[@]}" "${args[@]}" || exit $?
+if [ "$has_gpu" = 1 ] && [ "$tiny" = 0 ]; then launch=("$PY" -m torch.distributed.run --standalone
+                                                          --nproc_per_node="$(nvidia-smi -L | wc -l)")
+else preset=(--tiny); launch=("$PY"); fi
+# One pass per recipe of --recipes (its runs named batch-recipe-seedS, so the table finds them), or one
+# pass with the arguments as given.
+per_recipe=()
+for r in "${recipes[@]}"; do per_recipe+=("--recipe $r"); done
+[ ${#per_recipe[@]} -gt 0 ] || per_recipe=("")
+for choice in "${per_recipe[@]}"; do
+  read -r -a chosen <<< "$choice"
+  "$PY" train_gpt.py --check-args "${preset[@]}" "${chosen[@]}" "${args[@]}" || exit $?
+done
 
-if [ "$has_gpu" = 1 ] && [ "$tiny" = 0 ]; then
-  ngpu=$(nvidia-smi -L | wc -l)
-  "$PY" data/cached_fineweb10B.py "${fetch_args[@]}"
-  for ((s = 0; s < seeds; s++)); do
-    "$PY" -m torch.distributed.run --standalone --nproc_per_node="$ngpu" train_gpt.py --seed "$s" "${args[@]}"
+if [ ${#preset[@]} -eq 0 ]; then
+  for choice in "${per_recipe[@]}"; do
+    read -r -a chosen <<< "$choice"
+    "$PY" data/cached_fineweb10B.py "${chosen[@]}" "${fetch_args[@]}"
   done
+# The synthetic shards are deterministic: valid ones, enough for the preset, are kept.
+elif "$PY" data/shards.py --tiny >/dev/null 2>&1; then
+  echo "run.sh: data/synthetic/ holds valid shards for the CPU preset: kept"
 else
-  # The synthetic shards are deterministic: valid ones, enough for the preset, are kept.
-  if "$PY" data/shards.py --tiny >/dev/null 2>&1; then
-    echo "run.sh: data/synthetic/ holds valid shards for the CPU preset: kept"
-  else
-    "$PY" data/synthetic.py
-  fi
-  for ((s = 0; s < seeds; s++)); do
-    "$PY" train_gpt.py --tiny --seed "$s" "${args[@]}"
-  done
+  "$PY" data/synthetic.py
 fi
+batch="run-$(date +%Y%m%d-%H%M%S)"
+for choice in "${per_recipe[@]}"; do
+  read -r -a chosen <<< "$choice"
+  for ((s = 0; s < seeds; s++)); do
+    named=()
+    [ ${#recipes[@]} -gt 0 ] && named=(--run-id "$batch-${chosen[1]}-seed$s")
+    "${launch[@]}" train_gpt.py "${preset[@]}" --seed "$s" "${chosen[@]}" "${named[@]}" "${args[@]}"
+  done
+done
+status=0
+for r in "${recipes[@]}"; do
+  "$PY" records/stats.py --label "$r" logs/"$batch-$r"-seed*.txt || status=$?
+done
+exit $status

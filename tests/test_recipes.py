@@ -236,9 +236,11 @@ def reduced_run(recipe, data, folder, argv=(), dist_info=tg.Distributed(0, 1, 0,
         p.requires_grad_(name not in frozen)
     args = tg.parse_args(["--recipe", recipe.name, "--no-diagnostics", "--seed", str(data["seed"]), *argv])
     generator = torch.Generator().manual_seed(data["seed"])
-    run = tg.Run(args, hp, recipe, recipe.steps, dist_info, torch.device("cpu"), tg.batch_layout(hp, dist_info.world_size),
-                 tg.RunLog(None), raw_model, None, generator, generator, [shard],
-                 torch.zeros(hp.val_tokens + 1, dtype=torch.int64), None, None, 6, None, None, None, None)
+    run = tg.Run(args=args, hp=hp, recipe=recipe, steps=recipe.steps, dist=dist_info, device=torch.device("cpu"),
+                 layout=tg.batch_layout(hp, dist_info.world_size), log=tg.RunLog(None), raw_model=raw_model, model=None,
+                 generator=generator, sign_generator=generator, train_paths=[shard], first_train_shard=None,
+                 val_buffer=torch.zeros(hp.val_tokens + 1, dtype=torch.int64), probe=None, train_probe=None,
+                 probe_micro_seqs=6, units=None, init_weights=None, resume=None, aurora=None)
     run.model = GradientStandIn(run, data["parameter_names"])
     return run
 
@@ -579,3 +581,17 @@ def test_tiny_runs_fall_log_their_readouts_and_say_they_are_not_records(argv, ti
         assert " ref_gamma:-0.075 ref_step:13 raw_val_loss:" in val_lines[-1]
     else:
         assert all(" val_ema_loss:" in line for line in val_lines)
+
+
+@pytest.mark.parametrize("name", ["aurora-ema-ref", "soap-muon"])
+def test_the_shortest_horizons_scale_to_a_schedule_that_runs(name):
+    """--steps 1 to 7: constants scaled to 0 (a validation interval, a warmup) still give every step a value."""
+    with torch.device("meta"):
+        model = tg.GPT(dataclasses.replace(tg.TINY.model, **tg.RECIPES[name].model))
+    for steps in range(1, 8):
+        recipe = tg.scaled_recipe(tg.RECIPES[name], steps)
+        opts = tg.build_optimizers(model, recipe)
+        for step in range(steps + 1):
+            tg.set_schedules(opts, recipe, step)
+            assert recipe.lookahead.stepsize_at(step, recipe) >= 0
+        assert tg.validates_at(0, recipe, tg.TINY) and tg.validates_at(recipe.stop or steps, recipe, tg.TINY)

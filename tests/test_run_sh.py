@@ -29,6 +29,10 @@ RUN_SH = os.path.join(ROOT, "run.sh")
     (["--save=ck.pt", "--seeds", "3"], "run.sh: --save names one run and --seeds 3 makes 3; leave out --save "
                                        "(each run would overwrite the checkpoint of the one before)"),
     (["--setup", "--recipe", "muon"], "run.sh: --setup only installs; leave out the other arguments (--recipe muon)"),
+    (["--recipes", "aurora,soap-muon", "--recipe", "muon"], "run.sh: give --recipe NAME or --recipes A,B,..., not both"),
+    (["--recipes", "aurora soap-muon"], "run.sh: --recipes takes recipe names separated by commas, got 'aurora soap-muon'"),
+    (["--recipes", "aurora,muon", "--save", "ck.pt"], "run.sh: --save names one run and --recipes makes one per "
+                                                      "recipe and seed; leave it out"),
 ])
 def test_its_own_arguments_are_refused_with_one_line_before_setup(args, message):
     done = subprocess.run(["bash", RUN_SH, *args], capture_output=True, text=True, timeout=60)
@@ -40,14 +44,16 @@ def project_copy(folder):
     """run.sh with what it runs, in `folder`, using this environment as its .venv (nothing to install)."""
     for name in ("run.sh", "requirements.txt", "requirements-test.txt", "train_gpt.py", "optimizers.py"):
         shutil.copy(os.path.join(ROOT, name), folder / name)
-    shutil.copytree(os.path.join(ROOT, "data"), folder / "data",
-                    ignore=shutil.ignore_patterns("synthetic", "fineweb10B", "__pycache__"))
+    for name in ("data", "records"):
+        shutil.copytree(os.path.join(ROOT, name), folder / name,
+                        ignore=shutil.ignore_patterns("synthetic", "fineweb10B", "__pycache__", "20*"))
     os.symlink(os.path.dirname(os.path.dirname(sys.executable)), folder / ".venv")
 
 
 @pytest.mark.parametrize("args, message", [
     (["--tiny", "--recipe", "adam"], "argument --recipe: invalid choice: 'adam'"),
     (["--train-files", "nowhere_*.bin"], "error: --train-files 'nowhere_*.bin': the glob matches no file"),
+    (["--recipes", "aurora,adam"], "argument --recipe: invalid choice: 'adam'"),
 ])
 def test_arguments_train_gpt_refuses_are_refused_before_any_data_is_written(tmp_path, args, message):
     """train_gpt.py --check-args decides (no copy of its choices in bash), after setup, before data/synthetic.py."""
@@ -80,6 +86,22 @@ def test_a_cpu_run_keeps_valid_synthetic_shards_and_rewrites_invalid_ones(tmp_pa
     val.write_bytes(val.read_bytes()[:-100])  # truncated
     assert "wrote 3 shards" in run_sh("third")
     assert val.stat().st_size == 1024 + 2 * 1_000_000
+
+
+@pytest.mark.slow
+def test_recipes_run_every_seed_of_each_recipe_and_tabulate_them(tmp_path):
+    """bash run.sh --recipes A,B --seeds 2: four runs named by recipe and seed, then records/stats.py on each
+    recipe's (uncompiled, 3 steps each, to stay short)."""
+    project_copy(tmp_path)
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", "run.sh", "--recipes", "aurora,aurora-ema-ref", "--seeds", "2", "--tiny", "--steps",
+                           "3", "--no-diagnostics"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logs = sorted(path.name for path in (tmp_path / "logs").iterdir())
+    assert [name.split("-", 3)[-1] for name in logs] == ["aurora-ema-ref-seed0.txt", "aurora-ema-ref-seed1.txt",
+                                                         "aurora-seed0.txt", "aurora-seed1.txt"]
+    assert "== aurora (n=2): 2 run(s) from 2 log(s)" in done.stdout
+    assert "== aurora-ema-ref (n=2): 2 run(s) from 2 log(s)" in done.stdout
 
 
 def offline_setup(clone, python3_bin):
