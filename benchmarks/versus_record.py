@@ -200,7 +200,8 @@ def compare(args, work, code, edit):
           f"val), for both sides; {args.steps} steps, {TRIALS} trials each, one process under torchrun")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     ours_command = [*torchrun, str(ROOT / "train_gpt.py"), "--recipe", args.recipe, "--steps", str(args.steps),
-                    "--trials", str(TRIALS), "--device", args.device, "--no-diagnostics", "--run-id", "ours", "--overwrite",
+                    "--trials", str(TRIALS), "--device", args.device, "--no-diagnostics", "--run-id", "ours",
+                    "--overwrite",
                     "--train-files", str(data / "fineweb_train_*.bin"), "--val-files", str(data / "fineweb_val_*.bin")]
     if args.tiny:
         ours_command.append("--tiny")

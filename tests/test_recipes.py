@@ -462,6 +462,26 @@ def test_bad_recipe_combinations_are_refused_with_one_error_line(argv, message):
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("error:") == 1, result.stderr
 
 
+def test_stop_at_after_the_recipes_own_stop_is_refused():
+    result = check_args("--recipe", "aurora-ema-ref", "--stop-at", "2870")
+    assert result.returncode == 2 and result.stderr == ("error: --stop-at 2870: after recipe aurora-ema-ref's own stop at "
+                                                       "step 2860 of 2900; give a step up to 2860\n")
+    assert check_args("--recipe", "aurora-ema-ref", "--stop-at", "2860").returncode == 0
+
+
+def test_every_parameter_needs_a_group(monkeypatch):
+    """A model option a recipe was not written for (here: a recipe whose groups miss the MLP's up projection
+    under SwiGLU) is refused before any work, naming the parameters left without an optimizer."""
+    muon = tg.RECIPES["muon"]
+    narrow = dataclasses.replace(muon, name="narrow", optimizers=(muon.optimizers[0], dataclasses.replace(
+        muon.optimizers[1], groups=(tg.Group("matrices", ("blocks.*.attn.*.weight", "blocks.*.mlp.fc.weight",
+                                                          "blocks.*.mlp.proj.weight"), 0.025),))))
+    monkeypatch.setitem(tg.RECIPES, "narrow", narrow)
+    args = tg.parse_args(["--recipe", "narrow", "--mlp", "swiglu"])
+    with pytest.raises(tg.SetupError, match=r"recipe narrow has no optimizer group for blocks\.0\.mlp\.up\.weight"):
+        tg.resolve_recipe(args, tg.resolve_hyperparameters(args))
+
+
 def test_aurora_needs_a_recipe_with_a_polar_step(monkeypatch):
     adam_only = dataclasses.replace(tg.RECIPES["muon"], name="adam-only", optimizers=(
         tg.OptimizerSpec("AdamW", (tg.Group("all", ("*",), 0.001),)),))
