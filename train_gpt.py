@@ -1902,7 +1902,7 @@ def resume_settings(args):
     """The flags that set a run's course beyond its recipe, T, model and batch: a checkpoint records them and
     a run that resumes it must give the same."""
     return {"seed": args.seed, "data_seed": args.data_seed, "aux_from": args.aux_from,
-            "freeze_mlp_scalars": args.freeze_mlp_scalars}
+            "freeze_mlp_scalars": args.freeze_mlp_scalars, "aurora": args.aurora, "aurora_form": args.aurora_form}
 
 
 def checkpoint_state(run, trial, step):
@@ -1999,7 +1999,7 @@ def check_resumable(checkpoint, path, args, recipe, steps, hp):
     if args.stop_at and args.stop_at <= step:
         raise SetupError(f"--stop-at {args.stop_at}: the checkpoint {path} is at step {step} already, so nothing "
                          f"would be trained; give a later step (up to --steps {steps})")
-    if step == steps and checkpoint["trial"] == args.trials - 1:
+    if step == (recipe.stop or steps) and checkpoint["trial"] == args.trials - 1:
         raise SetupError(f"--resume {path}: the saved run ended there (step {step} of its last trial), so nothing "
                          f"would be trained; give a checkpoint from before its end")
 

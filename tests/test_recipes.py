@@ -196,8 +196,9 @@ def test_initialization_equals_the_records_bit_for_bit(reference):
 # ----------------------------------------------------------------------------------------------
 
 class GradientStandIn(torch.nn.Module):
-    """The forward pass of train_step, replaced as make_reference.py replaces the record's: its loss
-    sum(W * G) gives every trained parameter exactly the synthetic gradient G of the run's step."""
+    """The forward pass of train_step, replaced as make_reference.py replaces the record's: it sets every
+    trained parameter's gradient to the synthetic gradient of the run's step (one micro-batch a step) and
+    returns a zero loss whose backward changes nothing."""
 
     def __init__(self, run, record_names):
         super().__init__()
@@ -205,12 +206,10 @@ class GradientStandIn(torch.nn.Module):
         self.index = {our_name(name): i for i, name in enumerate(record_names)}
 
     def forward(self, inputs, targets):
-        loss = torch.zeros(())
         for name, p in self.run.raw_model.named_parameters():
             if p.requires_grad:
-                g = synthetic_gradient(self.run.step, self.index[name], p.shape, p.dtype)
-                loss = loss + (p * g).sum().float()
-        return loss
+                p.grad = synthetic_gradient(self.run.step, self.index[name], p.shape, p.dtype)
+        return torch.zeros((), requires_grad=True)
 
 
 def write_shard(path, tokens):
@@ -398,7 +397,12 @@ def test_gloo_ranks_save_the_same_state_as_one_process(record, tmp_path):
     """2 and 3 gloo ranks: every matrix updated by its owner, the lookahead's pieces gathered, the readout's
     pieces, the checkpoint gathered on rank 0: the same bits as one process."""
     from test_optimizers import run_on_gloo_ranks
-    alone = short_run_checkpoint(record, str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each gloo rank runs (CPU kernels split their sums by thread count)
+    try:
+        alone = short_run_checkpoint(record, str(tmp_path))
+    finally:
+        torch.set_num_threads(threads)
     for world_size in (2, 3):
         folder = tmp_path / f"world{world_size}"
         folder.mkdir()
@@ -577,16 +581,17 @@ def tiny_shards(tmp_path_factory):
     return ["--train-files", str(folder / "synthetic_train_*.bin"), "--val-files", str(folder / "synthetic_val_*.bin")]
 
 
-TINY_STEPS = 16  # the CPU preset on a 16-step horizon: every step constant scaled by 16/2900
+TINY_STEPS = 8  # the CPU preset on an 8-step horizon: every step constant scaled by 8/2900
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["--recipe", "aurora-ema-ref"], ["--recipe", "soap-muon"],
                                   ["--recipe", "soap-muon", "--aurora", "mlp.proj"]])
-def test_tiny_runs_fall_log_their_readouts_and_say_they_are_not_records(argv, tiny_shards, tmp_path):
-    from test_train_gpt import run_trainer, split_log
-    run_trainer(["--tiny", "--steps", str(TINY_STEPS), "--no-diagnostics", "--run-id", "r", *argv, *tiny_shards],
-                cwd=tmp_path, threads=1)
+def test_tiny_runs_fall_log_their_readouts_and_say_they_are_not_records(argv, tiny_shards, tmp_path, monkeypatch):
+    """train_gpt.main in this process (uncompiled, as the eager fixture sets), from argument checks to the log."""
+    from test_train_gpt import split_log
+    monkeypatch.chdir(tmp_path)
+    assert tg.main(["--tiny", "--device", "cpu", "--steps", str(TINY_STEPS), "--no-diagnostics", "--run-id", "r",
+                    *argv, *tiny_shards]) == 0
     code, lines = split_log((tmp_path / "logs" / "r.txt").read_text())
     assert "class MuonChain" in code and "def record_init" in code  # the code that ran, optimizers inlined
     val_lines = [line for line in lines if line.startswith("step:")]
@@ -596,9 +601,9 @@ def test_tiny_runs_fall_log_their_readouts_and_say_they_are_not_records(argv, ti
     assert '"is_record_recipe": false' in config
     if "--aurora" in argv:
         assert '"aurora=' in config  # named in the differences from the record
-    if argv[1] == "aurora-ema-ref":  # stops at round(2860 * 16 / 2900) = 16, the readout applies from step 16
+    if argv[1] == "aurora-ema-ref":  # stops at round(2860 * 8 / 2900) = 8; the readout applies from round(2850 ...) = 8
         assert all(" ema_beta:" in line for line in val_lines)
-        assert " ref_gamma:-0.075 ref_step:13 raw_val_loss:" in val_lines[-1]
+        assert " ref_gamma:-0.075 ref_step:7 raw_val_loss:" in val_lines[-1]
     else:
         assert all(" val_ema_loss:" in line for line in val_lines)
 
@@ -615,3 +620,16 @@ def test_the_shortest_horizons_scale_to_a_schedule_that_runs(name):
             tg.set_schedules(opts, recipe, step)
             assert recipe.lookahead.stepsize_at(step, recipe) >= 0
         assert tg.validates_at(0, recipe, tg.TINY) and tg.validates_at(recipe.stop or steps, recipe, tg.TINY)
+
+
+def test_resuming_a_run_that_ended_at_its_recipes_stop_is_refused():
+    """aurora-ema-ref stops before its horizon (99 of 100 here): a checkpoint of its last step has nothing left."""
+    args = tg.parse_args(["--tiny", "--recipe", "aurora-ema-ref", "--steps", "100", "--resume", "x.pt"])
+    recipe, steps, hp, _ = tg.resolve_recipe(args, tg.resolve_hyperparameters(args))
+    assert (recipe.stop, steps) == (99, 100)
+    checkpoint = {"stream": {}, "recipe": recipe.name, "steps": steps, "model_config": dataclasses.asdict(hp.model),
+                  "batch_tokens": hp.batch_tokens, "trial": 0, "step": recipe.stop,
+                  "model": tg.GPT(hp.model).state_dict(), **tg.resume_settings(args)}
+    with pytest.raises(tg.SetupError, match="the saved run ended there"):
+        tg.check_resumable(checkpoint, "x.pt", args, recipe, steps, hp)
+    tg.check_resumable({**checkpoint, "step": recipe.stop - 1}, "x.pt", args, recipe, steps, hp)

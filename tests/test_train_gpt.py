@@ -1704,6 +1704,7 @@ def test_mismatched_checkpoint_is_refused_naming_what_differs(tiny_run, data_arg
     (["--data-seed", "3"], "data_seed None (this run: 3)"),
     (["--aux-from", "muon"], "aux_from None (this run: 'muon')"),
     (["--freeze-mlp-scalars"], "freeze_mlp_scalars False (this run: True)"),
+    (["--aurora", "tall"], "aurora None (this run: 'tall')"),  # other param groups: the state would not fit
 ])
 def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(tiny_run, data_args, tmp_path, monkeypatch, capsys,
                                                                flags, problem):
@@ -1721,18 +1722,19 @@ def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(tiny_run, data_ar
 
 def test_a_checkpoint_saved_before_the_settings_were_recorded_resumes_and_the_log_says_so(tiny_run, data_args,
                                                                                          tmp_path, monkeypatch):
-    """Its seed, data seed, --aux-from and --freeze-mlp-scalars are unknown: taken from the command line,
+    """Its seed, data seed, --aux-from, --freeze-mlp-scalars and --aurora are unknown: taken from the command line,
     listed as unchecked in the config line."""
     monkeypatch.chdir(tmp_path)
     checkpoint = tiny_checkpoint(tiny_run)
-    for name in ("seed", "data_seed", "aux_from", "freeze_mlp_scalars"):
+    unchecked = ["seed", "data_seed", "aux_from", "freeze_mlp_scalars", "aurora", "aurora_form"]
+    for name in unchecked:
         del checkpoint[name]
     torch.save(checkpoint, tmp_path / "old.pt")
     with torch._dynamo.config.patch(disable=True):
         assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", "old.pt", "--seed", "1",
                         "--run-id", "old", "--no-diagnostics", *data_args]) == 0
     _, lines = split_log((tmp_path / "logs" / "old.txt").read_text())
-    assert events(lines, "config")[0]["resume_unchecked"] == ["seed", "data_seed", "aux_from", "freeze_mlp_scalars"]
+    assert events(lines, "config")[0]["resume_unchecked"] == unchecked
     assert [step for step, _, _ in val_records(lines)] == [STEPS, 0, STEPS]  # trial 0 resumed at its end, trial 1
 
 
