@@ -65,43 +65,36 @@ def test_arguments_train_gpt_refuses_are_refused_before_any_data_is_written(tmp_
 
 
 @pytest.mark.slow
-def test_a_cpu_run_keeps_valid_synthetic_shards_and_rewrites_invalid_ones(tmp_path):
-    """bash run.sh wrote data/synthetic/ again on every CPU run; now only when data/shards.py --tiny finds the
-    shards missing, invalid or too few. One uncompiled step per run keeps the test short."""
+def test_cpu_runs_tabulate_recipes_and_keep_valid_synthetic_shards(tmp_path):
+    """bash run.sh --recipes A,B --seeds 2 trains every seed of each recipe (runs named by recipe and seed) and
+    then runs records/stats.py on each recipe's, writing data/synthetic/ first. Later CPU runs keep the shards
+    when data/shards.py --tiny finds them valid and enough (run.sh wrote them again on every CPU run) and
+    write them again when they are not. Uncompiled; one step a run, and --check-args for the later runs
+    (run.sh decides about the data before it starts the trainer), to keep the test short."""
     project_copy(tmp_path)
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS="1")
     shards = tmp_path / "data" / "synthetic"
 
-    def run_sh(run_id):
-        done = subprocess.run(["bash", "run.sh", "--tiny", "--steps", "1", "--no-diagnostics", "--run-id", run_id],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    def run_sh(*args):
+        done = subprocess.run(["bash", "run.sh", "--tiny", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
-    assert "wrote 3 shards" in run_sh("first")
-    written = {path.name: path.stat().st_mtime_ns for path in shards.iterdir()}
-    assert "run.sh: data/synthetic/ holds valid shards for the CPU preset: kept" in run_sh("second")
-    assert {path.name: path.stat().st_mtime_ns for path in shards.iterdir()} == written
-    val = shards / "synthetic_val_000000.bin"
-    val.write_bytes(val.read_bytes()[:-100])  # truncated
-    assert "wrote 3 shards" in run_sh("third")
-    assert val.stat().st_size == 1024 + 2 * 1_000_000
-
-
-@pytest.mark.slow
-def test_recipes_run_every_seed_of_each_recipe_and_tabulate_them(tmp_path):
-    """bash run.sh --recipes A,B --seeds 2: four runs named by recipe and seed, then records/stats.py on each
-    recipe's (uncompiled, 1 step each, to stay short)."""
-    project_copy(tmp_path)
-    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run(["bash", "run.sh", "--recipes", "aurora,aurora-ema-ref", "--seeds", "2", "--tiny", "--steps",
-                           "1", "--no-diagnostics"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tables = run_sh("--recipes", "aurora,aurora-ema-ref", "--seeds", "2", "--steps", "1", "--no-diagnostics")
+    assert "wrote 3 shards" in tables
     logs = sorted(path.name for path in (tmp_path / "logs").iterdir())
     assert [name.split("-", 3)[-1] for name in logs] == ["aurora-ema-ref-seed0.txt", "aurora-ema-ref-seed1.txt",
                                                          "aurora-seed0.txt", "aurora-seed1.txt"]
-    assert "== aurora (n=2): 2 run(s) from 2 log(s)" in done.stdout
-    assert "== aurora-ema-ref (n=2): 2 run(s) from 2 log(s)" in done.stdout
+    assert "== aurora (n=2): 2 run(s) from 2 log(s)" in tables
+    assert "== aurora-ema-ref (n=2): 2 run(s) from 2 log(s)" in tables
+    written = {path.name: path.stat().st_mtime_ns for path in shards.iterdir()}
+    assert "run.sh: data/synthetic/ holds valid shards for the CPU preset: kept" in run_sh("--check-args")
+    assert {path.name: path.stat().st_mtime_ns for path in shards.iterdir()} == written
+    val = shards / "synthetic_val_000000.bin"
+    val.write_bytes(val.read_bytes()[:-100])  # truncated
+    assert "wrote 3 shards" in run_sh("--check-args")
+    assert val.stat().st_size == 1024 + 2 * 1_000_000
 
 
 def offline_setup(clone, python3_bin):
