@@ -674,11 +674,24 @@ def batch_layout(hp, world_size, ranks_are="processes"):
 # Model (docs/benchmark.md#model) and initialization (docs/benchmark.md#initialization)
 
 
-class Linear(nn.Linear):
+class WeightlessInit:
+    """A model built on the meta device (for shapes alone: argument checks, plans) skips torch's default random
+    init: there is nothing to draw into, and torch's first meta draw imports its reference ops (0.6 s)."""
+
+    def reset_parameters(self):
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
+class Linear(WeightlessInit, nn.Linear):
     """fp32 weights cast to the activation dtype at use, so the forward runs in bf16."""
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class Embedding(WeightlessInit, nn.Embedding):
+    pass
 
 
 class RMSNorm(nn.Module):
@@ -695,11 +708,12 @@ class RMSNorm(nn.Module):
 
 def rotary_tables(head_dim, seq_len):
     """Half-truncated rotary: d/4 frequencies (1/1024)^(j/(d/4-1)), then d/4 zeros (unrotated pairs).
-    The exponents come from linspace, as in the record: arange/(d/4-1) rounds some of them differently."""
+    The exponents come from linspace, as in the record: arange/(d/4-1) rounds some of them differently.
+    Computed on the CPU (the model moves them with itself), also for a model built on the meta device."""
     quarter = head_dim // 4
-    freqs = (1 / 1024) ** torch.linspace(0, 1, quarter, dtype=torch.float32)
+    freqs = (1 / 1024) ** torch.linspace(0, 1, quarter, dtype=torch.float32, device="cpu")
     freqs = torch.cat([freqs, freqs.new_zeros(quarter)])
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device="cpu"), freqs)
     return angles.cos(), angles.sin()
 
 
@@ -778,7 +792,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.model_dim, dtype=torch.bfloat16)
+        self.embed = Embedding(config.vocab_size, config.model_dim, dtype=torch.bfloat16)
         self.norm_a = RMSNorm(config.model_dim, config.norm_float32)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm_b = RMSNorm(config.model_dim, config.norm_float32)
