@@ -1531,20 +1531,28 @@ class BiasFreeAdam(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                state["exp_avg_sq"].lerp_(p.grad.float().square(), 1 - beta2)
-                direction = (state["exp_avg"].float() / (state["exp_avg_sq"].sqrt() + group["eps"])).to(p.dtype)
-                if found_inf is None:
-                    p.add_(direction, alpha=-group["lr"])
-                else:  # GradScaler's protocol: no step while found_inf is set, without a host sync
-                    p.copy_(torch.where(found_inf == 0, p.add(direction, alpha=-group["lr"]), p))
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            # One list operation per step of the update (each is the tensor operation, tensor by tensor).
+            exp_avgs = [self.state[p]["exp_avg"] for p in params]
+            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+            grads = [p.grad.float() for p in params]
+            torch._foreach_lerp_(exp_avgs, [p.grad for p in params], 1 - beta1)
+            torch._foreach_lerp_(exp_avg_sqs, torch._foreach_pow(grads, 2), 1 - beta2)
+            denominators = torch._foreach_add(torch._foreach_sqrt(exp_avg_sqs), group["eps"])
+            directions = [d.to(p.dtype) for d, p in
+                          zip(torch._foreach_div([m.float() for m in exp_avgs], denominators), params)]
+            if found_inf is None:
+                torch._foreach_add_(params, directions, alpha=-group["lr"])
+            else:  # GradScaler's protocol: no step while found_inf is set, without a host sync
+                stepped = torch._foreach_add(params, directions, alpha=-group["lr"])
+                for p, new in zip(params, stepped):
+                    p.copy_(torch.where(found_inf == 0, new, p))
         return loss
 
 
@@ -1632,22 +1640,21 @@ class EMANesterov:
         self.params = list(params)
         self.ema = ema
         self.pieces = Pieces(self.params)
-        self.previous = [piece.clone() for piece in self.pieces.mine()]
+        self.own = self.pieces.mine()  # views of this rank's pieces of the parameters (updated in place)
+        self.previous = [piece.clone() for piece in self.own]
         self.buffer = [torch.zeros_like(piece) for piece in self.previous]
 
     @torch.no_grad()
     def look_ahead(self, stepsize):
         if stepsize == 0:
             return
-        for piece, buffer in zip(self.pieces.mine(), self.buffer):
-            piece.add_(buffer, alpha=stepsize)
+        torch._foreach_add_(self.own, self.buffer, alpha=stepsize)
         self.pieces.gather_()
 
     @torch.no_grad()
     def accumulate(self):
-        for piece, previous, buffer in zip(self.pieces.mine(), self.previous, self.buffer):
-            buffer.lerp_(piece.add(previous, alpha=-1), 1 - self.ema)
-            previous.copy_(piece)
+        torch._foreach_lerp_(self.buffer, torch._foreach_add(self.own, self.previous, alpha=-1), 1 - self.ema)
+        torch._foreach_copy_(self.previous, self.own)
 
     def state_dict(self):
         """Whole tensors, as one process keeps them (a collective)."""

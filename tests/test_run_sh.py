@@ -3,6 +3,7 @@ whose python3 is a virtualenv that already holds torch (as on the GPU machine), 
 reach any package index, reuses that torch and installs nothing; when that python3 lacks the optional
 packages (matplotlib, pytest), setup names them with the command to add them and still succeeds."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -88,6 +89,8 @@ def test_cpu_runs_tabulate_recipes_and_keep_valid_synthetic_shards(tmp_path):
                                                          "aurora-seed0.txt", "aurora-seed1.txt"]
     assert "== aurora (n=2): 2 run(s) from 2 log(s)" in tables
     assert "== aurora-ema-ref (n=2): 2 run(s) from 2 log(s)" in tables
+    seeds = {name: events_of(tmp_path / "logs" / name)["seed"] for name in logs}
+    assert sorted(seeds.values()) == [0, 0, 1, 1] and all(name.endswith(f"seed{s}.txt") for name, s in seeds.items())
     written = {path.name: path.stat().st_mtime_ns for path in shards.iterdir()}
     assert "run.sh: data/synthetic/ holds valid shards for the CPU preset: kept" in run_sh("--check-args")
     assert {path.name: path.stat().st_mtime_ns for path in shards.iterdir()} == written
@@ -95,6 +98,12 @@ def test_cpu_runs_tabulate_recipes_and_keep_valid_synthetic_shards(tmp_path):
     val.write_bytes(val.read_bytes()[:-100])  # truncated
     assert "wrote 3 shards" in run_sh("--check-args")
     assert val.stat().st_size == 1024 + 2 * 1_000_000
+
+
+def events_of(log):
+    """The config record of a run's log."""
+    line = next(line for line in log.read_text().splitlines() if line.startswith("config "))
+    return json.loads(line[len("config "):])
 
 
 def offline_setup(clone, python3_bin):
