@@ -640,7 +640,17 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: polar_backend must be one of "
                              f"{sorted(POLAR_BACKENDS)}, got {defaults['polar_backend']!r}")
         super().__init__(params, defaults)
-        self._compiled_update_math = torch.compile(type(self).update_math, dynamic=False)
+        self._compiled_update_math = None  # made by the first compiled step
+
+    def update_math_now(self):
+        """update_math as torch would run it now: compiled, or the function itself while compiling is off
+        (torch._dynamo.config.disable, which torch checks at every call of a compiled function; wrapping it
+        anyway would cost every uncompiled process inductor's import, over a second)."""
+        if torch._dynamo.config.disable:
+            return type(self).update_math
+        if self._compiled_update_math is None:
+            self._compiled_update_math = torch.compile(type(self).update_math, dynamic=False)
+        return self._compiled_update_math
 
     def add_param_group(self, param_group):
         """torch.optim's, plus refusing what the matrix math cannot take (named in the error: pass
@@ -931,7 +941,7 @@ class Muon(_ShardedOrthogonalOptimizer):
                                       nesterov=nesterov, polar_backend=polar_backend))
 
     def run_update_math(self, group, u, weights, stacked):
-        update, leverage = self._compiled_update_math(u, POLAR_BACKENDS[group["polar_backend"]])
+        update, leverage = self.update_math_now()(u, POLAR_BACKENDS[group["polar_backend"]])
         return update, with_leverage({}, leverage)
 
 
@@ -959,7 +969,7 @@ class NorMuon(_ShardedOrthogonalOptimizer):
         return state
 
     def run_update_math(self, group, u, weights, stacked):
-        update, second_moment, leverage = self._compiled_update_math(
+        update, second_moment, leverage = self.update_math_now()(
             u, stacked["second_moment"], group["beta2"], group["u_normuon"],
             POLAR_BACKENDS[group["polar_backend"]])
         return update, with_leverage({"second_moment": second_moment}, leverage)
@@ -1017,7 +1027,7 @@ class Aurora(_ShardedOrthogonalOptimizer):
     def run_update_math(self, group, u, weights, stacked):
         if weights is not None and group["weight_decay"] != 0:  # the floor sees W after this step's decay, as the parameters get it
             weights = weights * (1 - group["lr"] * group["weight_decay"])
-        update, leverage = self._compiled_update_math(
+        update, leverage = self.update_math_now()(
             u, weights, group["pp_iterations"], group["pp_beta"], group["contra"], group["uw_floor"],
             group["variant"], POLAR_BACKENDS[group["polar_backend"]],
             takes_aurora_polar(group["orientation"], u.size(-2), u.size(-1)))

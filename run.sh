@@ -74,20 +74,11 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then 
 
 PY=.venv/bin/python
 [ -x "$PY" ] || python3 -m venv .venv
-# Reuse a working torch: when python3 imports torch (any build; python3 may itself be a virtualenv
-# holding the machine's CUDA torch, which `venv --system-site-packages` would not see), .venv gets
-# python3's site directories behind its own through a .pth file, so torch is never installed twice.
-if ! "$PY" -c "import torch" >/dev/null 2>&1 && python3 -c "import torch" >/dev/null 2>&1; then
-  python3 -c 'import site
-dirs = ([site.getusersitepackages()] if site.ENABLE_USER_SITE else []) + site.getsitepackages()
-print("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in dirs))' \
-    > "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/python3-site-packages.pth"
-  echo "run.sh: .venv uses the torch of python3 ($(command -v python3)): $("$PY" -c 'import torch; print(torch.__version__)')"
-fi
 # Install only the requirements .venv cannot import (a package imports under its name with '-' as
 # '_', e.g. pytest-timeout as pytest_timeout): with everything present pip never runs, so no package
 # index is contacted.
-missing=$("$PY" - requirements-test.txt <<'EOF'
+missing_requirements() {
+  "$PY" - requirements-test.txt <<'EOF'
 import importlib, os, re, sys
 
 def requirements(path):
@@ -102,11 +93,24 @@ for spec in requirements(sys.argv[1]):
     name = re.match(r"[A-Za-z0-9_.-]+", spec)[0]
     try:
         importlib.import_module(name.replace("-", "_"))
-    except ImportError:
+    except Exception:  # ImportError, or a broken build (an OSError from its libraries, say)
         # torch pinned so that pip takes the CPU build where one lies on disk, not a multi-GB CUDA build.
         print("torch==2.13.0" if name == "torch" else spec)
 EOF
-)
+}
+missing=$(missing_requirements)
+# Reuse a working torch: when .venv cannot import torch but python3 can (any build; python3 may itself
+# be a virtualenv holding the machine's CUDA torch, which `venv --system-site-packages` would not see),
+# .venv gets python3's site directories behind its own through a .pth file, so torch is never installed
+# twice.
+if grep -qx "torch==2.13.0" <<< "$missing" && python3 -c "import torch" >/dev/null 2>&1; then
+  python3 -c 'import site
+dirs = ([site.getusersitepackages()] if site.ENABLE_USER_SITE else []) + site.getsitepackages()
+print("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in dirs))' \
+    > "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/python3-site-packages.pth"
+  echo "run.sh: .venv uses the torch of python3 ($(command -v python3)): $("$PY" -c 'import torch; print(torch.__version__)')"
+  missing=$(missing_requirements)
+fi
 # Training needs the rest; matplotlib only plots (records/stats.py --plot) and the lines of
 # requirements-test.txt itself only test and analyse. Offline, or with no index that has them, setup
 # says so and goes on.

@@ -1299,7 +1299,8 @@ def record_differences(hp, recipe, steps, init_from, aurora=None):
                                (aurora["matrices"] and aurora["backend"] != aurora["record_backend"])):
         differences.append(f"aurora={aurora['pattern']!r} in record #{aurora['form']}'s form on "
                            f"{len(aurora['matrices'])} matrices (record: {recipe.aurora[0]!r}, "
-                           f"{len(aurora['record_matrices'])} matrices, {aurora['record_backend']})")
+                           f"{len(aurora['record_matrices'])} matrices"
+                           f"{', polar ' + aurora['record_backend'] if aurora['record_matrices'] else ''})")
     if init_from:
         differences.append(f"init_from={init_from!r} (record: fresh initialization)")
     return differences
@@ -2378,6 +2379,13 @@ def compile_is_active():
     return not torch._dynamo.config.disable and torch.compile(probe) is not probe
 
 
+def compiled_if_active(module):
+    """torch.compile(module) where torch compiles in this process, else the module itself, which is what
+    the compiled wrapper would run (wrapping it anyway costs an uncompiled start inductor's import, over a
+    second)."""
+    return torch.compile(module, dynamic=False) if compile_is_active() else module
+
+
 def knob_differences(args):
     """The research knobs of docs/diagnostics.md#knobs-that-separate-the-causes that this run sets."""
     knobs = [("freeze_mlp_scalars", "trained"), ("aux_from", "the recipe's own AdamW groups"),
@@ -2518,7 +2526,7 @@ def main(argv=None):
         # Record #46 draws its gain signs from the run device's default generator, seeded as the record seeds it.
         sign_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(args.seed)
         run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
-                  torch.compile(distributed_model(raw_model, device, even_alone=args.ddp), dynamic=False),
+                  compiled_if_active(distributed_model(raw_model, device, even_alone=args.ddp)),
                   generator, sign_generator, train_paths, first_train_shard, val_buffer, probe, train_probe,
                   hp.micro_batch_seqs, units, init_weights, resume, aurora and (aurora["matrices"], aurora["backend"]))
         for trial in range(resume["trial"] if resume else 0, args.trials):

@@ -1,7 +1,9 @@
 """Tests of data/: shard format, downloader (hub client monkeypatched), tokenizer, synthetic shards."""
 
+import contextlib
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -121,8 +123,16 @@ def write_folder(folder, val_tokens, train_sizes):
 
 
 def run_listing(*args):
-    return subprocess.run([sys.executable, os.path.join(DATA_DIR, "shards.py"), *map(str, args)],
-                          capture_output=True, text=True)
+    """`python data/shards.py ARGS` as its main runs it, in this process (the command's start costs a torch
+    import): its exit status and what it printed."""
+    argv = list(map(str, args))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = shards.main(argv)
+        except SystemExit as exit_:  # argparse's refusals
+            status = exit_.code
+    return subprocess.CompletedProcess(["shards.py", *argv], status, out.getvalue(), err.getvalue())
 
 
 def test_listing_command_counts_validity_and_sufficiency(tmp_path):

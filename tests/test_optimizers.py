@@ -812,9 +812,11 @@ def test_found_inf_gate_changes_nothing_when_clear_and_everything_when_set():
             assert all(torch.equal(a, b) for a, b in zip(before, params)), (cls.__name__, bad)
 
 
-def full_model_problem(width=32, layers=12, steps=2, seed=3):
+def full_model_problem(width=32, layers=5, steps=2, seed=3):
     """The hidden matrices of train_gpt's GPT in its order (per block q, k, v, attention proj: d x d;
-    MLP fc: 4d x d; MLP proj: d x 4d) at a reduced width, with rows of very different scales."""
+    MLP fc: 4d x d; MLP proj: d x 4d) at a reduced width and depth, with rows of very different scales.
+    5 layers make buckets of 20 and 10 matrices, which 4 and 8 ranks split unevenly (on 8, ranks left
+    with no member), where 12 layers split evenly on each world size tested."""
     d = width
     shapes = [(d, d)] * 4 + [(4 * d, d), (d, 4 * d)]
     shapes = shapes * layers
@@ -889,7 +891,7 @@ def test_joined_transposes_give_bit_identical_steps_in_one_process(one_process_b
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_gloo_ranks_give_bit_identical_steps_for_both_bucketings(tmp_path, world_size, one_process_bucketings):
     """1 process against 2, 4 and 8 gloo processes, each with both bucketings, on the full model's
-    shapes at width 32: every rank ends with the parameters and state of the single process."""
+    shapes at width 32 and 5 layers: every rank ends with the parameters and state of the single process."""
     mp.spawn(bucketings_worker, args=(world_size, str(tmp_path / "store"), str(tmp_path)),
              nprocs=world_size, join=True)
     for rank in range(world_size):
@@ -904,6 +906,10 @@ def test_gloo_ranks_give_bit_identical_steps_for_both_bucketings(tmp_path, world
 
 @pytest.mark.slow
 def test_compiled_matches_eager_and_lr_changes_do_not_recompile():
+    """Compiled and eager agree to the precision of the bfloat16 polar: inductor fuses its steps and rounds
+    elsewhere, so three steps' displacements differ by about 0.7% (2 bfloat16 eps); the bound is 2^-6. The
+    eager side runs the function itself (update_math_now): a compiled wrapper called with compiling off
+    still ran the code dynamo had compiled for it, which made this comparison compiled against compiled."""
     torch._dynamo.reset()
     weights = [0.1 * well_conditioned((40, 8), 14)]
     grads = [[well_conditioned((40, 8), 15 + i)] for i in range(3)]
@@ -919,14 +925,16 @@ def test_compiled_matches_eager_and_lr_changes_do_not_recompile():
             for step_grads in grads[1:]:
                 params[0].grad = step_grads[0].clone()
                 opt.step()
-        return params[0].detach()
+        return params[0].detach(), opt
 
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(disable=False):
-        compiled = three_steps_with_lr_change()
+        compiled, compiling = three_steps_with_lr_change()
+    assert compiling._compiled_update_math is not None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before + 1
-    eager = three_steps_with_lr_change()
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+    eager, eager_opt = three_steps_with_lr_change()
+    assert eager_opt._compiled_update_math is None  # no compiled code ran
+    assert (compiled - eager).norm() <= 2 ** -6 * (eager - weights[0]).norm()
     torch._dynamo.reset()
 
 

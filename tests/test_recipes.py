@@ -523,6 +523,16 @@ def test_is_record_only_for_the_records_full_configuration(argv, is_record):
         assert any(d.startswith("aurora=") for d in differences)
 
 
+def test_the_aurora_difference_names_both_choices():
+    def said(argv):
+        recipe, steps, hp, aurora = aurora_run(argv)
+        return next(d for d in tg.record_differences(hp, recipe, steps, None, aurora) if d.startswith("aurora="))
+    assert said(["--recipe", "soap-muon", "--aurora", "mlp.proj"]) == (
+        "aurora='mlp.proj' in record #17's form on 12 matrices (record: 'none', 0 matrices)")
+    assert said(["--recipe", "aurora-ema-ref", "--aurora", "none"]) == (
+        "aurora='none' in record #17's form on 0 matrices (record: 'mlp.proj', 12 matrices, polar aurora_schatten)")
+
+
 def updated_weights(recipe_name, argv=(), steps=2):
     """The weights after `steps` steps of the recipe's optimizers (with argv's --aurora) on a small model with
     every weight random, from fixed random gradients."""

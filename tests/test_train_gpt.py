@@ -1508,7 +1508,7 @@ def test_stop_at_follows_the_long_schedule_and_ends_early(data_args, tmp_path, m
 
 # ---- checkpoints: --resume, --save-every, --init-from, --save ----
 
-RESUME_STEPS = 20  # validates at 0 and 20; periodic checkpoints at 5, 10 and 15
+RESUME_STEPS = 8  # validates at 0 and 8; periodic checkpoints at 2, 4 and 6
 
 
 @pytest.fixture(scope="module")
@@ -1537,7 +1537,7 @@ def assert_identical(a, b, where="checkpoint"):
 
 
 def straight_and_resumed(data_args, folder, launcher=(), compiled=False, threads=None):
-    """RESUME_STEPS steps straight (saving every 5, keeping 2), then the same run resumed from its step-10
+    """RESUME_STEPS steps straight (saving every 2, keeping 2), then the same run resumed from its step-4
     checkpoint. Returns (straight checkpoint, resumed checkpoint, straight lines, resumed lines)."""
     env = uncompiled_env(threads)
     if compiled:
@@ -1548,11 +1548,11 @@ def straight_and_resumed(data_args, folder, launcher=(), compiled=False, threads
         result = run_bounded([sys.executable, *launcher, TRAIN_GPT, *common, *args], 900, cwd=folder, env=env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-    run(["--run-id", "straight", "--save", "s.pt", "--save-every", "5", "--keep-last", "2"])
-    # --keep-last 2: of the periodic checkpoints at 5, 10 and 15 the newest two stay; the final one is s.pt.
-    assert sorted(p.name for p in folder.glob("s*.pt")) == ["s.pt", "s.step10.pt", "s.step15.pt"]
+    run(["--run-id", "straight", "--save", "s.pt", "--save-every", "2", "--keep-last", "2"])
+    # --keep-last 2: of the periodic checkpoints at 2, 4 and 6 the newest two stay; the final one is s.pt.
+    assert sorted(p.name for p in folder.glob("s*.pt")) == ["s.pt", "s.step4.pt", "s.step6.pt"]
     assert not list(folder.glob("*.tmp"))
-    run(["--run-id", "resumed", "--resume", "s.step10.pt", "--save", "r.pt"])
+    run(["--run-id", "resumed", "--resume", "s.step4.pt", "--save", "r.pt"])
     lines = [split_log((folder / "logs" / f"{name}.txt").read_text())[1] for name in ("straight", "resumed")]
     return (torch.load(folder / "s.pt", weights_only=True), torch.load(folder / "r.pt", weights_only=True), *lines)
 
@@ -1564,8 +1564,8 @@ def test_resume_is_bit_identical_to_a_straight_run(long_data_args, tmp_path):
     assert straight["step"] == RESUME_STEPS and straight["stream"]["pos"] == RESUME_STEPS * TINY_BATCH
     assert set(straight["optimizers"][1]["state"][0]) == {"momentum_buffer"}  # Aurora's state, not AdamW's
     assert "exp_avg" in straight["optimizers"][0]["state"][0]
-    assert val_records(resumed_lines) == val_records(straight_lines)[-1:]  # the resumed log starts at step 10
-    assert events(resumed_lines, "config")[0]["resume"] == "s.step10.pt"
+    assert val_records(resumed_lines) == val_records(straight_lines)[-1:]  # the resumed log has only the last validation
+    assert events(resumed_lines, "config")[0]["resume"] == "s.step4.pt"
 
 
 @pytest.mark.slow
@@ -1589,7 +1589,7 @@ def test_resume_with_two_processes_and_at_another_world_size(long_data_args, tmp
     # The parameters and optimizer states are replicated, so rank 0's checkpoint resumes in one process;
     # on one thread that process computes what the two did (test_two_gloo_processes_compute_what_one_does).
     run_trainer(["--tiny", "--steps", str(RESUME_STEPS), "--no-diagnostics", "--run-id", "one", "--resume",
-                 "s.step10.pt", "--save", "one.pt", *long_data_args], cwd=tmp_path, threads=1)
+                 "s.step4.pt", "--save", "one.pt", *long_data_args], cwd=tmp_path, threads=1)
     assert_identical(straight, torch.load(tmp_path / "one.pt", weights_only=True))
 
 
