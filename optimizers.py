@@ -21,10 +21,10 @@ train_gpt.py inlines its text into the single-file script that every log carries
 """
 
 import contextlib
+import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
 
 # --------------------------------------------------------------------------------------------
 # Orthogonalization: odd quintic Newton-Schulz iterations towards the polar factor U V^T.
@@ -497,6 +497,13 @@ def all_finite(tensors):
 # instead of 2 per matrix, with every rank's link busy instead of one owner's at a time.
 # --------------------------------------------------------------------------------------------
 
+def is_dtensor(t):
+    """isinstance(t, DTensor), without importing DTensor where nothing has (no tensor can be one then): the
+    import, with sympy, costs every process 0.7 s. Where one exists, torch.distributed.tensor is loaded."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def shard_sizes(length, world_size):
     """Lengths of the pieces Shard(d) gives ranks 0..world_size-1 of a dim of `length`
     (torch.chunk's split: ceil(length / world_size) each, trailing ranks may get less or none)."""
@@ -522,7 +529,7 @@ def unsupported_placement(p):
     if p.device_mesh.ndim != 1:
         return (f"has placements {tuple(p.placements)!r} on a {p.device_mesh.ndim}-D mesh: only 1-D meshes are "
                 f"supported (fully_shard over one mesh dimension, no HSDP)")
-    if tuple(p.placements) != (Shard(0),):
+    if tuple(p.placements) != (torch.distributed.tensor.Shard(0),):
         return (f"has placement {p.placements[0]!r}: only Shard(0), fully_shard's default, is supported "
                 f"(a shard_placement_fn choosing another placement is not)")
     return None
@@ -533,7 +540,7 @@ def sharded_state_zeros(p, shape):
     longest dim (a row vector (1, cols) along its columns), so every rank keeps about 1/world of it."""
     dim = max(range(len(shape)), key=lambda d: shape[d])
     return torch.distributed.tensor.zeros(*shape, dtype=torch.float32, device_mesh=p.device_mesh,
-                                          placements=[Shard(dim)])
+                                          placements=[torch.distributed.tensor.Shard(dim)])
 
 
 def owner_ranges(count, world_size):
@@ -601,14 +608,14 @@ def start_return_to_ranks(results, fields, owned, mesh, like):
 
 def local_tensor(p):
     """The tensor a step writes into: p itself, or this rank's rows of a DTensor p."""
-    return p.to_local() if isinstance(p, DTensor) else p
+    return p.to_local() if is_dtensor(p) else p
 
 
 def sharded_buckets(params):
     """DTensor parameters with a gradient, grouped by shape and mesh in order of first appearance."""
     buckets = {}
     for p in params:
-        if isinstance(p, DTensor) and p.grad is not None:
+        if is_dtensor(p) and p.grad is not None:
             buckets.setdefault((tuple(p.shape), p.device_mesh), []).append(p)
     return list(buckets.values())
 
@@ -663,19 +670,19 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
             if p.ndim != 2:
                 problem = ("is not a 2-D matrix; give embeddings, heads, biases and gains to AdamW "
                            "instead")
-            elif isinstance(p, DTensor):
+            elif is_dtensor(p):
                 problem = unsupported_placement(p)
             if problem is not None:
                 self.param_groups.pop()
                 label = repr(name) if name is not None else f"#{index} of param group {len(self.param_groups)}"
-                if isinstance(p, DTensor):
+                if is_dtensor(p):
                     label += f" (DTensor {tuple(p.placements)!r})"
                 raise ValueError(f"{type(self).__name__}: parameter {label} of shape {tuple(p.shape)} "
                                  f"{problem}")
 
     def state_zeros(self, p, shape):
         """float32 zeros for per-matrix state of p: a plain tensor, or sharded like p (DTensor)."""
-        if isinstance(p, DTensor):
+        if is_dtensor(p):
             return sharded_state_zeros(p, shape)
         return torch.zeros(shape, dtype=torch.float32, device=p.device)
 
@@ -738,7 +745,7 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
         rank, world_size = rank_and_world_size()
         launched = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None and not isinstance(p, DTensor)]
+            params = [p for p in group["params"] if p.grad is not None and not is_dtensor(p)]
             for bucket in bucket_plan([tuple(p.shape) for p in params], self.join_transposes):
                 members = [params[i] for i in bucket]
                 launched.append((group, members, self.start_bucket(group, members, rank, world_size)))
@@ -829,7 +836,7 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
         rank, world_size = mesh.get_local_rank(), mesh.size()
         states = [self.init_state(p) for p in params]
         for p in params:
-            if not (isinstance(p.grad, DTensor) and p.grad.placements == p.placements):
+            if not (is_dtensor(p.grad) and p.grad.placements == p.placements):
                 raise ValueError(f"{type(self).__name__}: the gradient of the DTensor parameter of shape "
                                  f"{tuple(p.shape)} must be a DTensor placed like it ({p.placements}), "
                                  f"as fully_shard's backward makes it")
@@ -1324,7 +1331,7 @@ class MuonChain(torch.optim.Optimizer):
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             problem = None
-            if isinstance(p, DTensor):
+            if is_dtensor(p):
                 problem = ("is an FSDP2 DTensor: MuonChain needs each whole matrix on its owner rank for SOAP "
                            "and the radius pin and does not shard them (use Muon, NorMuon or Aurora with FSDP2)")
             elif p.ndim != 2:
