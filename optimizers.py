@@ -650,9 +650,9 @@ class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
         self._compiled_update_math = None  # made by the first compiled step
 
     def update_math_now(self):
-        """update_math as torch would run it now: compiled, or the function itself while compiling is off
-        (torch._dynamo.config.disable, which torch checks at every call of a compiled function; wrapping it
-        anyway would cost every uncompiled process inductor's import, over a second)."""
+        """update_math as it should run now: compiled, or the function itself while compiling is off
+        (torch._dynamo.config.disable). A compiled wrapper called with compiling off still runs the code dynamo
+        compiled for it earlier, and making one costs an uncompiled process inductor's import (over a second)."""
         if torch._dynamo.config.disable:
             return type(self).update_math
         if self._compiled_update_math is None:
