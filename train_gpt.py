@@ -12,14 +12,18 @@ of a log runs on its own and reproduces the run.
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import errno
+import fcntl
 import fnmatch
 import functools
 import glob
+import hashlib
 import inspect
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -35,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 
 # ---------------------------------------------------------------------------------------------------
@@ -1065,26 +1070,40 @@ class Distributed:
     local_world_size: int = 1  # the processes on this node
 
 
-LAUNCH_FIX = "start under torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE, or unset them"
+LAUNCH_FIX = ("start under torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and "
+              "MASTER_PORT, or unset them")
+# How long a rank waits for the others to join its process group (torch's own default: 30 minutes, silent).
+JOIN_TIMEOUT = datetime.timedelta(minutes=5)
 
 
-def launch_number(name, default=None):
-    """A whole number torchrun sets in the environment (`default` where it may be missing)."""
+class JoinError(SetupError):
+    """A process group that did not form: reported by every rank that finds it, as its peers may never have
+    started."""
+
+
+def launch_number(name, default=None, highest=None):
+    """A whole number torchrun sets in the environment (`default` where it may be missing), up to `highest`."""
     value = os.environ.get(name)
     if value is None and default is not None:
         return default
-    if value is None or not value.isdigit():
-        raise SetupError(f"{name}={value!r} in the environment is not a whole number; {LAUNCH_FIX}")
+    if value is None or not value.isdigit() or (highest is not None and int(value) > highest):
+        within = f" from 0 to {highest}" if highest is not None else ""
+        raise SetupError(f"{name}={value!r} in the environment is not a whole number{within}; {LAUNCH_FIX}")
     return int(value)
 
 
 def distributed_from_env():
-    """This process's place in a torchrun launch, or a plain single process where RANK is not set."""
+    """This process's place in a torchrun launch, or a plain single process where RANK is not set. The
+    rendezvous address (MASTER_ADDR, MASTER_PORT) must be there too."""
     if "RANK" not in os.environ:
         return Distributed(0, 1, 0, False)
     rank, world_size = launch_number("RANK"), launch_number("WORLD_SIZE")
     if rank >= world_size:
         raise SetupError(f"RANK={rank} in the environment is not below WORLD_SIZE={world_size}; {LAUNCH_FIX}")
+    if not os.environ.get("MASTER_ADDR"):
+        raise SetupError(f"MASTER_ADDR is not set in the environment (RANK is: a process group needs its address); "
+                         f"{LAUNCH_FIX}")
+    launch_number("MASTER_PORT", highest=2 ** 16 - 1)
     return Distributed(rank, world_size, launch_number("LOCAL_RANK", 0), True, launch_number("LOCAL_WORLD_SIZE", 1))
 
 
@@ -1113,15 +1132,42 @@ def resolve_device(choice, local_rank, local_world_size=1):
     return torch.device("cuda", local_rank)
 
 
+def missing_peers(rank, world_size, problem):
+    """Who did not join, as far as this rank can tell from torch's rendezvous error `problem`: rank 0 hosts the
+    rendezvous and counts the ranks that reached it; any other rank sees only whether rank 0 answered."""
+    if rank != 0:
+        return "rank 0, which hosts the rendezvous,"
+    if world_size == 2:
+        return "rank 1"
+    joined = re.search(r"(\d+)/\d+ clients joined", problem)
+    return f"{world_size - int(joined[1]) if joined else 'some'} of ranks 1 to {world_size - 1}"
+
+
+def join_process_group(dist_info, device):
+    """Joins the process group (NCCL on CUDA, gloo on CPU) through torch's env:// rendezvous, waiting at most
+    JOIN_TIMEOUT for the other ranks (a JoinError naming the missing ones) rather than torch's silent 30
+    minutes: with RANK and WORLD_SIZE set by hand, outside torchrun, the peers may never start."""
+    address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    try:
+        store, _, _ = next(dist.rendezvous("env://", dist_info.rank, dist_info.world_size, timeout=JOIN_TIMEOUT))
+    except dist.DistError as e:
+        raise JoinError(f"{missing_peers(dist_info.rank, dist_info.world_size, str(e))} did not join the process "
+                        f"group at {address} (MASTER_ADDR:MASTER_PORT) within {JOIN_TIMEOUT.total_seconds():g} s; "
+                        f"start all {dist_info.world_size} ranks together (torchrun --nproc_per_node="
+                        f"{dist_info.world_size} train_gpt.py ...), or unset RANK and WORLD_SIZE to train in one "
+                        f"process") from None
+    store.set_timeout(default_pg_timeout)  # every rank is there: later waits get torch's process-group default
+    backend = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore("default_pg", store),
+                            rank=dist_info.rank, world_size=dist_info.world_size, **backend)
+
+
 def setup_device(dist_info, device):
-    """Binds this process to `device` and, under torchrun, joins the process group (NCCL on CUDA, gloo on CPU)."""
+    """Binds this process to `device` and, under torchrun, joins the process group."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if dist_info.launched:
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
+        join_process_group(dist_info, device)
 
 
 def leave_process_group(finished):
@@ -1235,22 +1281,79 @@ def write_error(path, error, kept):
     return WriteError(f"{path}: could not be written ({error.strerror or error}); {kept}")
 
 
+class FileLock:
+    """This process's lock on PATH.lock (fcntl.flock), held while a run writes its log or its --save checkpoints,
+    so that two runs never write one file at once. The kernel drops a flock when its holder ends, however it
+    ends: a run that crashed leaves at most the empty file, which the next run takes over. release() removes
+    the file, and the folders made for it if they are still empty. A SetupError names `what`, and says to give
+    another `other` or, where the file cannot be made, to write `elsewhere`."""
+
+    def __init__(self, path, what, other, elsewhere):
+        self.path, self.fd, self.made = path + ".lock", None, []  # made: deepest first
+        home = folder = os.path.dirname(os.path.abspath(self.path))
+        while not os.path.lexists(folder):
+            self.made.append(folder)
+            folder = os.path.dirname(folder)
+        try:
+            os.makedirs(home, exist_ok=True)
+            while self.fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 32).decode(errors="replace").strip()  # its pid, once it has written it
+                    os.close(fd)
+                    self.release()
+                    raise SetupError(f"{what}: another run{f' (process {holder})' if holder.isdigit() else ''} is "
+                                     f"writing it now; give another {other}, or wait for that run to end") from None
+                # A holder removes the file before it lets go: a lock on a file no longer at the path locks nothing.
+                if os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    self.fd = fd
+                else:
+                    os.close(fd)
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"{os.getpid()}\n".encode())
+        except OSError as e:
+            self.release()
+            raise SetupError(f"{what}: cannot be created ({e.strerror or e}); {elsewhere}") from None
+
+    def release(self):
+        if self.fd is not None:
+            os.remove(self.path)
+            os.close(self.fd)
+            self.fd = None
+        for folder in self.made:
+            with contextlib.suppress(OSError):  # not empty: the run wrote there
+                os.rmdir(folder)
+        self.made = []
+
+
 class RunLog:
     """Rank 0's log file, written unbuffered line by line, so a crash or Ctrl-C keeps everything written so
     far and a failed write (a full disk: WriteError) leaves nothing to write again at close. Other ranks get
-    a RunLog(None), which writes nothing. Created exclusively unless `overwrite`, so of two runs started at
-    once with one run id the second stops (SetupError) instead of writing into the other's log."""
+    a RunLog(None), which writes nothing. It holds the run's locks (FileLock), on the log and on the --save
+    path, from before the log is opened until close(), so a second run with the same --run-id or --save
+    stops (SetupError) instead of writing into the first's files, even with --overwrite; and the log is
+    created exclusively unless `overwrite`, so a run id whose log an earlier run left is refused too."""
 
-    def __init__(self, path, overwrite=False):
-        self.path, self.file = path, None
-        if path is not None:
-            try:
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                self.file = open(path, "wb" if overwrite else "xb", buffering=0)
-            except FileExistsError:
-                raise existing_log(path) from None
-            except OSError as e:
-                raise SetupError(f"the log {path}: cannot be created ({e.strerror or e}); {LOGS_ELSEWHERE}") from None
+    def __init__(self, path, overwrite=False, save=None):
+        self.path, self.file, self.locks = path, None, []
+        if path is None:
+            return
+        try:
+            self.locks.append(FileLock(path, f"the log {path}", "--run-id", LOGS_ELSEWHERE))
+            if save:
+                self.locks.append(FileLock(save, f"--save {save}", "--save path", "save elsewhere"))
+            self.file = open(path, "wb" if overwrite else "xb", buffering=0)
+        except FileExistsError:
+            self.close()
+            raise existing_log(path) from None
+        except OSError as e:
+            self.close()
+            raise SetupError(f"the log {path}: cannot be created ({e.strerror or e}); {LOGS_ELSEWHERE}") from None
+        except SetupError:
+            self.close()
+            raise
 
     def write(self, text, echo=True):
         if self.file is None:  # another rank's, or a log that could not be written
@@ -1280,9 +1383,13 @@ class RunLog:
             self.event(kind, payload)
 
     def close(self):
+        """Closes the file and lets go of the locks."""
         if self.file is not None:
             self.file.close()
             self.file = None
+        for lock in reversed(self.locks):
+            lock.release()
+        self.locks = []
 
 
 def record_differences(hp, recipe, steps, init_from, aurora=None):
@@ -1613,7 +1720,12 @@ def rounded(value, digits=6):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors as one `error:` line, like every other refusal (no usage text before it)."""
+    """argparse with its errors as one `error:` line, like every other refusal (no usage text before it), and
+    flags only in full: an abbreviation (--rec for --recipe) would slip past run.sh, which reads some flags
+    itself."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
@@ -1656,7 +1768,7 @@ def parse_args(argv):
                              "none, wide, tall, all, or names such as mlp.proj or mlp.fc,mlp.proj (square matrices "
                              "stay as they are); the rest of the recipe is unchanged (not a record unless it is the "
                              "recipe's own choice)")
-    parser.add_argument("--aurora-form", choices=sorted(AURORA_FORMS), default="17",
+    parser.add_argument("--aurora-form", choices=sorted(AURORA_FORMS),
                         help="with --aurora: record #17's Aurora (2 passes, beta 0.5, Frobenius pre-norm; default) "
                              "or record #42's (3 passes, beta 0.25, Schatten-4 pre-norm)")
     parser.add_argument("--aux-from", choices=sorted(RECIPES), metavar="RECIPE",
@@ -1718,8 +1830,9 @@ def parse_args(argv):
         parser.error("--save-every needs --save PATH")
     if args.resume and args.init_from:
         parser.error("--resume restores the weights itself; leave out --init-from")
-    if args.aurora_form != "17" and args.aurora is None:
+    if args.aurora_form is not None and args.aurora is None:
         parser.error("--aurora-form picks the form of --aurora's Aurora; give --aurora PATTERN too")
+    args.aurora_form = args.aurora_form or "17"
     if args.ddp and "RANK" not in os.environ:
         parser.error("--ddp needs a process group: start under torchrun, e.g. "
                      "torchrun --standalone --nproc_per_node=1 train_gpt.py --ddp")
@@ -1762,6 +1875,17 @@ def periodic_checkpoints(path):
         if step.isdigit():
             found.append((int(step), name))
     return [name for _, name in sorted(found)]
+
+
+def earlier_checkpoints(args):
+    """(files, own): the checkpoints on disk that a run saving to --save would write over or beside (each trial's
+    and their periodic ones), and whether they are the run's own, as when it resumes one of them."""
+    files = []
+    for trial in range(args.trials):
+        final = checkpoint_path(args.save, trial, args.trials)
+        files += [final] * os.path.exists(final) + periodic_checkpoints(final)
+    own = bool(args.resume) and any(os.path.samefile(args.resume, name) for name in files)
+    return files, own
 
 
 def megabytes(count):
@@ -1848,6 +1972,9 @@ def check_room(what, path, needed_bytes, elsewhere):
     only when the file is written. `what` names the file in an error, `elsewhere` says how to avoid the folder."""
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
+        if os.path.islink(folder):  # a link to nothing: no folder can be made there
+            raise SetupError(f"{what}: {folder} is a symbolic link to {os.readlink(folder)}, which does not exist; "
+                             f"make that folder, or {elsewhere}")
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         raise SetupError(f"{what}: {folder} is a file, not a folder; {elsewhere}")
@@ -1865,9 +1992,11 @@ def check_room(what, path, needed_bytes, elsewhere):
 NAME_MAX = 255  # the bytes of a file name on Linux's file systems
 
 
-def check_save_path(path, config, recipe, trials, steps, log_path):
+def check_save_path(args, config, recipe, steps, log_path):
     """A --save path that the run could not write in the end is refused before anything is compiled or
-    trained: a folder, this run's log, names too long, an unwritable folder, a disk without room."""
+    trained: a folder, this run's log, names too long, an unwritable folder, a disk without room; and one where
+    an earlier run's checkpoints lie, unless --overwrite (or this run resumes one of them)."""
+    path, trials = args.save, args.trials
     # A path ending in a separator, '.' or '..' names a folder even where none exists yet.
     if os.path.isdir(path) or os.path.basename(path) in ("", ".", ".."):
         raise SetupError(f"--save {path}: names a folder; give a file path such as {os.path.join(path, 'ckpt.pt')}")
@@ -1879,16 +2008,45 @@ def check_save_path(path, config, recipe, trials, steps, log_path):
         raise SetupError(f"--save {path}: its checkpoints' names (up to {longest!r}) are longer than the {NAME_MAX} "
                          f"bytes a file name may have; give a shorter name")
     check_room(f"--save {path}", path, estimated_checkpoint_bytes(config, recipe), "save elsewhere")
+    files, own = earlier_checkpoints(args)
+    if files and not own and not args.overwrite:
+        listed = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise SetupError(f"--save {path}: an earlier run's checkpoints are there ({listed}); give another --save "
+                         f"path, or --overwrite to replace them")
+
+
+CHECKSUM = "sha256"  # the checkpoint's entry that holds checkpoint_digest of the others
+
+
+def checkpoint_digest(checkpoint):
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes and every other value, in order,
+    so a file whose bytes changed after it was written (a flipped bit loads as a wrong weight) is found."""
+    digest = hashlib.sha256()
+
+    def feed(value):
+        if isinstance(value, torch.Tensor):
+            digest.update(f"tensor {value.dtype} {tuple(value.shape)};".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, (dict, list, tuple)):  # (an OrderedDict may load as a dict)
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            digest.update(f"{'dict' if isinstance(value, dict) else 'sequence'} {len(value)};".encode())
+            for key, item in items:
+                feed(key)
+                feed(item)
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+    feed({name: value for name, value in checkpoint.items() if name != CHECKSUM})
+    return digest.hexdigest()
 
 
 def save_checkpoint(path, checkpoint):
-    """Written beside `path`, then renamed over it, so a failed or interrupted save keeps the previous one. A
-    failure is a WriteError; torch reports a full disk as ENOSPC or only as a RuntimeError of its zip writer
-    ("unexpected pos"), so the free space then decides which it was."""
+    """Written with its checksum (checkpoint_digest) beside `path`, then renamed over it, so a failed or
+    interrupted save keeps the previous one. A failure is a WriteError; torch reports a full disk as ENOSPC or
+    only as a RuntimeError of its zip writer ("unexpected pos"), so the free space then decides which it was."""
     folder = os.path.dirname(path) or "."
     try:
         os.makedirs(folder, exist_ok=True)
-        torch.save(checkpoint, path + ".tmp")
+        torch.save({**checkpoint, CHECKSUM: checkpoint_digest(checkpoint)}, path + ".tmp")
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:
         needed = tensor_bytes(checkpoint)
@@ -1899,7 +2057,7 @@ def save_checkpoint(path, checkpoint):
         raise WriteError(f"{problem}; the file there before is kept. {'Free space' if full else 'Fix that'}, "
                          f"then --resume the newest checkpoint") from None
     finally:
-        if os.path.exists(path + ".tmp"):
+        if os.path.lexists(path + ".tmp"):
             os.remove(path + ".tmp")
 
 
@@ -1938,13 +2096,16 @@ def checkpoint_state(run, trial, step):
 
 
 def save_trial_checkpoint(run, checkpoint, step, save_path):
-    """The final checkpoint (the run's last step) goes to save_path; the periodic ones beside it, newest
-    --keep-last kept."""
+    """The final checkpoint (the run's last step) goes to save_path; the periodic ones beside it, the newest
+    --keep-last of this run's own kept (another run's, beside them under --overwrite, are left alone)."""
     if step == run.final_step:
         save_checkpoint(save_path, checkpoint)
         return
-    save_checkpoint(periodic_checkpoint_path(save_path, step), checkpoint)
-    for old in periodic_checkpoints(save_path)[:-run.args.keep_last]:
+    path = periodic_checkpoint_path(save_path, step)
+    save_checkpoint(path, checkpoint)
+    run.own_checkpoints.add(os.path.abspath(path))
+    own = [name for name in periodic_checkpoints(save_path) if os.path.abspath(name) in run.own_checkpoints]
+    for old in own[:-run.args.keep_last]:
         os.remove(old)
 
 
@@ -1963,6 +2124,10 @@ def read_checkpoint(path):
                          f"written by torch.save)") from None
     if not isinstance(checkpoint, dict):
         raise SetupError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint or a state dict")
+    # (A bare state dict, or a checkpoint saved before checksums were written, has none to check.)
+    if CHECKSUM in checkpoint and checkpoint.pop(CHECKSUM) != checkpoint_digest(checkpoint):
+        raise SetupError(f"{path}: its contents do not match the checksum saved with them (the file changed after "
+                         f"it was written: damaged on disk or in a copy); use another checkpoint, or copy it again")
     return checkpoint
 
 
@@ -2097,6 +2262,7 @@ class Run:
     step: int = 0
     diagnostics: DiagnosticsState | None = None  # what write_diagnostics keeps between probes
     first_calls_done: set = field(default_factory=set)  # what first_call has timed
+    own_checkpoints: set = field(default_factory=set)  # absolute paths of the periodic checkpoints --keep-last prunes
 
     @property
     def final_step(self):
@@ -2319,7 +2485,7 @@ def check_run(args, hp, recipe, steps, dist_info, log_path):
     init_weights, resume = read_start_checkpoints(args, hp, recipe, steps)
     if dist_info.rank == 0:  # the rank that writes them
         if args.save:
-            check_save_path(args.save, hp.model, recipe, args.trials, steps, log_path)
+            check_save_path(args, hp.model, recipe, steps, log_path)
         if os.path.exists(log_path) and not args.overwrite:
             raise existing_log(log_path)
         check_room(f"the log {log_path}", log_path, LOG_ROOM_BYTES, LOGS_ELSEWHERE)
@@ -2497,12 +2663,13 @@ def main(argv=None):
         setup_device(dist_info, device)
         val_buffer, probe, first_train_shard, train_probe = load_start_tokens(
             args, hp, dist_info, device, train_paths, val_path, val_start, train_probe_start)
-        log = RunLog(log_path if dist_info.rank == 0 else None, args.overwrite)
+        log = RunLog(log_path if dist_info.rank == 0 else None, args.overwrite, args.save)
     except SetupError as e:
         leave_process_group(finished=False)
         # Every rank finds the same problem; rank 0 reports it and fails. The others stop quietly with
-        # status 0: a rank that failed first would make torchrun kill rank 0 before it had printed.
-        if dist_info.rank != 0:
+        # status 0: a rank that failed first would make torchrun kill rank 0 before it had printed. (A
+        # JoinError each rank reports itself: rank 0 may not be there.)
+        if dist_info.rank != 0 and not isinstance(e, JoinError):
             return 0
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -2529,6 +2696,9 @@ def main(argv=None):
                   compiled_if_active(distributed_model(raw_model, device, even_alone=args.ddp)),
                   generator, sign_generator, train_paths, first_train_shard, val_buffer, probe, train_probe,
                   hp.micro_batch_seqs, units, init_weights, resume, aurora and (aurora["matrices"], aurora["backend"]))
+        if args.save and dist_info.rank == 0:
+            files, own = earlier_checkpoints(args)
+            run.own_checkpoints = {os.path.abspath(name) for name in files if own}  # a resumed run's, not another's
         for trial in range(resume["trial"] if resume else 0, args.trials):
             run.trial = trial
             train_trial(run)

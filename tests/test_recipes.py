@@ -461,6 +461,7 @@ def check_args(capsys, *argv):
     (["--aurora", "widest"], "'widest' is not none, wide, tall or all and names no block matrix"),
     (["--aurora", "attn.q"], "names only square matrices"),
     (["--aurora-form", "42"], "give --aurora PATTERN too"),
+    (["--aurora-form", "17"], "give --aurora PATTERN too"),  # the default form, given: refused all the same
     (["--recipe", "soap-muon", "--aux-from", "muon"], "only the benchmark-schedule recipes"),
     (["--recipe", "aurora-ema-ref", "--mlp", "swiglu"], "has no draws for a SwiGLU's up projection"),
 ])

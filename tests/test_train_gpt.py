@@ -3,6 +3,7 @@
 
 import contextlib
 import dataclasses
+import datetime
 import errno
 import gc
 import json
@@ -11,15 +12,19 @@ import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
 import types
 import weakref
+import zipfile
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 import train_gpt as tg
 from benchmarks.step import host_syncs_counted
@@ -789,6 +794,8 @@ def test_world_size_must_divide_the_sequences_of_a_step(data_args, monkeypatch, 
         tg.batch_layout(tg.FULL, 3)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     assert tg.main(["--tiny", "--steps", "2", *data_args]) == 2
     message = capsys.readouterr().err
     assert "world size 3 does not divide the 16 sequences" in message
@@ -808,15 +815,25 @@ def test_world_size_must_divide_the_sequences_of_a_step(data_args, monkeypatch, 
     ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "x"},
      "LOCAL_WORLD_SIZE='x' in the environment is not a whole number"),
     ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 in the environment is not below WORLD_SIZE=2"),
+    # It passed --check-args, then init_process_group failed with a traceback.
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": None},
+     "MASTER_ADDR is not set in the environment (RANK is: a process group needs its address)"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": None}, "MASTER_PORT=None in the environment is not a whole number "
+                                                           "from 0 to 65535"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "65536"}, "MASTER_PORT='65536' in the environment is not a whole "
+                                                              "number from 0 to 65535"),
 ])
 def test_a_launch_environment_torchrun_did_not_set_is_one_error_line(monkeypatch, capsys, environment, problem):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **environment}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     assert tg.main(["--tiny", "--check-args"]) == 2
     assert capsys.readouterr().err == (f"error: {problem}; start under torchrun, which sets RANK, WORLD_SIZE, "
-                                       f"LOCAL_RANK and LOCAL_WORLD_SIZE, or unset them\n")
+                                       f"LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT, or unset them\n")
 
 
 def test_world_size_error_under_torchrun_is_printed_once(data_args, tmp_path):
@@ -855,6 +872,8 @@ def test_batch_seqs_that_do_not_split_evenly_are_refused(data_args, monkeypatch,
     assert tg.main(["--tiny", "--batch-seqs", "12", *data_args]) == 2
     assert capsys.readouterr().err == ("error: --batch-seqs 12: the 12 sequences of a step must be a whole number "
                                        "of micro-batches of 8 sequences\n")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert tg.main(["--batch-seqs", "128"]) == 2
@@ -1636,8 +1655,12 @@ def write_checkpoint_like(tmp_path, name, make):
 
 
 def tiny_checkpoint(tiny_run):
+    """The tiny run's first checkpoint, to edit: without its checksum, as a checkpoint edited on purpose must be
+    (an edited one that keeps it is refused as damaged)."""
     folder, _, _ = tiny_run
-    return torch.load(folder / "ck.trial0.pt", weights_only=True)
+    checkpoint = torch.load(folder / "ck.trial0.pt", weights_only=True)
+    del checkpoint[tg.CHECKSUM]
+    return checkpoint
 
 
 @pytest.mark.parametrize("name, make, problem", [
@@ -1853,7 +1876,7 @@ def test_a_save_that_runs_out_of_space_keeps_the_previous_checkpoint_and_the_log
     """The room was there before training, then the disk filled up: the final save fails with one line, the
     earlier checkpoints and the log stay."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "ck.pt").write_bytes(b"previous")
+    (tmp_path / "ck.pt").write_bytes(b"previous")  # this run's own, say, or another's it may replace (--overwrite)
     save = torch.save
 
     def save_on_a_full_disk(obj, path):
@@ -1868,7 +1891,7 @@ def test_a_save_that_runs_out_of_space_keeps_the_previous_checkpoint_and_the_log
     monkeypatch.setattr(torch, "save", save_on_a_full_disk)
     with torch._dynamo.config.patch(disable=True):
         code = tg.main(["--tiny", "--steps", "2", "--save", "ck.pt", "--save-every", "1", "--run-id", "full",
-                        "--no-diagnostics", *data_args])
+                        "--overwrite", "--no-diagnostics", *data_args])
     assert code == 3
     needed = r"about \d+ MB"
     assert re.fullmatch(rf"error: no space left on device: ck.pt needs {needed}; the file there before is kept\. "
@@ -1981,3 +2004,173 @@ def test_train_stream_position_round_trips(tmp_path):
     assert resumed.next_batch().tolist() == stream.next_batch()[4:].tolist()
     with pytest.raises(tg.SetupError, match="train shard 3"):
         resumed.load_state_dict({"shard_index": 2, "pos": 0})
+
+
+# ---- a run's files: its locks, earlier runs' checkpoints, checksums ----
+
+def quick_run(*args, code=0):
+    """main() in this process, uncompiled, without diagnostics: a couple of tiny steps."""
+    with torch._dynamo.config.patch(disable=True):
+        assert tg.main(["--tiny", "--no-diagnostics", *args]) == code
+
+
+def test_a_twin_with_overwrite_is_refused_while_the_first_writes_its_log(data_args, tmp_path, monkeypatch, capsys):
+    """Two runs with one --run-id and --overwrite at once wrote one interleaved log: the second now stops with one
+    line before any work, and the first's log is as it wrote it."""
+    monkeypatch.chdir(tmp_path)
+    first = tg.RunLog("logs/twin.txt", overwrite=True)
+    first.write("the first run's line", echo=False)
+    try:
+        quick_run("--run-id", "twin", "--overwrite", "--steps", "2", *data_args, code=2)
+        assert capsys.readouterr().err == (f"error: the log logs/twin.txt: another run (process {os.getpid()}) is "
+                                           f"writing it now; give another --run-id, or wait for that run to end\n")
+        first.write("its next line", echo=False)
+    finally:
+        first.close()
+    assert (tmp_path / "logs" / "twin.txt").read_text() == "the first run's line\nits next line\n"
+    assert os.listdir(tmp_path / "logs") == ["twin.txt"]  # the lock went with the first run's close
+
+
+@pytest.mark.parametrize("spelling", ["ck.pt", "./ck.pt", "absolute"])
+def test_a_second_run_saving_to_the_same_path_is_refused_while_the_first_runs(data_args, tmp_path, monkeypatch,
+                                                                             capsys, spelling):
+    """Two runs saving to one path at once: one's checkpoint was lost (each renamed or removed the other's .tmp).
+    The second now stops before any work, however it spells the path, and leaves nothing behind."""
+    monkeypatch.chdir(tmp_path)
+    save = str(tmp_path / "ck.pt") if spelling == "absolute" else spelling
+    first = tg.RunLog("logs/first.txt", save="ck.pt")
+    try:
+        quick_run("--run-id", "second", "--save", save, "--save-every", "1", "--steps", "2", *data_args, code=2)
+        assert capsys.readouterr().err == (f"error: --save {save}: another run (process {os.getpid()}) is writing it "
+                                           f"now; give another --save path, or wait for that run to end\n")
+    finally:
+        first.close()
+    assert sorted(os.listdir(tmp_path)) == ["logs"] and os.listdir(tmp_path / "logs") == ["first.txt"]
+
+
+def test_a_run_that_died_holding_its_locks_leaves_none_behind(data_args, tmp_path, monkeypatch):
+    """A killed run cannot let go of its locks itself: the kernel drops them with the process, and the next run
+    with the same names takes them over (and removes the files they leave)."""
+    holder = ("import sys, train_gpt as tg\nlog = tg.RunLog('logs/gone.txt', save='ck.pt')\nprint('holding', "
+              "flush=True)\nsys.stdin.read()\n")
+    with own_session([sys.executable, "-c", holder], cwd=tmp_path, env=uncompiled_env(),
+                     stdin=subprocess.PIPE) as child:
+        assert child.stdout.readline() == "holding\n", child.stderr.read()
+        child.kill()
+        child.wait(timeout=60)
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt.lock", "logs"]  # what the killed run left
+    monkeypatch.chdir(tmp_path)
+    quick_run("--run-id", "gone", "--overwrite", "--save", "ck.pt", "--steps", "2", *data_args)
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt", "logs"] and os.listdir(tmp_path / "logs") == ["gone.txt"]
+
+
+def test_a_save_path_with_an_earlier_runs_checkpoints_needs_overwrite(tiny_run, data_args, tmp_path, monkeypatch,
+                                                                    capsys):
+    """--save silently replaced another run's checkpoints: like a log, they are kept unless --overwrite, or unless
+    this run resumes one of them (a run continuing itself)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ck.pt").write_bytes(b"another run's")
+    (tmp_path / "ck.step4.pt").write_bytes(b"another run's periodic one")
+    run = ["--steps", "2", "--save", "ck.pt", *data_args]
+    for check in (["--check-args"], []):
+        quick_run("--run-id", "new", *run, *check, code=2)
+        assert capsys.readouterr().err == ("error: --save ck.pt: an earlier run's checkpoints are there (ck.pt, "
+                                           "ck.step4.pt); give another --save path, or --overwrite to replace them\n")
+    assert not (tmp_path / "logs").exists() and (tmp_path / "ck.pt").read_bytes() == b"another run's"
+    quick_run("--run-id", "new", "--overwrite", *run)
+    assert torch.load(tmp_path / "ck.pt", weights_only=True)["step"] == 2
+    assert (tmp_path / "ck.step4.pt").read_bytes() == b"another run's periodic one"  # not this run's: left alone
+    # A run resuming one of the checkpoints at its --save path continues their run; another path is refused.
+    folder, _, _ = tiny_run
+    monkeypatch.chdir(folder)
+    resume = ["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", "ck.trial0.pt", "--check-args"]
+    assert tg.main([*resume, "--save", "ck.pt"]) == 0
+    (tmp_path / "other.trial1.pt").write_bytes(b"another run's second trial")
+    assert tg.main([*resume, "--save", str(tmp_path / "other.pt")]) == 2
+    assert capsys.readouterr().err == (f"error: --save {tmp_path / 'other.pt'}: an earlier run's checkpoints are there "
+                                       f"({tmp_path / 'other.trial1.pt'}); give another --save path, or --overwrite to "
+                                       f"replace them\n")
+
+
+def test_keep_last_prunes_only_this_runs_periodic_checkpoints(data_args, tmp_path, monkeypatch):
+    """--keep-last 2 deleted this run's new periodic checkpoints and kept an older run's later steps beside them."""
+    monkeypatch.chdir(tmp_path)
+    for step in (100, 200):
+        (tmp_path / f"ck.step{step}.pt").write_bytes(b"an older run's")
+    quick_run("--run-id", "k", "--overwrite", "--steps", "4", "--save", "ck.pt", "--save-every", "1",
+              "--keep-last", "2", *data_args)
+    assert sorted(p.name for p in tmp_path.glob("ck*")) == ["ck.pt", "ck.step100.pt", "ck.step2.pt", "ck.step200.pt",
+                                                           "ck.step3.pt"]
+    assert torch.load(tmp_path / "ck.step3.pt", weights_only=True)["step"] == 3
+
+
+def flip_a_weight_byte(path):
+    """Flips one byte in the middle of the checkpoint's largest tensor (torch.load does not check the zip's CRCs)."""
+    with zipfile.ZipFile(path) as archive:
+        largest = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    header = largest.header_offset
+    name_length, extra_length = struct.unpack("<HH", data[header + 26:header + 30])
+    data[header + 30 + name_length + extra_length + largest.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_whose_bytes_changed_is_refused_by_check_args_and_resume(tiny_run, data_args, tmp_path, capsys):
+    """A checkpoint with flipped bytes passed --check-args and the resume, then failed as "gradient or update is
+    not finite at step 4": the checksum written with it finds the change first."""
+    folder, _, _ = tiny_run
+    shutil.copy(folder / "ck.trial0.pt", tmp_path / "ck.pt")
+    flip_a_weight_byte(tmp_path / "ck.pt")
+    torch.load(tmp_path / "ck.pt", weights_only=True)  # still loads
+    path = str(tmp_path / "ck.pt")
+    for check in (["--check-args"], ["--run-id", "flipped", *data_args]):
+        assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--resume", path, *check]) == 2
+        assert capsys.readouterr().err == (f"error: {path}: its contents do not match the checksum saved with them (the "
+                                           f"file changed after it was written: damaged on disk or in a copy); use "
+                                           f"another checkpoint, or copy it again\n")
+    assert tg.main(["--tiny", "--init-from", path, "--check-args"]) == 2
+    assert "do not match the checksum" in capsys.readouterr().err
+    assert tg.main(["--tiny", "--steps", str(STEPS), "--trials", "2", "--check-args", "--resume",
+                    str(folder / "ck.trial0.pt")]) == 0  # the file as written
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("rank, missing", [(0, "rank 1"), (1, "rank 0, which hosts the rendezvous,")])
+def test_a_rank_whose_peers_never_join_stops_within_the_join_timeout_naming_them(data_args, tmp_path, monkeypatch,
+                                                                                capsys, rank, missing):
+    """RANK=0 WORLD_SIZE=2 MASTER_ADDR=... MASTER_PORT=... outside torchrun waited silently for a rank that never
+    came (torch's 30 minutes); now JOIN_TIMEOUT bounds the wait, and each rank that gives up says who is missing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tg, "JOIN_TIMEOUT", datetime.timedelta(seconds=2))
+    port = free_port()
+    for name, value in {"RANK": rank, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}.items():
+        monkeypatch.setenv(name, str(value))
+    start = time.monotonic()
+    quick_run("--run-id", "alone", "--steps", "2", *data_args, code=2)
+    assert time.monotonic() - start < 60
+    assert capsys.readouterr().err == (f"error: {missing} did not join the process group at 127.0.0.1:{port} "
+                                       f"(MASTER_ADDR:MASTER_PORT) within 2 s; start all 2 ranks together (torchrun "
+                                       f"--nproc_per_node=2 train_gpt.py ...), or unset RANK and WORLD_SIZE to train "
+                                       f"in one process\n")
+    assert not dist.is_initialized() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("link", ["logs", "out"])
+def test_a_dangling_link_where_a_folder_should_be_is_named_before_any_work(data_args, tmp_path, monkeypatch, capsys,
+                                                                          link):
+    """A dangling `logs` link made the run claim "logs/X.txt exists (an earlier run's log)"."""
+    monkeypatch.chdir(tmp_path)
+    os.symlink("gone", link)
+    flag = ["--save", "out/ck.pt"] if link == "out" else []
+    what = "--save out/ck.pt" if link == "out" else "the log logs/x.txt"
+    fix = "save elsewhere" if link == "out" else "run from a folder whose logs/ can take it"
+    for check in (["--check-args"], ["--steps", "2", *data_args]):
+        quick_run("--run-id", "x", *flag, *check, code=2)
+        assert capsys.readouterr().err == (f"error: {what}: {tmp_path / link} is a symbolic link to gone, which does "
+                                           f"not exist; make that folder, or {fix}\n")
+    assert os.listdir(tmp_path) == [link]
