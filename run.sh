@@ -6,9 +6,10 @@
 #   without a GPU, or with --tiny: writes the synthetic shards (unless valid ones are there) and runs the
 #   trainer's CPU preset (--tiny).
 # --setup (alone) stops after installing; --seeds N runs N times with --seed 0..N-1 (so not with --seed, and
-# not with --run-id or --save, which name one run); --recipes A,B runs every seed of each recipe and then
-# tabulates each recipe's runs with records/stats.py. Before any data is written
-# or fetched, train_gpt.py --check-args refuses the arguments it would refuse.
+# not with --run-id, --save or --resume, which name one run); --recipes A,B runs every seed of each recipe
+# (each recipe once) and then tabulates each recipe's runs with records/stats.py. Before any data is written
+# or fetched, train_gpt.py --check-args refuses the arguments it would refuse; with --check-args every run is
+# only checked (after the data is there), and nothing is tabulated. FLAG=VALUE is read as FLAG VALUE.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -32,7 +33,10 @@ seeds_given=0
 args=()          # passed through to train_gpt.py
 fetch_args=()    # the subset the shard downloader understands
 one_run=()       # the flags that name a single run
+check_only=0
 while [ $# -gt 0 ]; do
+  # The flags read here, spelt FLAG=VALUE, are split first (else --recipe=muon would slip past the checks).
+  case "$1" in --seeds=*|--recipe=*|--recipes=*|--steps=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;; esac
   case "$1" in
     --setup) setup_only=1 ;;
     --seeds)
@@ -45,9 +49,13 @@ while [ $# -gt 0 ]; do
     --recipes)
       need_value aurora,soap-muon "$@"
       [[ "$2" =~ ^[a-z0-9-]+(,[a-z0-9-]+)*$ ]] || fail "--recipes takes recipe names separated by commas, got '$2'"
-      IFS=, read -r -a recipes <<< "$2"; shift ;;
+      IFS=, read -r -a recipes <<< "$2"
+      repeated=$(printf '%s\n' "${recipes[@]}" | sort | uniq -d | head -n 1)
+      [ -z "$repeated" ] || fail "--recipes names $repeated twice; give each recipe once"
+      shift ;;
     --tiny) tiny=1 ;;
-    --seed|--seed=*|--run-id|--run-id=*|--save|--save=*) one_run+=("${1%%=*}"); args+=("$1") ;;
+    --check-args) check_only=1; args+=("$1") ;;
+    --seed|--seed=*|--run-id|--run-id=*|--save|--save=*|--resume|--resume=*) one_run+=("${1%%=*}"); args+=("$1") ;;
     *) args+=("$1") ;;
   esac
   shift
@@ -65,6 +73,7 @@ for flag in "${one_run[@]}"; do
   if [ "$flag" != --seed ] && [ "$seeds" != 1 ]; then
     why="each run gets a log of its own"
     [ "$flag" = --save ] && why="each run would overwrite the checkpoint of the one before"
+    [ "$flag" = --resume ] && why="a checkpoint continues the one run that saved it"
     fail "$flag names one run and --seeds $seeds makes $seeds; leave out $flag ($why)"
   fi
 done
@@ -168,6 +177,10 @@ for choice in "${per_recipe[@]}"; do
     "${launch[@]}" train_gpt.py "${preset[@]}" --seed "$s" "${chosen[@]}" "${named[@]}" "${args[@]}"
   done
 done
+if [ "$check_only" = 1 ]; then
+  [ ${#recipes[@]} -eq 0 ] || echo "run.sh: --check-args: the runs were only checked, so there is nothing to tabulate"
+  exit 0
+fi
 status=0
 for r in "${recipes[@]}"; do
   "$PY" records/stats.py --label "$r" logs/"$batch-$r"-seed*.txt || status=$?

@@ -34,6 +34,17 @@ RUN_SH = os.path.join(ROOT, "run.sh")
     (["--recipes", "aurora soap-muon"], "run.sh: --recipes takes recipe names separated by commas, got 'aurora soap-muon'"),
     (["--recipes", "aurora,muon", "--save", "ck.pt"], "run.sh: --save names one run and --recipes makes one per "
                                                       "recipe and seed; leave it out"),
+    # The = spelling slipped past: muon trained into a log named aurora.
+    (["--recipes", "aurora", "--recipe=muon"], "run.sh: give --recipe NAME or --recipes A,B,..., not both"),
+    (["--recipes=aurora,muon", "--recipe", "muon"], "run.sh: give --recipe NAME or --recipes A,B,..., not both"),
+    (["--seeds=two"], "run.sh: --seeds takes a whole number of runs (1 or more), got 'two'"),
+    # A recipe given twice trained once, then failed on the second log.
+    (["--recipes", "muon,aurora,muon"], "run.sh: --recipes names muon twice; give each recipe once"),
+    # Seed 1 was refused only after seed 0 had trained.
+    (["--seeds", "2", "--resume", "ck.pt"], "run.sh: --resume names one run and --seeds 2 makes 2; leave out --resume "
+                                            "(a checkpoint continues the one run that saved it)"),
+    (["--resume=ck.pt", "--recipes", "aurora,muon"], "run.sh: --resume names one run and --recipes makes one per "
+                                                     "recipe and seed; leave it out"),
 ])
 def test_its_own_arguments_are_refused_with_one_line_before_setup(args, message):
     done = subprocess.run(["bash", RUN_SH, *args], capture_output=True, text=True, timeout=60)
@@ -62,6 +73,18 @@ def test_arguments_train_gpt_refuses_are_refused_before_any_data_is_written(tmp_
     done = subprocess.run(["bash", "run.sh", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "data" / "synthetic").exists()
+    assert not (tmp_path / "logs").exists()
+
+
+def test_check_args_checks_every_run_and_tabulates_nothing(tmp_path):
+    """`--recipes muon --check-args` checked the runs, then ended in records/stats.py's error on logs that no run
+    wrote."""
+    project_copy(tmp_path)
+    done = subprocess.run(["bash", "run.sh", "--recipes", "muon,aurora", "--seeds", "2", "--check-args"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.splitlines()[-1] == ("run.sh: --check-args: the runs were only checked, so there is nothing to "
+                                            "tabulate")
     assert not (tmp_path / "logs").exists()
 
 
