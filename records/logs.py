@@ -7,7 +7,8 @@ matter:
   of the weights rather than the weights themselves, the line carries both losses, in one of the record
   logs' two layouts: `val_loss:{raw} ... val_ema_loss:{readout}` (#46's Tail-EMA), or
   `val_loss:{readout} ... ref_gamma:{g} ... [raw_val_loss:{raw}]` (#42's reference interpolation; its
-  public logs have no raw loss there);
+  public logs have no raw loss there). A val line the file ends inside (no line end: cut while it was written,
+  or truncated) may lack its readout or end inside a number: it is left out, and its run's cut_line says so;
 - `diag {json}` lines (our diagnostics, docs/diagnostics.md), attached to the trial they were measured in;
 - `config {json}` lines (our resolved configuration; the "recipe" key names the recipe, and
   hyperparameters.model.mlp_ratio the MLP width ratio);
@@ -60,6 +61,7 @@ class Run:
     points: list[ValPoint] = field(default_factory=list)
     diagnostics: list[dict] = field(default_factory=list)
     mlp_ratio: int | None = None  # None: the log does not say (the benchmark's is 4)
+    cut_line: str | None = None  # a val line the log ends inside, left out (on the log's last run)
 
     @property
     def total_steps(self) -> int:
@@ -174,7 +176,9 @@ def parse_log_text(text: str, path: str = "<text>") -> LogFile:
     pending_diagnostics: list[dict] = []
     latest_step = -1
     first_line_number = len(code.splitlines()) + 1 if code else 1
-    for line_number, line in enumerate(rest.splitlines(), first_line_number):
+    lines = rest.splitlines()
+    cut = lines.pop() if lines and not rest.endswith(("\n", "\r")) and VAL_LINE.search(lines[-1]) else None
+    for line_number, line in enumerate(lines, first_line_number):
         try:
             point = parse_val_line(line)
         except ValueError as problem:
@@ -215,6 +219,8 @@ def parse_log_text(text: str, path: str = "<text>") -> LogFile:
             if hardware is not None:
                 for run in runs:
                     run.hardware = hardware
+    if runs:
+        runs[-1].cut_line = cut
     return LogFile(path, code, runs, configs, recipe, hardware)
 
 

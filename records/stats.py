@@ -166,7 +166,8 @@ def recipe_of(result: ResultSet) -> str | None:
 
 
 def consistency_warnings(result: ResultSet) -> list[str]:
-    """Pooling runs of different recipes or lengths is legal arithmetic but rarely what was meant."""
+    """Pooling runs of different recipes or lengths is legal arithmetic but rarely what was meant; a log that ends
+    inside a val line was cut short."""
     warnings = []
     recipes = unique_values(run.recipe for run in result.runs)
     if len(recipes) > 1:
@@ -174,6 +175,8 @@ def consistency_warnings(result: ResultSet) -> list[str]:
     totals = unique_values(run.total_steps for run in result.runs)
     if len(totals) > 1:
         warnings.append(f"set {result.label}: runs have different step counts T: {totals}")
+    warnings += [f"set {result.label}: {run.path} ends inside a val line ({run.cut_line!r}): cut while it was written, "
+                 f"or truncated; that line is left out" for run in result.runs if run.cut_line]
     partial = [step for step, s in result.steps.items() if s.n < result.n]
     if partial:
         warnings.append(f"set {result.label}: {len(partial)} step(s) not logged by every run "

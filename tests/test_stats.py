@@ -589,3 +589,47 @@ def test_record46_val_lines_give_both_published_crossings(capsys):
         assert err.splitlines()[-1] == (f"note: set a: 1 of 8 runs stops before its T=2900, at step 2765 "
                                         f"({RECORD46[-1]} trial 0), at or after the reported step {step}: every run "
                                         "logged the steps up to it, so the result stands")
+
+
+def readout_log(path, points, cut=None):
+    """A #46-style log (val_loss the raw loss, val_ema_loss the readout's) of T=100, one trial: points is
+    {step: (raw, readout)}; `cut` is a last line the file ends inside (no line end)."""
+    lines = [f"step:{step}/100 val_loss:{raw:.5f} val_ema_loss:{readout:.5f}" for step, (raw, readout) in points.items()]
+    path.write_text("\n".join(lines) + "\n" + (cut or ""), encoding="utf-8")
+    return str(path)
+
+
+# Two runs a set, both alike (exact means); n = 2 clears the bar at L <= 3.277171. The raw and the readout
+# losses cross at different steps: a readout 50 (3.277) / raw 100 (3.276); b readout 100 (3.2765) / raw 100 (3.274).
+VS_A = {0: (10.8, 10.8), 50: (3.279, 3.277), 100: (3.276, 3.275)}
+VS_B = {0: (10.8, 10.8), 50: (3.278, 3.280), 100: (3.274, 3.2765)}
+
+
+@pytest.mark.parametrize("loss, a, b, statistic", [
+    ("readout", (50, 3.277), (100, 3.2765), (3.2765 - 3.277) + 50 * 0.0045 / 100),
+    ("raw", (100, 3.276), (100, 3.274), 3.274 - 3.276),
+], ids=["readout", "raw"])
+def test_vs_judges_both_sets_on_the_loss_asked_for(tmp_path, capsys, loss, a, b, statistic):
+    """`A --vs B --loss raw` must judge B on the raw loss too (judging it on the readout's went unseen)."""
+    set_a = [readout_log(tmp_path / f"a{i}.txt", VS_A) for i in range(2)]
+    set_b = [readout_log(tmp_path / f"b{i}.txt", VS_B) for i in range(2)]
+    payload = run_stats_json(capsys, [*set_a, "--vs", *set_b, "--loss", loss])
+    for name, (step, mean) in (("a", a), ("b", b)):
+        assert payload[name]["loss"] == loss and payload[name]["first_passing_step"] == step
+        assert payload[name]["mean_at_first_passing_step"] == pytest.approx(mean, abs=1e-12)
+    assert payload["pairwise"]["statistic"] == pytest.approx(statistic, abs=1e-12)  # sqrt(1/2 + 1/2) = 1
+
+
+def test_a_val_line_the_log_ends_inside_is_left_out_with_a_warning(tmp_path, capsys):
+    """A #46-style log cut inside its last val line (stopped while writing it, or truncated) reported that line's raw
+    loss as the readout loss: with its val_ema_loss cut off the line looked like one without a readout."""
+    path = readout_log(tmp_path / "cut.txt", {0: (10.8, 10.8), 50: (3.281, 3.279)}, cut="step:100/100 val_loss:3.27400")
+    assert logs.parse_log(path).runs[0].losses() == {0: 10.8, 50: 3.279}
+    assert stats.main([path, "--json"]) == 1  # the set does not clear the bar, and its run stops before T
+    out, err = capsys.readouterr()
+    assert json.loads(out)["first_passing_step"] is None
+    assert (f"warning: set a: {path} ends inside a val line ('step:100/100 val_loss:3.27400'): cut while it was "
+            f"written, or truncated; that line is left out") in err.splitlines()
+    # A log whose last line is whole is read to its end.
+    whole = readout_log(tmp_path / "whole.txt", {0: (10.8, 10.8), 50: (3.281, 3.279), 100: (3.274, 3.273)})
+    assert logs.parse_log(whole).runs[0].losses() == {0: 10.8, 50: 3.279, 100: 3.273}
