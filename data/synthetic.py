@@ -84,14 +84,24 @@ def generate_stream(table, num_tokens, rng):
     return streams.T.reshape(-1)[:num_tokens]
 
 
-def entropy_rate():
-    """Nats per token of the language given the hidden topic (what a perfect model could reach),
-    counting rank collisions in the tables as distinct outcomes (a slight overestimate)."""
+def entropy_rate(table):
+    """Nats per token of the language given the hidden topic (what a perfect model could reach) with this
+    successor table: a document ends or not, a new one draws its topic, and otherwise the next token is
+    Zipf-drawn from the (topic, previous token) row, whose ranks that drew the same token are one outcome.
+    The rows are weighted alike (unigram frequencies are nearly flat). A vocabulary of V ids has V - 1
+    successors, so a small one merges many ranks (V = 2: one successor, no choice at all)."""
     p = zipf_probabilities(SUCCESSORS)
-    zipf_entropy = -(p * np.log(p)).sum()
+    order = np.argsort(table, axis=-1, kind="stable")
+    tokens, probabilities = np.take_along_axis(table, order, axis=-1), p[order]
+    # Along each sorted row, one outcome per run of equal tokens: its probability is the run's sum.
+    last_of_run = np.ones(tokens.shape, dtype=bool)
+    last_of_run[..., :-1] = tokens[..., 1:] != tokens[..., :-1]
+    sums = np.cumsum(probabilities.reshape(-1))[last_of_run.reshape(-1)]  # rows end runs, so rows never mix
+    outcomes = np.diff(sums, prepend=0.0)
+    successor_entropy = -(outcomes * np.log(outcomes)).sum() / (tokens.size // SUCCESSORS)
     q = END_PROBABILITY
     end_entropy = -(q * math.log(q) + (1 - q) * math.log(1 - q))
-    return end_entropy + (1 - q) * zipf_entropy + q * math.log(TOPICS)
+    return end_entropy + (1 - q) * successor_entropy + q * math.log(TOPICS)
 
 
 def conditional_entropy(tokens, order, vocab_size):
@@ -189,7 +199,7 @@ def main(argv=None):
     total = args.val_tokens + args.train_shards * args.tokens_per_shard
     print(f"wrote {len(paths)} shards ({total:,} tokens) to {args.out} in {seconds:.1f}s")
     print(f"entropy (nats/token): log(V) = {math.log(args.vocab_size):.3f}, "
-          f"language given its topics = {entropy_rate():.3f}")
+          f"language given its topics = {entropy_rate(successor_table(args.vocab_size, args.seed)):.3f}")
     return 0
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -558,8 +559,27 @@ def test_synthetic_is_learnable_well_below_log_vocab(tmp_path):
     bigram = synthetic.conditional_entropy(train, 1, 512)
     assert unigram > 0.97 * log_v  # nothing to learn from frequencies alone
     assert bigram < 0.75 * log_v  # the previous token already removes a quarter of the entropy
-    assert synthetic.entropy_rate() < 0.5 * log_v  # what a model that infers the topic can reach
-    assert bigram > synthetic.entropy_rate()
+    rate = synthetic.entropy_rate(synthetic.successor_table(512, 0))
+    assert rate < 0.5 * log_v  # what a model that infers the topic can reach
+    assert bigram > rate
+
+
+@pytest.mark.parametrize("vocab_size", [2, 3, 5, 65, 512])
+def test_the_entropy_printed_counts_the_tokens_a_vocabulary_has(tmp_path, capsys, vocab_size):
+    """--vocab-size 2 printed an entropy above log V: the rate counted 64 distinct successors where the vocabulary
+    holds one (V - 1 ids besides EOT); successors drawn alike now merge."""
+    assert synthetic.main(["--out", str(tmp_path), "--vocab-size", str(vocab_size), "--train-shards", "1",
+                           "--tokens-per-shard", "1000", "--val-tokens", "1000"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    printed = float(re.fullmatch(r"entropy \(nats/token\): log\(V\) = [0-9.]+, language given its topics = ([0-9.]+)",
+                                 line)[1])
+    assert printed < math.log(vocab_size)
+    rate = synthetic.entropy_rate(synthetic.successor_table(vocab_size, 0))
+    assert printed == round(rate, 3)
+    if vocab_size == 2:  # one successor id: a token tells only whether its document ends there, and the next topic
+        q = synthetic.END_PROBABILITY
+        assert rate == pytest.approx(-(q * math.log(q) + (1 - q) * math.log(1 - q)) + q * math.log(synthetic.TOPICS),
+                                     abs=1e-12)
 
 
 def test_conditional_entropy_on_known_sequences():
