@@ -1779,18 +1779,21 @@ def parse_args(argv):
     parser.add_argument("--stop-at", type=int, metavar="S",
                         help="follow the lr schedule of --steps but stop after step S (not a record)")
     parser.add_argument("--save", metavar="PATH", help="write a checkpoint (model, optimizers, step, data "
-                        "position, RNG) here at the end of a trial")
+                        "position, RNG, and their SHA-256) here at the end of a trial; refused where an earlier "
+                        "run's checkpoints lie, unless --overwrite or this run resumes one of them")
     parser.add_argument("--save-every", type=int, metavar="K",
                         help="with --save: also every K steps, to PATH with .stepS before the extension")
     parser.add_argument("--keep-last", type=int, metavar="N",
-                        help="with --save-every: keep only the newest N of those periodic checkpoints (default 2)")
+                        help="with --save-every: keep only the newest N of this run's periodic checkpoints (default "
+                             "2)")
     parser.add_argument("--resume", metavar="PATH", help="continue the run saved in the checkpoint PATH (same "
-                        "recipe, --steps, preset, --seed, --data-seed, --aux-from, --freeze-mlp-scalars; any world "
-                        "size)")
+                        "recipe, --steps, preset, --seed, --data-seed, --aux-from, --freeze-mlp-scalars, --aurora, "
+                        "--aurora-form; any world size)")
     parser.add_argument("--init-from", metavar="PATH", help="start every trial from the model weights in PATH")
     parser.add_argument("--run-id", help="log name under logs/ (default: recipe and a random id); refused if "
                                          "logs/RUN_ID.txt exists, unless --overwrite")
-    parser.add_argument("--overwrite", action="store_true", help="replace the log of an earlier run with this --run-id")
+    parser.add_argument("--overwrite", action="store_true", help="replace the log of an earlier run with this --run-id, "
+                        "and the checkpoints of an earlier run at the --save path")
     parser.add_argument("--ddp", action="store_true",
                         help="under torchrun, DistributedDataParallel and the optimizers' all-gathers even with "
                              "one process: one GPU then runs the multi-GPU code path (same results)")

@@ -79,3 +79,12 @@ def test_the_docs_pages_have_the_sections_the_code_links():
             "log-format"} <= heading_anchors(ROOT / "docs" / "benchmark.md")
     assert {"polar-factor", "muon", "normuon", "aurora", "variants"} <= heading_anchors(ROOT / "docs" / "recipes.md")
     assert {"neuron-death", "leverage"} <= heading_anchors(ROOT / "docs" / "diagnostics.md")
+
+
+def test_every_test_the_refusals_page_names_exists():
+    """docs/refusals.md names the test of each refusal; a test renamed or removed would leave a row that
+    points nowhere."""
+    named = set(re.findall(r"\b(test_[a-z0-9_]+)\b(?!\.py)", (ROOT / "docs" / "refusals.md").read_text(encoding="utf-8")))
+    defined = {name for path in (ROOT / "tests").glob("test_*.py")
+               for name in re.findall(r"^def (test_[a-z0-9_]+)", path.read_text(encoding="utf-8"), re.M)}
+    assert len(named) > 100 and not named - defined, sorted(named - defined)

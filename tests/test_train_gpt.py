@@ -424,6 +424,7 @@ def test_ddp_in_a_world_of_one_computes_what_the_plain_process_does(tiny_run, da
     (["--steps", "ten"], "error: argument --steps: invalid int value: 'ten'"),
     (["--seed"], "error: argument --seed: expected one argument"),
     (["--bogus"], "error: unrecognized arguments: --bogus"),
+    (["--rec", "muon"], "error: unrecognized arguments: --rec muon"),  # an abbreviation would slip past run.sh
     (["--steps", "0"], "error: --steps must be at least 1, got 0"),
     (["--save", "ck.pt", "--keep-last", "3"], "error: --keep-last keeps the newest checkpoints of --save-every; give "
                                               "--save-every K too, or leave it out"),
