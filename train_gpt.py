@@ -309,10 +309,10 @@ EMBED_POWER_C, HEAD_POWER_C, AUX_POWER_C, MATRIX_POWER_C = (4.976805410800738e-0
 RECORD_ADAM = dict(betas=(0.8, 0.99), eps=1e-10, weight_decay=0.0)
 FLOOR_UW = 0.3825
 SOAP_42 = dict(beta2=0.90, frequency=10, denom_power=0.50)
-CHAIN_42 = dict(contra_muon=True, normuon_beta2=1.0, radial_brake=(0.5, 1.0), floor=("scalar", FLOOR_UW),
+CHAIN_42 = dict(contra_muon=True, normuon_beta2=1.0, radial_brake=(0.5, 1.0), floor=("scalar", FLOOR_UW), pin=True,
                 power_c=MATRIX_POWER_C)
 SOAP_46 = dict(beta2=0.90, frequency=1, denom_power=0.50)
-CHAIN_46 = dict(radial_brake=(0.5, 1.0), floor=("row", FLOOR_UW, 1.0), cautious_weight_decay=0.025,
+CHAIN_46 = dict(radial_brake=(0.5, 1.0), floor=("row", FLOOR_UW, 1.0), pin=True, cautious_weight_decay=0.025,
                 power_c=MATRIX_POWER_C)
 
 
