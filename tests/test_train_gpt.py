@@ -1705,6 +1705,8 @@ def test_mismatched_checkpoint_is_refused_naming_what_differs(tiny_run, data_arg
     (["--aux-from", "muon"], "aux_from None (this run: 'muon')"),
     (["--freeze-mlp-scalars"], "freeze_mlp_scalars False (this run: True)"),
     (["--aurora", "tall"], "aurora None (this run: 'tall')"),  # other param groups: the state would not fit
+    (["--without", "contra"], "without [] (this run: ['contra'])"),
+    (["--set", "uw_floor=0.3"], "set [] (this run: ['uw_floor=0.3'])"),
 ])
 def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(tiny_run, data_args, tmp_path, monkeypatch, capsys,
                                                                flags, problem):
