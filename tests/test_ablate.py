@@ -128,3 +128,21 @@ def test_a_cpu_study_end_to_end_gives_the_table_and_a_rerun_trains_nothing(tmp_p
     assert "soap-muon: without cautious_wd" in done.stdout and len(list((tmp_path / "logs").glob("ablate-*.txt"))) == 2
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     assert again.returncode == 0 and again.stdout.count("is complete: kept") == 2 and "val_loss" not in again.stdout
+
+
+def test_the_tiny_studys_table_script_gives_each_arm_its_verdict_and_welchs_p(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "records" / "2026-12-07_tiny-ablation-soap-muon"))
+    import table
+    paths = []
+    for arm, loss in ((None, 4.5), ("row_floor", 4.6), ("cautious_wd", 4.5)):
+        for seed in (0, 1, 2) if arm != "cautious_wd" else (0, 1):
+            paths.append(tmp_path / f"{arm}-{seed}.txt")
+            fake_log(paths[-1], arm, seed, loss)
+    table.main([str(path) for path in paths])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Losses at step 4 (the record's 2690 of 2900 at this horizon)")
+    assert out[4] == "| soap-muon | 0, 1, 2 | 4.49100 ± 0.00100 | 4.50100 ± 0.00100 | - | reference | - | - |"
+    assert out[5].startswith("| without row_floor | 0, 1, 2 | 4.59100 ± 0.00100 | 4.60100 ± 0.00100 | +0.12247 | "
+                             "row_floor helps | +122.47 | ")
+    assert out[-1] == "Arms without all of seeds [0, 1, 2] (their verdicts do not count): soap-muon: without cautious_wd: " \
+                      "seeds [0, 1]."
