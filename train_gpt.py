@@ -272,11 +272,12 @@ class Recipe:
     """Everything a record chooses (docs/recipes.md): the optimizers and which parameters each takes,
     the schedules, the initialization, the eval-time readout and the validation steps. steps is the
     schedule's horizon T (--steps changes it and scaled_recipe stretches every step constant with it);
-    stop, when set, is the step the run ends at inside it; record_step is the step its record reported."""
+    stop, when set, is the step the run ends at inside it. record_step, the step its record reported, is a fact
+    about the record, not a constant of its schedule: a run's config gives it scaled to the run's horizon."""
     name: str
     record: str  # the leaderboard entry it reproduces
     steps: int = step_field()
-    record_step: int = step_field(0)  # where the record's runs cleared the bar (records/ablate.py compares there)
+    record_step: int = 0  # where the record's runs cleared the bar (records/ablate.py compares there)
     optimizers: tuple = ()
     lr_schedule: object = LinearCooldown()
     momentum: object = 0.95  # a number, or a schedule with .momentum(step, recipe)
@@ -3217,6 +3218,7 @@ def config_record(args, hp, recipe, steps, dist_info, device, layout, train_path
     return {"command": shlex.join([sys.executable] + sys.argv), "run_id": run_id, "recipe": recipe.name,
             "record": recipe.record, "preset": "tiny" if args.tiny else "full",
             "steps": steps, "stop": recipe.stop, "trials": args.trials, "seed": args.seed,
+            "record_step": scaled_step(recipe.record_step, steps, recipe.record_steps),
             "world_size": dist_info.world_size, "device": str(device), "compiled": compile_is_active(),
             "hyperparameters": dataclasses.asdict(hp), "recipe_settings": recipe_settings(recipe),
             "aurora": aurora and {"pattern": aurora["pattern"], "form": aurora["form"],

@@ -263,11 +263,11 @@ def configuration_name(key: tuple, common: set[str]) -> str:
 
 
 def comparison_step(runs: list[Run]) -> int | None:
-    """The step the record's runs cleared the bar at (its configs' recipe_settings.record_step, scaled to this
+    """The step the record's runs cleared the bar at (its configs' record_step, scaled to the runs'
     horizon) or, where not every run logged it, the last step before it that every run logged; without one in
     the configs, the last step every run logged."""
     common = set.intersection(*(set(run.losses()) for run in runs))
-    steps = {((run.config or {}).get("recipe_settings") or {}).get("record_step") for run in runs}
+    steps = {(run.config or {}).get("record_step") for run in runs}
     target = steps.pop() if len(steps) == 1 else None
     below = [step for step in common if target is None or step <= target]
     return max(below) if below else None

@@ -61,7 +61,7 @@ def test_bad_arguments_are_one_error_line_before_any_run(capsys, monkeypatch, ar
 def fake_log(path, without, seed, losses):
     """What a finished trainer run leaves: its config line (differences, the record's step) and val lines."""
     differences = ["steps=4 (record: 2900)"] + ([f"without {without} (record: on mlp)"] if without else [])
-    config = {"recipe": "soap-muon", "differs_from_record": differences, "recipe_settings": {"record_step": 4},
+    config = {"recipe": "soap-muon", "differs_from_record": differences, "record_step": 4,
               "seed": seed}
     lines = ["code", "=" * 100, f"config {json.dumps(config)}"]
     lines += [f"step:{step}/4 val_loss:{loss + 0.001 * seed:.5f} val_ema_loss:{loss - 0.01 + 0.001 * seed:.5f}"

@@ -593,9 +593,8 @@ def test_record46_val_lines_give_both_published_crossings(capsys):
 
 
 def config_line(recipe, differences, record_step=None):
-    settings = {"record_step": record_step} if record_step is not None else {}
     return "config " + json.dumps({"recipe": recipe, "differs_from_record": differences,
-                                   "is_record_recipe": not differences, "recipe_settings": settings})
+                                   "is_record_recipe": not differences, "record_step": record_step})
 
 
 AURORA_ON_PROJ = "aurora='mlp.proj' in record #17's form on 12 matrices (record: 'none', 0 matrices)"

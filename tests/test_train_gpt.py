@@ -246,6 +246,7 @@ def test_config_line_records_the_settings_and_says_it_is_not_a_record(tiny_run):
     _, lines, _ = tiny_run
     (config,) = events(lines, "config")
     assert config["recipe"] == "aurora" and config["steps"] == STEPS and config["trials"] == 2
+    assert config["record_step"] == tg.scaled_step(3175, STEPS, 3200)  # #17's reported step at this horizon
     assert config["seed"] == 0 and config["world_size"] == 1 and config["preset"] == "tiny"
     assert config["device"] == "cpu" and config["batch_seqs"] == 16
     matrix = config["recipe_settings"]["optimizers"][1]
