@@ -574,3 +574,16 @@ def test_a_run_without_its_readout_or_lookahead_logs_the_raw_loss_and_says_what_
     assert sorted(d.split(" ")[1] for d in config["differs_from_record"] if d.startswith("without ")) == removed
     assert config["recipe_settings"]["readout"] is None
 
+
+def test_with_soap_on_auroras_mlp_needs_every_stage_in_every_matrix_optimizer():
+    """--with soap:mlp on aurora (#17, whose matrix optimizer is the Aurora class): the fc and proj matrices get
+    SOAP, in a group split off for them, and every other parameter steps as in the record. Needs the one chain
+    in which every matrix optimizer takes every stage option."""
+    record, hp, _ = resolved("aurora")
+    switched, _, said = resolved("aurora", "--with", "soap:mlp")
+    assert [g.name for g in switched.matrix_spec().groups] == ["matrices[mlp]", "matrices"]
+    assert said.differences == ("soap on matrices[mlp] (record: off)",)
+    before, _, _ = trained(record, hp)
+    after, _, members = trained(switched, hp)
+    assert members["matrices[mlp]"] == ["blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight"]
+    assert {n for n in before if not torch.equal(before[n], after[n])} == set(members["matrices[mlp]"])
