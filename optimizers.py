@@ -1205,6 +1205,25 @@ def pinned_step_(W, update, lr, cautious_decay=0.0):
     return W
 
 
+def plain_step_(W, update, lr, weight_decay=0.0, cautious_decay=0.0):
+    """The step without the radius pin: decoupled weight decay W *= 1 - lr*wd, W -= lr * update, then the
+    cautious weight decay of pinned_step_ (its mask taken before the step), in place."""
+    mask = cautious_mask(update, W) if cautious_decay > 0 else None
+    if weight_decay != 0:
+        W.mul_(1 - lr * weight_decay)
+    W.add_(update, alpha=-lr)
+    if mask is not None:
+        W.mul_(1.0 - (lr * cautious_decay) * mask)
+    return W
+
+
+def chain_step_(W, update, group):
+    """MuonChain's step of one matrix: the pinned step where the group pins the radius, else the plain one."""
+    if group["pin"]:
+        return pinned_step_(W, update, group["lr"], group["cautious_weight_decay"])
+    return plain_step_(W, update, group["lr"], group["weight_decay"], group["cautious_weight_decay"])
+
+
 # --------------------------------------------------------------------------------------------
 # Schedules of records #42 and #46 (docs/recipes.md#schedules): pure functions of the step, which the
 # trainer writes into the param groups each step (lr, momentum, contra, trust_floor, trust_cap).
@@ -1257,8 +1276,8 @@ def early_trust_cap(step, cap, fade_end):
 # --------------------------------------------------------------------------------------------
 # MuonChain: records #42 and #46's matrix optimizer as a chain of the stages above. Each matrix has one
 # owner rank, which keeps its state (momentum, SOAP statistics and bases) and computes its update; the
-# updates are all-gathered and every rank takes the pinned step. The math runs eagerly, one matrix at a
-# time, as in the records (compiling or batching it would change its rounding).
+# updates are all-gathered and every rank takes the step (pinned in both records). The math runs eagerly, one
+# matrix at a time, as in the records (compiling or batching it would change its rounding).
 # --------------------------------------------------------------------------------------------
 
 def soap_flops(rows, cols, frequency):
@@ -1300,7 +1319,8 @@ class MuonChain(torch.optim.Optimizer):
         normuon_beta2: P <- row_variance_normalized(P)
         radial_brake:  P <- radially_braked(P, W, outward, inward)
         floor:         ("scalar", f): uw_floor; ("row", f, rho): row_floored
-        step:          pinned_step_(W, P, lr, cautious_weight_decay)
+        step:          pin: pinned_step_(W, P, lr, cautious_weight_decay); else plain_step_(W, P, lr,
+                       weight_decay, cautious_weight_decay)
 
     then SOAP's statistics take g. A stage whose option is None (False, 0) is left out. The trainer
     writes the scheduled values (lr, momentum, contra, trust_floor, trust_cap) into the param groups.
@@ -1312,7 +1332,7 @@ class MuonChain(torch.optim.Optimizer):
 
     def __init__(self, params, lr, momentum=0.95, polar_backend="schatten", soap=None, soap_combine="replace",
                  trust=None, trust_floor=0.0, trust_cap=1.0, contra_muon=False, contra=0.0, normuon_beta2=None,
-                 radial_brake=None, floor=None, cautious_weight_decay=0.0):
+                 radial_brake=None, floor=None, cautious_weight_decay=0.0, pin=False, weight_decay=0.0):
         if lr < 0:
             raise ValueError(f"MuonChain: lr must be >= 0, got {lr}")
         if polar_backend not in POLAR_BACKENDS:
@@ -1325,7 +1345,8 @@ class MuonChain(torch.optim.Optimizer):
                                       soap_combine=soap_combine, trust=trust, trust_floor=trust_floor,
                                       trust_cap=trust_cap, contra_muon=contra_muon, contra=contra,
                                       normuon_beta2=normuon_beta2, radial_brake=radial_brake, floor=floor,
-                                      cautious_weight_decay=cautious_weight_decay))
+                                      cautious_weight_decay=cautious_weight_decay, pin=pin,
+                                      weight_decay=weight_decay))
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -1425,7 +1446,7 @@ class MuonChain(torch.optim.Optimizer):
         return gated_blend(u, preconditioned, gate)
 
     def matrix_update(self, group, p):
-        """The owner's work for one matrix: its state's step and its update (before the pinned step)."""
+        """The owner's work for one matrix: its state's step and its update (before the step)."""
         state, grad = self.init_state(group, p), p.grad
         state["momentum"].lerp_(grad, 1 - group["momentum"])
         u = grad.lerp(state["momentum"], group["momentum"])
@@ -1491,7 +1512,7 @@ class MuonChain(torch.optim.Optimizer):
         return finish
 
     def apply_updates(self, updates, found_inf):
-        """The pinned step of every matrix on every rank, refused for non-finite updates (as
+        """Every matrix's step (chain_step_) on every rank, refused for non-finite updates (as
         _ShardedOrthogonalOptimizer.apply_updates)."""
         if not updates:
             return
@@ -1502,12 +1523,12 @@ class MuonChain(torch.optim.Optimizer):
                 raise FloatingPointError(f"MuonChain: non-finite update for the parameter of shape {shape}; its "
                                          f"gradient or momentum holds inf/NaN: the loss has probably diverged")
             for group, p, update in updates:
-                pinned_step_(p, update, group["lr"], group["cautious_weight_decay"])
+                chain_step_(p, update, group)
             return
         found_inf.copy_(torch.where(finite, found_inf, 1.0))
         keep = found_inf == 0
         for group, p, update in updates:
-            stepped = pinned_step_(p.clone(), update, group["lr"], group["cautious_weight_decay"])
+            stepped = chain_step_(p.clone(), update, group)
             p.copy_(torch.where(keep, stepped, p))
 
     def gathered_state_dict(self):

@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine.
 #   bash run.sh [--setup] [--seeds N] [--recipes A,B,...] [train_gpt.py arguments...]
+#   bash run.sh --ablate RECIPE --seeds N [--techniques A,B] [--plan] [train_gpt.py arguments...]
 # Makes .venv (reusing the torch python3 imports, if any), installs what .venv cannot import, then:
 #   with a GPU:    downloads the FineWeb shards the recipe needs and runs torchrun on every visible GPU;
 #   without a GPU, or with --tiny: writes the synthetic shards (unless valid ones are there) and runs the
 #   trainer's CPU preset (--tiny).
 # --setup (alone) stops after installing; --seeds N runs N times with --seed 0..N-1 (so not with --seed, and
 # not with --run-id, --save or --resume, which name one run); --recipes A,B runs every seed of each recipe
-# (each recipe once) and then tabulates each recipe's runs with records/stats.py. Before any data is written
-# or fetched, train_gpt.py --check-args refuses the arguments it would refuse; with --check-args every run is
-# only checked (after the data is there), and nothing is tabulated. FLAG=VALUE is read as FLAG VALUE.
+# (each recipe once) and then tabulates each recipe's runs with records/stats.py; --ablate RECIPE runs the recipe
+# and each of its techniques left out over the seeds and prints the ablation table (records/ablate.py; --plan:
+# the full-size cost only). Before any data is written or fetched, train_gpt.py --check-args refuses the
+# arguments it would refuse; with --check-args every run is only checked (after the data is there), and nothing
+# is tabulated. FLAG=VALUE is read as FLAG VALUE.
 set -euo pipefail
 cd "$(dirname "$0")"
+# --ablate RECIPE: records/ablate.py runs each arm of the study through this script and prints the table.
+if [[ " $* " == *" --ablate "* || " $* " == *" --ablate="* ]]; then
+  [ -x .venv/bin/python ] || bash "$0" --setup
+  exec .venv/bin/python records/ablate.py "$@"
+fi
 
 fail() { echo "run.sh: $*" >&2; exit 2; }
 need_value() {  # EXAMPLE "$@": the flag in $1 must be followed by a value (not by the end or another flag)

@@ -269,6 +269,7 @@ class RecordInit:
     gain_alpha: float = 0.0
     gain_pairs_from: int = 0  # the layers from here on take their signs in head-balanced pairs
     gain_head_shrink: float = 0.0
+    draw_signs: bool = True  # False: every gain sign +1 (--without signed_gains), nothing drawn
 
 
 @dataclass(frozen=True)
@@ -276,10 +277,12 @@ class Recipe:
     """Everything a record chooses (docs/recipes.md): the optimizers and which parameters each takes,
     the schedules, the initialization, the eval-time readout and the validation steps. steps is the
     schedule's horizon T (--steps changes it and scaled_recipe stretches every step constant with it);
-    stop, when set, is the step the run ends at inside it."""
+    stop, when set, is the step the run ends at inside it. record_step, the step its record reported, is a fact
+    about the record, not a constant of its schedule: a run's config gives it scaled to the run's horizon."""
     name: str
     record: str  # the leaderboard entry it reproduces
     steps: int = step_field()
+    record_step: int = 0  # where the record's runs cleared the bar (records/ablate.py compares there)
     optimizers: tuple = ()
     lr_schedule: object = LinearCooldown()
     momentum: object = 0.95  # a number, or a schedule with .momentum(step, recipe)
@@ -314,14 +317,15 @@ EMBED_POWER_C, HEAD_POWER_C, AUX_POWER_C, MATRIX_POWER_C = (4.976805410800738e-0
 RECORD_ADAM = dict(betas=(0.8, 0.99), eps=1e-10, weight_decay=0.0)
 FLOOR_UW = 0.3825
 SOAP_42 = dict(beta2=0.90, frequency=10, denom_power=0.50)
-CHAIN_42 = dict(contra_muon=True, normuon_beta2=1.0, radial_brake=(0.5, 1.0), floor=("scalar", FLOOR_UW),
+CHAIN_42 = dict(contra_muon=True, normuon_beta2=1.0, radial_brake=(0.5, 1.0), floor=("scalar", FLOOR_UW), pin=True,
                 power_c=MATRIX_POWER_C)
 SOAP_46 = dict(beta2=0.90, frequency=1, denom_power=0.50)
-CHAIN_46 = dict(radial_brake=(0.5, 1.0), floor=("row", FLOOR_UW, 1.0), cautious_weight_decay=0.025,
+CHAIN_46 = dict(radial_brake=(0.5, 1.0), floor=("row", FLOOR_UW, 1.0), pin=True, cautious_weight_decay=0.025,
                 power_c=MATRIX_POWER_C)
 
 
-def benchmark_recipe(name, record, steps, adam_lrs, adam_weight_decay, kind, lr, weight_decay, aurora="none", **options):
+def benchmark_recipe(name, record, steps, record_step, adam_lrs, adam_weight_decay, kind, lr, weight_decay, aurora="none",
+                     **options):
     """The three recipes on the benchmark's schedule: AdamW on the embedding, the head's weight and the
     scalars, a matrix optimizer on every block matrix, momentum 0.95 with Nesterov."""
     embed_lr, head_lr, scalar_lr = adam_lrs
@@ -330,16 +334,16 @@ def benchmark_recipe(name, record, steps, adam_lrs, adam_weight_decay, kind, lr,
                          dict(BENCHMARK_ADAM, weight_decay=adam_weight_decay))
     matrix = OptimizerSpec(kind, (Group("matrices", BLOCK_MATRICES, lr),),
                            dict(weight_decay=weight_decay, momentum=0.95, nesterov=True, **options))
-    return Recipe(name, record, steps, (adam, matrix), aurora=(aurora, "aurora"))
+    return Recipe(name, record, steps, record_step, (adam, matrix), aurora=(aurora, "aurora"))
 
 
 RECIPES = recipe_table(
-    benchmark_recipe("aurora", "#17", 3200, (0.3, 1 / 320, 0.01), 0.0, "Aurora", 0.0375, 0.0, aurora="all",
+    benchmark_recipe("aurora", "#17", 3200, 3175, (0.3, 1 / 320, 0.01), 0.0, "Aurora", 0.0375, 0.0, aurora="all",
                      pp_iterations=2, pp_beta=0.5, contra=0.4, uw_floor=0.35),
-    benchmark_recipe("normuon", "#10", 3300, (0.3, 1 / 320, 0.01), 0.0, "NorMuon", 0.035, 0.025, beta2=0.95),
-    benchmark_recipe("muon", "#36", 3250, (0.7, 0.004, 0.015), 0.001, "Muon", 0.025, 0.05),
+    benchmark_recipe("normuon", "#10", 3300, 3250, (0.3, 1 / 320, 0.01), 0.0, "NorMuon", 0.035, 0.025, beta2=0.95),
+    benchmark_recipe("muon", "#36", 3250, 3250, (0.7, 0.004, 0.015), 0.001, "Muon", 0.025, 0.05),
     Recipe(
-        "aurora-ema-ref", "#42", 2900,
+        "aurora-ema-ref", "#42", 2900, 2860,
         (OptimizerSpec("AdamW", (Group("embed", ("embed.weight",), 0.3, dict(power_c=EMBED_POWER_C)),
                                  Group("head", ("proj.weight",), 1 / 320, dict(power_c=HEAD_POWER_C)),
                                  Group("scalars", SCALARS, 0.01, dict(power_c=AUX_POWER_C))), RECORD_ADAM),
@@ -356,7 +360,7 @@ RECIPES = recipe_table(
         readout=ReferenceReadoutSpec(-0.075, 2375, 2850), validation=Validation(125, (2850,)),  # and 2860, the stop
         aurora=("mlp.proj", "aurora_schatten")),
     Recipe(
-        "soap-muon", "#46", 2900,
+        "soap-muon", "#46", 2900, 2690,
         (OptimizerSpec("AdamW", (Group("embed", ("embed.weight",), 0.3, dict(power_c=EMBED_POWER_C)),
                                  Group("head", ("proj.weight",), 1 / 320, dict(power_c=HEAD_POWER_C))), RECORD_ADAM),
          OptimizerSpec("BiasFreeAdam", (
@@ -910,7 +914,9 @@ def record_init(model, init, generator, sign_generator, seed):
     for index, block in enumerate(model.blocks):
         block.mlp.fc.weight.mul_(1.0 - init.fc_alpha * (index / (layers - 1) if layers > 1 else 0.0))
     if init.gain_alpha:
-        for block, signs in zip(model.blocks, gain_signs(model.config, init, seed, sign_generator)):
+        layer_signs = (gain_signs(model.config, init, seed, sign_generator) if init.draw_signs else
+                       [torch.ones(model.config.model_dim)] * len(model.blocks))
+        for block, signs in zip(model.blocks, layer_signs):
             block.norm1.gains.copy_((1.0 - init.gain_alpha * signs).to(block.norm1.gains.dtype))
             block.norm2.gains.copy_((1.0 + init.gain_alpha * signs).to(block.norm2.gains.dtype))
 
@@ -990,25 +996,19 @@ def matrix_shapes(model, recipe):
     return {name: tuple(p.shape) for name, p in model.named_parameters() if (group_of(name, recipe) or (None,))[0] == matrix}
 
 
-def build_optimizers(model, recipe, aurora=None):
+def build_optimizers(model, recipe):
     """One optimizer per OptimizerSpec of the recipe, every trained parameter in the first group whose
     patterns match its name (model order kept), each group carrying its name, options and starting lr
-    (group["initial_lr"]). aurora = (matrix names, polar backend) from --aurora splits the matrix
-    optimizer's groups into the named matrices, given Aurora's polar, and the others, given the plain one."""
+    (group["initial_lr"])."""
     check_groups_cover(model, recipe)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizers = []
     for i, spec in enumerate(recipe.optimizers):
         groups = []
         for j, group in enumerate(spec.groups):
-            members = [(name, p) for name, p in named if group_of(name, recipe) == (i, j)]
-            splits = [({}, members)]
-            if aurora is not None and spec.kind in AURORA_SWITCH:
-                matched, plain = AURORA_SWITCH[spec.kind]
-                splits = [(matched(aurora[1]), [(n, p) for n, p in members if n in aurora[0]]),
-                          (plain, [(n, p) for n, p in members if n not in aurora[0]])]
-            groups += [dict(params=[p for _, p in part], lr=group.lr, name=group.name, **{**group.options, **options})
-                       for options, part in splits if part]
+            members = [p for name, p in named if group_of(name, recipe) == (i, j)]
+            if members:
+                groups.append(dict(params=members, lr=group.lr, name=group.name, **group.options))
         if not groups:  # every parameter it would train is frozen
             continue
         options = dict(spec.options)
@@ -1055,6 +1055,801 @@ def with_aux_from(recipe, other):
                              f"recipes ({', '.join(n for n, x in RECIPES.items() if x.init is None)}) share AdamW "
                              f"groups; {r.name} has its own optimizers and schedules")
     return dataclasses.replace(recipe, optimizers=(other.optimizers[0],) + recipe.optimizers[1:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Techniques (docs/recipes.md#techniques): what each recipe adds to the Muon core, read from its data, and the
+# switches --aurora, --without, --with and --set, each a function from recipe to recipe applied to the record's
+# recipe before it is scaled to --steps and before anything is built
+
+
+@functools.lru_cache(maxsize=None)
+def class_defaults(kind):
+    """The options an optimizer class takes, with their defaults (None where it has none)."""
+    parameters = inspect.signature(OPTIMIZER_CLASSES[kind]).parameters
+    return {name: None if p.default is p.empty else p.default for name, p in parameters.items() if name != "params"}
+
+
+SCHEDULE_OPTIONS = ("power_c",)  # group options the lr schedule reads, not the optimizer
+
+
+def group_options(spec, group):
+    """The options the group's optimizer runs it with: its class's defaults, the spec's shared ones, the group's own."""
+    return {**class_defaults(spec.kind), **spec.options, **group.options}
+
+
+def group_names(recipe, on=lambda spec, options: True):
+    """The names of the groups (of every optimizer, in order) whose spec and options satisfy `on`."""
+    return [g.name for spec in recipe.optimizers for g in spec.groups if on(spec, group_options(spec, g))]
+
+
+def matrix_group_names(recipe):
+    return [g.name for g in recipe.matrix_spec().groups]
+
+
+def adam_group_names(recipe):
+    return group_names(recipe, lambda spec, options: spec.kind == "AdamW")
+
+
+def groups_holding(recipe, *parameters):
+    """The names of the groups that take these parameters (by the model's names), in the recipe's order."""
+    found = {group_of(name, recipe) for name in parameters} - {None}
+    return [g.name for i, spec in enumerate(recipe.optimizers) for j, g in enumerate(spec.groups) if (i, j) in found]
+
+
+def edit_groups(recipe, names, edit):
+    """recipe with every group named in `names` replaced by edit(spec, group)."""
+    return dataclasses.replace(recipe, optimizers=tuple(
+        dataclasses.replace(spec, groups=tuple(edit(spec, g) if g.name in names else g for g in spec.groups))
+        for spec in recipe.optimizers))
+
+
+def with_options(group, changes=(), dropped=()):
+    """group with its options changed, the `dropped` ones removed (their optimizer's defaults hold again)."""
+    kept = {k: v for k, v in group.options.items() if k not in dropped}
+    return dataclasses.replace(group, options={**kept, **dict(changes)})
+
+
+def value_at(value, path):
+    for key in path:
+        value = getattr(value, key) if dataclasses.is_dataclass(value) else value[key]
+    return value
+
+
+def has_value_at(value, path):
+    try:
+        value_at(value, path)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def replaced_at(value, path, new):
+    """A copy of nested data (dataclasses, dicts, tuples) with the value at `path` replaced by `new`."""
+    if not path:
+        return new
+    key, rest = path[0], path[1:]
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{key: replaced_at(getattr(value, key), rest, new)})
+    if isinstance(value, dict):
+        return {**value, key: replaced_at(value[key], rest, new)}
+    return value[:key] + (replaced_at(value[key], rest, new),) + value[key + 1:]
+
+
+def without_unread_schedules(recipe):
+    """recipe without a Contra ramp or trust-gate bounds that no group reads any more."""
+    contra_read = group_names(recipe, lambda spec, options: options.get("contra_muon"))
+    trust_read = group_names(recipe, lambda spec, options: options.get("soap_combine") == "trust_gate")
+    return dataclasses.replace(recipe, contra=recipe.contra if contra_read else None,
+                               trust=recipe.trust if trust_read else None)
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A number of a technique that --set KEY=VALUE changes, with its type and range. It lives at `path` in the
+    options of the groups the technique is on (in_groups; a group lacking the path has none) or in the recipe.
+    `path` may be a function of the group's options. A step constant is given at the record's horizon, scaled with
+    --steps like the record's own."""
+    key: str
+    kind: type  # int or float
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    path: tuple = ()
+    in_groups: bool = True
+
+    def admits(self, value):
+        return ((value > self.low if self.open_low else value >= self.low)
+                and (value < self.high if self.open_high else value <= self.high))
+
+    def range_text(self):
+        high = "inf)" if self.high == math.inf else f"{self.high:g}{')' if self.open_high else ']'}"
+        return f"{'(' if self.open_low else '['}{self.low:g}, {high}"
+
+
+def step_constant(key, *path):
+    return Constant(key, int, 0, path=path, in_groups=False)
+
+
+@dataclass(frozen=True)
+class Technique:
+    """A technique of the records. where(recipe): the groups it acts on (empty: the recipe lacks it); remove and
+    add: the switches --without and --with, from recipe to recipe (add(recipe, the source recipe that has it, the
+    groups to put it on)); candidates(recipe): the groups --with may name (None: it acts on the whole model, and
+    takes no groups)."""
+    name: str
+    does: str
+    introduced: str
+    off: str
+    where: object
+    remove: object
+    add: object
+    constants: tuple = ()
+    candidates: object = None
+
+
+def stage(name, does, introduced, off, on, off_changes, copied, constants=(), before_add=None, add=None):
+    """A technique that is an option of the matrix optimizer's groups: on(kind, options) says where it is on,
+    off_changes(kind, options) the options that turn it off, `copied` the options --with takes from the first
+    group of the source recipe that has it (after before_add(recipe, names) has refused what cannot take it), or
+    `add` does what --with does."""
+    def where(recipe):
+        return group_names(recipe, lambda spec, options: spec.kind in MATRIX_OPTIMIZERS and on(spec.kind, options))
+
+    def remove(recipe):
+        return without_unread_schedules(edit_groups(
+            recipe, where(recipe), lambda spec, g: with_options(g, off_changes(spec.kind, group_options(spec, g)))))
+
+    def copy(recipe, source, names):
+        if before_add:
+            before_add(recipe, names)
+        spec, group = next((spec, g) for spec in source.optimizers for g in spec.groups if g.name in where(source))
+        options = group_options(spec, group)
+        return edit_groups(recipe, names, lambda spec, g: with_options(g, {key: options[key] for key in copied}))
+
+    return Technique(name, does, introduced, off, where, remove, add or copy, constants, matrix_group_names)
+
+
+def whole_model(name, does, introduced, off, where, field_name, off_value, constants=(), before_add=None):
+    """A technique that is one field of the recipe (a schedule, a readout, the lookahead, the init): off puts
+    off_value(recipe's value) there, --with the source recipe's (before_add(recipe) refusing a recipe that cannot
+    take it)."""
+    def add(recipe, source, names):
+        if before_add:
+            before_add(recipe)
+        return dataclasses.replace(recipe, **{field_name: getattr(source, field_name)})
+
+    return Technique(name, does, introduced, off, where, lambda recipe: dataclasses.replace(
+        recipe, **{field_name: off_value(getattr(recipe, field_name))}), add, constants)
+
+
+def init_tweak(name, does, introduced, off, acts_on, on, off_fields, copied, constants=()):
+    """A technique of the record init (RecordInit): on(init) says whether it is on, off_fields the init fields that
+    turn it off, `copied` the fields --with takes from the source's init; `acts_on` names a parameter it changes."""
+    def where(recipe):
+        return groups_holding(recipe, acts_on) if recipe.init is not None and on(recipe.init) else []
+
+    def add(recipe, source, names):
+        if recipe.init is None:
+            raise SetupError(f"--with {name}: recipe {recipe.name} has the benchmark's init, which {name} changes "
+                             f"nothing of; add the record init first: --with record_init --with {name}")
+        return dataclasses.replace(recipe, init=dataclasses.replace(
+            recipe.init, **{key: getattr(source.init, key) for key in copied}))
+
+    return Technique(name, does, introduced, off, where,
+                     lambda recipe: dataclasses.replace(recipe, init=dataclasses.replace(recipe.init, **off_fields)),
+                     add, constants)
+
+
+def uses_aurora_polar(kind, options):
+    return ((kind == "Aurora" and options["orientation"] != "none")
+            or options.get("polar_backend") in AURORA_FORMS.values())
+
+
+def plain_polar(kind, options):
+    """The options that give a group its optimizer's plain polar instead of Aurora's (as --aurora none does)."""
+    changes = dict(AURORA_SWITCH[kind][1])
+    if options.get("polar_backend") in AURORA_FORMS.values():
+        changes.setdefault("polar_backend", "polar")
+    return changes
+
+
+def refuse_with_aurora(recipe, names):
+    raise SetupError("--with aurora: Aurora's polar is given to matrices by name with --aurora PATTERN (and "
+                     "--aurora-form 17|42); use that")
+
+
+def refuse_unless_soap(recipe, names):
+    lacking = [g for g in names if g not in TECHNIQUES["soap"].where(recipe)]
+    if lacking:
+        raise SetupError(f"--with trust_gate: it blends SOAP's direction, and group(s) {', '.join(lacking)} of recipe "
+                         f"{recipe.name} have no SOAP; add it first (--with soap:GROUPS)")
+
+
+def refuse_if_pinned(recipe, names):
+    pinned = [g for g in names if g in TECHNIQUES["radius_pin"].where(recipe)]
+    if pinned:
+        raise SetupError(f"--with weight_decay: the radius pin of group(s) {', '.join(pinned)} of recipe {recipe.name} "
+                         f"sets the norm itself and ignores weight decay; add --without radius_pin")
+
+
+def add_trust_gate(recipe, source, names):
+    refuse_unless_soap(recipe, names)
+    spec, group = next((spec, g) for spec in source.optimizers for g in spec.groups
+                       if g.name in TECHNIQUES["trust_gate"].where(source))
+    options = group_options(spec, group)
+    recipe = edit_groups(recipe, names, lambda spec, g: with_options(
+        g, {"soap_combine": "trust_gate", "trust": options["trust"]}))
+    # The gate unbounded until --with early_trust adds the record's bounds.
+    return dataclasses.replace(recipe, trust=recipe.trust or EarlyTrust(0.0, 1.0, 0, 0))
+
+
+def add_contra(recipe, source, names):
+    recipe = edit_groups(recipe, names, lambda spec, g: with_options(g, {"contra_muon": True}))
+    return dataclasses.replace(recipe, contra=recipe.contra or source.contra)
+
+
+def remove_normuon(recipe):
+    """The NorMuon optimizer made a Muon of the same groups and shared options (NorMuon's own dropped)."""
+    only = ("beta2", "u_normuon")
+    return dataclasses.replace(recipe, optimizers=tuple(
+        dataclasses.replace(spec, kind="Muon", options={k: v for k, v in spec.options.items() if k not in only},
+                            groups=tuple(with_options(g, dropped=only) for g in spec.groups))
+        if spec.kind == "NorMuon" else spec for spec in recipe.optimizers))
+
+
+def add_normuon(recipe, source, names):
+    spec = recipe.matrix_spec()
+    if spec.kind != "Muon" or set(names) != set(matrix_group_names(recipe)):
+        raise SetupError(f"--with normuon: NorMuon replaces a whole Muon optimizer; recipe {recipe.name}'s matrix "
+                         f"optimizer is {spec.kind}" + ("" if spec.kind != "Muon" else ": give no groups"))
+    beta2 = group_options(source.matrix_spec(), source.matrix_spec().groups[0])["beta2"]
+    return dataclasses.replace(recipe, optimizers=tuple(
+        dataclasses.replace(s, kind="NorMuon", options={**s.options, "beta2": beta2}) if s is spec else s
+        for s in recipe.optimizers))
+
+
+def remove_bias_free_adam(recipe):
+    """The bias-free Adam's groups moved, options and all, to the end of the AdamW optimizer."""
+    moved = tuple(g for spec in recipe.optimizers if spec.kind == "BiasFreeAdam" for g in spec.groups)
+    return dataclasses.replace(recipe, optimizers=tuple(
+        dataclasses.replace(spec, groups=spec.groups + moved) if spec.kind == "AdamW" else spec
+        for spec in recipe.optimizers if spec.kind != "BiasFreeAdam"))
+
+
+def add_bias_free_adam(recipe, source, names):
+    """The named AdamW groups moved, with their betas, into a bias-free Adam (with the source's shared options)
+    after the AdamW."""
+    shared = next(spec.options for spec in source.optimizers if spec.kind == "BiasFreeAdam")
+    optimizers = []
+    for spec in recipe.optimizers:
+        if spec.kind != "AdamW":
+            optimizers.append(spec)
+            continue
+        kept = tuple(g for g in spec.groups if g.name not in names)
+        moved = tuple(with_options(g, {"betas": group_options(spec, g)["betas"]}) for g in spec.groups if g.name in names)
+        optimizers += [dataclasses.replace(spec, groups=kept)] if kept else []
+        optimizers.append(OptimizerSpec("BiasFreeAdam", moved, shared))
+    return dataclasses.replace(recipe, optimizers=tuple(optimizers))
+
+
+def remove_power_cool(recipe):
+    recipe = edit_groups(recipe, group_names(recipe), lambda spec, g: with_options(g, dropped=("power_c",)))
+    return dataclasses.replace(recipe, lr_schedule=LinearCooldown())
+
+
+def add_power_cool(recipe, source, names):
+    """PowerCool with the source's t_end and power, each group's c the source's for the same group (by name), for
+    a matrix group its matrix groups', else its other aux groups'."""
+    def c_of(names):
+        return next(group_options(spec, g)["power_c"] for spec in source.optimizers for g in spec.groups
+                    if g.name in names)
+    source_matrix = matrix_group_names(source)
+    aux = [name for name in group_names(source) if name not in source_matrix + ["embed", "head"]]
+
+    def with_c(spec, g):
+        same = [g.name] if g.name in group_names(source) else source_matrix if spec.kind in MATRIX_OPTIMIZERS else aux
+        return with_options(g, {"power_c": c_of(same)})
+    recipe = edit_groups(recipe, group_names(recipe), with_c)
+    return dataclasses.replace(recipe, lr_schedule=source.lr_schedule)
+
+
+def add_momentum_schedule(recipe, source, names):
+    return dataclasses.replace(recipe, momentum=source.momentum)
+
+
+def refuse_without_trust_gate(recipe):
+    if not TECHNIQUES["trust_gate"].where(recipe):
+        raise SetupError(f"--with early_trust: it bounds the trust gate, which recipe {recipe.name} has on no group; "
+                         f"add it first (--with trust_gate:GROUPS)")
+
+
+def early_trust_where(recipe):
+    bounded = recipe.trust is not None and (recipe.trust.floor, recipe.trust.cap) != (0, 1)
+    return TECHNIQUES["trust_gate"].where(recipe) if bounded else []
+
+
+def add_adam_weight_decay(recipe, source, names):
+    spec, group = next((spec, g) for spec in source.optimizers for g in spec.groups
+                       if g.name in TECHNIQUES["adam_weight_decay"].where(source))
+    decay = group_options(spec, group)["weight_decay"]
+    return edit_groups(recipe, names, lambda spec, g: with_options(g, {"weight_decay": decay}))
+
+
+def readout_where(kind, groups):
+    return lambda recipe: groups(recipe) if isinstance(recipe.readout, kind) else []
+
+
+def all_but_embedding(recipe):
+    return [name for name in group_names(recipe) if name not in groups_holding(recipe, "embed.weight")]
+
+
+SOAP_CONSTANTS = tuple(Constant(f"soap.{name}", kind, low, high, open_low, open_high, ("soap", name))
+                       for name, kind, low, high, open_low, open_high in (
+                           ("beta2", float, 0, 1, False, True), ("frequency", int, 1, math.inf, False, False),
+                           ("denom_power", float, 0, math.inf, True, False), ("blend", float, 0, 1, False, False),
+                           ("denom_floor", float, 0, math.inf, False, False)))
+
+TECHNIQUES = {t.name: t for t in (
+    stage("aurora", "Aurora's row-balanced polar factor: orthogonal, every row of the tall orientation at one norm",
+          "#17; on the wide mlp.proj, in #42's form: #30",
+          "the plain polar factor (in #42's chain the Schatten-4 one, as --aurora none gives)", uses_aurora_polar,
+          plain_polar, ("polar_backend",),
+          (Constant("aurora.pp_iterations", int, 1, path=("pp_iterations",)),
+           Constant("aurora.pp_beta", float, 0, path=("pp_beta",))), before_add=refuse_with_aurora),
+    stage("schatten_polar", "the Newton-Schulz input divided by its Schatten-4 norm, not its Frobenius norm",
+          "#20 (its script; the README does not name it)", "the Frobenius pre-norm (polar)",
+          lambda kind, options: options.get("polar_backend") == "schatten",
+          lambda kind, options: {"polar_backend": "polar"}, ("polar_backend",)),
+    stage("soap", "SOAP: the momentum direction preconditioned by Adam in the eigenbases of the gradient's Gram "
+          "matrices", "#14 (MLP); attention: #16; every block matrix, refreshed every step: #44",
+          "the raw Nesterov direction", lambda kind, options: options.get("soap") is not None,
+          lambda kind, options: {"soap": None, "soap_combine": "replace", "trust": None}, ("soap", "soap_combine"),
+          SOAP_CONSTANTS),
+    stage("trust_gate", "SOAP's direction blended with the raw momentum by how well it agrees with it and with the "
+          "gradient", "#16", "gate 1: SOAP's direction at the raw momentum's Schatten-4 norm",
+          lambda kind, options: options.get("soap_combine") == "trust_gate",
+          lambda kind, options: {"soap_combine": "gate", "trust": None}, (),
+          tuple(Constant(f"trust_gate.{name}", float, low, high, open_low, open_high, ("trust", name))
+                for name, low, high, open_low, open_high in (("min_agree", 0, 1, False, True),
+                                                            ("min_grad_align", 0, 1, False, True),
+                                                            ("power", 0, math.inf, True, False))), add=add_trust_gate),
+    whole_model("early_trust", "the trust gate clamped between a floor and a cap early in training",
+                "unknown (#46's README lists it with #44's components)", "the gate unbounded: floor 0, cap 1",
+                early_trust_where, "trust", lambda trust: dataclasses.replace(trust, floor=0.0, cap=1.0),
+                (Constant("early_trust.floor", float, 0, 1, path=("trust", "floor"), in_groups=False),
+               Constant("early_trust.cap", float, 0, 1, path=("trust", "cap"), in_groups=False),
+               step_constant("early_trust.end", "trust", "end"),
+               step_constant("early_trust.fade_end", "trust", "fade_end")), before_add=refuse_without_trust_gate),
+    stage("contra", "Contra-Muon: the momentum direction mixed into the polar factor",
+          "#11; ramped to 0 at step 2500: #30", "coefficient 0: the stage left out",
+          lambda kind, options: options.get("contra_muon") or (kind == "Aurora" and options["contra"] != 0),
+          lambda kind, options: {"contra": 0.0} if kind == "Aurora" else {"contra_muon": False}, (),
+          (Constant("contra", float, -math.inf, path=("contra", "coefficient"), in_groups=False),
+           Constant("contra", float, -math.inf, path=("contra",)),
+           step_constant("contra.hold_end", "contra", "hold_end"),
+           step_constant("contra.ramp_end", "contra", "ramp_end")), add=add_contra),
+    Technique("normuon", "NorMuon: the scaled polar factor normalized per neuron by a running second moment",
+              "#8 (with a hyperball; alone: #10)", "Muon: the polar factor times the aspect factor",
+              lambda recipe: group_names(recipe, lambda spec, options: spec.kind == "NorMuon"), remove_normuon,
+              add_normuon, (Constant("normuon.beta2", float, 0, 1, open_high=True, path=("beta2",)),),
+              matrix_group_names),
+    stage("normuon_lite", "NorMuon-lite: the update divided by a running mean square per row, rescaled to its "
+          "Schatten-4 norm", "#9; beta2 1.0, a rescale only: #30", "left out",
+          lambda kind, options: options.get("normuon_beta2") is not None,
+          lambda kind, options: {"normuon_beta2": None}, ("normuon_beta2",),
+          (Constant("normuon_lite.beta2", float, 0, 1, path=("normuon_beta2",)),)),
+    stage("uw_floor", "the u/w floor: the update scaled up to at least a fraction of the weight's Frobenius norm", "#9",
+          "no floor", lambda kind, options: (options.get("uw_floor") or 0) != 0 or (options.get("floor") or ("",))[0]
+          == "scalar", lambda kind, options: {"uw_floor": 0.0} if options.get("uw_floor") else {"floor": None},
+          ("floor",), (Constant("uw_floor", float, 0, open_low=True,
+                                path=lambda options: ("uw_floor",) if options.get("uw_floor") else ("floor", 1)),)),
+    stage("row_floor", "RowFloor: every row of the update lifted to at least a fraction of its weight row's norm",
+          "#46", "no floor", lambda kind, options: (options.get("floor") or ("",))[0] == "row",
+          lambda kind, options: {"floor": None}, ("floor",),
+          (Constant("row_floor", float, 0, open_low=True, path=("floor", 1)),
+           Constant("row_floor.rho", float, 0, open_low=True, path=("floor", 2)))),
+    stage("radial_brake", "the update's outward radial component (along W) scaled down", "#29",
+          "outward scale 1: the stage left out", lambda kind, options: options.get("radial_brake") is not None,
+          lambda kind, options: {"radial_brake": None}, ("radial_brake",),
+          (Constant("radial_brake.outward", float, 0, path=("radial_brake", 0)),
+           Constant("radial_brake.inward", float, 0, path=("radial_brake", 1)))),
+    stage("radius_pin", "after the step, W rescaled to the norm the step's radial part alone gives it", "#29",
+          "the plain step: W *= 1 - lr wd, W -= lr update", lambda kind, options: options.get("pin"),
+          lambda kind, options: {"pin": False}, ("pin",)),
+    stage("cautious_wd", "cautious weight decay after the step, only on the entries the step already shrinks",
+          "#46, after the pin (cautious weight decay itself: PR #265)", "0",
+          lambda kind, options: (options.get("cautious_weight_decay") or 0) > 0,
+          lambda kind, options: {"cautious_weight_decay": 0.0}, ("cautious_weight_decay",),
+          (Constant("cautious_wd", float, 0, 1, open_high=True, path=("cautious_weight_decay",)),)),
+    stage("weight_decay", "decoupled weight decay of the block matrices, W *= 1 - lr wd before the step", "#1", "0",
+          lambda kind, options: (options.get("weight_decay") or 0) != 0,
+          lambda kind, options: {"weight_decay": 0.0}, ("weight_decay",),
+          (Constant("weight_decay", float, 0, 1, open_high=True, path=("weight_decay",)),),
+          before_add=refuse_if_pinned),
+    Technique("adam_weight_decay", "AdamW's decoupled weight decay", "#36 (earlier: unknown)", "0",
+              lambda recipe: group_names(recipe, lambda spec, options: spec.kind == "AdamW"
+                                         and options["weight_decay"] != 0),
+              lambda recipe: edit_groups(recipe, adam_group_names(recipe),
+                                         lambda spec, g: with_options(g, {"weight_decay": 0.0})),
+              add_adam_weight_decay, (Constant("adam_weight_decay", float, 0, 1, open_high=True, path=("weight_decay",)),),
+              adam_group_names),
+    Technique("bias_free_adam", "Adam without bias correction for the gains and biases",
+              "unknown (its per-family beta2: #44)", "torch's AdamW (bias-corrected) with the embedding's settings",
+              lambda recipe: group_names(recipe, lambda spec, options: spec.kind == "BiasFreeAdam"),
+              remove_bias_free_adam, add_bias_free_adam, (), adam_group_names),
+    Technique("power_cool", "PowerCool: every lr min(lr0, c (t_end - step)^power), c per group", "#20",
+              "the track's linear cooldown: flat for 30% of T, then linear to 0",
+              lambda recipe: group_names(recipe) if isinstance(recipe.lr_schedule, PowerCool) else [],
+              remove_power_cool, add_power_cool,
+              (Constant("power_cool.t_end", int, 1, path=("lr_schedule", "t_end"), in_groups=False),
+               Constant("power_cool.power", float, 0, open_low=True, path=("lr_schedule", "power"), in_groups=False))),
+    Technique("momentum_schedule", "the matrix momentum warmed up from 0.85 to 0.95, cooled back at the end",
+              "#30; its 200-step cooldown: #44", "a constant 0.95",
+              lambda recipe: matrix_group_names(recipe) if not isinstance(recipe.momentum, float) else [],
+              lambda recipe: dataclasses.replace(recipe, momentum=0.95), add_momentum_schedule,
+              (step_constant("momentum_schedule.warmup", "momentum", "warmup"),
+               step_constant("momentum_schedule.cooldown", "momentum", "cooldown"))),
+    whole_model("ema_nesterov", "EMA-Nesterov: W += s b before each step, b an EMA of the steps' displacements",
+                "#39; at 0.3 lr/lr0: #40", "no lookahead",
+                lambda recipe: group_names(recipe) if recipe.lookahead else [], "lookahead", lambda lookahead: None,
+                (Constant("ema_nesterov.stepsize", float, 0, path=("lookahead", "stepsize"), in_groups=False),
+                 Constant("ema_nesterov.ema", float, 0, 1, open_high=True, path=("lookahead", "ema"), in_groups=False),
+                 step_constant("ema_nesterov.prefill", "lookahead", "prefill"),
+                 step_constant("ema_nesterov.rest", "lookahead", "rest"))),
+    whole_model("reference_readout", "validation of W + gamma (W - R), R the weights of an earlier step", "#42",
+                "the raw weights are evaluated", readout_where(ReferenceReadoutSpec, group_names), "readout",
+                lambda readout: None,
+                (Constant("reference_readout.gamma", float, -math.inf, path=("readout", "gamma"), in_groups=False),
+                 step_constant("reference_readout.capture", "readout", "capture"),
+                 step_constant("reference_readout.apply_from", "readout", "apply_from"))),
+    whole_model("tail_ema", "Tail-EMA: validation of (1 - lambda) W + lambda EMA(W), the EMA over the last steps",
+                "#45", "the raw weights are evaluated", readout_where(TailEMASpec, all_but_embedding), "readout",
+                lambda readout: None, (Constant("tail_ema.tau", float, 1, path=("readout", "tau"), in_groups=False),
+                       Constant("tail_ema.lambda", float, 0, 1, path=("readout", "lam"), in_groups=False),
+                       step_constant("tail_ema.start", "readout", "start"),
+                       step_constant("tail_ema.end", "readout", "end"))),
+    whole_model("record_init", "torch's default Linear and Embedding init in the record model's order, proj zeroed",
+                "unknown (#42's and #46's scripts)", "the benchmark's init (docs/benchmark.md#initialization)",
+                lambda recipe: group_names(recipe) if recipe.init else [], "init", lambda init: None),
+    init_tweak("fc_depth_init", "mlp.fc of layer l scaled by 1 - alpha l/(L-1) at init", "#30",
+               "the default init, unscaled", "blocks.0.mlp.fc.weight", lambda init: init.fc_alpha != 0,
+               {"fc_alpha": 0.0}, ("fc_alpha",),
+               (Constant("fc_depth_init", float, 0, 1, path=("init", "fc_alpha"), in_groups=False),)),
+    init_tweak("signed_gains", "norm gains 1 -/+ alpha s at init, s random signs (head-balanced layer pairs)",
+               "#30; alpha 0.125: #44", "every sign +1", "blocks.0.norm1.gains",
+               lambda init: init.gain_alpha != 0 and init.draw_signs, {"draw_signs": False},
+               ("gain_alpha", "gain_pairs_from", "gain_head_shrink", "draw_signs"),
+               (Constant("signed_gains.alpha", float, 0, 1, open_high=True, path=("init", "gain_alpha"),
+                         in_groups=False),
+                Constant("signed_gains.shrink", float, 0, 1, path=("init", "gain_head_shrink"), in_groups=False),
+                Constant("signed_gains.pairs_from", int, 0, path=("init", "gain_pairs_from"), in_groups=False))),
+    init_tweak("zero_biases", "every bias zeroed at init, not only proj's", "#42", "torch's default uniform biases",
+               "blocks.0.attn.q.bias", lambda init: init.zero_biases, {"zero_biases": False}, ("zero_biases",)),
+    Technique("norm_float32", "RMSNorm in float32, the gains applied before the cast back to bf16",
+              "unknown (#42's and #46's scripts)", "the benchmark's RMSNorm in bf16",
+              lambda recipe: groups_holding(recipe, "norm_a.gains") if recipe.model.get("norm_float32") else [],
+              lambda recipe: dataclasses.replace(recipe, model={k: v for k, v in recipe.model.items()
+                                                                if k != "norm_float32"}),
+              lambda recipe, source, names: dataclasses.replace(recipe, model={**recipe.model, "norm_float32": True})),
+)}
+# Where --with takes a technique from: the newest record that has it.
+def source_recipe(technique, recipe):
+    """The newest record recipe that has `technique`, its step constants scaled to recipe's horizon."""
+    newest_first = sorted(RECIPES.values(), key=lambda r: -int(r.record.lstrip("#")))
+    source = next(r for r in newest_first if technique.where(r))
+    return scaled_recipe(source, recipe.steps)
+
+
+def technique_names(recipe):
+    return [name for name, technique in TECHNIQUES.items() if technique.where(recipe)]
+
+
+def constant_places(recipe, technique, key, group=None):
+    """Where the constant `key` of `technique` lives in recipe: [(group name, path)] or [(None, path)] for a place
+    in the recipe itself; `group` keeps only that group's."""
+    places, placed, acted = [], set(), technique.where(recipe)
+    for constant in technique.constants:
+        if constant.key != key:
+            continue
+        if not constant.in_groups:
+            if group is None and not places and has_value_at(recipe, constant.path):
+                return [(None, constant.path)]
+            continue
+        for spec in recipe.optimizers:
+            for g in spec.groups:
+                options = group_options(spec, g)
+                path = constant.path(options) if callable(constant.path) else constant.path
+                if (g.name in acted and g.name not in placed and group in (None, g.name)
+                        and has_value_at(options, path)):
+                    places.append((g.name, path))
+                    placed.add(g.name)
+    return places
+
+
+LR = Constant("lr", float, 0, path=("lr",))
+BETAS = tuple(Constant(f"beta{i + 1}", float, 0, 1, open_high=True, path=("betas", i)) for i in range(2))
+
+
+def settable(recipe):
+    """{--set key: (Constant, places)} of every constant of the recipe's techniques, alone and (where it lives in
+    groups) as GROUP.KEY for one group, and every group's lr and Adam betas as GROUP.lr, GROUP.beta1, GROUP.beta2."""
+    keys = {}
+    for name in technique_names(recipe):
+        technique = TECHNIQUES[name]
+        for constant in technique.constants:
+            places = constant_places(recipe, technique, constant.key)
+            if places and constant.key not in keys:
+                keys[constant.key] = (constant, places)
+            for group, path in places:
+                if group is not None:
+                    keys[f"{group}.{constant.key}"] = (constant, [(group, path)])
+    for spec in recipe.optimizers:
+        for g in spec.groups:
+            keys[f"{g.name}.lr"] = (LR, [(g.name, LR.path)])
+            if "betas" in group_options(spec, g):
+                keys |= {f"{g.name}.{beta.key}": (beta, [(g.name, beta.path)]) for beta in BETAS}
+    return keys
+
+
+def value_in(recipe, group, path):
+    if group is None:
+        return value_at(recipe, path)
+    spec, g = next((spec, g) for spec in recipe.optimizers for g in spec.groups if g.name == group)
+    return g.lr if path == ("lr",) else value_at(group_options(spec, g), path)
+
+
+def with_value(recipe, group, path, value):
+    if group is None:
+        return replaced_at(recipe, path, value)
+    if path == ("lr",):
+        return edit_groups(recipe, [group], lambda spec, g: dataclasses.replace(g, lr=value))
+    return edit_groups(recipe, [group], lambda spec, g: with_options(
+        g, {path[0]: replaced_at(group_options(spec, g)[path[0]], path[1:], value)}))
+
+
+def parsed_value(text, constant, key):
+    """The number --set KEY=text gives, of the constant's type and in its range (SetupError otherwise)."""
+    try:
+        value = constant.kind(text)
+    except ValueError:
+        kind = "a whole number" if constant.kind is int else "a number"
+        raise SetupError(f"--set {key}={text}: not {kind}; {key} takes {kind} in {constant.range_text()}") from None
+    if not math.isfinite(value) or not constant.admits(value):
+        raise SetupError(f"--set {key}={text}: out of range; {key} takes a value in {constant.range_text()}")
+    return value
+
+
+def with_constant(recipe, text):
+    """--set KEY=VALUE: (recipe with the constant changed everywhere it lives, the difference it makes: None where
+    the value is the one already there)."""
+    key, equals, value_text = text.partition("=")
+    if not equals or not key or not value_text:
+        raise SetupError(f"--set {text}: give KEY=VALUE, e.g. --set cautious_wd=0.05")
+    keys = settable(recipe)
+    if key not in keys:
+        ungrouped = sorted(k for k in keys if not any(k.startswith(g + ".") for g in group_names(recipe)))
+        raise SetupError(f"--set {key}: recipe {recipe.name} has no such constant; it has {', '.join(ungrouped)}, "
+                         f"and GROUP.lr, GROUP.KEY for one group's (groups: {', '.join(group_names(recipe))})")
+    constant, places = keys[key]
+    value = parsed_value(value_text, constant, key)
+    before = [value_in(recipe, *place) for place in places]
+    for group, path in places:
+        recipe = with_value(recipe, group, path, value)
+    return recipe, None if set(before) == {value} else f"{key}={value!r} (record: {before[0]!r})"
+
+
+def matrix_kinds_text(names):
+    kinds = sorted({".".join(name.split(".")[2:-1]) for name in names if name.startswith("blocks.")})
+    return ", ".join(kinds)
+
+
+def names_item(item, name):
+    """Whether an item of --with NAME:GROUPS names the parameter: a module path in it (mlp, mlp.fc, attn.q) or an
+    fnmatch pattern of its whole name."""
+    return f".{item}." in f".{name}" or fnmatch.fnmatchcase(name, item)
+
+
+def split_items(text, groups):
+    """The comma-separated items of GROUPS, a group name with commas in it (attn.q,k,v) kept whole."""
+    tokens, items, i = text.split(","), [], 0
+    while i < len(tokens):
+        j = next((j for j in range(len(tokens), i, -1) if ",".join(tokens[i:j]) in groups), i + 1)
+        items.append(",".join(tokens[i:j]))
+        i = j
+    return items
+
+
+def split_groups(recipe, chosen, label, names):
+    """recipe in which every group holding some but not all of the `chosen` parameters (names) is split in two: a
+    group GROUP[label] of those, placed before GROUP, which keeps the others (a parameter takes the first group
+    that matches it). Returns (recipe, the groups that now hold only chosen parameters)."""
+    members = {}
+    for name in names:
+        where = group_of(name, recipe)
+        if where is not None:
+            members.setdefault(where, []).append(name)
+    holding, optimizers = [], []
+    for i, spec in enumerate(recipe.optimizers):
+        groups = []
+        for j, g in enumerate(spec.groups):
+            inside = [name for name in members.get((i, j), []) if name in chosen]
+            if inside and len(inside) < len(members[(i, j)]):
+                groups.append(dataclasses.replace(g, name=f"{g.name}[{label}]", params=tuple(inside)))
+                holding.append(groups[-1].name)
+            elif inside:
+                holding.append(g.name)
+            groups.append(g)
+        optimizers.append(dataclasses.replace(spec, groups=tuple(groups)))
+    return dataclasses.replace(recipe, optimizers=tuple(optimizers)), holding
+
+
+def with_technique(recipe, text, names):
+    """--with NAME[:GROUPS]: recipe with the technique of the newest record that has it added on the groups named
+    (groups or parameters by name, as mlp, mlp.fc, attn.q; default: every group it can act on); a group holding only
+    some of the named parameters is split."""
+    name, colon, groups_text = text.partition(":")
+    technique, record = TECHNIQUES[name], recipe
+    source = source_recipe(technique, recipe)
+    if technique.candidates is None:
+        if colon:
+            raise SetupError(f"--with {text}: {name} acts on the whole model; give it without groups")
+        switched = technique.add(recipe, source, [])
+    else:
+        candidates = technique.candidates(recipe)
+        if not colon:
+            switched = technique.add(recipe, source, candidates)
+        else:
+            positions = {group_of_name(recipe, g) for g in candidates}
+            members = [n for n in names if group_of(n, recipe) in positions]
+            chosen = set()
+            for item in split_items(groups_text, candidates):
+                named = ([n for n in members if group_of(n, recipe) == group_of_name(recipe, item)]
+                         if item in candidates else [n for n in members if names_item(item, n)])
+                if not named:
+                    raise SetupError(f"--with {text}: {item!r} is no group of recipe {recipe.name} that {name} can act on "
+                                     f"({', '.join(candidates)}) and names none of their parameters (such as "
+                                     f"{matrix_kinds_text(members)})")
+                chosen |= set(named)
+            recipe, holding = split_groups(recipe, chosen, groups_text, names)
+            switched = technique.add(recipe, source, holding)
+    if switched == record:
+        raise SetupError(f"--with {text}: recipe {recipe.name} has {name} there already; nothing would change")
+    refuse_untaken_options(switched, f"--with {text}")
+    return switched
+
+
+def group_of_name(recipe, group_name):
+    return next((i, j) for i, spec in enumerate(recipe.optimizers) for j, g in enumerate(spec.groups)
+                if g.name == group_name)
+
+
+def refuse_untaken_options(recipe, what):
+    """SetupError for a group option its optimizer class does not take (torch.optim would keep it unread)."""
+    for spec in recipe.optimizers:
+        taken = set(class_defaults(spec.kind)) | set(SCHEDULE_OPTIONS)
+        for g in spec.groups:
+            untaken = sorted((set(spec.options) | set(g.options)) - taken)
+            if untaken:
+                raise SetupError(f"{what}: group {g.name} of recipe {recipe.name} goes to {spec.kind}, which has no "
+                                 f"option {', '.join(untaken)}; it cannot take that technique")
+
+
+@dataclass(frozen=True)
+class Switched:
+    """What the switches did: --aurora's choice (None without it) and the differences from the record they make."""
+    aurora: dict | None = None
+    differences: tuple = ()
+
+
+def base_name(group):
+    """A group's name before split_groups split it."""
+    return group.split("[")[0]
+
+
+def technique_differences(record, switched, skipped=()):
+    """Each technique whose groups differ between the record's recipe and the switched one, said in a line."""
+    differences = []
+    for name, technique in TECHNIQUES.items():
+        was, now = technique.where(record), technique.where(switched)
+        if name in skipped or {base_name(g) for g in was} == {base_name(g) for g in now}:
+            continue
+        if not now:
+            differences.append(f"without {name} (record: on {', '.join(was)})")
+        else:
+            differences.append(f"{name} on {', '.join(now)} (record: {'on ' + ', '.join(was) if was else 'off'})")
+    return differences
+
+
+def switch_names(args):
+    """(--without's technique names, --with's (name, text) pairs, --set's texts) as given."""
+    without = [name for text in args.without for name in text.split(",") if name]
+    return without, [(text.partition(":")[0], text) for text in args.with_], list(args.set_)
+
+
+def refuse_bad_switches(recipe, args):
+    """One SetupError for a switch that names no technique, one the recipe lacks, or one both added and removed."""
+    without, added, _ = switch_names(args)
+    own = technique_names(recipe)
+    for name in without:
+        if name not in TECHNIQUES:
+            raise SetupError(f"--without {name}: no technique of that name; recipe {recipe.name} has {', '.join(own)}")
+        if name not in own:
+            raise SetupError(f"--without {name}: recipe {recipe.name} does not have it; it has {', '.join(own)}")
+    for name, text in added:
+        if name not in TECHNIQUES:
+            raise SetupError(f"--with {text}: no recipe has a technique of that name; the techniques are "
+                             f"{', '.join(TECHNIQUES)}")
+        if name in without:
+            raise SetupError(f"{name} is in both --with and --without; give it once")
+    if args.aurora is not None and "aurora" in without + [name for name, _ in added]:
+        raise SetupError("--aurora chooses the matrices that take Aurora's polar; give it or --without/--with aurora, "
+                         "not both")
+
+
+def with_aurora(recipe, pattern, form, model):
+    """--aurora PATTERN: recipe with the named matrices given Aurora's polar in record #FORM's form and every
+    other matrix of its matrix optimizer the plain polar (AURORA_SWITCH), and what it chose for the log."""
+    if not any(spec.kind in AURORA_SWITCH for spec in recipe.optimizers):
+        raise SetupError(f"--aurora {pattern}: recipe {recipe.name} has no polar step to give Aurora's")
+    record_matrices, record_backend = recipe_aurora(recipe, model)
+    backend = AURORA_FORMS[form]
+    matrices = aurora_matrices(pattern, matrix_shapes(model, recipe))
+    switched, chosen = split_groups(recipe, matrices, pattern, [name for name, _ in model.named_parameters()])
+    matched, plain = AURORA_SWITCH[switched.matrix_spec().kind]
+    switched = edit_groups(switched, matrix_group_names(switched), lambda spec, g: with_options(
+        g, matched(backend) if g.name in chosen else plain))
+    return switched, {"pattern": pattern, "form": form, "backend": backend, "matrices": matrices,
+                      "record_matrices": record_matrices, "record_backend": record_backend}
+
+
+def switched_recipe(recipe, args, model):
+    """The record's `recipe` (unscaled) after --aurora, --without, --with and --set, in that order, and what they
+    did (Switched). model: a weightless model of the run's shapes, for the parameters' names."""
+    refuse_bad_switches(recipe, args)
+    without, added, constants = switch_names(args)
+    switched, aurora = recipe, None
+    if args.aurora is not None:
+        switched, aurora = with_aurora(recipe, args.aurora, args.aurora_form, model)
+    for name in [name for name in TECHNIQUES if name in without]:  # in one order, whatever the command's
+        switched = TECHNIQUES[name].remove(switched)
+    names = [name for name, _ in model.named_parameters()]
+    for _, text in added:
+        switched = with_technique(switched, text, names)
+    said = []
+    for text in constants:
+        switched, difference = with_constant(switched, text)
+        said += [difference] if difference else []
+    differences = technique_differences(recipe, switched, ("aurora",) if aurora else ()) + said
+    return switched, Switched(aurora, tuple(differences))
+
+
+def constants_text(recipe, technique):
+    """The technique's --set keys in recipe with their values, key=value (GROUP.key=value for a constant that lives
+    in some of its groups only, or differs between them)."""
+    shown = {}
+    for constant in technique.constants:
+        places = constant_places(recipe, technique, constant.key)
+        values = [value_in(recipe, *place) for place in places]
+        everywhere = places and (places[0][0] is None or len(places) == len(technique.where(recipe)))
+        if everywhere and len({repr(value) for value in values}) == 1:
+            shown.setdefault(constant.key, f"{constant.key}={values[0]!r}")
+            continue
+        for (group, _), value in zip(places, values):
+            shown.setdefault(f"{group}.{constant.key}", f"{group}.{constant.key}={value!r}")
+    return ", ".join(shown.values()) or "-"
+
+
+def technique_table(recipe):
+    """The recipe's techniques as a Markdown table (train_gpt.py --techniques; docs/recipes.md#techniques)."""
+    lines = [f"| technique | what it does | introduced | acts on | constants (--set) | off |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name in technique_names(recipe):
+        technique = TECHNIQUES[name]
+        lines.append(f"| {name} | {technique.does} | {technique.introduced} | {', '.join(technique.where(recipe))} | "
+                     f"{constants_text(recipe, technique)} | {technique.off} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1392,9 +2187,10 @@ class RunLog:
         self.locks = []
 
 
-def record_differences(hp, recipe, steps, init_from, aurora=None):
-    """What makes this run's settings differ from the record recipe's (empty: a record run)."""
-    record_model = dataclasses.replace(FULL.model, **recipe.model)
+def record_differences(hp, recipe, steps, init_from, switched=Switched()):
+    """What makes this run's settings differ from the record recipe's (empty: a record run): the benchmark's
+    settings, the horizon, and what the switches (--aurora, --without, --with, --set) changed."""
+    record_model = dataclasses.replace(FULL.model, **recipe.model)  # a switched model option is said below
     compared = [f.name for f in dataclasses.fields(Hyperparameters)
                 if f.name not in ("steps", "data_command", "data_shard_tokens")]
     record = dataclasses.replace(FULL, model=record_model)
@@ -1402,12 +2198,14 @@ def record_differences(hp, recipe, steps, init_from, aurora=None):
                    for name in compared if getattr(hp, name) != getattr(record, name)]
     if steps != recipe.record_steps:
         differences.append(f"steps={steps} (record: {recipe.record_steps})")
+    aurora = switched.aurora
     if aurora is not None and (aurora["matrices"] != aurora["record_matrices"] or
                                (aurora["matrices"] and aurora["backend"] != aurora["record_backend"])):
         differences.append(f"aurora={aurora['pattern']!r} in record #{aurora['form']}'s form on "
                            f"{len(aurora['matrices'])} matrices (record: {recipe.aurora[0]!r}, "
                            f"{len(aurora['record_matrices'])} matrices"
                            f"{', polar ' + aurora['record_backend'] if aurora['record_matrices'] else ''})")
+    differences += switched.differences
     if init_from:
         differences.append(f"init_from={init_from!r} (record: fresh initialization)")
     return differences
@@ -1771,6 +2569,19 @@ def parse_args(argv):
     parser.add_argument("--aurora-form", choices=sorted(AURORA_FORMS),
                         help="with --aurora: record #17's Aurora (2 passes, beta 0.5, Frobenius pre-norm; default) "
                              "or record #42's (3 passes, beta 0.25, Schatten-4 pre-norm)")
+    parser.add_argument("--techniques", action="store_true",
+                        help="print the recipe's techniques (after the switches below) as a table, then exit")
+    parser.add_argument("--without", action="append", default=[], metavar="NAME[,NAME]",
+                        help="leave out these techniques of the recipe (--techniques lists them): each falls back to "
+                             "its plain form (not a record)")
+    parser.add_argument("--with", dest="with_", action="append", default=[], metavar="NAME[:GROUPS]",
+                        help="add a technique of another record, taken from the newest record that has it, on these "
+                             "groups or matrices (e.g. soap:mlp, row_floor; default: every group it can act on); "
+                             "repeat for several (not a record)")
+    parser.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one constant of a technique (cautious_wd=0.05, tail_ema.lambda=0.5; step "
+                             "constants at the record's horizon), or a group's (mlp.lr=0.04); --techniques lists the "
+                             "keys (not a record unless the value is the record's)")
     parser.add_argument("--aux-from", choices=sorted(RECIPES), metavar="RECIPE",
                         help="the AdamW groups' lrs and weight decay of RECIPE; the matrix optimizer stays "
                              "--recipe's (not a record)")
@@ -2078,7 +2889,14 @@ def resume_settings(args):
     """The flags that set a run's course beyond its recipe, T, model and batch: a checkpoint records them and
     a run that resumes it must give the same."""
     return {"seed": args.seed, "data_seed": args.data_seed, "aux_from": args.aux_from,
-            "freeze_mlp_scalars": args.freeze_mlp_scalars, "aurora": args.aurora, "aurora_form": args.aurora_form}
+            "freeze_mlp_scalars": args.freeze_mlp_scalars, "aurora": args.aurora, "aurora_form": args.aurora_form,
+            **switch_settings(args)}
+
+
+def switch_settings(args):
+    """--without (its names, sorted), --with and --set as a checkpoint records them and a resumed run must repeat."""
+    without, added, constants = switch_names(args)
+    return {"without": sorted(set(without)), "with": [text for _, text in added], "set": constants}
 
 
 def checkpoint_state(run, trial, step):
@@ -2260,7 +3078,6 @@ class Run:
     units: UnitRecords | None  # the per-unit records file (rank 0)
     init_weights: dict | None  # --init-from's model state
     resume: dict | None  # --resume's checkpoint, until its trial has taken it
-    aurora: tuple | None  # --aurora: (matrix names, polar backend) for build_optimizers
     trial: int = 0
     step: int = 0
     diagnostics: DiagnosticsState | None = None  # what write_diagnostics keeps between probes
@@ -2328,7 +3145,7 @@ def train_trial(run):
     if run.init_weights is not None:
         load_model_state(run.raw_model, run.init_weights, args.init_from)
     broadcast_parameters(run.raw_model)
-    optimizers = build_optimizers(run.raw_model, recipe, run.aurora)
+    optimizers = build_optimizers(run.raw_model, recipe)
     for optimizer in optimizers:
         if isinstance(optimizer, tuple(MATRIX_OPTIMIZERS.values())):
             optimizer.gather_alone = args.ddp  # the all-gather path even in a world of one
@@ -2563,16 +3380,19 @@ def knob_differences(args):
             if getattr(args, name) is not None and getattr(args, name) is not False]  # --data-seed 0 counts
 
 
-def config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id, aurora=None,
-                  resume=None):
-    differences = record_differences(hp, recipe, steps, args.init_from, aurora) + knob_differences(args)
+def config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id,
+                  switched=Switched(), resume=None):
+    differences = record_differences(hp, recipe, steps, args.init_from, switched) + knob_differences(args)
+    aurora = switched.aurora
     return {"command": shlex.join([sys.executable] + sys.argv), "run_id": run_id, "recipe": recipe.name,
             "record": recipe.record, "preset": "tiny" if args.tiny else "full",
             "steps": steps, "stop": recipe.stop, "trials": args.trials, "seed": args.seed,
+            "record_step": scaled_step(recipe.record_step, steps, recipe.record_steps),
             "world_size": dist_info.world_size, "device": str(device), "compiled": compile_is_active(),
             "hyperparameters": dataclasses.asdict(hp), "recipe_settings": recipe_settings(recipe),
             "aurora": aurora and {"pattern": aurora["pattern"], "form": aurora["form"],
                                   "matrices": sorted(aurora["matrices"])},
+            "switches": switch_settings(args),
             "batch_seqs": hp.batch_tokens // hp.model.seq_len, "micro_batch_seqs_used": layout.micro_seqs,
             "train_shards_used": len(train_paths), "val_shard": val_path,
             "init_from": args.init_from, "resume": args.resume,
@@ -2601,34 +3421,27 @@ def recipe_settings(recipe):
 
 
 def resolve_recipe(args, hp):
-    """(recipe on this run's horizon, steps, hp with the recipe's model options, aurora): --recipe with
-    --aux-from, scaled to --steps or the preset's, and --aurora's choice of matrices (None without it).
-    Refuses combinations the recipe cannot take (SetupError)."""
+    """(recipe on this run's horizon, steps, hp with the recipe's model options, Switched): --recipe with
+    --aux-from, switched by --aurora, --without, --with and --set, scaled to --steps or the preset's. Refuses
+    combinations the recipe cannot take (SetupError)."""
     recipe = RECIPES[args.recipe]
     if args.aux_from:
         recipe = with_aux_from(recipe, RECIPES[args.aux_from])
+    with torch.device("meta"):
+        model = GPT(hp.model)
+    check_groups_cover(model, recipe)
+    recipe, switched = switched_recipe(recipe, args, model)
+    refuse_untaken_options(recipe, f"recipe {recipe.name}")
     if recipe.init is not None and hp.model.mlp != "relu2":
         raise SetupError(f"--mlp {hp.model.mlp}: recipe {recipe.name} initializes its record's relu^2 MLP (fc, proj) "
-                         f"and has no draws for a SwiGLU's up projection; use --mlp relu2")
+                         f"and has no draws for a SwiGLU's up projection; use --mlp relu2 (or --without record_init)")
     hp = dataclasses.replace(hp, model=dataclasses.replace(hp.model, **recipe.model))
     steps = args.steps or hp.steps or recipe.steps
     recipe = scaled_recipe(recipe, steps)
     if recipe.stop is not None and args.stop_at and args.stop_at > recipe.stop:
         raise SetupError(f"--stop-at {args.stop_at}: after recipe {recipe.name}'s own stop at step {recipe.stop} "
                          f"of {steps}; give a step up to {recipe.stop}")
-    with torch.device("meta"):
-        model = GPT(hp.model)
-    check_groups_cover(model, recipe)
-    aurora = None
-    if args.aurora is not None:
-        if not any(spec.kind in AURORA_SWITCH for spec in recipe.optimizers):
-            raise SetupError(f"--aurora {args.aurora}: recipe {recipe.name} has no polar step to give Aurora's")
-        record_matrices, record_backend = recipe_aurora(recipe, model)
-        backend = AURORA_FORMS[args.aurora_form]
-        matrices = aurora_matrices(args.aurora, matrix_shapes(model, recipe))
-        aurora = {"pattern": args.aurora, "form": args.aurora_form, "backend": backend, "matrices": matrices,
-                  "record_matrices": record_matrices, "record_backend": record_backend}
-    return recipe, steps, hp, aurora
+    return recipe, steps, hp, switched
 
 
 def counted(number, noun):
@@ -2655,7 +3468,11 @@ def main(argv=None):
     dist_info = Distributed(0, 1, 0, False)  # until the environment is read (rank 0 reports its errors)
     try:
         dist_info = distributed_from_env()
-        recipe, steps, hp, aurora = resolve_recipe(args, resolve_hyperparameters(args))
+        recipe, steps, hp, switched = resolve_recipe(args, resolve_hyperparameters(args))
+        if args.techniques:
+            print(f"Techniques of {recipe.name} (record {recipe.record}); docs/recipes.md#techniques\n")
+            print(technique_table(recipe))
+            return 0
         run_id = args.run_id or f"{recipe.name}-{uuid.uuid4()}"
         log_path = os.path.join("logs", f"{run_id}.txt")
         layout, init_weights, resume, device = check_run(args, hp, recipe, steps, dist_info, log_path)
@@ -2684,7 +3501,7 @@ def main(argv=None):
         log.write(running_line(device, dist_info.world_size))
         log.write(SEPARATOR, echo=False)
         config = config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id,
-                               aurora, resume)
+                               switched, resume)
         log.event("config", config, echo=False)
         log.echo(config_summary(config, log_path))
         raw_model = GPT(hp.model).to(device)
@@ -2698,7 +3515,7 @@ def main(argv=None):
         run = Run(args, hp, recipe, steps, dist_info, device, layout, log, raw_model,
                   compiled_if_active(distributed_model(raw_model, device, even_alone=args.ddp)),
                   generator, sign_generator, train_paths, first_train_shard, val_buffer, probe, train_probe,
-                  hp.micro_batch_seqs, units, init_weights, resume, aurora and (aurora["matrices"], aurora["backend"]))
+                  hp.micro_batch_seqs, units, init_weights, resume)
         if args.save and dist_info.rank == 0:
             files, own = earlier_checkpoints(args)
             run.own_checkpoints = {os.path.abspath(name) for name in files if own}  # a resumed run's, not another's

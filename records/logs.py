@@ -10,8 +10,8 @@ matter:
   public logs have no raw loss there). A val line the file ends inside (no line end: cut while it was written,
   or truncated) may lack its readout or end inside a number: it is left out, and its run's cut_line says so;
 - `diag {json}` lines (our diagnostics, docs/diagnostics.md), attached to the trial they were measured in;
-- `config {json}` lines (our resolved configuration; the "recipe" key names the recipe, and
-  hyperparameters.model.mlp_ratio the MLP width ratio);
+- `config {json}` lines (our resolved configuration, kept with each run; the "recipe" key names the recipe,
+  hyperparameters.model.mlp_ratio the MLP width ratio, differs_from_record how the run differs from the record);
 - `Running PyTorch ... on {device} with world_size {W}` (the hardware).
 Everything else is ignored, so the leaderboard's own logs parse too.
 """
@@ -62,6 +62,7 @@ class Run:
     diagnostics: list[dict] = field(default_factory=list)
     mlp_ratio: int | None = None  # None: the log does not say (the benchmark's is 4)
     cut_line: str | None = None  # a val line the log ends inside, left out (on the log's last run)
+    config: dict | None = None  # the log's config line (ours), None in the leaderboard's logs
 
     @property
     def total_steps(self) -> int:
@@ -170,7 +171,7 @@ def parse_log_text(text: str, path: str = "<text>") -> LogFile:
     code, rest = split_code(text)
     runs: list[Run] = []
     configs: list[dict] = []
-    recipe = hardware = mlp_ratio = None
+    recipe = hardware = mlp_ratio = config = None
     # Diagnostics whose step lies before the current trial's latest step were measured in the next
     # trial (written just before its `step:0/` line); they wait here until that trial starts.
     pending_diagnostics: list[dict] = []
@@ -187,7 +188,7 @@ def parse_log_text(text: str, path: str = "<text>") -> LogFile:
         if point is not None:
             if point.step == 0 or not runs:
                 runs.append(Run(path, len(runs), recipe, hardware, diagnostics=pending_diagnostics,
-                                mlp_ratio=mlp_ratio))
+                                mlp_ratio=mlp_ratio, config=config))
                 pending_diagnostics = []
                 latest_step = -1
             runs[-1].points.append(point)
@@ -203,9 +204,12 @@ def parse_log_text(text: str, path: str = "<text>") -> LogFile:
             else:
                 pending_diagnostics.append(diag)
             continue
-        config = parse_json_line(line, CONFIG_PREFIX)
-        if config is not None:
+        parsed = parse_json_line(line, CONFIG_PREFIX)
+        if parsed is not None:
+            config = parsed
             configs.append(config)
+            for run in runs:
+                run.config = run.config or config
             if isinstance(config.get("recipe"), str):
                 recipe = config["recipe"]
                 for run in runs:

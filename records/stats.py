@@ -177,6 +177,12 @@ def consistency_warnings(result: ResultSet) -> list[str]:
         warnings.append(f"set {result.label}: runs have different step counts T: {totals}")
     warnings += [f"set {result.label}: {run.path} ends inside a val line ({run.cut_line!r}): cut while it was written, "
                  f"or truncated; that line is left out" for run in result.runs if run.cut_line]
+    groups = configurations(result.runs)
+    if len(groups) > 1:
+        common = common_differences(groups)
+        pooled = " | ".join(f"{configuration_name(key, common)} ({len(runs)} runs)" for key, runs in groups.items())
+        warnings.append(f"set {result.label}: runs of {len(groups)} configurations are pooled: {pooled}; "
+                        f"--by-config tabulates them apart")
     partial = [step for step, s in result.steps.items() if s.n < result.n]
     if partial:
         warnings.append(f"set {result.label}: {len(partial)} step(s) not logged by every run "
@@ -221,6 +227,136 @@ def undecided_warnings(result: ResultSet) -> list[str]:
     return warnings
 
 
+
+
+# ---- by configuration: the runs of one recipe grouped by their config's differences from the record, each
+# group against the one the others add to (bash run.sh --ablate's table) ----
+
+def configuration_of(run: Run) -> tuple:
+    """(recipe, its config's differences from the record): None for the differences of a log without a config
+    line (the leaderboard's)."""
+    differences = (run.config or {}).get("differs_from_record")
+    return run.recipe or "unknown", tuple(differences) if isinstance(differences, list) else None
+
+
+def configurations(runs: list[Run]) -> dict[tuple, list[Run]]:
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(configuration_of(run), []).append(run)
+    return groups
+
+
+def common_differences(groups) -> set[str]:
+    """The differences every configuration shares (the preset's, the horizon's): said once, not per group."""
+    known = [set(differences) for _, differences in groups if differences is not None]
+    return set.intersection(*known) if known else set()
+
+
+def without_record_value(difference: str) -> str:
+    """A difference without its ' (record: ...)' tail: what the configuration does."""
+    return difference.split(" (record: ")[0]
+
+
+def configuration_name(key: tuple, common: set[str]) -> str:
+    recipe, differences = key
+    if differences is None:
+        return f"{recipe} without a config line"
+    own = [without_record_value(d) for d in differences if d not in common]
+    return f"{recipe}: {'; '.join(own)}" if own else f"{recipe} as its record" if not differences else recipe
+
+
+def comparison_step(runs: list[Run]) -> int | None:
+    """The step the record's runs cleared the bar at (its configs' record_step, scaled to the runs'
+    horizon) or, where not every run logged it, the last step before it that every run logged; without one in
+    the configs, the last step every run logged."""
+    common = set.intersection(*(set(run.losses()) for run in runs))
+    steps = {(run.config or {}).get("record_step") for run in runs}
+    target = steps.pop() if len(steps) == 1 else None
+    below = [step for step in common if target is None or step <= target]
+    return max(below) if below else None
+
+
+def reading(statistic: float, difference: str | None) -> str:
+    """The verdict on a positive statistic (the reference better) at the bar: of the technique an arm leaves out
+    (helps: leaving it out hurts), else of the arm's own change."""
+    if not (clears_bar(statistic) or clears_bar(-statistic)):
+        return "undecided"
+    if difference is not None and difference.startswith("without "):
+        return f"{difference.split()[1]} {'helps' if statistic > 0 else 'hurts'}"
+    return "hurts" if statistic > 0 else "helps"
+
+
+def by_configuration(runs: list[Run]) -> list[dict]:
+    """Per recipe, a row per configuration: n, mean and sd of the readout and raw losses at the comparison step,
+    and against the reference (the configuration whose differences every other one has, else the one with
+    fewest) the leaderboard's pairwise statistic: at both first passing steps (of the readout loss) where both
+    clear the bar, else at the comparison step; its reading at 0.004 and the difference of the passing steps."""
+    rows = []
+    by_recipe: dict[str, dict] = {}
+    for key, group in configurations(runs).items():
+        by_recipe.setdefault(key[0], {})[key] = group
+    for recipe, groups in by_recipe.items():
+        keys = list(groups)
+        contained = [k for k in keys if all(set(k[1] or ()) <= set(o[1] or ()) for o in keys)]
+        reference = (contained or sorted(keys, key=lambda k: len(k[1] or ())))[0]
+        common = common_differences(groups)
+        step = comparison_step([run for group in groups.values() for run in group])
+        sets = {key: (summarize_result_set(group, configuration_name(key, common)),
+                      summarize_result_set(group, configuration_name(key, common), "raw")) for key, group in groups.items()}
+        base, _ = sets[reference]
+        for key in [reference] + [k for k in keys if k != reference]:
+            readout, raw = sets[key]
+            own = [d for d in key[1] or () if d not in set(reference[1] or ())]
+            row = {"recipe": recipe, "configuration": configuration_name(key, common), "common": sorted(common),
+                   "reference": key == reference, "n": readout.n, "step": step,
+                   "readout": readout.steps.get(step), "raw": raw.steps.get(step),
+                   "statistic": None, "compared_at": None, "step_difference": None, "reading": None}
+            if key != reference and step is not None:
+                if base.first_passing_step is not None and readout.first_passing_step is not None:
+                    row["statistic"] = compare(base, readout)["statistic"]
+                    row["step_difference"] = readout.first_passing_step - base.first_passing_step
+                    row["compared_at"] = "first passing steps"
+                else:
+                    row["statistic"] = pairwise_statistic(step, base.steps[step].mean, base.n,
+                                                          step, readout.steps[step].mean, readout.n)
+                    row["compared_at"] = f"step {step}"
+                row["reading"] = reading(row["statistic"], own[0] if len(own) == 1 else None)
+            rows.append(row)
+    return rows
+
+
+def by_configuration_report(rows: list[dict], markdown: bool = False) -> str:
+    def mean_sd(stats: StepStats | None) -> str:
+        return "-" if stats is None else f"{stats.mean:.5f} ± {fmt(stats.std)}"
+    header = ["configuration", "n", "readout loss (mean ± sd)", "raw loss (mean ± sd)", "passing steps vs reference",
+              "statistic", "compared at", "reading"]
+    lines = []
+    for recipe in dict.fromkeys(row["recipe"] for row in rows):
+        mine = [row for row in rows if row["recipe"] == recipe]
+        step = mine[0]["step"]
+        common = "; ".join(without_record_value(d) for d in mine[0]["common"]) or "none"
+        lines += [f"{'### ' if markdown else '== '}{recipe}: runs grouped by their differences from the record, "
+                  f"losses at step {step}, each against the reference (first row); the statistic is positive when "
+                  f"the reference is better, decided at {BAR}", f"Every run: {common}.", ""]
+        cells = [[row["configuration"] + (" (reference)" if row["reference"] else ""), str(row["n"]),
+                  mean_sd(row["readout"]), mean_sd(row["raw"]),
+                  "-" if row["step_difference"] is None else f"{row['step_difference']:+d}",
+                  "-" if row["statistic"] is None else f"{row['statistic']:+.5f}", row["compared_at"] or "-",
+                  row["reading"] or "-"] for row in mine]
+        if markdown:
+            lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+            lines += ["| " + " | ".join(c) + " |" for c in cells]
+        else:
+            widths = [max(len(c[i]) for c in cells + [header]) for i in range(len(header))]
+            lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + cells]
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def by_configuration_json(rows: list[dict]) -> list[dict]:
+    def plain(stats):
+        return None if stats is None else {"mean": stats.mean, "std": stats.std, "n": stats.n}
+    return [{**row, "readout": plain(row["readout"]), "raw": plain(row["raw"])} for row in rows]
 
 
 def steady_step_time_ms(run: Run) -> float | None:
@@ -683,7 +819,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--diagnostics", action="store_true",
                         help="summarize diag lines (dead neurons, leverage) per recipe")
     parser.add_argument("--plot-diagnostics", metavar="PNG", help="plot the diagnostics summary to this PNG")
+    parser.add_argument("--by-config", action="store_true",
+                        help="group the runs by their config's differences from the record and compare each group "
+                             "with the one the others add to (as bash run.sh --ablate does)")
     args = parser.parse_args(argv)
+    if args.by_config and args.vs:
+        parser.error("--by-config groups the runs itself; leave out --vs")
     if args.vs_label is not None and not args.vs:
         parser.error("--vs-label names the --vs set; give --vs LOG... too")
     if args.vs_label is None:
@@ -762,6 +903,11 @@ def main(argv: list[str] | None = None) -> int:
     diagnostics = (summarize_diagnostics(results)
                    if args.diagnostics or args.plot_diagnostics else None)
 
+    if args.by_config:
+        rows = by_configuration(results[0].runs)
+        print(json.dumps(by_configuration_json(rows), indent=1) if args.json else
+              by_configuration_report(rows, args.markdown))
+        return 1 if undecided else 0
     if args.json:
         payload = ({"a": result_json(results[0]), "b": result_json(results[1]), "pairwise": pairwise}
                    if pairwise is not None else result_json(results[0]))

@@ -1084,6 +1084,27 @@ def test_pinned_step_ends_at_the_first_order_radius_and_cautious_decay_touches_o
     assert torch.equal(decayed[~shrinking], pinned[~shrinking])
 
 
+def test_the_plain_step_decays_then_steps_then_decays_cautiously_where_the_step_shrank_w():
+    """MuonChain without the radius pin (pin=False): W *= 1 - lr wd, W -= lr u, then the cautious decay on the
+    entries where u and the W before the step share a sign."""
+    W = well_conditioned((10, 12), 33)
+    update = well_conditioned((10, 12), 34)
+    lr, decay, cautious = 0.8, 0.1, 0.5  # a step long enough to flip the sign of some entries
+    plain = optimizers.plain_step_(W.clone(), update, lr, decay, cautious)
+    stepped = W * (1 - lr * decay) - lr * update
+    shrinking = update * W > 0
+    assert shrinking.any() and (~shrinking).any() and (shrinking & (stepped * W < 0)).any()
+    torch.testing.assert_close(plain[shrinking], stepped[shrinking] * (1 - lr * cautious), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(plain[~shrinking], stepped[~shrinking], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(optimizers.plain_step_(W.clone(), update, lr), W - lr * update, rtol=1e-6, atol=1e-7)
+    chain = optimizers.MuonChain([torch.nn.Parameter(W.clone())], lr=lr, weight_decay=decay,
+                                 cautious_weight_decay=cautious)
+    group = chain.param_groups[0]
+    assert group["pin"] is False and torch.equal(optimizers.chain_step_(W.clone(), update, group), plain)
+    assert torch.equal(optimizers.chain_step_(W.clone(), update, {**group, "pin": True}),
+                       optimizers.pinned_step_(W.clone(), update, lr, cautious))
+
+
 def test_trust_gate_trusts_an_agreeing_aligned_direction_and_distrusts_an_opposed_one():
     grad = well_conditioned((8, 8), 30)
     raw = grad + 0.1 * well_conditioned((8, 8), 31)

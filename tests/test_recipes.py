@@ -238,7 +238,7 @@ def reduced_run(recipe, data, folder, argv=(), dist_info=tg.Distributed(0, 1, 0,
                  layout=tg.batch_layout(hp, dist_info.world_size), log=tg.RunLog(None), raw_model=raw_model, model=None,
                  generator=generator, sign_generator=generator, train_paths=[shard], first_train_shard=None,
                  val_buffer=torch.zeros(hp.val_tokens + 1, dtype=torch.int64), probe=None, train_probe=None,
-                 probe_micro_seqs=6, units=None, init_weights=None, resume=None, aurora=None)
+                 probe_micro_seqs=6, units=None, init_weights=None, resume=None)
     run.model = GradientStandIn(run, data["parameter_names"])
     return run
 
@@ -517,17 +517,17 @@ def aurora_run(argv):
     (["--recipe", "soap-muon", "--tiny"], False),
 ])
 def test_is_record_only_for_the_records_full_configuration(argv, is_record):
-    recipe, steps, hp, aurora = aurora_run(argv)
-    differences = tg.record_differences(hp, recipe, steps, None, aurora)
+    recipe, steps, hp, switched = aurora_run(argv)
+    differences = tg.record_differences(hp, recipe, steps, None, switched)
     assert (not differences) == is_record, differences
-    if aurora and not is_record:
+    if switched.aurora and not is_record:
         assert any(d.startswith("aurora=") for d in differences)
 
 
 def test_the_aurora_difference_names_both_choices():
     def said(argv):
-        recipe, steps, hp, aurora = aurora_run(argv)
-        return next(d for d in tg.record_differences(hp, recipe, steps, None, aurora) if d.startswith("aurora="))
+        recipe, steps, hp, switched = aurora_run(argv)
+        return next(d for d in tg.record_differences(hp, recipe, steps, None, switched) if d.startswith("aurora="))
     assert said(["--recipe", "soap-muon", "--aurora", "mlp.proj"]) == (
         "aurora='mlp.proj' in record #17's form on 12 matrices (record: 'none', 0 matrices)")
     assert said(["--recipe", "aurora-ema-ref", "--aurora", "none"]) == (
@@ -537,16 +537,14 @@ def test_the_aurora_difference_names_both_choices():
 def updated_weights(recipe_name, argv=(), steps=2):
     """The weights after `steps` steps of the recipe's optimizers (with argv's --aurora) on a small model with
     every weight random, from fixed random gradients."""
-    recipe, _, hp, aurora = aurora_run(["--recipe", recipe_name, *argv])
+    recipe, _, hp, _ = aurora_run(["--recipe", recipe_name, *argv])
     config = dataclasses.replace(hp.model, vocab_size=32, num_layers=2, model_dim=16, head_dim=8, seq_len=8)
     model = tg.GPT(config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=generator).to(p.dtype))
-    if aurora is not None:  # the names resolved at full size are the same at this size
-        aurora = (aurora["matrices"], aurora["backend"])
-    opts = tg.build_optimizers(model, recipe, aurora)
+    opts = tg.build_optimizers(model, recipe)  # the groups --aurora split at full size hold the same names here
     for step in range(steps):
         tg.set_schedules(opts, recipe, step)
         for p in model.parameters():
@@ -572,7 +570,7 @@ def test_aurora_switch_changes_only_the_named_matrices_polar(recipe_name, patter
     parameter steps exactly as in the recipe itself (#42 with `none`: its mlp.proj loses Aurora's polar)."""
     plain, _ = updated_weights(recipe_name)
     switched, opts = updated_weights(recipe_name, ["--aurora", pattern, "--aurora-form", form])
-    named = aurora_run(["--recipe", recipe_name, "--aurora", pattern, "--aurora-form", form])[3]["matrices"] & set(plain)
+    named = aurora_run(["--recipe", recipe_name, "--aurora", pattern, "--aurora-form", form])[3].aurora["matrices"] & set(plain)
     own = {n for n in plain if n.endswith("mlp.proj.weight")} if recipe_name == "aurora-ema-ref" else set()
     changed = {name for name in plain if not torch.equal(plain[name], switched[name])}
     assert changed and changed == named ^ own

@@ -345,6 +345,7 @@ def test_a_log_given_twice_is_refused_as_it_would_inflate_n(tmp_path, set_a, mon
     (["--plot", "{tmp}/f.png", "--plot-diagnostics", "{tmp}/f.png"],
      "--plot and --plot-diagnostics both name {tmp}/f.png; give each figure its own file"),
     (["--json", "--markdown"], "argument --markdown: not allowed with argument --json"),
+    (["--by-config", "--vs", "{b}"], "--by-config groups the runs itself; leave out --vs"),
 ])
 def test_flags_that_contradict_each_other_are_refused(tmp_path, set_a, set_b, capsys, argv, message):
     with pytest.raises(SystemExit) as refused:
@@ -633,3 +634,55 @@ def test_a_val_line_the_log_ends_inside_is_left_out_with_a_warning(tmp_path, cap
     # A log whose last line is whole is read to its end.
     whole = readout_log(tmp_path / "whole.txt", {0: (10.8, 10.8), 50: (3.281, 3.279), 100: (3.274, 3.273)})
     assert logs.parse_log(whole).runs[0].losses() == {0: 10.8, 50: 3.279, 100: 3.273}
+
+
+def config_line(recipe, differences, record_step=None):
+    return "config " + json.dumps({"recipe": recipe, "differs_from_record": differences,
+                                   "is_record_recipe": not differences, "record_step": record_step})
+
+
+AURORA_ON_PROJ = "aurora='mlp.proj' in record #17's form on 12 matrices (record: 'none', 0 matrices)"
+
+
+def test_runs_of_different_configurations_pooled_by_a_glob_are_named_in_a_warning(tmp_path, capsys):
+    """logs/soap-muon-*.txt (the README's own glob) took the record's runs and --aurora mlp.proj's as one set."""
+    plain = [write_log(tmp_path / f"soap-muon-{i}.txt", [SET_A[i]], 1000, extra_before=[config_line("soap-muon", [])])
+             for i in range(2)]
+    switched = [write_log(tmp_path / f"soap-muon-a{i}.txt", [SET_A[2 + i]], 1000,
+                          extra_before=[config_line("soap-muon", [AURORA_ON_PROJ])]) for i in range(2)]
+    assert stats.main([*plain, *switched]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "configurations" in line]
+    switch = AURORA_ON_PROJ.split(" (record")[0]
+    assert warnings == [f"warning: set a: runs of 2 configurations are pooled: soap-muon as its record (2 runs) | "
+                        f"soap-muon: {switch} (2 runs); --by-config tabulates them apart"]
+    assert stats.main(plain) == 0 and "configurations" not in capsys.readouterr().err
+
+
+def test_by_config_compares_each_configuration_with_the_one_the_others_add_to(tmp_path, capsys):
+    """An ablation: the recipe (reference), without row_floor (clears the bar 250 steps later: compared at the two
+    passing steps) and without tail_ema (never clears it: compared at the record's step, 750 here)."""
+    tiny = "steps=1000 (record: 2900)"
+    arms = {(): ([3.276, 3.278], [3.270, 3.272]),
+            ("without row_floor (record: on mlp)",): ([3.284, 3.286], [3.273, 3.275]),
+            ("without tail_ema (record: on mlp)",): ([3.279, 3.281], [3.279, 3.281])}
+    paths = []
+    for arm, (at_750, at_1000) in arms.items():
+        for seed in range(2):
+            trial = {0: 10.8258, 500: 3.3, 750: at_750[seed], 1000: at_1000[seed]}
+            paths.append(write_log(tmp_path / f"{len(paths)}.txt", [trial], 1000,
+                                   extra_before=[config_line("soap-muon", [tiny, *arm], 750)]))
+    rows = run_stats_json(capsys, [*paths, "--by-config"])
+    assert [(row["configuration"], row["n"], row["readout"]["mean"], row["step"]) for row in rows] == [
+        ("soap-muon", 2, 3.277, 750), ("soap-muon: without row_floor", 2, 3.285, 750),
+        ("soap-muon: without tail_ema", 2, 3.28, 750)]
+    reference, no_floor, no_ema = rows
+    assert reference["reference"] and reference["statistic"] is None and reference["common"] == [tiny]
+    # (3.274 - 3.277) + 250 * 0.0045 / 100 over sqrt(1/2 + 1/2)
+    assert no_floor["statistic"] == pytest.approx(0.00825) and no_floor["step_difference"] == 250
+    assert (no_floor["compared_at"], no_floor["reading"]) == ("first passing steps", "row_floor helps")
+    assert no_ema["statistic"] == pytest.approx(0.003) and no_ema["step_difference"] is None
+    assert (no_ema["compared_at"], no_ema["reading"]) == ("step 750", "undecided")
+    assert no_ema["raw"]["mean"] == pytest.approx(3.28) and no_ema["readout"]["std"] == pytest.approx(math.sqrt(2e-6))
+    assert stats.main([*paths, "--by-config", "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert "| soap-muon: without row_floor | 2 | 3.28500 ± 0.00141 | 3.28500 ± 0.00141 | +250 | +0.00825 |" in table

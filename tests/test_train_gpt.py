@@ -251,6 +251,7 @@ def test_config_line_records_the_settings_and_says_it_is_not_a_record(tiny_run):
     _, lines, _ = tiny_run
     (config,) = events(lines, "config")
     assert config["recipe"] == "aurora" and config["steps"] == STEPS and config["trials"] == 2
+    assert config["record_step"] == tg.scaled_step(3175, STEPS, 3200)  # #17's reported step at this horizon
     assert config["seed"] == 0 and config["world_size"] == 1 and config["preset"] == "tiny"
     assert config["device"] == "cpu" and config["batch_seqs"] == 16
     matrix = config["recipe_settings"]["optimizers"][1]
@@ -1729,6 +1730,8 @@ def test_mismatched_checkpoint_is_refused_naming_what_differs(tiny_run, data_arg
     (["--aux-from", "muon"], "aux_from None (this run: 'muon')"),
     (["--freeze-mlp-scalars"], "freeze_mlp_scalars False (this run: True)"),
     (["--aurora", "tall"], "aurora None (this run: 'tall')"),  # other param groups: the state would not fit
+    (["--without", "contra"], "without [] (this run: ['contra'])"),
+    (["--set", "uw_floor=0.3"], "set [] (this run: ['uw_floor=0.3'])"),
 ])
 def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(tiny_run, data_args, tmp_path, monkeypatch, capsys,
                                                                flags, problem):
