@@ -2379,6 +2379,19 @@ def compile_is_active():
     return not torch._dynamo.config.disable and torch.compile(probe) is not probe
 
 
+def separate_compile_cache_per_cpu_capability(environ):
+    """Where ATEN_CPU_CAPABILITY forces torch's CPU kernels (`avx2` on an AVX512 CPU, say) and no
+    TORCHINDUCTOR_CACHE_DIR is given, points inductor at a cache folder of that capability's own. Inductor
+    takes its vector width from that variable, but its compile cache does not key on it: with torch 2.13 on
+    an AVX512 CPU, a graph cached in one mode and loaded in the other had its kernels, written for one
+    vector width, built for the other. They gave NaNs (AVX512 kernels with avx2 forced) or overran their
+    buffers until glibc aborted the process (AVX2 kernels natively)."""
+    capability = environ.get("ATEN_CPU_CAPABILITY")
+    if capability and "TORCHINDUCTOR_CACHE_DIR" not in environ:
+        environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
+                                                          f"torchinductor_uid{os.getuid()}_{capability}")
+
+
 def compiled_if_active(module):
     """torch.compile(module) where torch compiles in this process, else the module itself, which is what
     the compiled wrapper would run (wrapping it anyway costs an uncompiled start inductor's import, over a
@@ -2482,6 +2495,7 @@ def config_summary(config, log_path):
 
 
 def main(argv=None):
+    separate_compile_cache_per_cpu_capability(os.environ)
     args = parse_args(argv)
     dist_info = Distributed(0, 1, 0, False)  # until the environment is read (rank 0 reports its errors)
     try:

@@ -924,6 +924,29 @@ def test_compiled_flag_follows_what_torch_does(env, compiled):
     assert result.stdout.strip() == str(compiled), result.stderr[-2000:]
 
 
+def test_a_forced_cpu_capability_compiles_into_a_cache_of_its_own():
+    """Inductor's cache does not key on ATEN_CPU_CAPABILITY (see separate_compile_cache_per_cpu_capability):
+    each forced capability gets its own folder, never torch's default one; a folder the user gives is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    folders = {}
+    for capability in ("avx2", "avx512"):
+        environ = {"ATEN_CPU_CAPABILITY": capability}
+        tg.separate_compile_cache_per_cpu_capability(environ)
+        folders[capability] = environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert len(set(folders.values()) | {default_cache_dir()}) == 3
+    given = {"ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": "elsewhere"}
+    tg.separate_compile_cache_per_cpu_capability(given)
+    assert given["TORCHINDUCTOR_CACHE_DIR"] == "elsewhere"
+    native = {}
+    tg.separate_compile_cache_per_cpu_capability(native)
+    assert native == {}
+    # This suite's processes (conftest.py): where the capability is forced, as .ci/run's second pass does.
+    if "ATEN_CPU_CAPABILITY" in os.environ:
+        forced = {"ATEN_CPU_CAPABILITY": os.environ["ATEN_CPU_CAPABILITY"]}
+        tg.separate_compile_cache_per_cpu_capability(forced)
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == forced["TORCHINDUCTOR_CACHE_DIR"]
+
+
 def test_running_line_without_cuda_says_so(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     assert tg.running_line(torch.device("cpu"), 2) == (f"Running PyTorch {torch.__version__} built without CUDA "
