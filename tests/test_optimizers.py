@@ -597,15 +597,26 @@ def test_lr_and_weight_decay_can_be_changed_between_steps():
 # ----------------------------------------------------------------------------------------------
 
 def gloo_process(rank, worker, world_size, store_path, args):
+    """One rank: worker(rank, world_size, *args) in a gloo process group. A rank that finished waits for every
+    other at a barrier, then ends without finalizing the interpreter. Why: after FSDP2, DTensor's caches keep
+    the device mesh, and with it the gloo group and its worker threads, alive past destroy_process_group (seen:
+    2 worker threads and gloo's loop thread still running; without FSDP2 the group's teardown joins them). A
+    worker that drops a finished collective's last tensors needs the GIL; CPython ends a thread that asks for
+    it while the interpreter finalizes (pthread_exit), and that unwinding through C++ aborts the process:
+    "terminate called without an active exception", a lost rank in every FSDP2 test. A failed rank raises,
+    for mp.spawn to report."""
     torch._dynamo.config.disable = True
     torch.set_num_threads(1)  # several processes share this machine's cores
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
-    finished = False
     try:
         worker(rank, world_size, *args)
-        finished = True
-    finally:
-        train_gpt.leave_process_group(finished)  # a barrier first: see there
+    except BaseException:
+        train_gpt.leave_process_group(finished=False)
+        raise
+    dist.barrier()  # no other rank waits on this one's collectives after it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_on_gloo_ranks(worker, world_size, tmp_path, *args):
