@@ -3365,6 +3365,19 @@ def compile_is_active():
     return not torch._dynamo.config.disable and torch.compile(probe) is not probe
 
 
+def separate_compile_cache_per_cpu_capability(environ):
+    """Where ATEN_CPU_CAPABILITY forces torch's CPU kernels (`avx2` on an AVX512 CPU, say) and no
+    TORCHINDUCTOR_CACHE_DIR is given, points inductor at a cache folder of that capability's own. Inductor
+    takes its vector width from that variable, but its compile cache does not key on it: with torch 2.13 on
+    an AVX512 CPU, a graph cached in one mode and loaded in the other had its kernels, written for one
+    vector width, built for the other. They gave NaNs (AVX512 kernels with avx2 forced) or overran their
+    buffers until glibc aborted the process (AVX2 kernels natively)."""
+    capability = environ.get("ATEN_CPU_CAPABILITY")
+    if capability and "TORCHINDUCTOR_CACHE_DIR" not in environ:
+        environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
+                                                          f"torchinductor_uid{os.getuid()}_{capability}")
+
+
 def compiled_if_active(module):
     """torch.compile(module) where torch compiles in this process, else the module itself, which is what
     the compiled wrapper would run (wrapping it anyway costs an uncompiled start inductor's import, over a
@@ -3402,7 +3415,7 @@ def config_record(args, hp, recipe, steps, dist_info, device, layout, train_path
             "keep_last": args.keep_last, "freeze_mlp_scalars": args.freeze_mlp_scalars, "aux_from": args.aux_from,
             "data_seed": args.data_seed, "stop_at": args.stop_at,
             "diagnostics": not args.no_diagnostics, "probe_tokens": args.probe_tokens, "probe_every": args.probe_every,
-            "ddp": dist_info.world_size > 1 or args.ddp,
+            "ddp": dist_info.world_size > 1 or args.ddp, "polar_dtype": polar_dtype(recipe),
             "is_record_recipe": not differences,
             "differs_from_record": differences}
 
@@ -3418,6 +3431,52 @@ def recipe_settings(recipe):
             return {k: plain(v) for k, v in value.items()}
         return value
     return plain(recipe)
+
+
+# The CPU preset's polar iterations run in float32 where bf16 matmuls are slow (docs/recipes.md#cpu-kinds):
+# without the CPU's bf16 instructions a 512 x 512 bf16 matmul cost 128 ms against 3.4 ms in float32 (one
+# thread, the AVX2 paths forced on an AVX512 Xeon). Full size and the records keep their bf16.
+BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags():
+    """The CPU's feature flags, from /proc/cpuinfo (none where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.partition(":")[2].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def bf16_matmuls_are_slow(flags, environ):
+    """Whether torch's CPU bf16 matmuls run without bf16 instructions: the CPU has neither avx512_bf16 nor
+    amx_bf16 (AMD Zen 2 and 3, Intel before Cooper Lake), or ONEDNN_MAX_CPU_ISA keeps oneDNN, which runs
+    them, below its bf16 kernels."""
+    isa = environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return not flags & set(BF16_CPU_FEATURES) or not (isa == "ALL" or "BF16" in isa or "AMX" in isa)
+
+
+def with_polar_dtype(recipe, dtype):
+    """The recipe with its matrix optimizers' polar iterations in `dtype` (their groups' polar_dtype)."""
+    def matrix_spec(spec):
+        return dataclasses.replace(spec, groups=tuple(dataclasses.replace(g, options={**g.options, "polar_dtype": dtype})
+                                                      for g in spec.groups))
+    return dataclasses.replace(recipe, optimizers=tuple(matrix_spec(spec) if spec.kind in MATRIX_OPTIMIZERS else spec
+                                                        for spec in recipe.optimizers))
+
+
+def cpu_preset_recipe(recipe, args, device, flags, environ):
+    """The recipe as the CPU preset runs it: --tiny on the CPU takes its polar iterations in float32 where
+    bf16 matmuls are slow; every other run keeps the record's dtypes."""
+    if args.tiny and device.type == "cpu" and bf16_matmuls_are_slow(flags, environ):
+        return with_polar_dtype(recipe, "float32")
+    return recipe
+
+
+def polar_dtype(recipe):
+    """The dtype of the recipe's polar iterations: its matrix groups' polar_dtype, else the records' bf16."""
+    return next((g.options["polar_dtype"] for spec in recipe.optimizers if spec.kind in MATRIX_OPTIMIZERS
+                 for g in spec.groups if "polar_dtype" in g.options), "bfloat16")
 
 
 def resolve_recipe(args, hp):
@@ -3460,10 +3519,13 @@ def config_summary(config, log_path):
         "no diagnostics"
     differences = len(config["differs_from_record"])
     record = f"not a record ({counted(differences, 'setting')} differing)" if differences else "a record run"
-    return f"config: {run}; {diagnostics}; {record}; the whole config is in {log_path}"
+    polar = f"polar iterations in {config['polar_dtype']}" + (
+        " (this CPU's bf16 matmuls are slow)" if config["polar_dtype"] == "float32" else "")
+    return f"config: {run}; {diagnostics}; {polar}; {record}; the whole config is in {log_path}"
 
 
 def main(argv=None):
+    separate_compile_cache_per_cpu_capability(os.environ)
     args = parse_args(argv)
     dist_info = Distributed(0, 1, 0, False)  # until the environment is read (rank 0 reports its errors)
     try:
@@ -3476,6 +3538,7 @@ def main(argv=None):
         run_id = args.run_id or f"{recipe.name}-{uuid.uuid4()}"
         log_path = os.path.join("logs", f"{run_id}.txt")
         layout, init_weights, resume, device = check_run(args, hp, recipe, steps, dist_info, log_path)
+        recipe = cpu_preset_recipe(recipe, args, device, cpu_flags(), os.environ)
         if args.check_args:
             return 0
         train_paths, val_path = check_data(args, hp, steps)

@@ -2,14 +2,20 @@ import os
 import signal
 import sys
 
-import pytest
-import torch
-import torch._dynamo
-import torch._inductor.config
-
 # Tests import the project's top-level modules (optimizers, train_gpt, data/, records/) by path.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import train_gpt  # noqa: E402
+
+# Before torch._dynamo's import fixes inductor's cache folder, for this process and those the tests start: a
+# suite run with the AVX2 paths forced (.ci/run's second pass) must neither load what a native run cached nor
+# leave it kernels.
+train_gpt.separate_compile_cache_per_cpu_capability(os.environ)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
+import torch._inductor.config  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -172,10 +172,12 @@ def test_console_gets_one_readable_config_line_and_the_log_the_json(tiny_run):
     (config,) = events(lines, "config")
     assert config["differs_from_record"] and not [line for line in console if line.startswith("config {")]
     (summary,) = [line for line in console if line.startswith("config")]
+    polar = ("float32 (this CPU's bf16 matmuls are slow)" if tg.bf16_matmuls_are_slow(tg.cpu_flags(), os.environ)
+             else "bfloat16")
     assert summary == (f"config: aurora, tiny preset, {STEPS} steps of 16 x 256 tokens, 2 trials, seed 0, cpu, world "
-                       f"size 1, not compiled; diagnostics on {PROBE_TOKENS:,}-token probes every 50 steps; not a "
-                       f"record ({len(config['differs_from_record'])} settings differing); the whole config is in "
-                       f"logs/tiny.txt")
+                       f"size 1, not compiled; diagnostics on {PROBE_TOKENS:,}-token probes every 50 steps; polar "
+                       f"iterations in {polar}; not a record ({len(config['differs_from_record'])} settings "
+                       f"differing); the whole config is in logs/tiny.txt")
 
 
 @pytest.mark.parametrize("flags, diagnostics, record", [
@@ -191,8 +193,47 @@ def test_config_summary_of_full_size_runs(flags, diagnostics, record):
                               torch.device("cpu"), tg.batch_layout(hp, 8), ["train.bin"], "val.bin", "r")
     assert tg.config_summary(config, "logs/r.txt") == (
         f"config: aurora, full preset, 3200 steps of 512 x 1024 tokens, 1 trial, seed {args.seed}, cpu, world size 8, "
-        f"{'compiled' if config['compiled'] else 'not compiled'}; {diagnostics}; {record}; the whole config is in "
-        f"logs/r.txt")
+        f"{'compiled' if config['compiled'] else 'not compiled'}; {diagnostics}; polar iterations in bfloat16; {record}; "
+        f"the whole config is in logs/r.txt")
+
+
+@pytest.mark.parametrize("flags, environ, slow", [
+    (set(), {}, True),  # AMD Zen 2 and 3, Intel before Cooper Lake
+    ({"avx2", "avx512f"}, {}, True),  # AVX512 without bf16 (Skylake, Cascade Lake)
+    ({"avx512f", "avx512_bf16"}, {}, False),  # AMD Zen 4, Intel Cooper Lake
+    ({"avx512f", "avx512_bf16", "amx_bf16"}, {}, False),  # Intel Sapphire Rapids and later
+    ({"avx512f", "avx512_bf16", "amx_bf16"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, True),  # the AVX2 paths forced
+    ({"avx512f", "avx512_bf16", "amx_bf16"}, {"ONEDNN_MAX_CPU_ISA": "avx512_core_bf16"}, False),
+    ({"avx512f", "avx512_bf16", "amx_bf16"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, False),
+])
+def test_bf16_matmuls_are_slow_without_the_cpus_bf16_instructions(flags, environ, slow):
+    assert tg.bf16_matmuls_are_slow(flags, environ) is slow
+
+
+@pytest.mark.parametrize("flags, device, slow_cpu_float32", [
+    (["--tiny"], "cpu", True), (["--tiny"], "cuda", False), ([], "cpu", False)])
+@pytest.mark.parametrize("recipe_name", ["aurora", "soap-muon"])
+def test_the_cpu_preset_takes_float32_polars_only_where_bf16_is_slow(flags, device, slow_cpu_float32, recipe_name):
+    """Only the matrix optimizers' groups change; full size and a GPU keep the records' dtypes; the log's
+    config and the console say which dtype ran."""
+    args = tg.parse_args(["--recipe", recipe_name, *flags])
+    hp = tg.resolve_hyperparameters(args)
+    recipe = tg.RECIPES[recipe_name]
+    for cpu, slow in (({"avx512_bf16", "amx_bf16"}, False), (set(), True)):
+        ran = tg.cpu_preset_recipe(recipe, args, torch.device(device), cpu, {})
+        float32 = slow and slow_cpu_float32
+        assert (ran == recipe) is not float32
+        assert tg.polar_dtype(ran) == ("float32" if float32 else "bfloat16")
+        for spec, ours in zip(recipe.optimizers, ran.optimizers):
+            for group, our_group in zip(spec.groups, ours.groups):
+                changed = {k: v for k, v in our_group.options.items() if group.options.get(k) != v}
+                assert changed == ({"polar_dtype": "float32"} if float32 and spec.kind in tg.MATRIX_OPTIMIZERS
+                                   else {}), (spec.kind, group.name)
+        config = tg.config_record(args, hp, ran, 200, tg.Distributed(0, 1, 0, False), torch.device(device),
+                                  tg.batch_layout(hp, 1), ["train.bin"], "val.bin", "r")
+        assert config["polar_dtype"] == tg.polar_dtype(ran)
+        assert ("; polar iterations in float32 (this CPU's bf16 matmuls are slow); " if float32 else
+                "; polar iterations in bfloat16; ") in tg.config_summary(config, "logs/r.txt")
 
 
 def test_diagnostics_summary_reads_the_reports_and_skips_what_it_does_not_know():
@@ -943,6 +984,29 @@ def test_compiled_flag_follows_what_torch_does(env, compiled):
     result = subprocess.run([sys.executable, "-c", "import train_gpt; print(train_gpt.compile_is_active())"],
                             cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == str(compiled), result.stderr[-2000:]
+
+
+def test_a_forced_cpu_capability_compiles_into_a_cache_of_its_own():
+    """Inductor's cache does not key on ATEN_CPU_CAPABILITY (see separate_compile_cache_per_cpu_capability):
+    each forced capability gets its own folder, never torch's default one; a folder the user gives is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    folders = {}
+    for capability in ("avx2", "avx512"):
+        environ = {"ATEN_CPU_CAPABILITY": capability}
+        tg.separate_compile_cache_per_cpu_capability(environ)
+        folders[capability] = environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert len(set(folders.values()) | {default_cache_dir()}) == 3
+    given = {"ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": "elsewhere"}
+    tg.separate_compile_cache_per_cpu_capability(given)
+    assert given["TORCHINDUCTOR_CACHE_DIR"] == "elsewhere"
+    native = {}
+    tg.separate_compile_cache_per_cpu_capability(native)
+    assert native == {}
+    # This suite's processes (conftest.py): where the capability is forced, as .ci/run's second pass does.
+    if "ATEN_CPU_CAPABILITY" in os.environ:
+        forced = {"ATEN_CPU_CAPABILITY": os.environ["ATEN_CPU_CAPABILITY"]}
+        tg.separate_compile_cache_per_cpu_capability(forced)
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == forced["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def test_running_line_without_cuda_says_so(monkeypatch):

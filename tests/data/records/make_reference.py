@@ -15,7 +15,9 @@ file (see README.md for its contents).
 """
 import argparse
 import copy
+import datetime
 import hashlib
+import json
 import os
 import socket
 import sys
@@ -182,6 +184,39 @@ def columns(rows):
             torch.tensor([rows[s][key] for s in steps], dtype=torch.float64) for key in keys}
 
 
+# Where a file was made, kept in made_on.json beside it: bf16 matmuls and some float32 kernels round
+# differently on other CPU kinds (README.md, "Where the files were made").
+MADE_ON = os.path.join(HERE, "made_on.json")
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # those that pick torch's CPU kernels
+FORCING = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")  # variables that force other kernels
+
+
+def file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def this_cpu():
+    """The CPU's model name and the features of CPU_FEATURES it has (Linux's /proc/cpuinfo)."""
+    with open("/proc/cpuinfo") as f:
+        first = f.read().split("\n\n")[0]  # the first processor's block
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+    flags = fields.get("flags", "").split()
+    return {"model": fields.get("model name", ""), "features": [f for f in CPU_FEATURES if f in flags]}
+
+
+def note_where_made(target):
+    """Records in made_on.json the file's SHA-256 and the CPU, torch and forced kernels that made it."""
+    made_on = json.load(open(MADE_ON)) if os.path.exists(MADE_ON) else {}
+    made_on[os.path.basename(target)] = {
+        "sha256": file_digest(target), "made": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "cpu": this_cpu(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "forced": {name: os.environ[name] for name in FORCING if name in os.environ}}
+    with open(MADE_ON, "w") as f:
+        json.dump(made_on, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -231,6 +266,7 @@ def main():
         out["reference_captured_step"] = ns["ref_extrap_captured_step"]
     target = os.path.join(HERE, f"record{args.record}.pt")
     torch.save(out, target)
+    note_where_made(target)
     print(f"wrote {target} ({os.path.getsize(target)} bytes): {len(out['schedule'])} steps of schedules, "
           f"trajectory at {sorted(out['trajectory'])}, SOAP steps {sorted(out['soap'])}, "
           f"validations at {len(out['validation_steps'])} steps")
