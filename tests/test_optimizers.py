@@ -749,13 +749,8 @@ def test_bucket_plan_joins_each_wide_matrix_to_the_bucket_of_its_transpose():
     assert [len(bucket) for bucket in plan] == [48, 24]
     assert [shapes[i] for i in plan[1]] == [(3072, 768)] * 12 + [(768, 3072)] * 12  # tall first
     assert sorted(i for bucket in plan for i in bucket) == list(range(len(shapes)))
-    # On 8 ranks every rank gets 6 square and 3 rectangular matrices: no padding anywhere.
-    for rank in range(8):
-        assert [optimizers.rank_slice(len(bucket), rank, 8) for bucket in plan] == [(6 * rank, 6 * rank + 6, 6),
-                                                                                    (3 * rank, 3 * rank + 3, 3)]
     by_shape = optimizers.bucket_plan(shapes, join_transposes=False)
     assert [len(bucket) for bucket in by_shape] == [48, 12, 12]
-    assert optimizers.rank_slice(12, 7, 8) == (12, 12, 2)  # the last two ranks of a bucket of 12 compute nothing
 
 
 @pytest.mark.parametrize("cls", [Muon, NorMuon, Aurora])
