@@ -518,7 +518,7 @@ def test_leverage_hook_reports_rectangular_matrices_in_tall_orientation():
     assert leverage[params[1]].abs().max() == 0  # zero gradient -> zero update
 
 
-@pytest.mark.parametrize("cls", [Muon, NorMuon, Aurora])
+@pytest.mark.parametrize("cls", [Muon, NorMuon, Aurora, optimizers.MuonChain])
 def test_non_matrix_parameter_is_refused_with_its_shape(cls):
     with pytest.raises(ValueError, match=r"\(768,\)"):
         cls([torch.nn.Parameter(torch.zeros(24, 24)), torch.nn.Parameter(torch.zeros(768))], lr=0.1)
@@ -541,6 +541,24 @@ def test_bad_options_are_refused():
         Aurora(p, lr=0.1, variant="fancy")
     with pytest.raises(ValueError, match="polar_backend"):
         Muon(p, lr=0.1, polar_backend="svd")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: optimizers.MuonChain(p, lr=0.1, radial_brak=(0.5, 1.0)), "unknown option 'radial_brak' (did you mean 'radial_brake'?)"),
+    (lambda p: Muon([dict(params=p, nesterof=False)], lr=0.1), "param group 0: unknown option 'nesterof' (did you mean 'nesterov'?)"),
+    (lambda p: optimizers.MuonChain(p, lr=0.1, soap=dict(beta2=0.9, frequency=1, denom_power=0.5, blnd=0.9)), "soap must be"),
+    (lambda p: optimizers.MuonChain(p, lr=0.1, soap_combine="trust_gate", trust=dict(min_agre=0.2)), "trust"),
+    (lambda p: optimizers.MuonChain(p, lr=0.1, floor=("rows", 0.3)), "floor must be"),
+    (lambda p: Aurora(p, lr=0.1, uw_floor=0.35, floor=("scalar", 0.3)), "one stage"),
+    (lambda p: NorMuon(p, lr=0.1, normuon_beta2=1.0), "exclude each other"),
+    (lambda p: optimizers.MuonChain(p, lr=0.1, polar_dtype="float16"), "polar_dtype"),
+])
+def test_a_misspelt_or_impossible_option_is_one_error_line_before_any_step(make, message):
+    """Every option of every stage is checked when the optimizer is made: an unknown one (a typo) names the
+    nearest option, a bad value names the option; none is ignored."""
+    with pytest.raises(ValueError) as refused:
+        make([torch.nn.Parameter(torch.zeros(24, 24))])
+    assert message in str(refused.value) and len(str(refused.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize("recipe", ["muon", "normuon", "aurora"])
