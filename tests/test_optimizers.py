@@ -157,6 +157,23 @@ def test_polar_express_runs_its_schedule(shape):
         X, POLAR_EXPRESS_SCHEDULE, 1.02, torch.bfloat16), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("orientation", ["none", "non_square"])
+@pytest.mark.parametrize("backend", sorted(optimizers.POLAR_BACKENDS))
+def test_polar_dtype_is_the_dtype_of_every_polar_backends_iterations(backend, orientation):
+    """A group's polar_dtype reaches every backend, Aurora's balanced forms included: bfloat16 (the records')
+    or float32 (for CPUs whose bf16 matmuls are slow), which lands nearer the exact polar factor."""
+    u = well_conditioned((48, 16), 3)
+    factors = {}
+    for dtype in ("bfloat16", "float32"):
+        group = dict(optimizers.CHAIN_OPTIONS, polar_backend=backend, polar_dtype=dtype, orientation=orientation)
+        factors[dtype] = optimizers.polar_stage(u, optimizers.static_options(group))
+        assert factors[dtype].dtype == optimizers.POLAR_DTYPES[dtype]
+    if backend in ("polar", "schatten") and orientation == "none":
+        exact = svd_polar(u)
+        assert orthogonality_error(factors["float32"]) < orthogonality_error(factors["bfloat16"]) / 10
+        assert (factors["float32"].double() - exact).norm() < (factors["bfloat16"].double() - exact).norm()
+
+
 def test_polar_is_batched_over_leading_dims():
     X = torch.stack([well_conditioned((48, 16), s) for s in range(3)]).reshape(3, 1, 48, 16)
     batched = polar(X)
