@@ -465,11 +465,11 @@ def format_report(result):
         f"MFU = tokens/s * FLOPs per token / bf16 matmul rate",
         f"peak memory: {result['peak_memory_kind']}",
         "",
-        f"{'recipe':<8} {'matrices':>8} {'(a) matrix ms':>14} {'(a) opt set ms':>15} {'(b) step ms':>12} "
+        f"{'recipe':<15} {'matrices':>8} {'(a) matrix ms':>14} {'(a) opt set ms':>15} {'(b) step ms':>12} "
         f"{'tokens/s':>11} {'MFU':>7} {'peak MiB':>9}",
     ]
     for name, r in result["recipes"].items():
-        lines.append(f"{name:<8} {r['hidden_matrices']:>8} {r['matrix_step_ms']:>14.2f} {r['optimizer_set_ms']:>15.2f} "
+        lines.append(f"{name:<15} {r['hidden_matrices']:>8} {r['matrix_step_ms']:>14.2f} {r['optimizer_set_ms']:>15.2f} "
                      f"{r['train_step_ms']:>12.2f} {r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>6.2f}% "
                      f"{r['peak_memory_mib']:>9,.0f}")
     lines.append("")
@@ -479,10 +479,10 @@ def format_report(result):
         c = r["per_step"]
         flops = c["matrix_flops"]
         collectives = ", ".join(f"{count} {kind}" for kind, count in c.get("collectives", {}).items()) or "n/a"
-        lines.append(f"{name:<8} N={c['world_size']}  host syncs {c['host_syncs']}  collectives: {collectives}  "
+        lines.append(f"{name:<15} N={c['world_size']}  host syncs {c['host_syncs']}  collectives: {collectives}  "
                      f"{c.get('bytes', 0) / 2 ** 20:,.1f} MiB  matrix FLOPs max/mean {flops['max_over_mean']:.3f}")
     for pair, ratios in result["ratios"].items():
-        lines.append(f"{pair:<14} (a) matrix {ratios['matrix_step_ms']:.3f}x   (a) opt set "
+        lines.append(f"{pair:<20} (a) matrix {ratios['matrix_step_ms']:.3f}x   (a) opt set "
                      f"{ratios['optimizer_set_ms']:.3f}x   (b) train step {ratios['train_step_ms']:.3f}x")
     return "\n".join(lines)
 
