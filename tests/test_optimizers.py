@@ -1218,6 +1218,27 @@ def test_pinned_step_ends_at_the_first_order_radius_and_cautious_decay_touches_o
     assert torch.equal(decayed[~shrinking], pinned[~shrinking])
 
 
+@pytest.mark.parametrize("pin", [False, True])
+def test_the_step_decays_then_steps_plainly_or_pinned_then_decays_cautiously(pin):
+    """The step stage's contract: W *= 1 - lr wd (decoupled, before); then W -= lr update and, with
+    cautious_weight_decay, W *= 1 - lr cwd mask with the mask taken before the step (pin=False), or
+    pinned_step_ with it (pin=True); the update is the chain's math's (here Muon's polar and aspect)."""
+    W0, g = 0.1 * well_conditioned((48, 16), 30), well_conditioned((48, 16), 31)
+    lr, wd, cwd = 0.02, 0.1, 0.5
+    p = torch.nn.Parameter(W0.clone())
+    p.grad = g.clone()
+    Muon([p], lr=lr, weight_decay=wd, cautious_weight_decay=cwd, pin=pin).step()
+    u = torch.lerp(g, torch.lerp(torch.zeros_like(g), g, 0.05), 0.95)
+    update = (polar(u) * math.sqrt(48 / 16)).float()
+    W = W0 * (1 - lr * wd)
+    if pin:
+        expected = optimizers.pinned_step_(W.clone(), update, lr, cwd)
+    else:
+        shrinking = (update * W > 0).float()
+        expected = W.add(update, alpha=-lr) * (1 - lr * cwd * shrinking)
+    assert torch.equal(p.detach(), expected)
+
+
 def test_trust_gate_trusts_an_agreeing_aligned_direction_and_distrusts_an_opposed_one():
     grad = well_conditioned((8, 8), 30)
     raw = grad + 0.1 * well_conditioned((8, 8), 31)
