@@ -74,11 +74,14 @@ def full(t):
 
 
 def full_results(model, opt):
-    """Full parameters and {parameter index: {state name: full tensor}}, the state as state_dict() gives it
-    (each matrix's state lives on its owner rank alone) (collectives: every rank calls)."""
+    """Full parameters, {parameter index: {state name: full tensor}} (the state as state_dict() gives it:
+    each matrix's state lives on its owner rank alone) and {parameter index: full leverage} (collectives:
+    every rank calls)."""
+    params = list(model.parameters())
     state = {i: {name: full(v) if torch.is_tensor(v) else v for name, v in entry.items()}
              for i, entry in opt.state_dict()["state"].items()}
-    return [full(p) for p in model.parameters()], state
+    leverage = opt.leverage()
+    return [full(p) for p in params], state, {i: full(leverage[p]) for i, p in enumerate(params) if p in leverage}
 
 
 def fsdp_worker(rank, world_size, out_dir, resume_from):
@@ -140,12 +143,17 @@ def single_process(recipe):
             opt.step()
     finally:
         torch.set_num_threads(threads)
-    return [p.detach() for p in params], opt.state_dict()["state"]
+    leverage = opt.leverage()
+    return ([p.detach() for p in params], opt.state_dict()["state"],
+            {i: leverage[p] for i, p in enumerate(params) if p in leverage})
 
 
 def assert_same_as_single_process(results, recipe):
-    expected_params, expected_state = single_process(recipe)
-    params, state = results
+    expected_params, expected_state, expected_leverage = single_process(recipe)
+    params, state, leverage = results
+    assert leverage.keys() == expected_leverage.keys() and len(leverage) == 11  # every non-square matrix
+    for i, value in expected_leverage.items():
+        assert torch.equal(value, leverage[i]), (recipe, i, "leverage")
     for i, (a, b) in enumerate(zip(expected_params, params)):
         assert torch.equal(a, b), (recipe, i, (a - b).abs().max())
     assert state.keys() == expected_state.keys()
@@ -161,8 +169,8 @@ def assert_same_as_single_process(results, recipe):
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("recipe", CHAIN_CONFIGURATIONS)
 def test_fsdp2_steps_equal_one_process_bit_for_bit(fsdp_runs, world_size, recipe):
-    """Parameters and optimizer state (momentum, NorMuon's second moment, leverage, SOAP's statistics and
-    bases) after 3 steps, sharded and replicated matrices alike."""
+    """Parameters, optimizer state (momentum, NorMuon's second moment, leverage, SOAP's statistics and
+    bases) and leverage() after 3 steps, sharded and replicated matrices alike."""
     assert_same_as_single_process(fsdp_runs[world_size][recipe], recipe)
 
 
