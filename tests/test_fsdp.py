@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from optimizers import Aurora, Muon, MuonChain
 from test_optimizers import (CHAIN_CONFIGURATIONS, RECORD_SETTINGS, ROOT, chain_optimizer, make_problem,
-                             run_on_gloo_ranks, run_optimizer)
+                             run_on_gloo_ranks, run_optimizer, take_steps)
 from test_train_gpt import run_bounded
 
 STEPS = 3
@@ -137,10 +137,7 @@ def single_process(recipe):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for step_grads in grads:
-            for p, g in zip(params, step_grads):
-                p.grad = g.clone()
-            opt.step()
+        take_steps(opt, params, grads)
     finally:
         torch.set_num_threads(threads)
     leverage = opt.leverage()

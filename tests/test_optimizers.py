@@ -347,13 +347,18 @@ def make_problem(seed=0, steps=2):
     return weights, grads
 
 
-def run_optimizer(cls, settings, weights, grads):
-    params = [torch.nn.Parameter(w.clone()) for w in weights]
-    opt = cls(params, **settings)
+def take_steps(opt, params, grads):
+    """One opt.step() per step of gradients (each step's list set on params)."""
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
         opt.step()
+
+
+def run_optimizer(cls, settings, weights, grads):
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = cls(params, **settings)
+    take_steps(opt, params, grads)
     return params, opt
 
 
@@ -743,10 +748,7 @@ def ownership_worker(rank, world_size, out_dir):
             return math(options, u, grad, W, state, scalars)
         optimizers.chain_update = counting
         try:
-            for step_grads in grads:
-                for p, g in zip(params, step_grads):
-                    p.grad = g.clone()
-                opt.step()
+            take_steps(opt, params, grads)
         finally:
             optimizers.chain_update = math
         index = {id(p): k for k, p in enumerate(params)}
