@@ -1,26 +1,35 @@
-"""Matrix optimizers of the three record recipes: Muon, NorMuon and Aurora (docs/recipes.md).
+"""The matrix optimizer of the five recipes (docs/recipes.md), one chain of small stages, and the record
+schedules and weight averages around it.
 
-Use them like any torch.optim optimizer, for the 2-D hidden matrices of a model:
+Use it like any torch.optim optimizer, for the 2-D hidden matrices of a model:
 
     opt = Aurora(model.blocks.parameters(), lr=0.0375, contra=0.4, uw_floor=0.35)
     loss.backward(); opt.step(); opt.zero_grad()
 
-The math is a set of small pure functions (polar, aurora_polar, ...). Each optimizer stacks
-same-shape matrices so one batched polar serves them all, runs that update math through
-torch.compile (TORCH_COMPILE_DISABLE=1 runs it eagerly), and, when a torch.distributed process
-group is initialized, splits the work across ranks by a bucket plan (bucket_plan: a wide matrix
-joins the bucket of its transpose's shape, so ranks get equal work) and all-gathers the results, so
-that every rank ends the step with the same parameters and optimizer state. Gradients must already
-be summed across ranks (the trainer does that) before step(). Given a `found_inf` tensor, as
-GradScaler gives fused AdamW, a step never waits for the device (see _ShardedOrthogonalOptimizer).
-Parameters sharded by FSDP2's fully_shard (DTensors, Shard(0)) are taken as they are: each whole
-matrix is updated on one owner rank, with the same result (see the FSDP2 section below).
+`MuonChain` is the one class: per matrix, momentum, then optional stages (SOAP, the polar factor or
+Aurora's, Contra-Muon, the aspect scale, the NorMuon row normalization, the radial brake, a floor) and
+the step (plain with weight decay, or pinned to a radius with cautious decay), each a param-group
+option. `Muon`, `NorMuon` and `Aurora` are its configurations for records #36, #10 and #17, with their
+own arguments and state_dict keys; records #42 and #46 are MuonChain param groups (train_gpt.RECIPES).
+The math is a set of small pure functions; the per-matrix part runs through torch.compile
+(TORCH_COMPILE_DISABLE=1 runs it eagerly), on stacks of same-shape matrices.
+
+When a torch.distributed process group is initialized, every matrix has one owner rank (owner_plan:
+the costliest first, each to the least loaded rank), which alone keeps its state and computes its
+update; the updates are all-gathered and every rank takes the same step. Gradients must already be
+summed across ranks (the trainer does that) before step(). Parameters sharded by FSDP2's fully_shard
+(DTensors, Shard(0)) are taken as they are: each matrix is assembled on its owner and its update
+returns as shards (see the FSDP2 section). Given a `found_inf` tensor, as GradScaler gives fused
+AdamW, a step never waits for the device (see MuonChain).
 
 This file imports only the standard library and torch and has no top-level side effects:
 train_gpt.py inlines its text into the single-file script that every log carries.
 """
 
+import collections
 import contextlib
+import difflib
+import functools
 import sys
 
 import torch
@@ -75,18 +84,16 @@ def polar(X, dtype=torch.bfloat16):
     """The records' polar(X) (docs/recipes.md#polar-factor): 12 reference iterations in bf16; singular
     values -> ~1.
 
-    `dtype` exists for Riemannian Aurora's float32 retraction; the recipes use the bf16 default.
+    `dtype`: float32 for Riemannian Aurora's retraction, or a group's polar_dtype (the CPU's float32).
     """
     schedule = (REFERENCE_POLAR_COEFFICIENTS,) * REFERENCE_POLAR_ITERATIONS
     return odd_quintic_polar(X, schedule, 1.0, dtype)
 
 
-def polar_express(X):
-    """Polar Express (docs/recipes.md#variants): 5 bf16 iterations, each with its own coefficients. Not a
-    record default."""
-    return odd_quintic_polar(X, POLAR_EXPRESS_COEFFICIENTS, POLAR_EXPRESS_SAFETY, torch.bfloat16)
-
-
+def polar_express(X, dtype=torch.bfloat16):
+    """Polar Express (docs/recipes.md#variants): 5 iterations in `dtype` (bf16), each with its own
+    coefficients. Not a record default."""
+    return odd_quintic_polar(X, POLAR_EXPRESS_COEFFICIENTS, POLAR_EXPRESS_SAFETY, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,13 +189,16 @@ def uw_floor(Q, W, floor):
 # Aurora's polar factor with uniform leverage: vanilla (the record) and Riemannian (docs/recipes.md#variants).
 # --------------------------------------------------------------------------------------------
 
-def aurora_polar(G, pp_iterations=2, pp_beta=0.5, polar_fn=polar):
+def aurora_polar(G, pp_iterations=2, pp_beta=0.5, polar_fn=None, dtype=torch.bfloat16):
     """Aurora step 2 (docs/recipes.md#aurora): an orthogonal P whose tall-orientation rows have norm ~sqrt(n/m).
 
     Square G: polar(G). Otherwise, on the tall orientation U (m x n, float32), row-rescale
     D = 1/||U_i||, then repeat P = polar(D U) and D *= ((n/m) / ||P_i||^2)^pp_beta.
-    A wide G gives exactly the transpose of the result for G^T.
+    A wide G gives exactly the transpose of the result for G^T. polar_fn: the polar it balances (default:
+    polar in `dtype`).
     """
+    if polar_fn is None:
+        polar_fn = functools.partial(polar, dtype=dtype)
     if G.size(-2) == G.size(-1):
         return polar_fn(G)
     wide = G.size(-2) < G.size(-1)
@@ -212,11 +222,11 @@ def schatten4_norm(G, keepdim=False, eps=1e-10):
     return gram.norm(dim=(-2, -1), keepdim=keepdim).sqrt().clamp_min(eps)
 
 
-def schatten_polar(G):
+def schatten_polar(G, dtype=torch.bfloat16):
     """Records #42 and #46's polar(G) (docs/recipes.md#schatten-4-pre-norm): polar's 12 bf16 iterations on
     the wide orientation, after dividing by the Schatten-4 norm (eps 1e-7, rounded to bf16) instead of
-    the Frobenius norm, so the largest singular value starts nearer 1."""
-    X = G.bfloat16()
+    the Frobenius norm, so the largest singular value starts nearer 1. `dtype`: the iterations' (bf16)."""
+    X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT
@@ -225,15 +235,15 @@ def schatten_polar(G):
     return X.mT if tall else X
 
 
-def aurora_polar_schatten(G, iterations=3, beta=0.25, eps=1e-7):
+def aurora_polar_schatten(G, iterations=3, beta=0.25, eps=1e-7, dtype=torch.bfloat16):
     """Aurora's row-balanced polar factor in record #42's form (docs/recipes.md#aurora-in-record-42): on the
     tall orientation T (m x n) of bf16(G), D = 1/||T_i||, then `iterations` times P = schatten_polar-style
     polar of bf16(D T) (each pass on its own Schatten-4 pre-norm) and, between passes,
-    D *= ((n/m) / ||P_i||^2)^beta. Square G: schatten_polar(G)."""
+    D *= ((n/m) / ||P_i||^2)^beta. Square G: schatten_polar(G). `dtype`: the polars' (bf16)."""
     if G.size(-2) == G.size(-1):
-        return schatten_polar(G)
+        return schatten_polar(G, dtype)
     wide = G.size(-2) < G.size(-1)
-    T = G.bfloat16().mT if wide else G.bfloat16()
+    T = G.to(dtype).mT if wide else G.to(dtype)
     T32 = T.float()
     target_leverage = T.size(-1) / T.size(-2)
     D = 1.0 / T32.norm(dim=-1, keepdim=True).clamp_(min=eps)
@@ -325,7 +335,7 @@ def retract_uniform_leverage(P, rounds, over_relaxation=1.5):
     return P
 
 
-def riemannian_aurora_polar(G, ascent_steps=4, cg_iterations=10, retraction_rounds=6):
+def riemannian_aurora_polar(G, ascent_steps=4, cg_iterations=10, retraction_rounds=6, dtype=torch.bfloat16):
     """Riemannian Aurora (docs/recipes.md#variants): maximizes <G, P> over P^T P = I with every
     tall-orientation row at norm^2 n/m, by projected Riemannian ascent from polar(G), in float32.
 
@@ -333,14 +343,14 @@ def riemannian_aurora_polar(G, ascent_steps=4, cg_iterations=10, retraction_roun
     objective falls again after two steps; 0.5 raises it monotonically (measured on 48x16 to 192x48).
     Square G: polar(G) (orthogonal rows already have norm 1). Wide G: transpose of the tall case.
     Cost: 5 retractions of 6 float32 polars each; a whole Aurora step measured 22x vanilla's on a
-    CPU at width 192 (benchmarks/optimizer_step.py --riemannian).
+    CPU at width 192 (benchmarks/optimizer_step.py --riemannian). `dtype`: the first polar's (bf16).
     """
     if G.size(-2) == G.size(-1):
-        return polar(G)
+        return polar(G, dtype)
     wide = G.size(-2) < G.size(-1)
     U = (G.mT if wide else G).float()
     step = 0.5 * U.size(-1) ** 0.5 / U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
-    P = retract_uniform_leverage(polar(U).float(), retraction_rounds)
+    P = retract_uniform_leverage(polar(U, dtype).float(), retraction_rounds)
     for _ in range(ascent_steps):
         xi = constrained_tangent(P, U, cg_iterations)
         P = retract_uniform_leverage(P + step * xi, retraction_rounds)
@@ -348,710 +358,9 @@ def riemannian_aurora_polar(G, ascent_steps=4, cg_iterations=10, retraction_roun
 
 
 # --------------------------------------------------------------------------------------------
-# Per-shape update math (compiled): direction u of a stack of same-shape matrices -> update.
-# Learning rate and weight decay are applied outside, so scheduling them never recompiles.
-# --------------------------------------------------------------------------------------------
-
-def leverage_if_rectangular(P):
-    return None if P.size(-2) == P.size(-1) else tall_leverage(P)
-
-
-def muon_update(u, polar_fn):
-    """Muon (docs/recipes.md#muon): polar(u) * sqrt(max(1, rows/cols)). Returns (update, leverage)."""
-    P = polar_fn(u)
-    update = P * aspect_scale(u.size(-2), u.size(-1))
-    return update.float(), leverage_if_rectangular(P)
-
-
-def normuon_update(u, second_moment, beta2, u_normuon, polar_fn):
-    """NorMuon (docs/recipes.md#normuon), or U-NorMuon's tall case (docs/recipes.md#variants).
-    Returns (update, second moment, leverage)."""
-    P = polar_fn(u)
-    if u_normuon and u.size(-2) > u.size(-1):
-        O = u_normuon_tall(P)
-    else:
-        O, second_moment = normuon_normalize(P * aspect_scale(u.size(-2), u.size(-1)), second_moment, beta2)
-    return O.float(), second_moment, leverage_if_rectangular(P)
-
-
-def aurora_update(u, W, pp_iterations, pp_beta, contra, floor, variant, polar_fn, use_aurora_polar=True):
-    """Aurora (docs/recipes.md#aurora; variant "riemannian": docs/recipes.md#variants).
-    Returns (update, leverage).
-
-    W: the stacked weights, read only by the u/w floor (None when floor is 0). use_aurora_polar=False
-    (a matrix the orientation policy leaves out) takes plain Muon's polar factor instead; the
-    Contra-Muon mix and the u/w floor still apply."""
-    if not use_aurora_polar:
-        P = polar_fn(u)
-    elif variant == "riemannian":
-        P = riemannian_aurora_polar(u)
-    else:
-        P = aurora_polar(u, pp_iterations, pp_beta, polar_fn)
-    Q = P
-    if contra != 0:  # with c = 0 step 3 is the identity up to rounding
-        Q = contra_mix(P, contra_direction(u), contra)
-    Q = Q * aspect_scale(u.size(-2), u.size(-1))
-    if floor != 0:
-        Q = uw_floor(Q, W, floor)
-    return Q.float(), leverage_if_rectangular(P)
-
-
-# --------------------------------------------------------------------------------------------
-# Bucket plan: which matrices share a batch and an all-gather, and which rank updates which.
-# A pure function of the shapes, so the work per rank can be counted without starting any rank.
-# --------------------------------------------------------------------------------------------
-
-def bucket_plan(shapes, join_transposes=True):
-    """Buckets of matrix indices (into `shapes`): each bucket's updates are computed rank by rank
-    and collected by one all-gather. A bucket holds the matrices of one shape in order and, with
-    join_transposes, then the wide matrices whose transpose has that shape. A GPT's 12 fc
-    (3072x768) and 12 proj (768x3072) thus form one bucket of 24, 3 per rank on 8 ranks, where two
-    buckets of 12 would leave two ranks computing on padding. Every matrix is still updated in its
-    own orientation (see _ShardedOrthogonalOptimizer.start_bucket), so joining changes no number."""
-    buckets = {}
-    for index, (rows, cols) in enumerate(shapes):
-        key = (max(rows, cols), min(rows, cols)) if join_transposes else (rows, cols)
-        buckets.setdefault(key, []).append(index)
-    return [sorted(bucket, key=lambda i: shapes[i][0] < shapes[i][1]) for bucket in buckets.values()]
-
-
-def rank_slice(bucket_size, rank, world_size):
-    """(lo, hi, share): the rank updates members lo:hi of a bucket; every rank sends `share` rows."""
-    share = -(-bucket_size // world_size)
-    return min(rank * share, bucket_size), min((rank + 1) * share, bucket_size), share
-
-
-def same_shape_runs(indices, shapes):
-    """Consecutive indices grouped into runs of equal shape (one batched update each)."""
-    runs = []
-    for i in indices:
-        if runs and shapes[runs[-1][-1]] == shapes[i]:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
-
-
-def polar_flops(rows, cols, iterations):
-    """Matmul FLOPs of one odd-quintic polar, on the wide orientation n x N (n <= N): per iteration
-    A = X X^T (2 n^2 N), A A (2 n^3) and B X (2 n^2 N)."""
-    n, N = min(rows, cols), max(rows, cols)
-    return iterations * (4 * n * n * N + 2 * n ** 3)
-
-
-def flops_per_rank(plan, shapes, world_size, matrix_flops):
-    """Each rank's summed matrix_flops(shape) over the matrices `plan` gives it on world_size ranks."""
-    totals = [0] * world_size
-    for bucket in plan:
-        for rank in range(world_size):
-            lo, hi, _ = rank_slice(len(bucket), rank, world_size)
-            totals[rank] += sum(matrix_flops(shapes[i]) for i in bucket[lo:hi])
-    return totals
-
-
-# --------------------------------------------------------------------------------------------
-# Optimizers.
-# --------------------------------------------------------------------------------------------
-
-def closure_loss(closure):
-    """torch.optim's closure protocol: the loss the closure returns, computed with grad enabled (None without one)."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
-
-
-def rank_and_world_size():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def with_leverage(new_state, leverage):
-    """Adds the leverage vectors (None for square matrices) to the state the update math produced."""
-    if leverage is not None:
-        new_state["leverage"] = leverage
-    return new_state
-
-
-def gather_from_ranks(chunk, world_size):
-    """Starts an all-gather of each rank's (share, F) chunk into (world * share, F)."""
-    out = chunk.new_empty(world_size * chunk.size(0), *chunk.shape[1:])
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return out, gather(out, chunk, async_op=True)
-
-
-def all_finite(tensors):
-    """Device bool: no tensor holds inf or NaN (by one fused norm per tensor; a norm beyond the
-    float32 range also counts as not finite)."""
-    return torch.stack(torch._foreach_norm(tensors)).isfinite().all()
-
-
-# --------------------------------------------------------------------------------------------
-# FSDP2 parameters (DTensor, Shard(0) on a 1-D mesh): every rank holds a block of rows of each
-# matrix. The update math needs whole matrices, so each matrix gets an owner rank: one all-to-all
-# brings the owner every rank's rows of the momentum direction (and of what else the math reads),
-# the owner runs the same batched update math as for replicated parameters, and a second
-# all-to-all returns each rank its rows of the update and of the new state. An all-to-all moves
-# the same bytes as a gather to each owner plus a scatter back, but in 2 collectives per shape
-# instead of 2 per matrix, with every rank's link busy instead of one owner's at a time.
-# --------------------------------------------------------------------------------------------
-
-def is_dtensor(t):
-    """isinstance(t, DTensor), without importing DTensor where nothing has (no tensor can be one then): the
-    import, with sympy, costs every process 0.7 s. Where one exists, torch.distributed.tensor is loaded."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def shard_sizes(length, world_size):
-    """Lengths of the pieces Shard(d) gives ranks 0..world_size-1 of a dim of `length`
-    (torch.chunk's split: ceil(length / world_size) each, trailing ranks may get less or none)."""
-    chunk = -(-length // world_size)
-    return [max(0, min(chunk, length - r * chunk)) for r in range(world_size)]
-
-
-def local_shape(shape, dim, rank, world_size):
-    """Shape of `rank`'s piece of a tensor of `shape` sharded along `dim`."""
-    shape = list(shape)
-    shape[dim] = shard_sizes(shape[dim], world_size)[rank]
-    return tuple(shape)
-
-
-def rank_piece(t, dim, rank, world_size):
-    """`rank`'s piece (a view) of the full tensor t sharded along `dim`."""
-    sizes = shard_sizes(t.size(dim), world_size)
-    return t.narrow(dim, sum(sizes[:rank]), sizes[rank])
-
-
-def unsupported_placement(p):
-    """Why the DTensor p cannot be optimized as a whole matrix per owner rank, or None."""
-    if p.device_mesh.ndim != 1:
-        return (f"has placements {tuple(p.placements)!r} on a {p.device_mesh.ndim}-D mesh: only 1-D meshes are "
-                f"supported (fully_shard over one mesh dimension, no HSDP)")
-    if tuple(p.placements) != (torch.distributed.tensor.Shard(0),):
-        return (f"has placement {p.placements[0]!r}: only Shard(0), fully_shard's default, is supported "
-                f"(a shard_placement_fn choosing another placement is not)")
-    return None
-
-
-def sharded_state_zeros(p, shape):
-    """float32 zeros of `shape` for the state of the DTensor p, sharded over p's mesh along its
-    longest dim (a row vector (1, cols) along its columns), so every rank keeps about 1/world of it."""
-    dim = max(range(len(shape)), key=lambda d: shape[d])
-    return torch.distributed.tensor.zeros(*shape, dtype=torch.float32, device_mesh=p.device_mesh,
-                                          placements=[torch.distributed.tensor.Shard(dim)])
-
-
-def owner_ranges(count, world_size):
-    """Matrices each rank owns in a bucket of `count`: rank_slice's, as start_bucket splits."""
-    return [range(*rank_slice(count, r, world_size)[:2]) for r in range(world_size)]
-
-
-def field_numel(fields, rank, world_size):
-    """Elements of `rank`'s pieces of one matrix's fields ((full shape, shard dim, dtype) each)."""
-    return sum(torch.Size(local_shape(shape, dim, rank, world_size)).numel() for shape, dim, _ in fields)
-
-
-def exchange_pieces(pieces_for, numels_from, like, group):
-    """Starts an all-to-all: the tensors pieces_for[r] (flattened, float32) go to rank r, and
-    numels_from[r] elements come from rank r. Returns (received buffer split per source, work)."""
-    flat = [t.reshape(-1).float() for pieces in pieces_for for t in pieces]
-    send = torch.cat(flat) if flat else like.new_zeros(0, dtype=torch.float32)
-    received = like.new_empty(sum(numels_from), dtype=torch.float32)
-    work = dist.all_to_all_single(received, send, output_split_sizes=list(numels_from),
-                                  input_split_sizes=[sum(t.numel() for t in pieces) for pieces in pieces_for],
-                                  group=group, async_op=True)
-    return received.split(list(numels_from)), work
-
-
-def unpack_pieces(buffer, count, fields, rank, world_size):
-    """Inverse of the packing: `buffer` holds, for `count` matrices in turn, `rank`'s piece of each
-    field. Returns one (count, *piece shape) tensor per field, in the field's dtype."""
-    shapes = [local_shape(shape, dim, rank, world_size) for shape, dim, _ in fields]
-    numels = [torch.Size(s).numel() for s in shapes]
-    columns = buffer.reshape(count, sum(numels)).split(numels, dim=1)
-    return [c.reshape(count, *s).to(dtype) for c, s, (_, _, dtype) in zip(columns, shapes, fields)]
-
-
-def assemble_on_owners(pieces, fields, owned, mesh):
-    """All-to-all 1: pieces[i] are this rank's pieces of matrix i's fields; returns, for the
-    matrices this rank owns, each field whole: (owned count, *full shape), in the field's dtype."""
-    group, rank, world_size = mesh.get_group(), mesh.get_local_rank(), mesh.size()
-    count = len(owned[rank])
-    received, work = exchange_pieces([[t for i in owned[r] for t in pieces[i]] for r in range(world_size)],
-                                     [count * field_numel(fields, r, world_size) for r in range(world_size)],
-                                     pieces[0][0], group)
-    work.wait()
-    per_source = [unpack_pieces(b, count, fields, r, world_size) for r, b in enumerate(received)]
-    # Each field's pieces concatenated along its shard dim (+1 for the stack).
-    return [torch.cat([source[f] for source in per_source], dim=dim + 1)
-            for f, (_, dim, _) in enumerate(fields)]
-
-
-def start_return_to_ranks(results, fields, owned, mesh, like):
-    """All-to-all 2: results are the owner's (owned count, *full shape) fields; every rank gets
-    its pieces back. Returns a callable that waits and returns, per field, this rank's pieces of
-    every matrix of the bucket: (bucket size, *piece shape)."""
-    group, rank, world_size = mesh.get_group(), mesh.get_local_rank(), mesh.size()
-    pieces_for = [[rank_piece(t[j], dim, r, world_size) for j in range(len(owned[rank]))
-                   for t, (_, dim, _) in zip(results, fields)] for r in range(world_size)]
-    received, work = exchange_pieces(pieces_for, [len(owned[r]) * field_numel(fields, rank, world_size)
-                                                  for r in range(world_size)], like, group)
-
-    def finish():
-        work.wait()
-        per_owner = [unpack_pieces(b, len(owned[r]), fields, rank, world_size) for r, b in enumerate(received)]
-        return [torch.cat([owner[f] for owner in per_owner]) for f in range(len(fields))]
-    return finish
-
-
-def local_tensor(p):
-    """The tensor a step writes into: p itself, or this rank's rows of a DTensor p."""
-    return p.to_local() if is_dtensor(p) else p
-
-
-def sharded_buckets(params):
-    """DTensor parameters with a gradient, grouped by shape and mesh in order of first appearance."""
-    buckets = {}
-    for p in params:
-        if is_dtensor(p) and p.grad is not None:
-            buckets.setdefault((tuple(p.shape), p.device_mesh), []).append(p)
-    return list(buckets.values())
-
-
-class _ShardedOrthogonalOptimizer(torch.optim.Optimizer):
-    """Common step of the three optimizers; subclasses give the per-shape update math.
-
-    Subclasses define `update_math` (a pure function, compiled once per stacked shape),
-    `stacked_state` (names of per-matrix state the update math reads and rewrites) and
-    `run_update_math(group, u, weights, stacked) -> (stacked update, {state name: stacked state})`
-    for a stack of same-shape matrices of this rank's share of a bucket (`weights`: their stacked
-    values where reads_full_weights says the math reads them, else None).
-
-    Non-finite updates: with `found_inf` set (GradScaler's protocol, a float32 device tensor, as
-    fused AdamW reads it), step() does not look at any value on the host. It adds a non-finite
-    update of its own to found_inf and leaves the weights untouched while found_inf is 1; the
-    momentum and other state of such a step are not restored. Without found_inf it raises
-    FloatingPointError naming the matrix (one host sync per step).
-    """
-
-    stacked_state = ()
-    join_transposes = True  # False: one bucket per exact shape (what benchmarks compare against)
-    gather_alone = False  # True: the all-gather path also in a process group of one (tests it on one GPU)
-
-    def __init__(self, params, defaults):
-        if defaults["lr"] < 0:
-            raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {defaults['lr']}")
-        if defaults.get("polar_backend", "polar") not in POLAR_BACKENDS:
-            raise ValueError(f"{type(self).__name__}: polar_backend must be one of "
-                             f"{sorted(POLAR_BACKENDS)}, got {defaults['polar_backend']!r}")
-        super().__init__(params, defaults)
-        self._compiled_update_math = None  # made by the first compiled step
-
-    def update_math_now(self):
-        """update_math as it should run now: compiled, or the function itself while compiling is off
-        (torch._dynamo.config.disable). A compiled wrapper called with compiling off still runs the code dynamo
-        compiled for it earlier, and making one costs an uncompiled process inductor's import (over a second)."""
-        if torch._dynamo.config.disable:
-            return type(self).update_math
-        if self._compiled_update_math is None:
-            self._compiled_update_math = torch.compile(type(self).update_math, dynamic=False)
-        return self._compiled_update_math
-
-    def add_param_group(self, param_group):
-        """torch.optim's, plus refusing what the matrix math cannot take (named in the error: pass
-        model.named_parameters()-style (name, tensor) pairs to get parameter names there)."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        names = group.get("param_names") or [None] * len(group["params"])
-        for index, (name, p) in enumerate(zip(names, group["params"])):
-            problem = None
-            if p.ndim != 2:
-                problem = ("is not a 2-D matrix; give embeddings, heads, biases and gains to AdamW "
-                           "instead")
-            elif is_dtensor(p):
-                problem = unsupported_placement(p)
-            if problem is not None:
-                self.param_groups.pop()
-                label = repr(name) if name is not None else f"#{index} of param group {len(self.param_groups)}"
-                if is_dtensor(p):
-                    label += f" (DTensor {tuple(p.placements)!r})"
-                raise ValueError(f"{type(self).__name__}: parameter {label} of shape {tuple(p.shape)} "
-                                 f"{problem}")
-
-    def state_zeros(self, p, shape):
-        """float32 zeros for per-matrix state of p: a plain tensor, or sharded like p (DTensor)."""
-        if is_dtensor(p):
-            return sharded_state_zeros(p, shape)
-        return torch.zeros(shape, dtype=torch.float32, device=p.device)
-
-    def init_state(self, p):
-        """Fills self.state[p] on first use (all tensors in `state` so state_dict carries them)."""
-        state = self.state[p]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-            if p.size(0) != p.size(1):
-                state["leverage"] = self.state_zeros(p, (max(p.shape),))
-        return state
-
-    def leverage(self):
-        """{parameter: float32 leverage of its latest orthogonal update} for non-square matrices."""
-        return {p: s["leverage"] for p, s in self.state.items() if "leverage" in s}
-
-    def matrix_flops(self, shape, group):
-        """Matmul FLOPs of one matrix's update: its polar factor(s)."""
-        return polar_backend_flops(group["polar_backend"], *shape)
-
-    def gather_bytes(self, world_size):
-        """The largest all-gather buffer of a step (one bucket: every rank's share of updates and state rows)."""
-        largest = 0
-        for group in self.param_groups:
-            shapes = [tuple(p.shape) for p in group["params"]]
-            for bucket in bucket_plan(shapes, self.join_transposes):
-                rows, cols = shapes[bucket[0]]
-                width = rows * cols + (max(rows, cols) if rows != cols else 0) + \
-                    (rows if rows >= cols else cols) * len(self.stacked_state)
-                largest = max(largest, 4 * world_size * rank_slice(len(bucket), 0, world_size)[2] * width)
-        return largest
-
-    def state_bytes_per_rank(self, world_size):
-        """Bytes of this optimizer's state on each of world_size ranks: every rank keeps every matrix's
-        momentum (float32), the leverage of the non-square ones and the subclass's stacked state, since
-        every rank updates every momentum and the other state travels with the gathered updates."""
-        total = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                rows, cols = p.shape
-                total += 4 * (rows * cols + (max(rows, cols) if rows != cols else 0))
-                total += 4 * (rows if rows >= cols else cols) * len(self.stacked_state)
-        return [total] * world_size
-
-    def flops_per_rank(self, world_size, join_transposes=None):
-        """Matrix FLOPs of each of world_size ranks in one step, from the bucket plan those ranks
-        would follow (every matrix counted, as after the first step)."""
-        join = self.join_transposes if join_transposes is None else join_transposes
-        totals = [0] * world_size
-        for group in self.param_groups:
-            shapes = [tuple(p.shape) for p in group["params"]]
-            per_rank = flops_per_rank(bucket_plan(shapes, join), shapes, world_size,
-                                      lambda shape: self.matrix_flops(shape, group))
-            totals = [a + b for a, b in zip(totals, per_rank)]
-        return totals
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure_loss(closure)
-        rank, world_size = rank_and_world_size()
-        launched = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None and not is_dtensor(p)]
-            for bucket in bucket_plan([tuple(p.shape) for p in params], self.join_transposes):
-                members = [params[i] for i in bucket]
-                launched.append((group, members, self.start_bucket(group, members, rank, world_size)))
-            for params in sharded_buckets(group["params"]):
-                launched.append((group, params, self.start_sharded_bucket(group, params)))
-        finished = [(group, params, finish()) for group, params, finish in launched]
-        self.apply_updates(finished, getattr(self, "found_inf", None))
-        return loss
-
-    def start_bucket(self, group, params, rank, world_size):
-        """Momentum, and this rank's share of the update math for one bucket.
-
-        The share is computed in runs of same-shape matrices, each in its own orientation: a wide
-        matrix in a bucket of tall ones gets exactly the update it would get in a bucket of its
-        own shape. Returns a callable that waits for the other ranks' shares, writes the gathered
-        state back and returns the list of the bucket's updates."""
-        states = [self.init_state(p) for p in params]
-        # Every rank updates every momentum buffer: the grads are identical on all ranks, so the
-        # buffers stay identical without communication. The polar work is then split.
-        momenta = [s["momentum_buffer"] for s in states]
-        momentum_step_(momenta, [p.grad for p in params], group["momentum"])
-        lo, hi, share = rank_slice(len(params), rank, world_size)
-        shapes = [p.shape for p in params]
-        results = []  # (indices, stacked update, {name: stacked state}) per run
-        for run in same_shape_runs(range(lo, hi), shapes):
-            directions = [momenta[i] for i in run]
-            if group["nesterov"]:
-                directions = [nesterov_direction(params[i].grad, momenta[i], group["momentum"]) for i in run]
-            update, new_state = self.update_run(group, directions, [params[i] for i in run],
-                                                [states[i] for i in run], len(params))
-            results.append((run, update, new_state))
-        if world_size == 1 and not (self.gather_alone and dist.is_initialized()):
-            return lambda: self.write_back(states, results)
-        # Every state but the momentum travels with the update, one row per matrix.
-        names = sorted(name for name in states[0] if name != "momentum_buffer")
-        widths = [params[0].numel()] + [states[0][name].numel() for name in names]
-        chunk = torch.zeros(share, sum(widths), device=params[0].device)
-        for run, update, new_state in results:
-            rows = [t.reshape(len(run), -1).float() for t in [update] + [new_state[name] for name in names]]
-            chunk[run[0] - lo:run[-1] + 1 - lo] = torch.cat(rows, dim=1)
-        gathered, work = gather_from_ranks(chunk, world_size)
-
-        def finish():
-            work.wait()
-            pieces = gathered[:len(params)].split(widths, dim=1)
-            for name, piece in zip(names, pieces[1:]):
-                torch._foreach_copy_([s[name] for s in states],
-                                     [row.view_as(s[name]) for row, s in zip(piece.unbind(0), states)])
-            return [row.view_as(p) for row, p in zip(pieces[0].unbind(0), params)]
-        return finish
-
-    def update_run(self, group, directions, weights, states, bucket_size):
-        """run_update_math on one run of same-shape matrices (lists: directions, weights, states; the
-        weights are stacked only where the math reads them).
-
-        A lone matrix of a bucket of several is stacked with a zero matrix: torch's batched
-        matmul takes another kernel for a batch of one, whose bf16 rounding differs (14 of 180
-        (48, 16) polars on a CPU), so without it a matrix's update would depend on how many ranks
-        share its bucket. Returns the stacked update and state of the run's matrices."""
-        count = len(directions)
-
-        def stack(tensors):
-            lone = count == 1 < bucket_size
-            return torch.stack(tensors + [torch.zeros_like(tensors[0])] if lone else tensors)
-        stacked = {name: stack([s[name] for s in states]) for name in self.stacked_state}
-        weights = stack(weights) if self.reads_full_weights(group) else None
-        update, new_state = self.run_update_math(group, stack(directions), weights, stacked)
-        return update[:count], {name: t[:count] for name, t in new_state.items()}
-
-    def reads_full_weights(self, group):
-        """Whether run_update_math reads the weights themselves (Aurora's u/w floor)."""
-        return False
-
-    def start_sharded_bucket(self, group, params):
-        """start_bucket for DTensor parameters of one shape (Shard(0) on one 1-D mesh): momentum
-        and the Nesterov direction on the local rows, then whole matrices on their owner rank (see
-        the section above); weight decay is apply_updates' as for replicated parameters.
-
-        Rank r owns the matrices [r * share, (r + 1) * share) of the bucket, as in start_bucket.
-        The owner gets the full direction u, the full weights when the math reads them (Aurora's
-        floor needs ||W||_F of the whole matrix; computing it from the whole matrix keeps the
-        result bit-identical to one process) and the full per-matrix state (NorMuon's row or
-        column second moment), all assembled from the pieces. State lives sharded between steps.
-
-        Returns a callable that waits for this rank's rows of the update and the new state, writes
-        the state and returns the list of this rank's rows of the updates."""
-        mesh = params[0].device_mesh
-        rank, world_size = mesh.get_local_rank(), mesh.size()
-        states = [self.init_state(p) for p in params]
-        for p in params:
-            if not (is_dtensor(p.grad) and p.grad.placements == p.placements):
-                raise ValueError(f"{type(self).__name__}: the gradient of the DTensor parameter of shape "
-                                 f"{tuple(p.shape)} must be a DTensor placed like it ({p.placements}), "
-                                 f"as fully_shard's backward makes it")
-        local_params = [p.to_local() for p in params]
-        # Elementwise steps on each rank's rows give bit-for-bit the rows of the whole-matrix result.
-        momenta = [s["momentum_buffer"].to_local() for s in states]
-        grads = [p.grad.to_local() for p in params]
-        momentum_step_(momenta, grads, group["momentum"])
-        directions = momenta
-        if group["nesterov"]:
-            directions = [nesterov_direction(g, m, group["momentum"]) for g, m in zip(grads, momenta)]
-
-        # What the owner reads, as (full shape, shard dim, dtype) fields, and this rank's pieces.
-        shape, dtype = tuple(params[0].shape), params[0].dtype
-        fields = [(shape, 0, dtype)]
-        pieces = [[d] for d in directions]
-        if self.reads_full_weights(group):
-            fields.append((shape, 0, dtype))
-            for matrix_pieces, w in zip(pieces, local_params):
-                matrix_pieces.append(w)
-        for name in self.stacked_state:
-            fields.append((tuple(states[0][name].shape), states[0][name].placements[0].dim, torch.float32))
-            for matrix_pieces, s in zip(pieces, states):
-                matrix_pieces.append(s[name].to_local())
-        owned = owner_ranges(len(params), world_size)
-        whole = assemble_on_owners(pieces, fields, owned, mesh)
-
-        # What comes back: the update and every state but the momentum.
-        names = sorted(name for name in states[0] if name != "momentum_buffer")
-        back_fields = [(shape, 0, torch.float32)] + [
-            (tuple(states[0][n].shape), states[0][n].placements[0].dim, torch.float32) for n in names]
-        results = []  # this rank's owned matrices' update and state (none if it owns none)
-        count = len(owned[rank])
-        if count:
-            weights = list(whole[1].unbind(0)) if self.reads_full_weights(group) else None
-            state_fields = whole[len(fields) - len(self.stacked_state):]
-            owned_states = [{name: t[j] for name, t in zip(self.stacked_state, state_fields)}
-                            for j in range(count)]
-            update, new_state = self.update_run(group, list(whole[0].unbind(0)), weights, owned_states,
-                                                len(params))
-            results = [update] + [new_state[n] for n in names]
-        receive = start_return_to_ranks(results, back_fields, owned, mesh, directions[0])
-
-        def finish():
-            update, *new_state = receive()
-            for name, stacked in zip(names, new_state):
-                torch._foreach_copy_([s[name].to_local() for s in states], list(stacked.unbind(0)))
-            return list(update.unbind(0))
-        return finish
-
-    @staticmethod
-    def write_back(states, results):
-        """One process: copies each run's stacked new state into its matrices' state; returns the
-        updates."""
-        updates = []
-        for run, update, new_state in results:
-            for name, stacked in new_state.items():
-                torch._foreach_copy_([states[i][name] for i in run], list(stacked.unbind(0)))
-            updates.extend(update.unbind(0))
-        return updates
-
-    def apply_updates(self, finished, found_inf):
-        """Decoupled weight decay and W -= lr * update for every bucket, refused for non-finite updates."""
-        if not finished:
-            return
-        keep = None
-        if found_inf is None:
-            self.check_finite(finished)
-        else:
-            found_inf.copy_(torch.where(all_finite([u for _, _, updates in finished for u in updates]),
-                                        found_inf, 1.0))
-            keep = found_inf == 0
-            refused = ~keep
-        for group, params, updates in finished:
-            decay = 1 - group["lr"] * group["weight_decay"]
-            if keep is not None:
-                decay = torch.where(keep, decay, 1.0)
-                # The updates are this step's own buffers: zeroed in place when refused, no copies. A fill,
-                # not a product with 0, which would turn an inf or NaN update into NaN weights.
-                for update in updates:
-                    update.masked_fill_(refused, 0.0)
-            targets = [local_tensor(p) for p in params]
-            if group["weight_decay"] != 0:
-                torch._foreach_mul_(targets, decay)
-            torch._foreach_add_(targets, updates, alpha=-group["lr"])
-
-    def check_finite(self, finished):
-        """One host sync per step: refuse to apply an update holding inf or NaN."""
-        if bool(all_finite([u for _, _, updates in finished for u in updates])):
-            return
-        for group, params, updates in finished:
-            for index, (p, update) in enumerate(zip(params, updates)):
-                if not bool(update.isfinite().all()):
-                    raise FloatingPointError(
-                        f"{type(self).__name__}: non-finite update for the parameter of shape "
-                        f"{tuple(p.shape)} (param group {self.param_groups.index(group)}, matrix "
-                        f"{index} of its bucket); its gradient or momentum holds inf/NaN: the loss has "
-                        f"probably diverged, lower the learning rate")
-
-
-class Muon(_ShardedOrthogonalOptimizer):
-    """Muon (docs/recipes.md#muon, record #36 with lr=0.025, weight_decay=0.05): W *= 1 - lr*wd;
-    W -= lr * polar(u) * sqrt(max(1, rows/cols)), u the Nesterov momentum direction."""
-
-    update_math = staticmethod(muon_update)
-
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, polar_backend="polar"):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      nesterov=nesterov, polar_backend=polar_backend))
-
-    def run_update_math(self, group, u, weights, stacked):
-        update, leverage = self.update_math_now()(u, POLAR_BACKENDS[group["polar_backend"]])
-        return update, with_leverage({}, leverage)
-
-
-class NorMuon(_ShardedOrthogonalOptimizer):
-    """NorMuon (docs/recipes.md#normuon, record #10 with lr=0.035, weight_decay=0.025): Muon's scaled polar
-    factor normalized by a running second moment per row (rows >= cols) or per column.
-
-    u_normuon=True gives U-NorMuon (docs/recipes.md#variants): tall matrices get rows of norm sqrt(n/m)
-    instead."""
-
-    update_math = staticmethod(normuon_update)
-    stacked_state = ("second_moment",)
-
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, beta2=0.95,
-                 u_normuon=False, polar_backend="polar"):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      nesterov=nesterov, beta2=beta2, u_normuon=u_normuon,
-                                      polar_backend=polar_backend))
-
-    def init_state(self, p):
-        state = super().init_state(p)
-        if "second_moment" not in state:
-            shape = (p.size(0), 1) if p.size(0) >= p.size(1) else (1, p.size(1))
-            state["second_moment"] = self.state_zeros(p, shape)
-        return state
-
-    def run_update_math(self, group, u, weights, stacked):
-        update, second_moment, leverage = self.update_math_now()(
-            u, stacked["second_moment"], group["beta2"], group["u_normuon"],
-            POLAR_BACKENDS[group["polar_backend"]])
-        return update, with_leverage({"second_moment": second_moment}, leverage)
-
-
-AURORA_VARIANTS = ("vanilla", "riemannian")
-# Which matrices get Aurora's polar factor: every non-square one (record #17), only tall ones (the
-# shape the Aurora authors designed it for), only wide ones (entries that apply it to the wide
-# mlp.proj alone) or none (the group's polar_backend as it is: how --aurora picks matrices by name).
-# The others get plain Muon's polar; square matrices get polar either way.
-AURORA_ORIENTATIONS = ("non_square", "tall", "wide", "none")
-
-
-def takes_aurora_polar(orientation, rows, cols):
-    """Whether the orientation policy gives a rows x cols matrix Aurora's polar factor."""
-    if orientation == "tall":
-        return rows >= cols
-    if orientation == "wide":
-        return rows <= cols
-    return orientation == "non_square"
-
-
-class Aurora(_ShardedOrthogonalOptimizer):
-    """Aurora (docs/recipes.md#aurora, record #17 with lr=0.0375, contra=0.4, uw_floor=0.35): Muon with a
-    leverage-equalized polar factor (aurora_polar), an optional Contra-Muon mix and u/w floor.
-
-    variant="riemannian" replaces aurora_polar by riemannian_aurora_polar (docs/recipes.md#variants).
-    orientation ("non_square", the record's; "tall"; "wide") picks the matrices that get Aurora's
-    polar factor; the others get Muon's polar, with the same Contra-Muon mix and u/w floor."""
-
-    update_math = staticmethod(aurora_update)
-
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, pp_iterations=2,
-                 pp_beta=0.5, contra=0.0, uw_floor=0.0, variant="vanilla", polar_backend="polar",
-                 orientation="non_square"):
-        if variant not in AURORA_VARIANTS:
-            raise ValueError(f"Aurora: variant must be one of {AURORA_VARIANTS}, got {variant!r}")
-        if orientation not in AURORA_ORIENTATIONS:
-            raise ValueError(f"Aurora: orientation must be one of {AURORA_ORIENTATIONS}, got {orientation!r}")
-        if pp_iterations < 1:
-            raise ValueError(f"Aurora: pp_iterations must be >= 1, got {pp_iterations}")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      nesterov=nesterov, pp_iterations=pp_iterations, pp_beta=pp_beta,
-                                      contra=contra, uw_floor=uw_floor, variant=variant,
-                                      polar_backend=polar_backend, orientation=orientation))
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:  # state_dicts saved before the orientation policy existed
-            group.setdefault("orientation", "non_square")
-
-    def reads_full_weights(self, group):
-        return group["uw_floor"] != 0
-
-    def run_update_math(self, group, u, weights, stacked):
-        if weights is not None and group["weight_decay"] != 0:  # the floor sees W after this step's decay, as the parameters get it
-            weights = weights * (1 - group["lr"] * group["weight_decay"])
-        update, leverage = self.update_math_now()(
-            u, weights, group["pp_iterations"], group["pp_beta"], group["contra"], group["uw_floor"],
-            group["variant"], POLAR_BACKENDS[group["polar_backend"]],
-            takes_aurora_polar(group["orientation"], u.size(-2), u.size(-1)))
-        return update, with_leverage({}, leverage)
-
-    def matrix_flops(self, shape, group):
-        """Matmul FLOPs of one matrix's update: pp_iterations polars for a rectangular matrix, one for a
-        square one (the Riemannian variant's extra float32 work is not counted)."""
-        if not takes_aurora_polar(group["orientation"], *shape):
-            return super().matrix_flops(shape, group)
-        polars = 1 if shape[0] == shape[1] else group["pp_iterations"]
-        return polars * polar_backend_flops(group["polar_backend"], *shape)
-
-
-# --------------------------------------------------------------------------------------------
-# The stages of records #42 and #46 (docs/recipes.md#soap-muon), one matrix at a time, each written with
-# the record's operations in the record's order and dtypes so that the result is the record's bit for bit.
+# The stages of records #42 and #46 (docs/recipes.md#soap-muon), each written with the record's operations
+# in the record's order and dtypes so that one matrix's result is the record's bit for bit; those of the
+# chain's math (soap_precondition to row_floored) also take a stack, each matrix reduced on its own.
 # --------------------------------------------------------------------------------------------
 
 def soap_eigenbasis(gram):
@@ -1100,34 +409,37 @@ def soap_precondition(u, q_row, q_col, exp_avg_sq, beta2, denom_power=0.5, blend
     divide by its `denom_power` power (optionally floored at denom_floor x its RMS), project back, mix with u
     (blend < 1), rescaled to u's Schatten-4 norm. Returns (preconditioned u in u's dtype, new exp_avg_sq)."""
     u_f = u.float()
-    projected = q_row.T @ u_f @ q_col
+    projected = q_row.mT @ u_f @ q_col
     exp_avg_sq = exp_avg_sq.mul(beta2).add(projected.square(), alpha=1 - beta2)
     denom = exp_avg_sq.clamp_min(eps * eps).pow(denom_power)
     if denom_floor > 0:
-        floor = denom.float().square().mean().sqrt().mul(denom_floor).clamp_min(eps)
+        floor = denom.float().square().mean(dim=(-2, -1), keepdim=True).sqrt().mul(denom_floor).clamp_min(eps)
         denom = denom.clamp_min(floor.to(denom.dtype))
-    preconditioned = q_row @ (projected / denom) @ q_col.T
+    preconditioned = q_row @ (projected / denom) @ q_col.mT
     if blend != 1.0:
         preconditioned = blend * preconditioned + (1 - blend) * u_f
-    preconditioned = preconditioned * (schatten4_norm(u_f, eps=eps) / schatten4_norm(preconditioned, eps=eps))
+    preconditioned = preconditioned * (schatten4_norm(u_f, keepdim=True, eps=eps) /
+                                       schatten4_norm(preconditioned, keepdim=True, eps=eps))
     return preconditioned.to(u.dtype), exp_avg_sq
 
 
 def rescaled_to_schatten_norm_of(x, reference, eps=1e-8):
     """x scaled to the Schatten-4 norm of `reference`, in reference's dtype (record #42's V blend)."""
-    return (x * (schatten4_norm(reference, eps=eps) / schatten4_norm(x, eps=eps)).to(x.dtype)).to(reference.dtype)
+    ratio = schatten4_norm(reference, keepdim=True, eps=eps) / schatten4_norm(x, keepdim=True, eps=eps)
+    return (x * ratio.to(x.dtype)).to(reference.dtype)
 
 
 def cosine_similarity(a, b, eps=1e-8):
-    """<a, b> / (||a|| ||b||) over all entries, float32."""
+    """<a, b> / (||a|| ||b||) over all entries of each matrix, float32."""
     a, b = a.float(), b.float()
-    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(eps)
+    dims = dict(dim=(-2, -1), keepdim=True)
+    return (a * b).sum(**dims) / (a.norm(**dims) * b.norm(**dims)).clamp_min(eps)
 
 
 def trust_gate(raw, preconditioned, grad, min_agree=0.20, min_grad_align=0.0, power=1.0, eps=1e-8):
     """How far to trust SOAP's direction over the raw momentum (record #46, docs/recipes.md#trust-gate): 1
     when it still agrees with the raw momentum (cosine above min_agree) and is at least as aligned with
-    the gradient, falling linearly to 0 as either fails; a float32 scalar in [0, 1]."""
+    the gradient, falling linearly to 0 as either fails; a float32 in [0, 1] per matrix."""
     raw_grad = cosine_similarity(raw, grad, eps)
     soap_grad = cosine_similarity(preconditioned, grad, eps)
     soap_raw = cosine_similarity(preconditioned, raw, eps)
@@ -1140,15 +452,16 @@ def trust_gate(raw, preconditioned, grad, min_agree=0.20, min_grad_align=0.0, po
 def gated_blend(raw, preconditioned, gate, eps=1e-8):
     """raw + gate (preconditioned - raw), rescaled to raw's Schatten-4 norm, in raw's dtype."""
     blended = raw + (preconditioned - raw) * gate.to(raw.dtype)
-    return (blended * (schatten4_norm(raw, eps=eps) / schatten4_norm(blended, eps=eps)).to(blended.dtype)).to(raw.dtype)
+    ratio = schatten4_norm(raw, keepdim=True, eps=eps) / schatten4_norm(blended, keepdim=True, eps=eps)
+    return (blended * ratio.to(blended.dtype)).to(raw.dtype)
 
 
 def contra_combined(P, u, contra):
     """Record #42's Contra-Muon term (docs/recipes.md#contra-muon-ramp): P + c u / ||u||_S4, rescaled to P's
     Schatten-4 norm (float32)."""
-    direction = u / schatten4_norm(u).to(u.dtype)
+    direction = u / schatten4_norm(u, keepdim=True).to(u.dtype)
     Q = P + contra * direction
-    return Q * schatten4_norm(P) / schatten4_norm(Q)
+    return Q * schatten4_norm(P, keepdim=True) / schatten4_norm(Q, keepdim=True)
 
 
 def row_variance_normalized(Q, second_moment, beta2):
@@ -1157,16 +470,16 @@ def row_variance_normalized(Q, second_moment, beta2):
     the moment stays 0 and only the rescaling's rounding remains."""
     mean_square = (Q * Q).mean(dim=-1 if Q.size(-2) >= Q.size(-1) else -2, keepdim=True)
     second_moment = second_moment.lerp(mean_square.float(), 1 - beta2)
-    before = schatten4_norm(Q)
+    before = schatten4_norm(Q, keepdim=True)
     Q = Q * second_moment.clamp_min(1e-10).rsqrt().to(Q.dtype)
-    return Q * (before / schatten4_norm(Q)), second_moment
+    return Q * (before / schatten4_norm(Q, keepdim=True)), second_moment
 
 
 def radially_braked(update, W, outward=0.5, inward=1.0, eps=1e-12):
     """The radial brake (docs/recipes.md#radial-brake-and-radius-pin): the update's component along W scaled
     by `outward` when the step W - lr*update grows ||W|| and by `inward` when it shrinks it."""
     u, w = update.float(), W.float()
-    coefficient = (u * w).sum() / (w * w).sum().clamp_min(eps)
+    coefficient = (u * w).sum(dim=(-2, -1), keepdim=True) / (w * w).sum(dim=(-2, -1), keepdim=True).clamp_min(eps)
     radial = coefficient * w
     scale = torch.where(coefficient < 0, u.new_tensor(outward), u.new_tensor(inward))
     return (u - radial + scale * radial).to(update.dtype)
@@ -1175,8 +488,8 @@ def radially_braked(update, W, outward=0.5, inward=1.0, eps=1e-12):
 def row_floored(update, W, floor, rho=1.0):
     """RowFloor (record #46): every row whose update norm is below floor x its weight row's norm is lifted to
     it (rho = 1; other rho raise the factor to that power)."""
-    w_rows = W.float().norm(dim=1, keepdim=True).clamp_min(1e-8)
-    u_rows = update.float().norm(dim=1, keepdim=True).clamp_min(1e-8)
+    w_rows = W.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    u_rows = update.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
     factor = torch.clamp(floor * w_rows / u_rows, min=1.0).pow(rho)
     return (update.float() * factor).to(update.dtype)
 
@@ -1193,35 +506,944 @@ def cautious_mask(update, W):
     return (update.float() * W.float() > 0).to(W.dtype)
 
 
-def pinned_step_(W, update, lr, cautious_decay=0.0):
-    """W -= lr * update, then W rescaled to the radius pin's target norm, then cautious weight decay
-    W *= 1 - lr*wd*mask (after the pin, so the pin does not undo its shape), in place."""
+def radius_pin_scale(W, update, lr):
+    """The radius pin's factor: its target norm over ||W - lr * update|| (float32, 0-d)."""
     target = norm_after_radial_step(W, update, lr)
+    return target / W.add(update, alpha=-lr).float().norm().clamp_min(1e-8)
+
+
+def pinned_step_(W, update, lr, cautious_decay=0.0, scale=None):
+    """W -= lr * update, then W times the radius pin's scale (radius_pin_scale of W and update, or `scale`
+    where the owner of an FSDP2 matrix computed it on the whole matrix), then cautious weight decay
+    W *= 1 - lr*wd*mask with the mask taken before the step (after the pin, so the pin does not undo its
+    shape), in place."""
+    scale = radius_pin_scale(W, update, lr) if scale is None else scale
     mask = cautious_mask(update, W) if cautious_decay > 0 else None
     W.add_(update, alpha=-lr)
-    W.mul_((target / W.float().norm().clamp_min(1e-8)).to(W.dtype))
+    W.mul_(scale.to(W.dtype))
     if mask is not None:
         W.mul_(1.0 - (lr * cautious_decay) * mask)
     return W
 
 
-def plain_step_(W, update, lr, weight_decay=0.0, cautious_decay=0.0):
-    """The step without the radius pin: decoupled weight decay W *= 1 - lr*wd, W -= lr * update, then the
-    cautious weight decay of pinned_step_ (its mask taken before the step), in place."""
-    mask = cautious_mask(update, W) if cautious_decay > 0 else None
-    if weight_decay != 0:
-        W.mul_(1 - lr * weight_decay)
-    W.add_(update, alpha=-lr)
-    if mask is not None:
-        W.mul_(1.0 - (lr * cautious_decay) * mask)
-    return W
+# --------------------------------------------------------------------------------------------
+# The chain's math (docs/recipes.md#the-chain): one matrix's direction u -> its update, every stage of
+# every recipe in one order. It takes one matrix (2-D) or a stack of same-shape ones (3-D, each reduced
+# over its own last two dims). Learning rate, momentum and weight decay are applied outside, and the
+# scheduled values come in as 0-d tensors, so that scheduling them never recompiles.
+# --------------------------------------------------------------------------------------------
+
+POLAR_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+SOAP_COMBINES = ("replace", "rescale", "gate", "trust_gate")
+AURORA_VARIANTS = ("vanilla", "riemannian")
+# Which matrices get Aurora's polar factor: every non-square one (record #17), only tall ones (the
+# shape the Aurora authors designed it for), only wide ones (entries that apply it to the wide
+# mlp.proj alone) or none (the group's polar_backend as it is: how --aurora picks matrices by name).
+# The others get the group's polar; square matrices get it either way.
+AURORA_ORIENTATIONS = ("non_square", "tall", "wide", "none")
 
 
-def chain_step_(W, update, group):
-    """MuonChain's step of one matrix: the pinned step where the group pins the radius, else the plain one."""
+def takes_aurora_polar(orientation, rows, cols):
+    """Whether the orientation policy gives a rows x cols matrix Aurora's polar factor."""
+    if orientation == "tall":
+        return rows >= cols
+    if orientation == "wide":
+        return rows <= cols
+    return orientation == "non_square"
+
+
+def polar_stage(u, options):
+    """P: the group's polar backend in its polar_dtype, or Aurora's row-balanced polar (record #17's form
+    over that backend, or the Riemannian variant) where the orientation policy gives it."""
+    dtype = POLAR_DTYPES[options["polar_dtype"]]
+    backend = POLAR_BACKENDS[options["polar_backend"]]
+    if not takes_aurora_polar(options["orientation"], u.size(-2), u.size(-1)):
+        return backend(u, dtype=dtype)
+    if options["variant"] == "riemannian":
+        return riemannian_aurora_polar(u, dtype=dtype)
+    return aurora_polar(u, options["pp_iterations"], options["pp_beta"], functools.partial(backend, dtype=dtype))
+
+
+def soap_stage(u, grad, state, options, scalars):
+    """SOAP's preconditioned u (u itself before the first eigenbasis), combined with u by soap_combine
+    ("replace"; "rescale": record #42's V; "gate": gate 1; "trust_gate": record #46's attention output,
+    the gate clamped to [trust_floor, trust_cap]). Returns (u, new exp_avg_sq or None)."""
+    soap = options["soap"]
+    preconditioned, exp_avg_sq = u, None
+    if "q_row" in state:
+        preconditioned, exp_avg_sq = soap_precondition(
+            u, state["q_row"], state["q_col"], state["exp_avg_sq"], soap["beta2"], soap["denom_power"],
+            soap.get("blend", 1.0), soap.get("denom_floor", 0.0))
+    combine = options["soap_combine"]
+    if combine == "rescale":
+        preconditioned = rescaled_to_schatten_norm_of(preconditioned, u)
+    elif combine == "gate":
+        preconditioned = gated_blend(u, preconditioned, torch.ones((), dtype=torch.float32, device=u.device))
+    elif combine == "trust_gate":
+        gate = trust_gate(u, preconditioned, grad, **options["trust"])
+        preconditioned = gated_blend(u, preconditioned, gate.clamp(min=scalars["trust_floor"], max=scalars["trust_cap"]))
+    return preconditioned, exp_avg_sq
+
+
+def chain_update(options, u, grad, W, state, scalars):
+    """The update of one matrix (or a stack) from its direction u, the stages in order:
+
+        soap:          u <- soap_stage(u)                        (options["soap"] not None)
+        polar:         P = polar_stage(u)
+        contra:        P <- contra_combined(P, u, contra)        (contra_muon: record #42's form)
+                       P <- contra_mix(P, g(u), contra)          (contra != 0: record #17's)
+        aspect:        P <- P sqrt(max(1, rows/cols))            (u_normuon, tall: rows at sqrt(n/m) instead)
+        normalization: P <- normuon_normalize(P)                 (beta2: record #10's)
+                       P <- row_variance_normalized(P)           (normuon_beta2: record #42's)
+        radial_brake:  P <- radially_braked(P, W, outward, inward)
+        floor:         ("scalar", f): uw_floor(P, W, f); ("row", f, rho): row_floored
+
+    options: the group's static options (static_options); grad: the gradient (read by the trust gate);
+    W: the weights after this step's decay (read by the brake and the floors); state: the stacked state
+    the stages read; scalars: contra, trust_floor and trust_cap as 0-d tensors. Returns (update in
+    float32, {state name: new value}, leverage of P or None for a square matrix)."""
+    new_state = {}
+    if options["soap"] is not None:
+        u, exp_avg_sq = soap_stage(u, grad, state, options, scalars)
+        if exp_avg_sq is not None:
+            new_state["exp_avg_sq"] = exp_avg_sq
+    P = polar_stage(u, options)
+    update = P
+    if options["contra_muon"]:
+        update = contra_combined(P, u, scalars["contra"])
+    elif options["contra_mix"]:  # with c = 0 step 3 is the identity up to rounding
+        update = contra_mix(P, contra_direction(u), scalars["contra"])
+    rows, cols = u.size(-2), u.size(-1)
+    if options["u_normuon"] and rows > cols:
+        update = u_normuon_tall(update)
+    else:
+        update = update * aspect_scale(rows, cols)
+        if options["beta2"] is not None:
+            update, new_state["second_moment"] = normuon_normalize(update, state["second_moment"], options["beta2"])
+        elif options["normuon_beta2"] is not None:
+            update, new_state["second_moment"] = row_variance_normalized(update, state["second_moment"],
+                                                                         options["normuon_beta2"])
+    if options["radial_brake"] is not None:
+        update = radially_braked(update, W, *options["radial_brake"])
+    floor = options["floor"]
+    if floor is not None and floor[0] == "scalar":
+        update = uw_floor(update, W, floor[1])
+    elif floor is not None:
+        update = row_floored(update, W, *floor[1:])
+    return update.float(), new_state, None if rows == cols else tall_leverage(P)
+
+
+# --------------------------------------------------------------------------------------------
+# The work split: which rank computes which matrix (owner_plan; it replaced the bucketed slices, rank r
+# taking the r-th block of every bucket, which left record #42's busiest rank 28% over the mean) and which
+# matrices share an all-gather (bucket_plan). Pure functions of the shapes and costs, so the work per
+# rank can be counted without starting any rank.
+# --------------------------------------------------------------------------------------------
+
+def bucket_plan(shapes, join_transposes=True):
+    """Buckets of matrix indices (into `shapes`): each bucket's updates travel in one collective. A bucket
+    holds the matrices of one shape in order and, with join_transposes, then the wide matrices whose
+    transpose has that shape (the same number of elements: one row width in the all-gather). Every matrix
+    is still updated in its own orientation, so the bucketing changes no number."""
+    buckets = {}
+    for index, (rows, cols) in enumerate(shapes):
+        key = (max(rows, cols), min(rows, cols)) if join_transposes else (rows, cols)
+        buckets.setdefault(key, []).append(index)
+    return [sorted(bucket, key=lambda i: shapes[i][0] < shapes[i][1]) for bucket in buckets.values()]
+
+
+def owner_plan(costs, world_size):
+    """The owner rank of each matrix: the costliest first, each to the rank with the least work so far
+    (the lowest rank on a tie), so that every rank ends with about 1/world_size of the work."""
+    loads = [0] * world_size
+    owners = [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owners[index] = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[owners[index]] += costs[index]
+    return owners
+
+
+def polar_flops(rows, cols, iterations):
+    """Matmul FLOPs of one odd-quintic polar, on the wide orientation n x N (n <= N): per iteration
+    A = X X^T (2 n^2 N), A A (2 n^3) and B X (2 n^2 N)."""
+    n, N = min(rows, cols), max(rows, cols)
+    return iterations * (4 * n * n * N + 2 * n ** 3)
+
+
+def soap_flops(rows, cols, frequency):
+    """Matmul FLOPs of SOAP on one rows x cols matrix per step: the projections into and out of the
+    bases, the two Gram products and, amortized over `frequency` steps, a refresh of each basis (the
+    Rayleigh quotients as two k x k products, one product with the Gram matrix, a QR counted as 4/3 k^3;
+    the first step's eigendecompositions are not counted)."""
+    m, n = rows, cols
+    projections = 2 * (2 * m * m * n + 2 * m * n * n)
+    grams = 2 * m * m * n + 2 * m * n * n
+    refresh = sum(3 * 2 * k ** 3 + 4 * k ** 3 // 3 for k in (m, n))
+    return projections + grams + refresh // frequency
+
+
+def chain_flops(group, rows, cols):
+    """Matmul FLOPs of one matrix's update in a param group: its polar factor(s) and SOAP's products (the
+    Riemannian variant's extra float32 work is not counted)."""
+    if takes_aurora_polar(group["orientation"], rows, cols):
+        polars = 1 if rows == cols else group["pp_iterations"]
+        flops = polars * polar_backend_flops(group["polar_backend"], rows, cols)
+    else:
+        flops = polar_backend_flops(group["polar_backend"], rows, cols)
+    if group["soap"] is not None:
+        flops += soap_flops(rows, cols, group["soap"]["frequency"])
+    return flops
+
+
+# --------------------------------------------------------------------------------------------
+# Ranks: the all-gather of replicated matrices' updates, and FSDP2's pieces. A DTensor parameter
+# (Shard(0) on a 1-D mesh over all ranks) holds a block of rows of its matrix on every rank. One
+# all-to-all brings each owner every rank's rows of its matrices' gradients (and weights, where a stage
+# or the pin reads them); the owner runs the same math as for replicated matrices; a second all-to-all
+# returns every rank its rows of the update, its piece of the leverage and the step's scalars. An
+# all-to-all moves the same bytes as a gather to each owner plus a scatter back, in 2 collectives per
+# bucket instead of 2 per matrix, with every rank's link busy at once.
+# --------------------------------------------------------------------------------------------
+
+def closure_loss(closure):
+    """torch.optim's closure protocol: the loss the closure returns, computed with grad enabled (None without one)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def rank_and_world_size():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_from_ranks(chunk, world_size):
+    """Starts an all-gather of each rank's (share, F) chunk into (world * share, F)."""
+    out = chunk.new_empty(world_size * chunk.size(0), *chunk.shape[1:])
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return out, gather(out, chunk, async_op=True)
+
+
+def all_finite(tensors):
+    """Device bool: no tensor holds inf or NaN (by one fused norm per tensor; a norm beyond the
+    float32 range also counts as not finite)."""
+    return torch.stack(torch._foreach_norm(tensors)).isfinite().all()
+
+
+def is_dtensor(t):
+    """isinstance(t, DTensor), without importing DTensor where nothing has (no tensor can be one then): the
+    import, with sympy, costs every process 0.7 s. Where one exists, torch.distributed.tensor is loaded."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def shard_sizes(length, world_size):
+    """Lengths of the pieces Shard(d) gives ranks 0..world_size-1 of a dim of `length`
+    (torch.chunk's split: ceil(length / world_size) each, trailing ranks may get less or none)."""
+    chunk = -(-length // world_size)
+    return [max(0, min(chunk, length - r * chunk)) for r in range(world_size)]
+
+
+def local_shape(shape, rank, world_size):
+    """Shape of `rank`'s piece of a tensor of `shape` sharded along dim 0."""
+    return (shard_sizes(shape[0], world_size)[rank], *shape[1:])
+
+
+def rank_piece(t, rank, world_size):
+    """`rank`'s piece (a view) of the full tensor t sharded along dim 0."""
+    sizes = shard_sizes(t.size(0), world_size)
+    return t.narrow(0, sum(sizes[:rank]), sizes[rank])
+
+
+def unsupported_placement(p):
+    """Why the DTensor p cannot be assembled on an owner rank, or None."""
+    mesh = p.device_mesh
+    if mesh.ndim != 1:
+        return (f"has placements {tuple(p.placements)!r} on a {mesh.ndim}-D mesh: only 1-D meshes are "
+                f"supported (fully_shard over one mesh dimension, no HSDP)")
+    if tuple(p.placements) != (torch.distributed.tensor.Shard(0),):
+        return (f"has placement {p.placements[0]!r}: only Shard(0), fully_shard's default, is supported "
+                f"(a shard_placement_fn choosing another placement is not)")
+    if mesh.mesh.tolist() != list(range(dist.get_world_size())):
+        return (f"is sharded over ranks {mesh.mesh.tolist()}: the matrices are split across all "
+                f"{dist.get_world_size()} ranks of the default process group, so the mesh must hold them all, in order")
+    return None
+
+
+def local_tensor(t):
+    """The tensor a step writes into: t itself, or this rank's rows of a DTensor t."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def start_exchange(send, layouts, like, group):
+    """Starts an all-to-all of float32 pieces: send[r] are the tensors for rank r, layouts[s] the (shape,
+    dtype) of each tensor that comes from rank s, in order. Returns a callable that waits and returns, per
+    source rank, the received tensors in their shapes and dtypes."""
+    flat = [t.reshape(-1).float() for tensors in send for t in tensors]
+    send_buffer = torch.cat(flat) if flat else like.new_zeros(0, dtype=torch.float32)
+    sizes = [[torch.Size(shape).numel() for shape, _ in layout] for layout in layouts]
+    received = like.new_empty(sum(map(sum, sizes)), dtype=torch.float32)
+    work = dist.all_to_all_single(received, send_buffer, output_split_sizes=[sum(s) for s in sizes],
+                                  input_split_sizes=[sum(t.numel() for t in tensors) for tensors in send],
+                                  group=group, async_op=True)
+
+    def finish():
+        work.wait()
+        pieces = received.split([sum(s) for s in sizes])
+        return [[t.view(shape).to(dtype) for t, (shape, dtype) in zip(piece.split(s), layout)]
+                for piece, s, layout in zip(pieces, sizes, layouts)]
+    return finish
+
+
+def start_gather(bucket, owners, results, matrices):
+    """Starts the all-gather of a bucket's results: rank r sends one row per matrix it owns there (update,
+    leverage, scalars; float32, padded to the most any rank owns). Returns a callable that waits and
+    returns {index: (update, leverage or None, scalars)} for every matrix of the bucket."""
+    rank, world_size = rank_and_world_size()
+    by_rank = [[i for i in bucket if owners[i] == r] for r in range(world_size)]
+    share = max(len(owned) for owned in by_rank)
+    rows, cols = matrices[bucket[0]][1].shape
+    widths = [rows * cols, max(rows, cols) if rows != cols else 0, 2]
+    chunk = torch.zeros(share, sum(widths), device=matrices[bucket[0]][1].device)
+    for row, i in enumerate(by_rank[rank]):
+        update, leverage, scalars = results[i]
+        chunk[row] = torch.cat([update.reshape(-1)] + ([leverage] if leverage is not None else []) + [scalars])
+    gathered, work = gather_from_ranks(chunk, world_size)
+
+    def finish():
+        work.wait()
+        delivered = {}
+        for r, owned in enumerate(by_rank):
+            for row, i in enumerate(owned):
+                update, leverage, scalars = gathered[r * share + row].split(widths)
+                delivered[i] = (update.view(matrices[i][1].shape), leverage if widths[1] else None, scalars)
+        return delivered
+    return finish
+
+
+def assembled_fields(group, p):
+    """What an owner needs whole of an FSDP2 matrix: its gradient, and its weights where the math or the pin reads them."""
+    return [p.grad] + ([p] if reads_weights(group) or group["pin"] else [])
+
+
+def assemble_on_owners(bucket, owners, matrices):
+    """All-to-all 1 for a bucket of DTensor matrices: every rank sends each owner its rows of the owner's
+    matrices' fields. Returns {index: (whole gradient, whole weights or None)} for this rank's matrices."""
+    rank, world_size = rank_and_world_size()
+    mine = [i for i in bucket if owners[i] == rank]
+    fields = {i: assembled_fields(*matrices[i]) for i in bucket}
+    p = matrices[bucket[0]][1]
+    receive = start_exchange(
+        [[t.to_local() for i in bucket if owners[i] == r for t in fields[i]] for r in range(world_size)],
+        [[(local_shape(t.shape, s, world_size), t.dtype) for i in mine for t in fields[i]] for s in range(world_size)],
+        p.to_local(), p.device_mesh.get_group())
+    pieces, whole, position = receive(), {}, 0
+    for i in mine:
+        count = len(fields[i])
+        assembled = [torch.cat([pieces[s][position + f] for s in range(world_size)]) for f in range(count)]
+        whole[i] = (assembled[0], assembled[1] if count == 2 else None)
+        position += count
+    return whole
+
+
+def returned_fields(p):
+    """What returns to the ranks per FSDP2 matrix, as (full shape, 0: rows of it to each rank, None: all of
+    it to every rank): the update, the leverage of a non-square matrix, the two scalars."""
+    rows, cols = p.shape
+    return [((rows, cols), 0)] + ([((max(rows, cols),), 0)] if rows != cols else []) + [((2,), None)]
+
+
+def start_return_to_ranks(bucket, owners, matrices, results):
+    """All-to-all 2: each owner sends every rank its rows of its matrices' results ({index: (update,
+    leverage or None, scalars)}). Returns a callable that waits and returns {index: (this rank's rows of the
+    update, its piece of the leverage or None, the scalars)} for every matrix of the bucket."""
+    rank, world_size = rank_and_world_size()
+    p = matrices[bucket[0]][1]
+    send = [[t if dim is None else rank_piece(t, r, world_size)
+             for i in bucket if owners[i] == rank
+             for t, (_, dim) in zip([t for t in results[i] if t is not None], returned_fields(matrices[i][1]))]
+            for r in range(world_size)]
+    layouts = [[(shape if dim is None else local_shape(shape, rank, world_size), torch.float32)
+                for i in bucket if owners[i] == s for shape, dim in returned_fields(matrices[i][1])]
+               for s in range(world_size)]
+    returned = start_exchange(send, layouts, p.to_local(), p.device_mesh.get_group())
+
+    def finish():
+        pieces, delivered = returned(), {}
+        for s in range(world_size):
+            position = 0
+            for i in (i for i in bucket if owners[i] == s):
+                got = pieces[s][position:position + len(returned_fields(matrices[i][1]))]
+                position += len(got)
+                delivered[i] = (got[0], got[1] if len(got) == 3 else None, got[-1])
+        return delivered
+    return finish
+
+
+def laid_out(key, value):
+    """A loaded state value in the memory layout the step makes it in: SOAP's bases come from LAPACK (eigh,
+    qr) column-major, and a matmul rounds by its operands' layout, so a basis loaded row-major (as
+    torch.distributed.checkpoint lays it out) is copied back to column-major."""
+    if key in ("q_row", "q_col") and value.is_contiguous():
+        return value.mT.contiguous().mT
+    return value
+
+
+def spread_from(t, p, owner):
+    """The owner's state tensor t on every rank (a collective): whole for a replicated parameter p, a DTensor
+    sharded along its longest dim for an FSDP2 one. The collectives send memory in storage order, so a
+    basis from torch.linalg.qr (column-major) goes as a contiguous copy."""
+    t = t.contiguous()
+    if not is_dtensor(p):
+        dist.broadcast(t, src=owner)
+        return t
+    dim = max(range(t.ndim), key=lambda d: t.size(d))
+    return torch.distributed.tensor.distribute_tensor(t, p.device_mesh, [torch.distributed.tensor.Shard(dim)],
+                                                      src_data_rank=owner)
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizer
+# --------------------------------------------------------------------------------------------
+
+# Every option of a MuonChain param group, with MuonChain's defaults (docs/recipes.md#the-chain).
+CHAIN_OPTIONS = dict(
+    momentum=0.95, nesterov=True, weight_decay=0.0,
+    soap=None, soap_combine="replace", trust=None, trust_floor=0.0, trust_cap=1.0,
+    polar_backend="schatten", polar_dtype="bfloat16",
+    orientation="none", pp_iterations=2, pp_beta=0.5, variant="vanilla",
+    contra=0.0, contra_muon=False,
+    beta2=None, u_normuon=False, normuon_beta2=None,
+    radial_brake=None, floor=None, uw_floor=0.0,
+    pin=True, cautious_weight_decay=0.0, stack=False)
+SCHEDULED = ("contra", "trust_floor", "trust_cap")  # read by the math as 0-d tensors: a new value never recompiles
+STEP_OPTIONS = ("momentum", "nesterov", "weight_decay", "pin", "cautious_weight_decay", "stack")  # outside the math
+SOAP_OPTIONS = {"beta2", "frequency", "denom_power", "blend", "denom_floor"}
+TRUST_OPTIONS = {"min_agree", "min_grad_align", "power", "eps"}
+# Keys of a param group that are not options: torch.optim's, a name, and the records' schedule (power_cool_lr).
+GROUP_KEYS = {"params", "param_names", "lr", "name", "initial_lr", "power_c"}
+MATH_STATE = ("second_moment", "exp_avg_sq", "q_row", "q_col")  # the state the math reads, stacked per run
+
+
+def static_options(group):
+    """What the math specializes on: the group's options but the values applied outside it and the
+    scheduled ones (which come as tensors), with Aurora's uw_floor as a scalar floor."""
+    options = {name: group[name] for name in CHAIN_OPTIONS if name not in STEP_OPTIONS + SCHEDULED + ("uw_floor",)}
+    options["contra_mix"] = not group["contra_muon"] and group["contra"] != 0
+    if group["uw_floor"]:
+        options["floor"] = ("scalar", group["uw_floor"])
+    return options
+
+
+def reads_weights(group):
+    """Whether the math reads the weights (the radial brake, the floors)."""
+    return group["radial_brake"] is not None or group["floor"] is not None or group["uw_floor"] != 0
+
+
+def unknown_key_problem(keys):
+    """An error naming the first key that is neither an option nor a group key, with the nearest option, or None."""
+    unknown = sorted(set(keys) - set(CHAIN_OPTIONS) - GROUP_KEYS)
+    if not unknown:
+        return None
+    near = difflib.get_close_matches(unknown[0], CHAIN_OPTIONS, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"unknown option {unknown[0]!r}{hint}; the options are {', '.join(CHAIN_OPTIONS)}"
+
+
+def option_problem(group):
+    """What is wrong with a param group's option values, or None."""
+    choices = {"polar_backend": POLAR_BACKENDS, "polar_dtype": POLAR_DTYPES, "soap_combine": SOAP_COMBINES,
+               "orientation": AURORA_ORIENTATIONS, "variant": AURORA_VARIANTS}
+    for name, allowed in choices.items():
+        if group[name] not in allowed:
+            return f"{name} must be one of {sorted(allowed)}, got {group[name]!r}"
+    if not group["lr"] >= 0:
+        return f"lr must be >= 0, got {group['lr']}"
+    if group["pp_iterations"] < 1:
+        return f"pp_iterations must be >= 1, got {group['pp_iterations']}"
+    soap = group["soap"]
+    if soap is not None and not (isinstance(soap, dict) and {"beta2", "frequency", "denom_power"} <= set(soap)
+                                 <= SOAP_OPTIONS and soap["frequency"] >= 1):
+        return (f"soap must be None or a dict with beta2, frequency (>= 1) and denom_power, and optionally blend "
+                f"and denom_floor, got {soap!r}")
+    if group["soap_combine"] == "trust_gate" and not (isinstance(group["trust"], dict) and set(group["trust"]) <= TRUST_OPTIONS):
+        return f"soap_combine 'trust_gate' needs trust, a dict of {sorted(TRUST_OPTIONS)}, got {group['trust']!r}"
+    if group["beta2"] is not None and group["normuon_beta2"] is not None:
+        return "beta2 (record #10's row normalization) and normuon_beta2 (record #42's) exclude each other"
+    floor = group["floor"]
+    if floor is not None and not ((len(floor) == 2 and floor[0] == "scalar") or (len(floor) == 3 and floor[0] == "row")):
+        return f"floor must be None, ('scalar', f) or ('row', f, rho), got {floor!r}"
+    if floor is not None and group["uw_floor"]:
+        return f"uw_floor {group['uw_floor']} and floor {floor!r} are one stage: give one"
+    if group["radial_brake"] is not None and len(group["radial_brake"]) != 2:
+        return f"radial_brake must be None or (outward, inward), got {group['radial_brake']!r}"
+    return None
+
+
+class MuonChain(torch.optim.Optimizer):
+    """The matrix optimizer of every recipe (docs/recipes.md#the-chain): per matrix, with g its gradient,
+
+        momentum:  m = lerp(m, g, 1 - momentum);  u = lerp(g, m, momentum)  (nesterov=False: u = m)
+        math:      update = chain_update(u): SOAP, the polar, Contra-Muon, the aspect scale, the row
+                   normalization, the radial brake, a floor (each a param-group option, see chain_update)
+        step:      W *= 1 - lr weight_decay;  W -= lr update;  pin: W rescaled to the radius pin's target
+                   norm;  cautious_weight_decay: W *= 1 - lr cwd mask (the mask taken before the step)
+
+    then SOAP's statistics take g. A stage whose option is None (False, 0) is left out. The defaults are
+    records #42 and #46's (the Schatten-4 polar, the pinned step); Muon, NorMuon and Aurora are the
+    benchmark recipes' configurations. The trainer writes the scheduled values (lr, momentum, contra,
+    trust_floor, trust_cap) into the param groups; changing any of them never recompiles.
+
+    Work and state: every matrix has an owner rank (owner_plan), the only one to keep its state and run
+    its math; same-group, same-shape matrices of an owner are stacked into one batched call (a lone one
+    beside a stand-in zero matrix where its group has others of its shape, so that a matrix's bits never
+    depend on the number of ranks; the only matrix of its group and shape runs as one 2-D matrix, as the
+    records compute). The updates are all-gathered (FSDP2: returned as rows) and every rank takes the step.
+    state_dict() is then a collective that gives every rank the whole state; load_state_dict() keeps this
+    rank's part.
+
+    Non-finite updates: with `found_inf` set (GradScaler's protocol, a float32 device tensor, as fused
+    AdamW reads it), step() does not look at any value on the host. It adds a non-finite update of its
+    own to found_inf and leaves the weights untouched while found_inf is 1; the momentum and other state
+    of such a step are not restored. Without found_inf it raises FloatingPointError naming the matrix (one
+    host sync per step)."""
+
+    option_defaults = CHAIN_OPTIONS
+    momentum_name = "momentum"  # the state key of the momentum buffer
+    keeps_leverage = False  # the state keeps each rectangular matrix's latest leverage (Muon, NorMuon, Aurora)
+    join_transposes = True  # all-gather buckets: wide matrices with their transposes' shape (False: by exact shape)
+    gather_alone = False  # True: the all-gather path also in a process group of one (train_gpt --ddp)
+
+    def __init__(self, params, lr, **options):
+        problem = unknown_key_problem(options)
+        if problem is not None:
+            raise ValueError(f"{type(self).__name__}: {problem}")
+        super().__init__(params, dict(self.option_defaults, lr=lr, **options))
+        self._compiled_update_math = None  # made by the first compiled step
+        self.latest_leverage = {}  # {parameter: leverage of its latest polar factor}, on every rank
+
+    def add_param_group(self, param_group):
+        """torch.optim's, refusing with one line what the chain cannot take: an unknown option (a misspelt
+        name), a bad option value, a parameter that is not a matrix, a DTensor placement that cannot be
+        assembled. Pass model.named_parameters()-style (name, tensor) pairs to get names in the errors."""
+        index = len(self.param_groups)
+        problem = unknown_key_problem(param_group)
+        if problem is None:
+            super().add_param_group(param_group)
+            problem = option_problem(self.param_groups[-1])
+            if problem is not None:
+                self.param_groups.pop()
+        if problem is not None:
+            raise ValueError(f"{type(self).__name__}: param group {index}: {problem}")
+        group = self.param_groups[-1]
+        names = group.get("param_names") or [None] * len(group["params"])
+        for position, (name, p) in enumerate(zip(names, group["params"])):
+            problem = None
+            if p.ndim != 2:
+                problem = "is not a 2-D matrix; give embeddings, heads, biases and gains to AdamW instead"
+            elif is_dtensor(p):
+                problem = unsupported_placement(p)
+            if problem is not None:
+                self.param_groups.pop()
+                label = repr(name) if name is not None else f"#{position} of param group {index}"
+                if is_dtensor(p):
+                    label += f" (DTensor {tuple(p.placements)!r})"
+                raise ValueError(f"{type(self).__name__}: parameter {label} of shape {tuple(p.shape)} {problem}")
+
+    # ---- the plan
+
+    def matrices(self):
+        """(group, parameter) for every matrix, in param-group order: the order the plan indexes."""
+        return [(group, p) for group in self.param_groups for p in group["params"]]
+
+    def matrix_flops(self, shape, group):
+        """Matmul FLOPs of one matrix's update: its polar factor(s) and SOAP's products."""
+        return chain_flops(group, *shape)
+
+    def owners(self, world_size):
+        """Each matrix's owner rank, the same on every rank."""
+        return owner_plan([self.matrix_flops(tuple(p.shape), group) for group, p in self.matrices()], world_size)
+
+    def flops_per_rank(self, world_size):
+        """Each of world_size ranks' matrix FLOPs in one step (every matrix counted, as after the first step)."""
+        totals = [0] * world_size
+        for owner, (group, p) in zip(self.owners(world_size), self.matrices()):
+            totals[owner] += self.matrix_flops(tuple(p.shape), group)
+        return totals
+
+    def state_bytes(self, p, group):
+        """Bytes of one matrix's state, all on its owner: the momentum (the parameter's dtype), the leverage,
+        the row or column second moment and SOAP's second moment, Gram matrices and bases (float32)."""
+        rows, cols = p.shape
+        normalized = group["beta2"] is not None or group["normuon_beta2"] is not None
+        floats = (rows if rows >= cols else cols) if normalized else 0
+        if self.keeps_leverage and rows != cols:
+            floats += max(rows, cols)
+        if group["soap"] is not None:
+            floats += rows * cols + 2 * rows * rows + 2 * cols * cols
+        return rows * cols * p.element_size() + 4 * floats
+
+    def state_bytes_per_rank(self, world_size):
+        """Each of world_size ranks' state bytes: only the matrices it owns."""
+        totals = [0] * world_size
+        for owner, (group, p) in zip(self.owners(world_size), self.matrices()):
+            totals[owner] += self.state_bytes(p, group)
+        return totals
+
+    def gather_bytes(self, world_size):
+        """The largest all-gather buffer of a step: one bucket's rows (update, leverage, the two scalars),
+        float32, padded to the most matrices any rank owns there."""
+        owners, matrices = self.owners(world_size), self.matrices()
+        largest = 0
+        for bucket in bucket_plan([tuple(p.shape) for _, p in matrices], self.join_transposes):
+            share = max(sum(owners[i] == r for i in bucket) for r in range(world_size))
+            rows, cols = matrices[bucket[0]][1].shape
+            largest = max(largest, 4 * world_size * share * (rows * cols + (max(rows, cols) if rows != cols else 0) + 2))
+        return largest
+
+    # ---- one step
+
+    def update_math_now(self):
+        """chain_update as it should run now: compiled, or the function itself while compiling is off
+        (torch._dynamo.config.disable). A compiled wrapper called with compiling off still runs the code dynamo
+        compiled for it earlier, and making one costs an uncompiled process inductor's import (over a second)."""
+        if torch._dynamo.config.disable:
+            return chain_update
+        if self._compiled_update_math is None:
+            self._compiled_update_math = torch.compile(chain_update, dynamic=False)
+        return self._compiled_update_math
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure_loss(closure)
+        rank, world_size = rank_and_world_size()
+        matrices = self.matrices()
+        owners = self.owners(world_size)
+        stepping = [i for i, (_, p) in enumerate(matrices) if p.grad is not None]
+        for i in stepping:
+            self.check_gradient(*matrices[i])
+        groups = {id(group): g for g, group in enumerate(self.param_groups)}
+        sizes = collections.Counter((groups[id(matrices[i][0])], tuple(matrices[i][1].shape)) for i in stepping)
+        gather = world_size > 1 or (self.gather_alone and dist.is_initialized())
+        finishes = []
+        for sharded in (False, True):
+            members = [i for i in stepping if is_dtensor(matrices[i][1]) == sharded]
+            for bucket in bucket_plan([tuple(matrices[i][1].shape) for i in members], self.join_transposes):
+                bucket = [members[k] for k in bucket]
+                if sharded:
+                    finishes.append(self.start_sharded_bucket(bucket, owners, matrices, sizes, groups))
+                    continue
+                mine = [i for i in bucket if owners[i] == rank]
+                results = self.update_owned(mine, {i: (matrices[i][1].grad, matrices[i][1]) for i in mine},
+                                            matrices, sizes, groups)
+                finishes.append(start_gather(bucket, owners, results, matrices) if gather
+                                else (lambda results=results: results))
+        delivered = {}
+        for finish in finishes:
+            delivered |= finish()
+        self.apply_updates([(matrices[i][0], matrices[i][1], *delivered[i]) for i in sorted(delivered)],
+                           getattr(self, "found_inf", None))
+        return loss
+
+    def check_gradient(self, group, p):
+        if is_dtensor(p) and not (is_dtensor(p.grad) and p.grad.placements == p.placements):
+            raise ValueError(f"{type(self).__name__}: the gradient of the DTensor parameter of shape {tuple(p.shape)} "
+                             f"must be a DTensor placed like it ({p.placements}), as fully_shard's backward makes it")
+
+    def init_state(self, group, p, like):
+        """This matrix's state on its owner, made at its first step: whole tensors shaped like `like` (its
+        whole gradient; for FSDP2 the assembled one)."""
+        state = self.state[p]
+        if not state:
+            rows, cols = like.shape
+            state[self.momentum_name] = torch.zeros_like(like)
+            if self.keeps_leverage and rows != cols:
+                state["leverage"] = torch.zeros(max(rows, cols), dtype=torch.float32, device=like.device)
+            if group["beta2"] is not None or group["normuon_beta2"] is not None:
+                shape = (rows, 1) if rows >= cols else (1, cols)
+                state["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=like.device)
+            if group["soap"] is not None:
+                state["exp_avg_sq"] = torch.zeros_like(like, dtype=torch.float32)
+                state["row_gg"] = torch.zeros(rows, rows, dtype=torch.float32, device=like.device)
+                state["col_gg"] = torch.zeros(cols, cols, dtype=torch.float32, device=like.device)
+                state["soap_step"] = 0
+        return state
+
+    def update_owned(self, owned, whole, matrices, sizes, groups):
+        """The owner's work on its matrices `owned` of one bucket, from their whole gradients and weights
+        ({index: (grad, W)}): momentum, the math on each run of same-group, same-shape matrices, SOAP's
+        statistics and the pin's scale. Returns {index: (update, leverage or None, scalars)}, scalars =
+        (1 if the update is finite else 0, the pin's scale or 1)."""
+        runs = {}
+        for i in owned:
+            group, p = matrices[i]
+            alone = None if group["stack"] else i  # stack: one run per group and shape; else one per matrix
+            runs.setdefault((groups[id(group)], tuple(p.shape), "q_row" in self.state[p], alone), []).append(i)
+        results = {}
+        for (g, shape, _, alone), run in runs.items():
+            group = self.param_groups[g]
+            grads, weights = [whole[i][0] for i in run], [whole[i][1] for i in run]
+            states = [self.init_state(group, matrices[i][1], grad) for i, grad in zip(run, grads)]
+            momenta = [s[self.momentum_name] for s in states]
+            momentum_step_(momenta, grads, group["momentum"])
+            directions = momenta
+            if group["nesterov"]:
+                directions = [nesterov_direction(grad, m, group["momentum"]) for grad, m in zip(grads, momenta)]
+            if group["weight_decay"] != 0 and (reads_weights(group) or group["pin"]):
+                # The brake, the floors and the pin see W after this step's decay, as the step applies it.
+                weights = [w * (1 - group["lr"] * group["weight_decay"]) for w in weights]
+            updates, leverages = self.run_math(group, directions, grads, weights, states,
+                                               alone is not None or sizes[g, shape] == 1)
+            finite = torch.stack(torch._foreach_norm(updates)).isfinite().float()
+            scales = ([radius_pin_scale(w, update, group["lr"]) for w, update in zip(weights, updates)] if group["pin"]
+                      else [torch.ones((), device=finite.device)] * len(run))
+            for k, (i, state) in enumerate(zip(run, states)):
+                if group["soap"] is not None:
+                    soap_statistics_update_(state, grads[k], group["soap"]["beta2"], group["soap"]["frequency"])
+                if leverages[k] is not None and self.keeps_leverage:
+                    state["leverage"].copy_(leverages[k])
+                results[i] = (updates[k], leverages[k], torch.stack([finite[k], scales[k]]))
+        return results
+
+    def run_math(self, group, directions, grads, weights, states, alone):
+        """The math on one run of same-group, same-shape matrices: stacked, beside a zero matrix if the rank
+        has only one (torch's batched matmul takes another kernel for a batch of one, whose bf16 rounding
+        differs), or as one 2-D matrix if it is `alone` in its group and shape. Writes the new state; returns
+        the updates and leverages, one per matrix. A SOAP matrix's first step (no eigenbasis yet: its update
+        skips the preconditioning) runs uncompiled, so that the compiled math has one form from the first
+        step on."""
+        count = len(directions)
+
+        def stack(tensors):
+            if alone:
+                return tensors[0]
+            return torch.stack(tensors + [torch.zeros_like(tensors[0])] if count == 1 else tensors)
+
+        options = static_options(group)
+        state = {name: stack([s[name] for s in states]) for name in MATH_STATE if name in states[0]}
+        grad = stack(grads) if options["soap_combine"] == "trust_gate" else None
+        W = stack(weights) if reads_weights(group) else None
+        device = directions[0].device
+        scalars = {name: torch.full((), float(group[name]), dtype=torch.float32, device=device) for name in SCHEDULED}
+        first_soap_step = options["soap"] is not None and "q_row" not in states[0]
+        math = chain_update if first_soap_step else self.update_math_now()
+        update, new_state, leverage = math(options, stack(directions), grad, W, state, scalars)
+
+        def unstack(t):
+            return [t] if alone else list(t.unbind(0))[:count]
+        for name, value in new_state.items():
+            torch._foreach_copy_([s[name] for s in states], unstack(value))
+        return unstack(update), [None] * count if leverage is None else unstack(leverage)
+
+    def start_sharded_bucket(self, bucket, owners, matrices, sizes, groups):
+        """The same for DTensor parameters: their whole gradients (and weights, where the math or the pin reads
+        them) assembled on the owners, which compute; every rank gets its rows of the results back."""
+        mine = [i for i in bucket if owners[i] == rank_and_world_size()[0]]
+        whole = assemble_on_owners(bucket, owners, matrices)
+        return start_return_to_ranks(bucket, owners, matrices, self.update_owned(mine, whole, matrices, sizes, groups))
+
+    def apply_updates(self, delivered, found_inf):
+        """The step of every matrix on every rank, refused for non-finite updates: delivered is (group,
+        parameter, update, leverage, scalars) per matrix, the update whole or this rank's rows."""
+        if not delivered:
+            return
+        finite = torch.stack([scalars[0] for *_, scalars in delivered]) == 1
+        keep = None
+        if found_inf is None:
+            if not bool(finite.all()):
+                self.raise_non_finite([p for (_, p, *_), ok in zip(delivered, finite.tolist()) if not ok][0])
+        else:
+            found_inf.copy_(torch.where(finite.all(), found_inf, 1.0))
+            keep = found_inf == 0
+        by_group = {}
+        for group, p, update, leverage, scalars in delivered:
+            by_group.setdefault(id(group), (group, []))[1].append((p, update, scalars))
+            if leverage is not None:
+                self.latest_leverage[p] = self.leverage_tensor(p, leverage)
+        for group, members in by_group.values():
+            targets = [local_tensor(p) for p, _, _ in members]
+            updates = [update for _, update, _ in members]
+            scales = [scalars[1] for _, _, scalars in members]
+            if keep is not None:
+                # The updates are this step's own buffers: zeroed in place when refused, no copies. A fill,
+                # not a product with 0, which would turn an inf or NaN update into NaN weights.
+                for update in updates:
+                    update.masked_fill_(~keep, 0.0)
+                scales = [torch.where(keep, scale, 1.0) for scale in scales]
+            take_step_(targets, updates, scales, group, keep)
+
+    @staticmethod
+    def leverage_tensor(p, leverage):
+        """The leverage as leverage() gives it: whole, or for a DTensor parameter a DTensor of the pieces."""
+        if not is_dtensor(p):
+            return leverage.clone()
+        length = max(p.shape)
+        return torch.distributed.tensor.DTensor.from_local(
+            leverage.clone(), p.device_mesh, [torch.distributed.tensor.Shard(0)], run_check=False,
+            shape=(length,), stride=(1,))
+
+    def raise_non_finite(self, p):
+        group_index, index = next((g, k) for g, group in enumerate(self.param_groups)
+                                  for k, q in enumerate(group["params"]) if q is p)
+        raise FloatingPointError(
+            f"{type(self).__name__}: non-finite update for the parameter of shape {tuple(p.shape)} (param group "
+            f"{group_index}, matrix {index}); its gradient or momentum holds inf/NaN: the loss has probably "
+            f"diverged, lower the learning rate")
+
+    def leverage(self):
+        """{parameter: float32 leverage (tall-orientation row norms^2) of its latest polar factor} for every
+        non-square matrix, on every rank (FSDP2: a DTensor sharded along its length)."""
+        return dict(self.latest_leverage)
+
+    # ---- state_dict
+
+    def state_dict(self):
+        """torch.optim's, with every matrix's state. Where the matrices are split across ranks it is a
+        collective (every rank calls it) and every rank gets the whole state: tensors for replicated
+        parameters, DTensors sharded along their longest dim for FSDP2 ones, so that
+        torch.distributed.checkpoint saves it and resumes it at another world size."""
+        full = super().state_dict()
+        rank, world_size = rank_and_world_size()
+        if world_size == 1:
+            return full
+        layout = {i: {key: ("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else ("value", v)
+                      for key, v in s.items()} for i, s in full["state"].items()}
+        held = [None] * world_size
+        dist.all_gather_object(held, layout)
+        owners = self.owners(world_size)
+        state = {}
+        for i, (_, p) in enumerate(self.matrices()):
+            owner = owners[i]
+            state[i] = {}
+            for key, (kind, *what) in held[owner].get(i, {}).items():
+                if kind == "value":
+                    state[i][key] = what[0]
+                    continue
+                shape, dtype = what
+                t = full["state"][i][key] if owner == rank else torch.empty(shape, dtype=dtype, device=local_tensor(p).device)
+                state[i][key] = spread_from(t, p, owner)
+            if not state[i]:
+                del state[i]
+        full["state"] = state
+        return full
+
+    def gathered_state_dict(self):
+        """The whole state_dict on rank 0 (CPU tensors), None on the other ranks: a collective, for a
+        checkpoint that rank 0 writes. One process: state_dict()."""
+        full = super().state_dict()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return full
+        local = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in full["state"].items()}
+        pieces = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(local, pieces, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        for piece in pieces:
+            full["state"].update(piece)
+        return full
+
+    def load_state_dict(self, state_dict):
+        """torch.optim's, for state_dicts of this class and of the optimizers before the one chain (their
+        groups lack the newer options, which take this class's defaults: the behaviour they were saved
+        with). Refuses with one line a state_dict whose groups or state this optimizer cannot continue from.
+        Keeps the state of the matrices this rank owns (every rank calls it: DTensor state is gathered)."""
+        name = type(self).__name__
+        groups = [dict(self.option_defaults, **saved) for saved in state_dict["param_groups"]]
+        for index, group in enumerate(groups):
+            problem = option_problem(group)
+            if problem is not None:
+                raise ValueError(f"{name}: cannot load this state_dict: param group {index}: {problem}")
+        # The saved keys (indices, or torch.distributed.checkpoint's parameter names) in this optimizer's order.
+        params = dict(zip((key for g in groups for key in g["params"]), (p for _, p in self.matrices())))
+        for index, saved in state_dict["state"].items():
+            group = next(g for g in groups if index in g["params"])
+            keys = {self.momentum_name}  # what init_state makes, and SOAP's bases after its first step
+            if self.keeps_leverage and index in params and params[index].size(0) != params[index].size(1):
+                keys.add("leverage")
+            if group["beta2"] is not None or group["normuon_beta2"] is not None:
+                keys.add("second_moment")
+            if group["soap"] is not None:
+                keys |= {"exp_avg_sq", "row_gg", "col_gg", "soap_step"} | ({"q_row", "q_col"} & set(saved))
+            if set(saved) != keys:
+                raise ValueError(f"{name}: cannot load this state_dict: parameter {index} has state {sorted(saved)}, "
+                                 f"where {name} keeps {sorted(keys)} for its group: it was saved by another "
+                                 f"optimizer (or with other stages)")
+        super().load_state_dict(dict(state_dict, param_groups=groups))
+        rank, world_size = rank_and_world_size()
+        for owner, (_, p) in zip(self.owners(world_size), self.matrices()):
+            if p not in self.state:
+                continue
+            state = {key: laid_out(key, value.full_tensor() if is_dtensor(value) else value)
+                     for key, value in self.state[p].items()}
+            if owner == rank:
+                self.state[p] = state
+            else:
+                del self.state[p]
+
+
+def take_step_(targets, updates, scales, group, keep):
+    """The step on every rank (whole matrices, or FSDP2's rows): decoupled weight decay, then for a pinned
+    group pinned_step_ with the owner's scale, else W -= lr * update and cautious weight decay."""
+    lr, cautious_decay = group["lr"], group["cautious_weight_decay"]
+    if group["weight_decay"] != 0:
+        decay = 1 - lr * group["weight_decay"]
+        torch._foreach_mul_(targets, decay if keep is None else torch.where(keep, decay, 1.0))
     if group["pin"]:
-        return pinned_step_(W, update, group["lr"], group["cautious_weight_decay"])
-    return plain_step_(W, update, group["lr"], group["weight_decay"], group["cautious_weight_decay"])
+        for W, update, scale in zip(targets, updates, scales):
+            pinned_step_(W, update, lr, cautious_decay, scale)
+        return
+    masks = [cautious_mask(update, W) for W, update in zip(targets, updates)] if cautious_decay > 0 else []
+    torch._foreach_add_(targets, updates, alpha=-lr)
+    for W, mask in zip(targets, masks):
+        W.mul_(1.0 - (lr * cautious_decay) * mask)
+
+
+class Muon(MuonChain):
+    """Muon (docs/recipes.md#muon, record #36 with lr=0.025, weight_decay=0.05): W *= 1 - lr*wd;
+    W -= lr * polar(u) * sqrt(max(1, rows/cols)), u the Nesterov momentum direction."""
+
+    option_defaults = dict(CHAIN_OPTIONS, polar_backend="polar", pin=False, stack=True)
+    momentum_name = "momentum_buffer"
+    keeps_leverage = True
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, polar_backend="polar", **options):
+        super().__init__(params, lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                         polar_backend=polar_backend, **options)
+
+
+class NorMuon(Muon):
+    """NorMuon (docs/recipes.md#normuon, record #10 with lr=0.035, weight_decay=0.025): Muon's scaled polar
+    factor normalized by a running second moment per row (rows >= cols) or per column.
+
+    u_normuon=True gives U-NorMuon (docs/recipes.md#variants): tall matrices get rows of norm sqrt(n/m)
+    instead."""
+
+    option_defaults = dict(Muon.option_defaults, beta2=0.95)
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, beta2=0.95, u_normuon=False,
+                 polar_backend="polar", **options):
+        super().__init__(params, lr, weight_decay, momentum, nesterov, polar_backend, beta2=beta2, u_normuon=u_normuon,
+                         **options)
+
+
+class Aurora(Muon):
+    """Aurora (docs/recipes.md#aurora, record #17 with lr=0.0375, contra=0.4, uw_floor=0.35): Muon with a
+    leverage-equalized polar factor (aurora_polar), an optional Contra-Muon mix and u/w floor.
+
+    variant="riemannian" replaces aurora_polar by riemannian_aurora_polar (docs/recipes.md#variants).
+    orientation ("non_square", the record's; "tall"; "wide") picks the matrices that get Aurora's
+    polar factor; the others get Muon's polar, with the same Contra-Muon mix and u/w floor."""
+
+    option_defaults = dict(Muon.option_defaults, orientation="non_square")
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, pp_iterations=2, pp_beta=0.5,
+                 contra=0.0, uw_floor=0.0, variant="vanilla", polar_backend="polar", orientation="non_square",
+                 **options):
+        super().__init__(params, lr, weight_decay, momentum, nesterov, polar_backend, pp_iterations=pp_iterations,
+                         pp_beta=pp_beta, contra=contra, uw_floor=uw_floor, variant=variant, orientation=orientation,
+                         **options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1271,288 +1493,6 @@ def early_trust_floor(step, floor, end, fade_end):
 def early_trust_cap(step, cap, fade_end):
     """Record #46's cap on the attention trust gate: `cap` until fade_end, then 1."""
     return cap if step < fade_end else 1.0
-
-
-# --------------------------------------------------------------------------------------------
-# MuonChain: records #42 and #46's matrix optimizer as a chain of the stages above. Each matrix has one
-# owner rank, which keeps its state (momentum, SOAP statistics and bases) and computes its update; the
-# updates are all-gathered and every rank takes the step (pinned in both records). The math runs eagerly, one
-# matrix at a time, as in the records (compiling or batching it would change its rounding).
-# --------------------------------------------------------------------------------------------
-
-def soap_flops(rows, cols, frequency):
-    """Matmul FLOPs of SOAP on one rows x cols matrix per step: the projections into and out of the
-    bases, the two Gram products and, amortized over `frequency` steps, a refresh of each basis (the
-    Rayleigh quotients as two k x k products, one product with the Gram matrix, a QR counted as 4/3 k^3;
-    the first step's eigendecompositions are not counted)."""
-    m, n = rows, cols
-    projections = 2 * (2 * m * m * n + 2 * m * n * n)
-    grams = 2 * m * m * n + 2 * m * n * n
-    refresh = sum(3 * 2 * k ** 3 + 4 * k ** 3 // 3 for k in (m, n))
-    return projections + grams + refresh // frequency
-
-
-def owner_plan(costs, world_size):
-    """The owner rank of each matrix: the costliest first, each to the rank with the least work so far
-    (the lowest rank on a tie), so that every rank ends with about 1/world_size of the work."""
-    loads = [0] * world_size
-    owners = [0] * len(costs)
-    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        owners[index] = min(range(world_size), key=lambda r: (loads[r], r))
-        loads[owners[index]] += costs[index]
-    return owners
-
-
-SOAP_COMBINES = ("replace", "rescale", "gate", "trust_gate")
-
-
-class MuonChain(torch.optim.Optimizer):
-    """Muon as a chain of per-matrix stages (docs/recipes.md#soap-muon), the matrix optimizer of records #42
-    and #46. Per matrix, with u the Nesterov direction of momentum `momentum` and g the gradient:
-
-        soap:          u <- SOAP-preconditioned u, combined with u by `soap_combine`
-                       ("replace"; "rescale": record #42's V; "gate": gate 1; "trust_gate": record #46's
-                       attention output, gate clamped to [trust_floor, trust_cap])
-        polar:         P = POLAR_BACKENDS[polar_backend](u)
-        contra_muon:   P <- contra_combined(P, u, contra)
-        aspect:        P <- P sqrt(max(1, rows/cols))
-        normuon_beta2: P <- row_variance_normalized(P)
-        radial_brake:  P <- radially_braked(P, W, outward, inward)
-        floor:         ("scalar", f): uw_floor; ("row", f, rho): row_floored
-        step:          pin: pinned_step_(W, P, lr, cautious_weight_decay); else plain_step_(W, P, lr,
-                       weight_decay, cautious_weight_decay)
-
-    then SOAP's statistics take g. A stage whose option is None (False, 0) is left out. The trainer
-    writes the scheduled values (lr, momentum, contra, trust_floor, trust_cap) into the param groups.
-
-    Non-finite updates: as _ShardedOrthogonalOptimizer (found_inf, or FloatingPointError naming the matrix).
-    FSDP2's DTensor parameters are refused."""
-
-    gather_alone = False  # True: the all-gather path also in a process group of one (--ddp)
-
-    def __init__(self, params, lr, momentum=0.95, polar_backend="schatten", soap=None, soap_combine="replace",
-                 trust=None, trust_floor=0.0, trust_cap=1.0, contra_muon=False, contra=0.0, normuon_beta2=None,
-                 radial_brake=None, floor=None, cautious_weight_decay=0.0, pin=False, weight_decay=0.0):
-        if lr < 0:
-            raise ValueError(f"MuonChain: lr must be >= 0, got {lr}")
-        if polar_backend not in POLAR_BACKENDS:
-            raise ValueError(f"MuonChain: polar_backend must be one of {sorted(POLAR_BACKENDS)}, got {polar_backend!r}")
-        if soap_combine not in SOAP_COMBINES:
-            raise ValueError(f"MuonChain: soap_combine must be one of {SOAP_COMBINES}, got {soap_combine!r}")
-        if floor is not None and floor[0] not in ("scalar", "row"):
-            raise ValueError(f"MuonChain: floor must be None, ('scalar', f) or ('row', f, rho), got {floor!r}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, polar_backend=polar_backend, soap=soap,
-                                      soap_combine=soap_combine, trust=trust, trust_floor=trust_floor,
-                                      trust_cap=trust_cap, contra_muon=contra_muon, contra=contra,
-                                      normuon_beta2=normuon_beta2, radial_brake=radial_brake, floor=floor,
-                                      cautious_weight_decay=cautious_weight_decay, pin=pin,
-                                      weight_decay=weight_decay))
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            problem = None
-            if is_dtensor(p):
-                problem = ("is an FSDP2 DTensor: MuonChain needs each whole matrix on its owner rank for SOAP "
-                           "and the radius pin and does not shard them (use Muon, NorMuon or Aurora with FSDP2)")
-            elif p.ndim != 2:
-                problem = "is not a 2-D matrix; give embeddings, heads, biases and gains to AdamW instead"
-            if problem is not None:
-                self.param_groups.pop()
-                raise ValueError(f"MuonChain: a parameter of shape {tuple(p.shape)} {problem}")
-
-    def matrix_flops(self, shape, group):
-        """Matmul FLOPs of one matrix's update: its polar(s) and SOAP's products."""
-        flops = polar_backend_flops(group["polar_backend"], *shape)
-        if group["soap"] is not None:
-            flops += soap_flops(*shape, group["soap"]["frequency"])
-        return flops
-
-    def state_bytes(self, shape, group):
-        """Bytes of one matrix's state, all on its owner: momentum, the row or column second moment and
-        SOAP's second moment, Gram matrices and bases (float32)."""
-        rows, cols = shape
-        floats = rows * cols
-        if group["normuon_beta2"] is not None:
-            floats += rows if rows >= cols else cols
-        if group["soap"] is not None:
-            floats += rows * cols + 2 * rows * rows + 2 * cols * cols
-        return 4 * floats
-
-    def matrices(self):
-        """(group, parameter) for every matrix, in param-group order: the order the owner plan indexes."""
-        return [(group, p) for group in self.param_groups for p in group["params"]]
-
-    def owners(self, world_size):
-        """Each matrix's owner rank (owner_plan on matrix_flops), the same on every rank."""
-        return owner_plan([self.matrix_flops(tuple(p.shape), group) for group, p in self.matrices()], world_size)
-
-    def flops_per_rank(self, world_size, join_transposes=None):
-        """Each rank's matrix FLOPs under the owner plan (which balances all matrices at once: how they are
-        bucketed only groups the all-gathers, so join_transposes changes nothing)."""
-        totals = [0] * world_size
-        for owner, (group, p) in zip(self.owners(world_size), self.matrices()):
-            totals[owner] += self.matrix_flops(tuple(p.shape), group)
-        return totals
-
-    def gather_bytes(self, world_size):
-        """The largest all-gather buffer of a step: one bucket's updates, float32, the most any rank owns there."""
-        owners, matrices = self.owners(world_size), self.matrices()
-        largest = 0
-        for bucket in bucket_plan([tuple(p.shape) for _, p in matrices]):
-            share = max(sum(owners[i] == r for i in bucket) for r in range(world_size))
-            largest = max(largest, 4 * world_size * share * matrices[bucket[0]][1].numel())
-        return largest
-
-    def state_bytes_per_rank(self, world_size):
-        """Each rank's state bytes: only the matrices it owns."""
-        totals = [0] * world_size
-        for owner, (group, p) in zip(self.owners(world_size), self.matrices()):
-            totals[owner] += self.state_bytes(tuple(p.shape), group)
-        return totals
-
-    def init_state(self, group, p):
-        state = self.state[p]
-        if not state:
-            state["momentum"] = torch.zeros_like(p)
-            if group["normuon_beta2"] is not None:
-                rows, cols = p.shape
-                shape = (rows, 1) if rows >= cols else (1, cols)
-                state["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            if group["soap"] is not None:
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["row_gg"] = torch.zeros(p.size(0), p.size(0), dtype=torch.float32, device=p.device)
-                state["col_gg"] = torch.zeros(p.size(1), p.size(1), dtype=torch.float32, device=p.device)
-                state["soap_step"] = 0
-        return state
-
-    def preconditioned(self, group, state, u, grad):
-        """The soap stage: u with SOAP's preconditioning combined in (u itself before the first basis)."""
-        soap = group["soap"]
-        preconditioned = u
-        if "q_row" in state:
-            preconditioned, state["exp_avg_sq"] = soap_precondition(
-                u, state["q_row"], state["q_col"], state["exp_avg_sq"], soap["beta2"], soap["denom_power"],
-                soap.get("blend", 1.0), soap.get("denom_floor", 0.0))
-        combine = group["soap_combine"]
-        if combine == "replace":
-            return preconditioned
-        if combine == "rescale":
-            return rescaled_to_schatten_norm_of(preconditioned, u)
-        if combine == "gate":
-            return gated_blend(u, preconditioned, torch.ones((), dtype=torch.float32, device=u.device))
-        gate = trust_gate(u, preconditioned, grad, **group["trust"]).clamp(min=group["trust_floor"],
-                                                                           max=group["trust_cap"])
-        return gated_blend(u, preconditioned, gate)
-
-    def matrix_update(self, group, p):
-        """The owner's work for one matrix: its state's step and its update (before the step)."""
-        state, grad = self.init_state(group, p), p.grad
-        state["momentum"].lerp_(grad, 1 - group["momentum"])
-        u = grad.lerp(state["momentum"], group["momentum"])
-        if group["soap"] is not None:
-            u = self.preconditioned(group, state, u, grad)
-        update = POLAR_BACKENDS[group["polar_backend"]](u)
-        if group["contra_muon"]:
-            update = contra_combined(update, u, group["contra"])
-        update = update * aspect_scale(*p.shape)
-        if group["normuon_beta2"] is not None:
-            update, state["second_moment"] = row_variance_normalized(update, state["second_moment"],
-                                                                     group["normuon_beta2"])
-        if group["radial_brake"] is not None:
-            update = radially_braked(update, p, *group["radial_brake"])
-        if group["floor"] is not None and group["floor"][0] == "scalar":
-            update = uw_floor(update, p, group["floor"][1])
-        elif group["floor"] is not None:
-            update = row_floored(update, p, *group["floor"][1:])
-        if group["soap"] is not None:
-            soap_statistics_update_(state, grad, group["soap"]["beta2"], group["soap"]["frequency"])
-        return update
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure_loss(closure)
-        rank, world_size = rank_and_world_size()
-        matrices = self.matrices()
-        owners = self.owners(world_size)
-        gather = world_size > 1 or (self.gather_alone and dist.is_initialized())
-        finishes = []
-        for bucket in bucket_plan([tuple(p.shape) for _, p in matrices]):
-            bucket = [i for i in bucket if matrices[i][1].grad is not None]
-            mine = [i for i in bucket if owners[i] == rank]
-            updates = {i: self.matrix_update(*matrices[i]) for i in mine}
-            finishes.append(self.start_gather(bucket, owners, updates, matrices, world_size) if gather
-                            else (lambda updates=updates: updates))
-        updates = {}
-        for finish in finishes:
-            updates |= finish()
-        self.apply_updates([(matrices[i][0], matrices[i][1], update) for i, update in sorted(updates.items())],
-                           getattr(self, "found_inf", None))
-        return loss
-
-    @staticmethod
-    def start_gather(bucket, owners, updates, matrices, world_size):
-        """Starts the all-gather of a bucket's updates: rank r sends its owned matrices' updates (float32,
-        padded to the most any rank owns there). Returns a callable that waits and returns {index: update}."""
-        by_rank = [[i for i in bucket if owners[i] == r] for r in range(world_size)]
-        share = max(len(owned) for owned in by_rank)
-        if share == 0:
-            return dict
-        numel = matrices[bucket[0]][1].numel()
-        device = matrices[bucket[0]][1].device
-        chunk = torch.zeros(share, numel, device=device)
-        for row, i in enumerate(by_rank[dist.get_rank()]):
-            chunk[row] = updates[i].reshape(-1).float()
-        gathered, work = gather_from_ranks(chunk, world_size)
-
-        def finish():
-            work.wait()
-            return {i: gathered[r * share + row].view(matrices[i][1].shape)
-                    for r, owned in enumerate(by_rank) for row, i in enumerate(owned)}
-        return finish
-
-    def apply_updates(self, updates, found_inf):
-        """Every matrix's step (chain_step_) on every rank, refused for non-finite updates (as
-        _ShardedOrthogonalOptimizer.apply_updates)."""
-        if not updates:
-            return
-        finite = all_finite([update for _, _, update in updates])
-        if found_inf is None:
-            if not bool(finite):
-                shape = next(tuple(p.shape) for _, p, u in updates if not bool(u.isfinite().all()))
-                raise FloatingPointError(f"MuonChain: non-finite update for the parameter of shape {shape}; its "
-                                         f"gradient or momentum holds inf/NaN: the loss has probably diverged")
-            for group, p, update in updates:
-                chain_step_(p, update, group)
-            return
-        found_inf.copy_(torch.where(finite, found_inf, 1.0))
-        keep = found_inf == 0
-        for group, p, update in updates:
-            stepped = chain_step_(p.clone(), update, group)
-            p.copy_(torch.where(keep, stepped, p))
-
-    def gathered_state_dict(self):
-        """state_dict() with every matrix's state, collected on rank 0 from the owners (a collective: every
-        rank calls it; the others get None). One process: state_dict()."""
-        full = self.state_dict()
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return full
-        local = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in full["state"].items()}
-        pieces = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(local, pieces, dst=0)
-        if dist.get_rank() != 0:
-            return None
-        for piece in pieces:
-            full["state"].update(piece)
-        return full
-
-    def load_state_dict(self, state_dict):
-        """torch.optim's, keeping only the state of the matrices this rank owns."""
-        super().load_state_dict(state_dict)
-        rank, world_size = rank_and_world_size()
-        for owner, (_, p) in zip(self.owners(world_size), self.matrices()):
-            if owner != rank:
-                self.state.pop(p, None)
 
 
 class BiasFreeAdam(torch.optim.Optimizer):

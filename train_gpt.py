@@ -1065,9 +1065,13 @@ def with_aux_from(recipe, other):
 
 @functools.lru_cache(maxsize=None)
 def class_defaults(kind):
-    """The options an optimizer class takes, with their defaults (None where it has none)."""
-    parameters = inspect.signature(OPTIMIZER_CLASSES[kind]).parameters
-    return {name: None if p.default is p.empty else p.default for name, p in parameters.items() if name != "params"}
+    """The options an optimizer class takes, with their defaults (None where it has none): its signature's, and
+    for the matrix optimizers the stage options they take as keywords (option_defaults)."""
+    cls = OPTIMIZER_CLASSES[kind]
+    parameters = inspect.signature(cls).parameters
+    named = {name: None if p.default is p.empty else p.default for name, p in parameters.items()
+             if name != "params" and p.kind != p.VAR_KEYWORD}
+    return {**getattr(cls, "option_defaults", {}), **named}
 
 
 SCHEDULE_OPTIONS = ("power_c",)  # group options the lr schedule reads, not the optimizer
@@ -1242,6 +1246,12 @@ def init_tweak(name, does, introduced, off, acts_on, on, off_fields, copied, con
                      add, constants)
 
 
+def aurora_orientation_option(name):
+    """The path of one of record #17's Aurora-polar constants in a group's options: only where the group takes that
+    polar by its orientation (the Aurora polar backends, #42's form included, run at their fixed constants)."""
+    return lambda options: (name,) if options.get("orientation", "none") != "none" else None
+
+
 def uses_aurora_polar(kind, options):
     return ((kind == "Aurora" and options["orientation"] != "none")
             or options.get("polar_backend") in AURORA_FORMS.values())
@@ -1265,13 +1275,6 @@ def refuse_unless_soap(recipe, names):
     if lacking:
         raise SetupError(f"--with trust_gate: it blends SOAP's direction, and group(s) {', '.join(lacking)} of recipe "
                          f"{recipe.name} have no SOAP; add it first (--with soap:GROUPS)")
-
-
-def refuse_if_pinned(recipe, names):
-    pinned = [g for g in names if g in TECHNIQUES["radius_pin"].where(recipe)]
-    if pinned:
-        raise SetupError(f"--with weight_decay: the radius pin of group(s) {', '.join(pinned)} of recipe {recipe.name} "
-                         f"sets the norm itself and ignores weight decay; add --without radius_pin")
 
 
 def add_trust_gate(recipe, source, names):
@@ -1396,8 +1399,9 @@ TECHNIQUES = {t.name: t for t in (
           "#17; on the wide mlp.proj, in #42's form: #30",
           "the plain polar factor (in #42's chain the Schatten-4 one, as --aurora none gives)", uses_aurora_polar,
           plain_polar, ("polar_backend",),
-          (Constant("aurora.pp_iterations", int, 1, path=("pp_iterations",)),
-           Constant("aurora.pp_beta", float, 0, path=("pp_beta",))), before_add=refuse_with_aurora),
+          (Constant("aurora.pp_iterations", int, 1, path=aurora_orientation_option("pp_iterations")),
+           Constant("aurora.pp_beta", float, 0, path=aurora_orientation_option("pp_beta"))),
+          before_add=refuse_with_aurora),
     stage("schatten_polar", "the Newton-Schulz input divided by its Schatten-4 norm, not its Frobenius norm",
           "#20 (its script; the README does not name it)", "the Frobenius pre-norm (polar)",
           lambda kind, options: options.get("polar_backend") == "schatten",
@@ -1466,8 +1470,7 @@ TECHNIQUES = {t.name: t for t in (
     stage("weight_decay", "decoupled weight decay of the block matrices, W *= 1 - lr wd before the step", "#1", "0",
           lambda kind, options: (options.get("weight_decay") or 0) != 0,
           lambda kind, options: {"weight_decay": 0.0}, ("weight_decay",),
-          (Constant("weight_decay", float, 0, 1, open_high=True, path=("weight_decay",)),),
-          before_add=refuse_if_pinned),
+          (Constant("weight_decay", float, 0, 1, open_high=True, path=("weight_decay",)),)),
     Technique("adam_weight_decay", "AdamW's decoupled weight decay", "#36 (earlier: unknown)", "0",
               lambda recipe: group_names(recipe, lambda spec, options: spec.kind == "AdamW"
                                          and options["weight_decay"] != 0),
@@ -2833,8 +2836,9 @@ CHECKSUM = "sha256"  # the checkpoint's entry that holds checkpoint_digest of th
 
 
 def checkpoint_digest(checkpoint):
-    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes and every other value, in order,
-    so a file whose bytes changed after it was written (a flipped bit loads as a wrong weight) is found."""
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes and every other value, sequences in
+    order and dicts by key (a resumed optimizer's groups list their options in another order), so a file whose
+    bytes changed after it was written (a flipped bit loads as a wrong weight) is found."""
     digest = hashlib.sha256()
 
     def feed(value):
@@ -2842,7 +2846,7 @@ def checkpoint_digest(checkpoint):
             digest.update(f"tensor {value.dtype} {tuple(value.shape)};".encode())
             digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         elif isinstance(value, (dict, list, tuple)):  # (an OrderedDict may load as a dict)
-            items = value.items() if isinstance(value, dict) else enumerate(value)
+            items = sorted(value.items(), key=lambda item: repr(item[0])) if isinstance(value, dict) else enumerate(value)
             digest.update(f"{'dict' if isinstance(value, dict) else 'sequence'} {len(value)};".encode())
             for key, item in items:
                 feed(key)

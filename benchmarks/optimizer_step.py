@@ -27,12 +27,13 @@ import train_gpt  # noqa: E402  (the repo root must be on sys.path first)
 MODEL = train_gpt.ModelConfig()
 
 
-def record_optimizer(name, params, **options):
-    """The matrix optimizer of recipe `name` with the record's settings (train_gpt.RECIPES)."""
+def record_optimizer(name, groups, **options):
+    """The matrix optimizer of recipe `name` with the record's settings (train_gpt.RECIPES), one param group
+    of those settings per list of parameters in `groups`."""
     spec = train_gpt.RECIPES[name].matrix_spec()
     group = spec.groups[0]
-    return train_gpt.MATRIX_OPTIMIZERS[spec.kind]([dict(params=list(params), **group.options)], lr=group.lr,
-                                                  **spec.options, **options)
+    return train_gpt.MATRIX_OPTIMIZERS[spec.kind]([dict(params=list(params), **group.options) for params in groups],
+                                                  lr=group.lr, **spec.options, **options)
 
 
 def hidden_matrix_shapes(width, blocks):
@@ -128,14 +129,14 @@ def main(argv=None):
     batched_ms = {}
     for name in ("muon", "normuon", "aurora"):
         params = make_params(shapes, device)
-        batched = median_step_ms(record_optimizer(name, params), device, args.warmup, args.steps)
+        batched = median_step_ms(record_optimizer(name, [params]), device, args.warmup, args.steps)
         params = make_params(shapes, device)
-        one_at_a_time = record_optimizer(name, [{"params": [p]} for p in params])
+        one_at_a_time = record_optimizer(name, [[p] for p in params])
         single = median_step_ms(one_at_a_time, device, args.warmup, args.steps)
         batched_ms[name] = batched
         print(f"{name:<10} {batched:>11.2f} {single:>17.2f} {single / batched:>15.2f}x")
     if args.riemannian:
-        optimizer = record_optimizer("aurora", make_params(shapes, device), variant="riemannian")
+        optimizer = record_optimizer("aurora", [make_params(shapes, device)], variant="riemannian")
         batched = median_step_ms(optimizer, device, args.warmup, args.steps)
         print(f"{'aurora-riemannian':<10} {batched:>11.2f} {'-':>17} {'-':>16}  "
               f"({batched / batched_ms['aurora']:.1f}x vanilla aurora)")

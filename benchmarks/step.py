@@ -1,16 +1,16 @@
-"""Step time, tokens/s, peak memory and MFU of the three record recipes, measured side by side.
+"""Step time, tokens/s, peak memory and MFU of the record recipes, measured side by side.
 
     python benchmarks/step.py                  # full size (docs/benchmark.md#model, #training-loop) on the GPU
     python benchmarks/step.py --tiny           # train_gpt's CPU preset sizes, seconds on a CPU
     python benchmarks/step.py --tiny --device cpu   # --device auto|cpu|cuda (auto: CUDA when there is a GPU)
     python benchmarks/step.py --json --iters 20 --warmup 3 --recipes aurora,muon
-    python benchmarks/step.py --plan-only --world-size 8   # (c)'s per-rank matrix FLOPs only, any machine
+    python benchmarks/step.py --plan-only                  # (c)'s plan on 1, 2, 4 and 8 ranks only, any machine
 
 For every recipe of train_gpt.RECIPES, in one process, it times:
-  (a) the optimizer step alone, with fixed random gradients: the matrix optimizer (Muon, NorMuon or
-      Aurora) over the model's hidden matrices, and the recipe's whole optimizer set (AdamW + the
-      matrix optimizer). The learning rates are set to 0 for (a), which does the same work but leaves
-      the weights to (b);
+  (a) the optimizer step alone, with fixed random gradients: the matrix optimizer (optimizers.MuonChain
+      in the recipe's configuration) over the model's hidden matrices, and the recipe's whole optimizer
+      set (the Adams + the matrix optimizer). The learning rates are set to 0 for (a), which does the
+      same work but leaves the weights to (b);
   (b) a full training step on one device: forward and backward over every micro-batch of one step
       (8 micro-batches of 64x1024 tokens at full size), then the optimizers' steps;
   (c) per-step counts: the host syncs of one training step as timed in (b); the collectives and the
@@ -18,8 +18,9 @@ For every recipe of train_gpt.RECIPES, in one process, it times:
       torch's fake process group (no other process, no data moved) with that rank's micro-batch count
       but one sequence per micro-batch (what is sent depends on the parameters, not on the batch; an
       eager full-size micro-batch would keep ~80 GiB for backward); and each of the N ranks' matrix
-      FLOPs from the matrix optimizer's bucket plan, with max/mean (1.00: balanced), also for the
-      plan without joined transposes (one bucket per shape).
+      FLOPs from the matrix optimizer's owner plan, with max/mean (1.00: balanced).
+--plan-only prints, for world sizes 1, 2, 4 and 8 (or --world-size N), each rank's matrix FLOPs and
+optimizer-state bytes from the plans alone.
 Recipes run round-robin (aurora, normuon, muon, aurora, ...) so drift on a shared machine hits them
 alike; warmup iterations (compilation) are excluded; the numbers are medians. The data are uniform
 random tokens, the same for every recipe. MFU is the full step's model FLOP/s (flops_per_token below)
@@ -188,9 +189,8 @@ def flops_balance(flops):
 
 
 def matrix_flops_per_rank(matrix_optimizer, world_size):
-    """The matrix optimizer's FLOPs on each of world_size ranks, from its bucket plan (no process needed)."""
-    return {"joined_transposes": flops_balance(matrix_optimizer.flops_per_rank(world_size)),
-            "one_bucket_per_shape": flops_balance(matrix_optimizer.flops_per_rank(world_size, join_transposes=False))}
+    """The matrix optimizer's FLOPs on each of world_size ranks, from its owner plan (no process needed)."""
+    return flops_balance(matrix_optimizer.flops_per_rank(world_size))
 
 
 def state_report(model, recipe, optimizer_set, world_size):
@@ -206,7 +206,7 @@ def state_report(model, recipe, optimizer_set, world_size):
 
 def round_robin_flops(model, matrix, world_size):
     """Records #42 and #46's split, for comparison: their matrices in model order, sorted by shape (largest
-    first, stable), matrix k updated by rank k mod W; each rank's MuonChain FLOPs under it."""
+    first, stable), matrix k updated by rank k mod W; each rank's FLOPs under it."""
     matrices = matrix.matrices()
     position = {id(p): k for k, p in enumerate(model.parameters())}
     in_model_order = sorted(range(len(matrices)), key=lambda i: position[id(matrices[i][1])])
@@ -218,9 +218,9 @@ def round_robin_flops(model, matrix, world_size):
     return flops_balance(totals)
 
 
-def plan_report(recipe_names, tiny, world_size):
-    """(c)'s matrix FLOPs and optimizer-state bytes per rank alone, for a model built on the meta device:
-    the plans need only the shapes, so this runs at full size on any machine in seconds."""
+def plan_report(recipe_names, tiny, world_sizes):
+    """(c)'s matrix FLOPs and optimizer-state bytes per rank alone, on each of world_sizes, for a model built
+    on the meta device: the plans need only the shapes, so this runs at full size on any machine in seconds."""
     hp = train_gpt.TINY if tiny else train_gpt.FULL
     recipes = {}
     for name in recipe_names:
@@ -228,35 +228,42 @@ def plan_report(recipe_names, tiny, world_size):
         with torch.device("meta"):
             model = train_gpt.GPT(dataclasses.replace(hp.model, **recipe.model))
         optimizer_set = train_gpt.build_optimizers(model, recipe)
-        matrix = next(opt for opt in optimizer_set if isinstance(opt, tuple(train_gpt.MATRIX_OPTIMIZERS.values())))
-        flops = matrix_flops_per_rank(matrix, world_size)
-        if isinstance(matrix, optimizers.MuonChain):
-            flops["record_round_robin"] = round_robin_flops(model, matrix, world_size)
-        recipes[name] = {"per_step": {"world_size": world_size, "matrix_flops": flops,
-                                      "state_bytes": state_report(model, recipe, optimizer_set, world_size)}}
+        matrix = next(opt for opt in optimizer_set if isinstance(opt, optimizers.MuonChain))
+        plans = []
+        for world_size in world_sizes:
+            plan = {"world_size": world_size, "matrix_flops": matrix_flops_per_rank(matrix, world_size),
+                    "state_bytes": state_report(model, recipe, optimizer_set, world_size)}
+            if recipe.matrix_spec().kind == "MuonChain":
+                plan["record_round_robin"] = round_robin_flops(model, matrix, world_size)
+            plans.append(plan)
+        recipes[name] = {"plans": plans}
     return {"size": "tiny" if tiny else "full", "model": dataclasses.asdict(hp.model), "plan_only": True,
-            "recipes": recipes}
+            "world_sizes": list(world_sizes), "recipes": recipes}
 
 
 def format_plan(result):
-    """The plan-only table: per recipe, matrix FLOPs and optimizer-state bytes per rank."""
-    world_size = next(iter(result["recipes"].values()))["per_step"]["world_size"]
-    lines = [f"plan on {world_size} ranks, {result['size']} size: matrix FLOPs per step and optimizer-state MiB per "
-             f"rank (matrix optimizer + Adam + lookahead/readout), max/mean; 'one process' is the state a single "
-             f"process keeps, 'bucket' the matrix optimizer's largest all-gather buffer (transient)",
+    """The plan-only table: per recipe and world size, matrix FLOPs and optimizer-state bytes per rank."""
+    lines = [f"plan on {', '.join(map(str, result['world_sizes']))} ranks, {result['size']} size: matrix FLOPs per "
+             f"step and optimizer-state MiB per rank (matrix optimizer + Adam + lookahead/readout), max/mean; 'one "
+             f"process' is the state a single process keeps, 'bucket' the matrix optimizer's largest all-gather "
+             f"buffer (transient)",
              "'record RR': the FLOPs max/mean of records #42/#46's own round-robin split of the same matrices",
-             f"{'recipe':<15} {'GFLOP/rank max':>15} {'FLOPs max/mean':>15} {'record RR':>10} {'state MiB/rank max':>19} "
-             f"{'matrix':>9} {'adam':>8} {'averages':>9} {'state max/mean':>15} {'one process':>12} {'bucket':>8}"]
+             f"{'recipe':<15} {'N':>2} {'GFLOP/rank max':>15} {'FLOPs max/mean':>15} {'record RR':>10} "
+             f"{'state MiB/rank max':>19} {'matrix':>9} {'adam':>8} {'averages':>9} {'state max/mean':>15} "
+             f"{'one process':>12} {'bucket':>8}"]
     mib = 2 ** 20
     for name, r in result["recipes"].items():
-        flops, state = r["per_step"]["matrix_flops"]["joined_transposes"], r["per_step"]["state_bytes"]
-        top = max(range(world_size), key=lambda k: state["total_per_rank"][k])
-        round_robin = r["per_step"]["matrix_flops"].get("record_round_robin")
-        round_robin = f"{round_robin['max_over_mean']:.3f}" if round_robin else "-"
-        lines.append(f"{name:<15} {max(flops['per_rank']) / 1e9:>15,.1f} {flops['max_over_mean']:>15.3f} {round_robin:>10} "
-                     f"{state['total_per_rank'][top] / mib:>19,.1f} {state['per_rank']['matrix'][top] / mib:>9,.1f} "
-                     f"{state['per_rank']['adam'][top] / mib:>8,.1f} {state['per_rank']['weight_averages'][top] / mib:>9,.1f} "
-                     f"{state['max_over_mean']:>15.3f} {state['one_process'] / mib:>12,.1f} {state['bucket'] / mib:>8,.1f}")
+        for plan in r["plans"]:
+            flops, state, world_size = plan["matrix_flops"], plan["state_bytes"], plan["world_size"]
+            top = max(range(world_size), key=lambda k: state["total_per_rank"][k])
+            round_robin = plan.get("record_round_robin")
+            round_robin = f"{round_robin['max_over_mean']:.3f}" if round_robin else "-"
+            lines.append(
+                f"{name:<15} {world_size:>2} {max(flops['per_rank']) / 1e9:>15,.1f} {flops['max_over_mean']:>15.3f} "
+                f"{round_robin:>10} {state['total_per_rank'][top] / mib:>19,.1f} "
+                f"{state['per_rank']['matrix'][top] / mib:>9,.1f} {state['per_rank']['adam'][top] / mib:>8,.1f} "
+                f"{state['per_rank']['weight_averages'][top] / mib:>9,.1f} {state['max_over_mean']:>15.3f} "
+                f"{state['one_process'] / mib:>12,.1f} {state['bucket'] / mib:>8,.1f}")
     return "\n".join(lines)
 
 
@@ -307,8 +314,7 @@ class RecipeBench:
         train_gpt.initialize(self.raw_model, recipe, generator, generator, seed)
         self.model = torch.compile(self.raw_model, dynamic=False)
         self.optimizers = train_gpt.build_optimizers(self.raw_model, recipe)
-        matrix_class = train_gpt.MATRIX_OPTIMIZERS[recipe.matrix_spec().kind]
-        self.matrix_optimizer = next(opt for opt in self.optimizers if isinstance(opt, matrix_class))
+        self.matrix_optimizer = next(opt for opt in self.optimizers if isinstance(opt, optimizers.MuonChain))
         self.hidden_matrices = sum(len(group["params"]) for group in self.matrix_optimizer.param_groups)
 
     def set_gradients(self, grads):
@@ -459,27 +465,24 @@ def format_report(result):
         f"MFU = tokens/s * FLOPs per token / bf16 matmul rate",
         f"peak memory: {result['peak_memory_kind']}",
         "",
-        f"{'recipe':<8} {'matrices':>8} {'(a) matrix ms':>14} {'(a) opt set ms':>15} {'(b) step ms':>12} "
+        f"{'recipe':<15} {'matrices':>8} {'(a) matrix ms':>14} {'(a) opt set ms':>15} {'(b) step ms':>12} "
         f"{'tokens/s':>11} {'MFU':>7} {'peak MiB':>9}",
     ]
     for name, r in result["recipes"].items():
-        lines.append(f"{name:<8} {r['hidden_matrices']:>8} {r['matrix_step_ms']:>14.2f} {r['optimizer_set_ms']:>15.2f} "
+        lines.append(f"{name:<15} {r['hidden_matrices']:>8} {r['matrix_step_ms']:>14.2f} {r['optimizer_set_ms']:>15.2f} "
                      f"{r['train_step_ms']:>12.2f} {r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>6.2f}% "
                      f"{r['peak_memory_mib']:>9,.0f}")
     lines.append("")
     lines.append("(c) per step: host syncs of (b); collectives and bytes sent by one of N ranks (fake process "
-                 "group); matrix FLOPs per rank from the bucket plan, max/mean (joined transposes | one bucket "
-                 "per shape)")
+                 "group); matrix FLOPs per rank from the owner plan, max/mean")
     for name, r in result["recipes"].items():
         c = r["per_step"]
         flops = c["matrix_flops"]
         collectives = ", ".join(f"{count} {kind}" for kind, count in c.get("collectives", {}).items()) or "n/a"
-        lines.append(f"{name:<8} N={c['world_size']}  host syncs {c['host_syncs']}  collectives: {collectives}  "
-                     f"{c.get('bytes', 0) / 2 ** 20:,.1f} MiB  matrix FLOPs max/mean "
-                     f"{flops['joined_transposes']['max_over_mean']:.2f} | "
-                     f"{flops['one_bucket_per_shape']['max_over_mean']:.2f}")
+        lines.append(f"{name:<15} N={c['world_size']}  host syncs {c['host_syncs']}  collectives: {collectives}  "
+                     f"{c.get('bytes', 0) / 2 ** 20:,.1f} MiB  matrix FLOPs max/mean {flops['max_over_mean']:.3f}")
     for pair, ratios in result["ratios"].items():
-        lines.append(f"{pair:<14} (a) matrix {ratios['matrix_step_ms']:.3f}x   (a) opt set "
+        lines.append(f"{pair:<20} (a) matrix {ratios['matrix_step_ms']:.3f}x   (a) opt set "
                      f"{ratios['optimizer_set_ms']:.3f}x   (b) train step {ratios['train_step_ms']:.3f}x")
     return "\n".join(lines)
 
@@ -495,10 +498,12 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=train_gpt.DEVICE_CHOICES, default="auto",
                         help="auto (default): CUDA when torch sees a GPU, else the CPU")
-    parser.add_argument("--world-size", type=int, default=8,
-                        help="ranks N for the per-step counts (c): collectives, bytes, matrix FLOPs per rank")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks N for the per-step counts (c): collectives, bytes, matrix FLOPs per rank "
+                             "(default 8; --plan-only: 1, 2, 4 and 8)")
     parser.add_argument("--plan-only", action="store_true",
-                        help="only (c)'s matrix FLOPs per rank from the bucket plan: no timing, any size on any device")
+                        help="only (c)'s matrix FLOPs and state bytes per rank from the plan: no timing, any size "
+                             "on any device")
     args = parser.parse_args(argv)
     args.recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
     unknown = [name for name in args.recipes if name not in train_gpt.RECIPES]
@@ -509,12 +514,14 @@ def parse_args(argv):
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
     if not 0 <= args.seed < 2 ** 64:
         parser.error(f"--seed must be in [0, 2^64 - 1] (a torch generator seed), got {args.seed}")
-    if args.world_size < 1:
+    if args.world_size is not None and args.world_size < 1:
         parser.error(f"--world-size must be >= 1, got {args.world_size}")
-    try:
-        train_gpt.batch_layout(train_gpt.TINY if args.tiny else train_gpt.FULL, args.world_size)
-    except train_gpt.SetupError as e:
-        parser.error(f"--world-size {args.world_size}: {e}")
+    args.world_sizes = [args.world_size] if args.world_size else [1, 2, 4, 8] if args.plan_only else [8]
+    for world_size in args.world_sizes:
+        try:
+            train_gpt.batch_layout(train_gpt.TINY if args.tiny else train_gpt.FULL, world_size)
+        except train_gpt.SetupError as e:
+            parser.error(f"--world-size {world_size}: {e}")
     try:
         args.device = train_gpt.resolve_device(args.device, 0)
     except train_gpt.SetupError as e:
@@ -528,11 +535,11 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     if args.plan_only:
-        result = plan_report(args.recipes, args.tiny, args.world_size)
+        result = plan_report(args.recipes, args.tiny, args.world_sizes)
         print(json.dumps(result) if args.json else format_plan(result))
         return 0
     result = run_benchmark(args.recipes, args.tiny, args.iters, args.warmup, args.device, args.seed,
-                           args.world_size)
+                           args.world_sizes[0])
     print(json.dumps(result) if args.json else format_report(result))
     return 0
 

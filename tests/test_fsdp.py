@@ -1,6 +1,7 @@
 """Tests of optimizers.py on FSDP2-sharded (DTensor) parameters, on CPU gloo ranks: the same
-parameters and state as one process without FSDP, a torch.distributed.checkpoint saved at 2 ranks
-and resumed at 4, errors for placements the optimizers do not take, and examples/fsdp2_aurora.py.
+parameters and state as one process without FSDP for every configuration of the chain (the three
+benchmark optimizers, records #42's and #46's MuonChain groups with SOAP), a torch.distributed.checkpoint
+saved at 2 ranks and resumed at 4, errors for placements the optimizers do not take, and examples/fsdp2.py.
 The orientation policy of Aurora is tested here too (it decides per matrix shape, as sharding does)."""
 import os
 import sys
@@ -14,7 +15,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from optimizers import Aurora, Muon, MuonChain
-from test_optimizers import RECORD_SETTINGS, ROOT, make_problem, run_on_gloo_ranks, run_optimizer
+from test_optimizers import (CHAIN_CONFIGURATIONS, RECORD_SETTINGS, ROOT, chain_optimizer, make_problem,
+                             run_on_gloo_ranks, run_optimizer, take_steps)
 from test_train_gpt import run_bounded
 
 STEPS = 3
@@ -72,22 +74,26 @@ def full(t):
 
 
 def full_results(model, opt):
-    """Full parameters and {parameter index: {state name: full tensor}} (collectives: every rank calls)."""
+    """Full parameters, {parameter index: {state name: full tensor}} (the state as state_dict() gives it:
+    each matrix's state lives on its owner rank alone) and {parameter index: full leverage} (collectives:
+    every rank calls)."""
     params = list(model.parameters())
-    state = {i: {name: full(v) for name, v in opt.state[p].items()} for i, p in enumerate(params)}
-    return [full(p) for p in params], state
+    state = {i: {name: full(v) if torch.is_tensor(v) else v for name, v in entry.items()}
+             for i, entry in opt.state_dict()["state"].items()}
+    leverage = opt.leverage()
+    return [full(p) for p in params], state, {i: full(leverage[p]) for i, p in enumerate(params) if p in leverage}
 
 
 def fsdp_worker(rank, world_size, out_dir, resume_from):
-    """Per recipe: 3 steps on the mixed model; at 2 ranks a DCP checkpoint after step 2; with
-    resume_from, a fresh model and optimizer loaded from that checkpoint take step 3."""
+    """Per configuration of the chain: 3 steps on the mixed model; at 2 ranks a DCP checkpoint after step
+    2; with resume_from, a fresh model and optimizer loaded from that checkpoint take step 3."""
     weights, grads = fsdp_problem()
     results = {}
-    for recipe, (cls, settings) in RECORD_SETTINGS.items():
+    for recipe in CHAIN_CONFIGURATIONS:
         model = MixedModel(weights)
         assert all(isinstance(p, DTensor) for p in model.sharded.parameters())
         assert not any(isinstance(p, DTensor) for p in model.replicated.parameters())
-        opt = cls(model.named_parameters(), **settings)
+        opt = chain_optimizer(recipe, list(model.parameters()))
         for step, step_grads in enumerate(grads, 1):
             set_grads(model, step_grads)
             opt.step()
@@ -97,7 +103,7 @@ def fsdp_worker(rank, world_size, out_dir, resume_from):
         results[recipe] = full_results(model, opt)
         if resume_from is not None:
             model = MixedModel([torch.zeros_like(w) for w in weights])
-            opt = cls(model.named_parameters(), **settings)
+            opt = chain_optimizer(recipe, list(model.parameters()))
             checkpoint = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.load(checkpoint, checkpoint_id=os.path.join(resume_from, f"checkpoint-{recipe}"))
             set_model_state_dict(model, checkpoint["model"])
@@ -124,37 +130,50 @@ def fsdp_runs(tmp_path_factory):
 
 
 def single_process(recipe):
-    cls, settings = RECORD_SETTINGS[recipe]
+    """One thread, as each gloo rank runs: CPU kernels (SOAP's eigh among them) split their sums by thread count."""
     weights, grads = fsdp_problem()
-    params, opt = run_optimizer(cls, settings, weights, grads)
-    return [p.detach() for p in params], {i: dict(opt.state[p]) for i, p in enumerate(params)}
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = chain_optimizer(recipe, params)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        take_steps(opt, params, grads)
+    finally:
+        torch.set_num_threads(threads)
+    leverage = opt.leverage()
+    return ([p.detach() for p in params], opt.state_dict()["state"],
+            {i: leverage[p] for i, p in enumerate(params) if p in leverage})
 
 
 def assert_same_as_single_process(results, recipe):
-    expected_params, expected_state = single_process(recipe)
-    params, state = results
+    expected_params, expected_state, expected_leverage = single_process(recipe)
+    params, state, leverage = results
+    assert leverage.keys() == expected_leverage.keys() and len(leverage) == 11  # every non-square matrix
+    for i, value in expected_leverage.items():
+        assert torch.equal(value, leverage[i]), (recipe, i, "leverage")
     for i, (a, b) in enumerate(zip(expected_params, params)):
         assert torch.equal(a, b), (recipe, i, (a - b).abs().max())
     assert state.keys() == expected_state.keys()
     for i, names in expected_state.items():
         assert names.keys() == state[i].keys(), (recipe, i)
         for name, value in names.items():
-            assert torch.equal(value, state[i][name]), (recipe, i, name)
+            assert torch.equal(value, state[i][name]) if torch.is_tensor(value) else value == state[i][name], \
+                (recipe, i, name)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("recipe", list(RECORD_SETTINGS))
+@pytest.mark.parametrize("recipe", CHAIN_CONFIGURATIONS)
 def test_fsdp2_steps_equal_one_process_bit_for_bit(fsdp_runs, world_size, recipe):
-    """Parameters and optimizer state (momentum, NorMuon's second moment, leverage) after 3 steps,
-    sharded and replicated matrices alike."""
+    """Parameters, optimizer state (momentum, NorMuon's second moment, leverage, SOAP's statistics and
+    bases) and leverage() after 3 steps, sharded and replicated matrices alike."""
     assert_same_as_single_process(fsdp_runs[world_size][recipe], recipe)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("recipe", list(RECORD_SETTINGS))
+@pytest.mark.parametrize("recipe", CHAIN_CONFIGURATIONS)
 def test_dcp_checkpoint_saved_at_2_ranks_resumes_at_4_identically(fsdp_runs, recipe):
     assert_same_as_single_process(fsdp_runs[4][recipe + " resumed"], recipe)
 
@@ -179,10 +198,11 @@ def refusal_worker(rank, world_size, out_dir):
             Muon(params, lr=0.02)
         except ValueError as error:
             messages[case] = str(error)
-    try:  # records #42 and #46's optimizer keeps whole matrices on owner ranks: it refuses FSDP2's shards
-        MuonChain([torch.nn.Parameter(distribute_tensor(torch.zeros(8, 6), mesh, [Shard(0)]))], lr=0.02)
+    try:  # the same refusal from the chain in records #42 and #46's configuration
+        MuonChain([torch.nn.Parameter(distribute_tensor(torch.zeros(8, 6), mesh, [Shard(1)]))], lr=0.02)
     except ValueError as error:
         messages["muon_chain"] = str(error)
+    MuonChain([torch.nn.Parameter(distribute_tensor(torch.zeros(8, 6), mesh, [Shard(0)]))], lr=0.02)  # taken
     if rank == 0:
         torch.save(messages, os.path.join(out_dir, "messages.pt"))
 
@@ -195,7 +215,8 @@ def test_unsupported_placements_are_refused_naming_parameter_and_placement(tmp_p
     assert "'blocks.1.w'" in messages["mesh2d"] and "2-D mesh" in messages["mesh2d"]
     assert "'blocks.2.b'" in messages["vector"] and "(8,)" in messages["vector"] and "2-D" in messages["vector"]
     assert "Shard(dim=0)" in messages["vector"]
-    assert "is an FSDP2 DTensor" in messages["muon_chain"] and "(8, 6)" in messages["muon_chain"]
+    assert "Shard(dim=1)" in messages["muon_chain"] and "(8, 6)" in messages["muon_chain"]
+    assert all(len(message.splitlines()) == 1 for message in messages.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,14 +251,16 @@ def test_default_orientation_is_the_record_aurora():
 
 
 # ----------------------------------------------------------------------------------------------
-# examples/fsdp2_aurora.py
+# examples/fsdp2.py
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fsdp2_example_trains_under_torchrun_on_two_cpu_ranks():
+@pytest.mark.parametrize("optimizer", ["aurora", "soap-muon"])
+def test_fsdp2_example_trains_under_torchrun_on_two_cpu_ranks(optimizer):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    command = [torchrun, "--standalone", "--nproc_per_node=2", "examples/fsdp2_aurora.py", "--steps", "20"]
+    command = [torchrun, "--standalone", "--nproc_per_node=2", "examples/fsdp2.py", "--steps", "20",
+               "--optimizer", optimizer]
     out = run_bounded(command, 300, cwd=ROOT, env=dict(os.environ, TORCH_COMPILE_DISABLE="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     losses = [float(line.split("loss ")[1].split()[0]) for line in out.stdout.splitlines() if "loss " in line]
@@ -277,10 +300,10 @@ def traffic_worker(rank, world_size, out_dir):
 
 @pytest.mark.distributed
 def test_all_to_all_traffic_is_the_counted_bytes(tmp_path):
-    """Over all ranks one step receives (W-1)/W of every matrix twice (direction in, update out),
-    three times for Aurora with its floor (the weights too), plus (W-1)/W of each state vector
-    (leverage of non-square matrices, NorMuon's second moment) in both directions for the ones
-    the math reads and once for those it only writes."""
+    """Over all ranks one step receives (W-1)/W of every matrix twice (gradient in, update out), three
+    times for Aurora with its floor (the weights too), (W-1)/W of the leverage of the non-square matrices
+    on the way out, and each matrix's two scalars (its update's finiteness, the pin's scale) on every other
+    rank. The state stays on the owner: NorMuon's second moment never travels."""
     world_size = 2
     run_on_gloo_ranks(traffic_worker, world_size, tmp_path, str(tmp_path))
     total = {recipe: sum(torch.load(tmp_path / f"traffic{r}.pt")[recipe] for r in range(world_size))
@@ -288,7 +311,7 @@ def test_all_to_all_traffic_is_the_counted_bytes(tmp_path):
     fraction = (world_size - 1) / world_size
     matrix = sum(m * n for m, n in TRAFFIC_SHAPES)
     leverage = sum(max(m, n) for m, n in TRAFFIC_SHAPES if m != n)
-    second_moment = sum(m if m >= n else n for m, n in TRAFFIC_SHAPES)
-    assert total["muon"] == fraction * (2 * matrix + leverage)
-    assert total["normuon"] == fraction * (2 * matrix + leverage + 2 * second_moment)
-    assert total["aurora"] == fraction * (3 * matrix + leverage)
+    scalars = (world_size - 1) * 2 * len(TRAFFIC_SHAPES)
+    assert total["muon"] == fraction * (2 * matrix + leverage) + scalars
+    assert total["normuon"] == fraction * (2 * matrix + leverage) + scalars
+    assert total["aurora"] == fraction * (3 * matrix + leverage) + scalars

@@ -17,10 +17,14 @@ if [ -n "${FAIL:-}" ] && [[ "$*" == "$FAIL"* ]]; then echo "failing as the test 
 if [ -n "${HANG:-}" ] && [[ "$*" == "$HANG"* ]]; then exec sleep 60; fi
 exit 0
 """
-# The first arguments the stand-in python gets in each stage (run.sh passes its own to it).
+RECIPES = ("aurora", "normuon", "muon", "aurora-ema-ref", "soap-muon")
+# The first arguments the stand-in python gets in each stage (run.sh passes its own to it); the five
+# recipes' runs start alike, so a test that fails one fails them all.
 STAGES = {"setup": "run.sh --setup", "environment": "- cpu", "pytest -m cuda": "-m pytest",
-          "shards": "data/synthetic.py", "train_gpt.py 3 steps --ddp": "-m torch.distributed.run",
-          "benchmarks/step.py aurora,muon": "benchmarks/step.py"}
+          "shards": "data/synthetic.py",
+          **{f"train_gpt.py {recipe} 3 steps --ddp": "-m torch.distributed.run" for recipe in RECIPES},
+          "benchmarks/step.py aurora,muon,aurora-ema-ref,soap-muon": "benchmarks/step.py"}
+TRAIN = "-m torch.distributed.run"
 
 
 @pytest.fixture
@@ -48,7 +52,7 @@ def summary(project):
     return (project / "logs" / "gpu_check" / "summary.txt").read_text().splitlines()
 
 
-def test_every_stage_passing_is_a_pass_and_the_trainer_may_replace_its_fixed_run_id(project):
+def test_every_stage_passing_is_a_pass_and_the_trainer_may_replace_its_fixed_run_ids(project):
     status, stdout, stderr, calls = gpu_check(project, "--smoke")
     assert status == 0, stdout + stderr
     lines = summary(project)
@@ -56,8 +60,10 @@ def test_every_stage_passing_is_a_pass_and_the_trainer_may_replace_its_fixed_run
         name for name in STAGES if name != "shards"]
     assert all(" ok (" in line for line in lines if line.startswith("["))
     assert lines[-1].startswith("gpu_check: all stages passed in ")
-    (train,) = [call for call in calls if call.startswith(STAGES["train_gpt.py 3 steps --ddp"])]
-    assert "--run-id gpu_check --overwrite" in train  # a second check replaces the first one's log
+    trains = [call for call in calls if call.startswith(TRAIN)]
+    assert [call.split("--recipe ")[1].split()[0] for call in trains] == list(RECIPES)
+    for recipe, train in zip(RECIPES, trains):  # a second check replaces the first one's logs
+        assert f"--run-id gpu_check-{recipe} --overwrite" in train
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -77,8 +83,7 @@ def test_a_stage_out_of_time_and_the_stages_after_the_deadline_make_the_check_fa
     assert status == 1, stdout + stderr
     lines = [line for line in summary(project) if line.startswith("[")]
     assert lines[2].startswith("[pytest -m cuda] TIMED OUT after ")
-    assert lines[3:] == ["[train_gpt.py 3 steps --ddp] SKIPPED: the 10s deadline has passed",
-                         "[benchmarks/step.py aurora,muon] SKIPPED: the 10s deadline has passed"]
+    assert lines[3:] == [f"[{name}] SKIPPED: the 10s deadline has passed" for name in list(STAGES)[4:]]
     assert not [call for call in calls if call.startswith(("-m torch.distributed.run", "benchmarks/step.py"))]
 
 

@@ -137,49 +137,51 @@ def chain_reference(W, grads, options, schedule, stages):
         decay = options["cautious_weight_decay"] if "cautious_wd" in stages else 0.0
         if "radius_pin" in stages:
             opt.pinned_step_(W, P, at["lr"], decay)
-        else:
-            opt.plain_step_(W, P, at["lr"], 0.0, decay)
+        else:  # the plain step: W -= lr P, then the cautious decay with its mask from before the step
+            mask = opt.cautious_mask(P, W)
+            W.add_(P, alpha=-at["lr"]).mul_(1.0 - (at["lr"] * decay) * mask)
     return W
 
 
 def benchmark_reference(weights, grads, kind, options, schedule, stages):
     """The matrices of one Muon / NorMuon / Aurora group after the steps, only `stages` on: momentum and the
-    Nesterov direction per matrix, the update math on runs of same-shape matrices stacked as the optimizer
-    stacks its buckets (bucket_plan; a lone matrix padded with zeros), decoupled decay and the step."""
+    Nesterov direction per matrix, the update math on each shape's matrices stacked as the optimizer stacks
+    them in one process (a shape's lone matrix as one 2-D matrix), decoupled decay and the step."""
     names = list(weights)
     W = {name: weights[name].clone() for name in names}
     momenta = {name: torch.zeros_like(W[name]) for name in names}
     seconds = {name: torch.zeros((w.size(0), 1) if w.size(0) >= w.size(1) else (1, w.size(1))) for name, w in W.items()}
-    shapes = [tuple(W[name].shape) for name in names]
     for g, at in zip(grads, schedule):
         mu, lr = at["momentum"], at["lr"]
+        decay = 1 - lr * options["weight_decay"] if "weight_decay" in stages else 1.0
         updates = {}
         for name in names:
             momenta[name].lerp_(g[name], 1 - mu)
-        for bucket in opt.bucket_plan(shapes):
-            for run in opt.same_shape_runs(bucket, shapes):
-                run_names = [names[i] for i in run]
+        for shape in dict.fromkeys(tuple(w.shape) for w in W.values()):
+            run = [name for name in names if tuple(W[name].shape) == shape]
 
-                def stack(tensors):
-                    return torch.stack(tensors + [torch.zeros_like(tensors[0])] if len(run) == 1 < len(bucket)
-                                       else tensors)
-                u = stack([g[name].lerp(momenta[name], mu) for name in run_names])
-                if kind == "NorMuon" and "normuon" in stages:
-                    update, second, _ = opt.normuon_update(u, stack([seconds[n] for n in run_names]), options["beta2"],
-                                                           False, opt.polar)
-                    seconds.update(zip(run_names, second.unbind(0)))
-                elif kind == "Aurora":
-                    floor = options["uw_floor"] if "uw_floor" in stages else 0.0
-                    update, _ = opt.aurora_update(u, stack([W[n] for n in run_names]) if floor else None,
-                                                  options["pp_iterations"], options["pp_beta"],
-                                                  options["contra"] if "contra" in stages else 0.0, floor, "vanilla",
-                                                  opt.polar, "aurora" in stages and u.size(-2) != u.size(-1))
-                else:
-                    update, _ = opt.muon_update(u, opt.polar)
-                updates.update(zip(run_names, update.unbind(0)))
+            def stack(tensors):
+                return tensors[0] if len(run) == 1 else torch.stack(tensors)
+            u = stack([g[name].lerp(momenta[name], mu) for name in run])
+            rows, cols = shape
+            if kind == "Aurora" and "aurora" in stages and rows != cols:
+                P = opt.aurora_polar(u, options["pp_iterations"], options["pp_beta"])
+            else:
+                P = opt.polar(u)
+            update = P
+            if "contra" in stages:
+                update = opt.contra_mix(P, opt.contra_direction(u), options["contra"])
+            update = update * opt.aspect_scale(rows, cols)
+            if kind == "NorMuon" and "normuon" in stages:
+                update, second = opt.normuon_normalize(update, stack([seconds[n] for n in run]), options["beta2"])
+                seconds.update(zip(run, [second] if len(run) == 1 else second.unbind(0)))
+            if "uw_floor" in stages:  # the floor sees W after this step's decay
+                update = opt.uw_floor(update, stack([W[n] * decay for n in run]), options["uw_floor"])
+            update = update.float()
+            updates.update(zip(run, [update] if len(run) == 1 else update.unbind(0)))
         for name in names:
-            if "weight_decay" in stages:
-                W[name].mul_(1 - lr * options["weight_decay"])
+            if decay != 1.0:
+                W[name].mul_(decay)
             W[name].add_(updates[name], alpha=-lr)
     return W
 
@@ -512,7 +514,6 @@ def test_a_switched_recipe_is_not_a_record_and_the_differences_say_why(argv, is_
     (["--recipe", "soap-muon", "--with", "aurora:mlp"], "with --aurora PATTERN"),
     (["--recipe", "soap-muon", "--aurora", "mlp.proj", "--without", "schatten_polar", "--with", "aurora"],
      "give it or --without/--with aurora, not both"),
-    (["--recipe", "soap-muon", "--with", "weight_decay"], "ignores weight decay; add --without radius_pin"),
     (["--recipe", "aurora-ema-ref", "--with", "trust_gate:attn.q,k,proj"], "have no SOAP; add it first"),
     (["--recipe", "aurora", "--with", "fc_depth_init"], "add the record init first: --with record_init"),
     (["--recipe", "soap-muon", "--without", "trust_gate", "--with", "early_trust"], "add it first (--with trust_gate"),
@@ -573,6 +574,20 @@ def test_a_run_without_its_readout_or_lookahead_logs_the_raw_loss_and_says_what_
     assert config["switches"] == {"without": removed, "with": [], "set": []} and not config["is_record_recipe"]
     assert sorted(d.split(" ")[1] for d in config["differs_from_record"] if d.startswith("without ")) == removed
     assert config["recipe_settings"]["readout"] is None
+
+
+def test_with_weight_decay_under_the_radius_pin_decays_before_the_pin_reads_w():
+    """--with weight_decay on soap-muon, whose groups pin the radius: the chain decays W before the step and the pin
+    takes its target from the decayed W, so the decay shrinks the norm the pin keeps and the weights change."""
+    record, hp, _ = resolved("soap-muon")
+    switched, _, said = resolved("soap-muon", "--with", "weight_decay")
+    spec = switched.matrix_spec()
+    assert all(tg.group_options(spec, g)["weight_decay"] > 0 and tg.group_options(spec, g)["pin"] for g in spec.groups)
+    before, _, _ = trained(record, hp)
+    after, _, members = trained(switched, hp)
+    matrices = {n for g in spec.groups for n in members[g.name]}
+    assert {n for n in before if not torch.equal(before[n], after[n])} == matrices
+    assert sum(after[n].norm() for n in matrices) < sum(before[n].norm() for n in matrices)
 
 
 def test_with_soap_on_auroras_mlp_needs_every_stage_in_every_matrix_optimizer():

@@ -1192,13 +1192,13 @@ def test_first_non_finite_step_is_named_at_the_next_validation(data_args, tmp_pa
     assert [step for step, _, _ in val_records(lines)] == [0]
 
 
-def overlap_worker(rank, world_size, store_path, out_dir):
+def overlap_worker(rank, world_size, store_path, out_dir, recipe):
     torch._dynamo.config.disable = True
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     finished = False
     try:
-        model, _, optimizers, _ = step_setup("muon", False)
+        model, _, optimizers, _ = step_setup(recipe, False)
         buffers = [torch.randint(0, STEP_CONFIG.vocab_size, (4 * STEP_CONFIG.seq_len + 1,),
                                  generator=torch.Generator().manual_seed(10 + r)) for r in range(world_size)]
         # Each rank's own gradient, accumulated over its micro-batches as train_step does, on a plain copy.
@@ -1230,11 +1230,13 @@ def overlap_worker(rank, world_size, store_path, out_dir):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_gradient_buckets_are_summed_during_the_last_backward(tmp_path):
-    """DDP with train_gpt's hook: no all-reduce in the first micro-batch's backward (no_sync); in the
-    last one the first buckets' all-reduces start before the embedding (the first layer, so the end of
-    the backward) has its gradient; the result is the plain sum of the ranks' gradients, to the bit."""
-    torch.multiprocessing.spawn(overlap_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("recipe", sorted(tg.RECIPES))
+def test_gradient_buckets_are_summed_during_the_last_backward(tmp_path, recipe):
+    """DDP with train_gpt's hook, every recipe: no all-reduce in the first micro-batch's backward (no_sync);
+    in the last one the first buckets' all-reduces start before the embedding (the first layer, so the end
+    of the backward) has its gradient; the result is the plain sum of the ranks' gradients, to the bit."""
+    torch.multiprocessing.spawn(overlap_worker, args=(2, str(tmp_path / "store"), str(tmp_path), recipe), nprocs=2,
+                                join=True)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         events = result["events"]

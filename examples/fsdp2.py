@@ -1,14 +1,18 @@
-"""Aurora in a training loop whose model is sharded with FSDP2 (fully_shard), in one file.
+"""Aurora, or record #46's SOAP-Muon, in a training loop whose model is sharded with FSDP2 (fully_shard), in
+one file.
 
-    torchrun --nproc_per_node=2 examples/fsdp2_aurora.py             # CPU (gloo), or GPUs (NCCL)
-    torchrun --nproc_per_node=8 examples/fsdp2_aurora.py --steps 300 --orientation tall
+    torchrun --nproc_per_node=2 examples/fsdp2.py                        # Aurora; CPU (gloo), or GPUs (NCCL)
+    torchrun --nproc_per_node=2 examples/fsdp2.py --optimizer soap-muon  # record #46's matrix optimizer
+    torchrun --nproc_per_node=8 examples/fsdp2.py --steps 300 --orientation tall
 
 A small GPT-like model: every block and then the whole model is wrapped with fully_shard, so each
-parameter is a DTensor holding 1/world of its rows on each rank. Aurora takes the blocks' matrices
-(tall qkv and fc, square attention proj, wide MLP proj) exactly as they come; AdamW takes the
-embedding, the head and the gains. Nothing else changes from a single-GPU loop. Each rank trains on
-its own batches of a random Markov chain over the vocabulary, so the loss has something to learn:
-it falls from ln(vocab) towards the chain's entropy.
+parameter is a DTensor holding 1/world of its rows on each rank. The matrix optimizer takes the blocks'
+matrices (tall qkv and fc, square attention proj, wide MLP proj) exactly as they come: each matrix is
+assembled on the rank that owns it, which alone keeps its state (SOAP's Gram matrices and bases too)
+and computes its update, and every rank gets its rows of the update back. AdamW takes the embedding,
+the head and the gains. Nothing else changes from a single-GPU loop. Each rank trains on its own
+batches of a random Markov chain over the vocabulary, so the loss has something to learn: it falls
+from ln(vocab) towards the chain's entropy.
 """
 import argparse
 import math
@@ -23,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from optimizers import AURORA_ORIENTATIONS, Aurora  # noqa: E402
+from optimizers import AURORA_ORIENTATIONS, Aurora, MuonChain  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Model
@@ -89,8 +93,11 @@ def markov_batches(vocab, batch, length, seed, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--optimizer", choices=("aurora", "soap-muon"), default="aurora",
+                        help="the blocks' matrix optimizer: record #17's Aurora, or record #46's chain (SOAP, "
+                             "the Schatten-4 polar, radial brake, RowFloor, pinned step, cautious decay)")
     parser.add_argument("--orientation", choices=AURORA_ORIENTATIONS, default="non_square",
-                        help="matrices that get Aurora's polar factor (the others get Muon's)")
+                        help="Aurora: matrices that get Aurora's polar factor (the others get Muon's)")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=256)
@@ -114,15 +121,18 @@ def main():
 
     matrices = [(n, p) for n, p in model.blocks.named_parameters() if p.ndim == 2]
     rest = [p for n, p in model.named_parameters() if not (n.startswith("blocks.") and p.ndim == 2)]
-    optimizers = [
-        Aurora(matrices, lr=0.0375, contra=0.4, uw_floor=0.35, orientation=args.orientation),
-        torch.optim.AdamW(rest, lr=0.01, betas=(0.8, 0.95), eps=1e-10),
-    ]
+    if args.optimizer == "aurora":
+        matrix_optimizer = Aurora(matrices, lr=0.0375, contra=0.4, uw_floor=0.35, orientation=args.orientation)
+    else:  # record #46's stages, its SOAP through the gate at 1 (the attention output's trust gate aside)
+        matrix_optimizer = MuonChain(matrices, lr=0.0375, soap=dict(beta2=0.90, frequency=1, denom_power=0.50),
+                                     soap_combine="gate", radial_brake=(0.5, 1.0), floor=("row", 0.3825, 1.0),
+                                     cautious_weight_decay=0.025)
+    optimizers = [matrix_optimizer, torch.optim.AdamW(rest, lr=0.01, betas=(0.8, 0.95), eps=1e-10)]
     if rank == 0:
         shapes = sorted({tuple(p.shape) for _, p in matrices})
-        print(f"{world_size} ranks on {device.type}; Aurora ({args.orientation}) on {len(matrices)} "
-              f"matrices of shapes {shapes}, AdamW on {len(rest)} tensors; "
-              f"ln(vocab) = {math.log(args.vocab):.3f}")
+        name = f"Aurora ({args.orientation})" if args.optimizer == "aurora" else "SOAP-Muon"
+        print(f"{world_size} ranks on {device.type}; {name} on {len(matrices)} matrices of shapes {shapes}, "
+              f"AdamW on {len(rest)} tensors; ln(vocab) = {math.log(args.vocab):.3f}")
 
     batches = markov_batches(args.vocab, args.batch, args.length, seed=1 + rank, device=device)
     start = time.perf_counter()
