@@ -189,11 +189,12 @@ def test_optimizer_step_refuses_bad_counts_before_timing(capsys, argv, message):
     assert refused.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
 
 
-def test_optimizer_step_times_every_optimizer_on_a_good_input(capsys, monkeypatch):
+def test_optimizer_step_times_every_optimizer_on_a_good_input(capsys):
     """The issue's good input (width 38, one step, no warm-up) runs to its table: each optimizer batched and one
     matrix at a time, in milliseconds measured, and the ratios (it once crashed building its per-matrix groups)."""
-    monkeypatch.setattr(torch._dynamo.config, "disable", torch._dynamo.config.disable)  # --eager sets it
-    assert optimizer_step.main(["--device", "cpu", "--eager", "--scale", "0.05", "--steps", "1", "--warmup", "0"]) in (0, None)
+    with torch._dynamo.config.patch(disable=torch._dynamo.config.disable):  # --eager sets it; this puts it back
+        assert optimizer_step.main(["--device", "cpu", "--eager", "--scale", "0.05", "--steps", "1", "--warmup", "0"]) \
+            in (0, None)
     lines = capsys.readouterr().out.splitlines()
     assert "72 matrices (38x38 x48, 152x38 x12, 38x152 x12); median of 1 steps after 0 warmup" in lines[0]
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:5]}
