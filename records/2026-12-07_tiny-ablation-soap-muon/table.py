@@ -49,7 +49,9 @@ def main(paths):
             losses = [run.losses()[step] for run in group]
             t, p = tests.ttest_ind(losses, [run.losses()[step] for run in reference], equal_var=False)
             welch = f"{t:+.2f} | {p:.2g}"
-        arm = "soap-muon" if row["reference"] else row["configuration"].split(": ", 1)[-1]
+        # The arm by what it leaves out (the norm_float32 arm's model also differs, by that very switch).
+        left_out = [part for part in row["configuration"].split(": ", 1)[-1].split("; ") if part.startswith("without ")]
+        arm = "soap-muon" if row["reference"] else "; ".join(left_out)
         lines.append(f"| {arm} | {', '.join(map(str, seeds))} | "
                      f"{row['readout'].mean:.5f} ± {stats.fmt(row['readout'].std)} | "
                      f"{row['raw'].mean:.5f} ± {stats.fmt(row['raw'].std)} | "
