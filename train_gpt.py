@@ -798,9 +798,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    """The benchmark's model. Its activations are bf16 (the embedding's dtype), as in the records; the CPU
+    preset passes activation_dtype=float32 where bf16 matmuls are slow (the weights keep their dtypes)."""
+
+    def __init__(self, config, activation_dtype=torch.bfloat16):
         super().__init__()
         self.config = config
+        self.activation_dtype = activation_dtype
         self.embed = Embedding(config.vocab_size, config.model_dim, dtype=torch.bfloat16)
         self.norm_a = RMSNorm(config.model_dim, config.norm_float32)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
@@ -809,7 +813,7 @@ class GPT(nn.Module):
 
     def features(self, inputs):
         """The residual stream after the last block."""
-        x = self.norm_a(self.embed(inputs))
+        x = self.norm_a(self.embed(inputs).to(self.activation_dtype))
         for block in self.blocks:
             x = block(x)
         return x
@@ -3398,7 +3402,7 @@ def knob_differences(args):
 
 
 def config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id,
-                  switched=Switched(), resume=None):
+                  switched=Switched(), resume=None, activation_dtype="bfloat16"):
     differences = record_differences(hp, recipe, steps, args.init_from, switched) + knob_differences(args)
     aurora = switched.aurora
     return {"command": shlex.join([sys.executable] + sys.argv), "run_id": run_id, "recipe": recipe.name,
@@ -3420,6 +3424,7 @@ def config_record(args, hp, recipe, steps, dist_info, device, layout, train_path
             "data_seed": args.data_seed, "stop_at": args.stop_at,
             "diagnostics": not args.no_diagnostics, "probe_tokens": args.probe_tokens, "probe_every": args.probe_every,
             "ddp": dist_info.world_size > 1 or args.ddp, "polar_dtype": polar_dtype(recipe),
+            "activation_dtype": activation_dtype,
             "is_record_recipe": not differences,
             "differs_from_record": differences}
 
@@ -3437,8 +3442,9 @@ def recipe_settings(recipe):
     return plain(recipe)
 
 
-# The CPU preset's polar iterations run in float32 where bf16 matmuls are slow (docs/recipes.md#cpu-kinds):
-# without the CPU's bf16 instructions a 512 x 512 bf16 matmul cost 128 ms against 3.4 ms in float32 (one
+# The CPU preset's bf16 math (the forward's activations and the polar iterations) runs in float32 where bf16
+# matmuls are slow (docs/recipes.md#cpu-kinds): without the CPU's bf16 instructions a 512 x 512 bf16 matmul cost
+# 128 ms against 3.4 ms in float32, and the tiny model's forward and backward 2.06 s against 0.17 s (one
 # thread, the AVX2 paths forced on an AVX512 Xeon). Full size and the records keep their bf16.
 BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")
 
@@ -3469,12 +3475,16 @@ def with_polar_dtype(recipe, dtype):
                                                         for spec in recipe.optimizers))
 
 
-def cpu_preset_recipe(recipe, args, device, flags, environ):
-    """The recipe as the CPU preset runs it: --tiny on the CPU takes its polar iterations in float32 where
-    bf16 matmuls are slow; every other run keeps the record's dtypes."""
-    if args.tiny and device.type == "cpu" and bf16_matmuls_are_slow(flags, environ):
-        return with_polar_dtype(recipe, "float32")
-    return recipe
+def cpu_preset_dtype(args, device, flags, environ):
+    """The dtype of the run's bf16 math (the forward's activations and the polar iterations): float32 for the
+    CPU preset (--tiny on the CPU) where bf16 matmuls are slow; the records' bfloat16 for every other run."""
+    slow = args.tiny and device.type == "cpu" and bf16_matmuls_are_slow(flags, environ)
+    return "float32" if slow else "bfloat16"
+
+
+def cpu_preset_recipe(recipe, dtype):
+    """The recipe with the CPU preset's dtype for its polar iterations (as it is, in the records' bfloat16)."""
+    return recipe if dtype == "bfloat16" else with_polar_dtype(recipe, dtype)
 
 
 def polar_dtype(recipe):
@@ -3523,8 +3533,8 @@ def config_summary(config, log_path):
         "no diagnostics"
     differences = len(config["differs_from_record"])
     record = f"not a record ({counted(differences, 'setting')} differing)" if differences else "a record run"
-    polar = f"polar iterations in {config['polar_dtype']}" + (
-        " (this CPU's bf16 matmuls are slow)" if config["polar_dtype"] == "float32" else "")
+    polar = f"activations in {config['activation_dtype']}, polar iterations in {config['polar_dtype']}" + (
+        " (this CPU's bf16 matmuls are slow)" if config["activation_dtype"] == "float32" else "")
     return f"config: {run}; {diagnostics}; {polar}; {record}; the whole config is in {log_path}"
 
 
@@ -3542,7 +3552,8 @@ def main(argv=None):
         run_id = args.run_id or f"{recipe.name}-{uuid.uuid4()}"
         log_path = os.path.join("logs", f"{run_id}.txt")
         layout, init_weights, resume, device = check_run(args, hp, recipe, steps, dist_info, log_path)
-        recipe = cpu_preset_recipe(recipe, args, device, cpu_flags(), os.environ)
+        math_dtype = cpu_preset_dtype(args, device, cpu_flags(), os.environ)
+        recipe = cpu_preset_recipe(recipe, math_dtype)
         if args.check_args:
             return 0
         train_paths, val_path = check_data(args, hp, steps)
@@ -3568,10 +3579,10 @@ def main(argv=None):
         log.write(running_line(device, dist_info.world_size))
         log.write(SEPARATOR, echo=False)
         config = config_record(args, hp, recipe, steps, dist_info, device, layout, train_paths, val_path, run_id,
-                               switched, resume)
+                               switched, resume, math_dtype)
         log.event("config", config, echo=False)
         log.echo(config_summary(config, log_path))
-        raw_model = GPT(hp.model).to(device)
+        raw_model = GPT(hp.model, getattr(torch, math_dtype)).to(device)
         if args.freeze_mlp_scalars:
             for param in mlp_scalars(raw_model):
                 param.requires_grad_(False)

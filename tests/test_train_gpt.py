@@ -172,12 +172,13 @@ def test_console_gets_one_readable_config_line_and_the_log_the_json(tiny_run):
     (config,) = events(lines, "config")
     assert config["differs_from_record"] and not [line for line in console if line.startswith("config {")]
     (summary,) = [line for line in console if line.startswith("config")]
-    polar = ("float32 (this CPU's bf16 matmuls are slow)" if tg.bf16_matmuls_are_slow(tg.cpu_flags(), os.environ)
-             else "bfloat16")
+    dtypes = ("activations in float32, polar iterations in float32 (this CPU's bf16 matmuls are slow)"
+              if tg.bf16_matmuls_are_slow(tg.cpu_flags(), os.environ) else
+              "activations in bfloat16, polar iterations in bfloat16")
     assert summary == (f"config: aurora, tiny preset, {STEPS} steps of 16 x 256 tokens, 2 trials, seed 0, cpu, world "
-                       f"size 1, not compiled; diagnostics on {PROBE_TOKENS:,}-token probes every 50 steps; polar "
-                       f"iterations in {polar}; not a record ({len(config['differs_from_record'])} settings "
-                       f"differing); the whole config is in logs/tiny.txt")
+                       f"size 1, not compiled; diagnostics on {PROBE_TOKENS:,}-token probes every 50 steps; {dtypes}; "
+                       f"not a record ({len(config['differs_from_record'])} settings differing); the whole config is "
+                       f"in logs/tiny.txt")
 
 
 @pytest.mark.parametrize("flags, diagnostics, record", [
@@ -193,8 +194,8 @@ def test_config_summary_of_full_size_runs(flags, diagnostics, record):
                               torch.device("cpu"), tg.batch_layout(hp, 8), ["train.bin"], "val.bin", "r")
     assert tg.config_summary(config, "logs/r.txt") == (
         f"config: aurora, full preset, 3200 steps of 512 x 1024 tokens, 1 trial, seed {args.seed}, cpu, world size 8, "
-        f"{'compiled' if config['compiled'] else 'not compiled'}; {diagnostics}; polar iterations in bfloat16; {record}; "
-        f"the whole config is in logs/r.txt")
+        f"{'compiled' if config['compiled'] else 'not compiled'}; {diagnostics}; activations in bfloat16, polar "
+        f"iterations in bfloat16; {record}; the whole config is in logs/r.txt")
 
 
 @pytest.mark.parametrize("flags, environ, slow", [
@@ -213,27 +214,60 @@ def test_bf16_matmuls_are_slow_without_the_cpus_bf16_instructions(flags, environ
 @pytest.mark.parametrize("flags, device, slow_cpu_float32", [
     (["--tiny"], "cpu", True), (["--tiny"], "cuda", False), ([], "cpu", False)])
 @pytest.mark.parametrize("recipe_name", ["aurora", "soap-muon"])
-def test_the_cpu_preset_takes_float32_polars_only_where_bf16_is_slow(flags, device, slow_cpu_float32, recipe_name):
+def test_the_cpu_preset_takes_float32_math_only_where_bf16_is_slow(flags, device, slow_cpu_float32, recipe_name):
     """Only the matrix optimizers' groups change; full size and a GPU keep the records' dtypes; the log's
-    config and the console say which dtype ran."""
+    config and the console say which dtypes ran."""
     args = tg.parse_args(["--recipe", recipe_name, *flags])
     hp = tg.resolve_hyperparameters(args)
     recipe = tg.RECIPES[recipe_name]
     for cpu, slow in (({"avx512_bf16", "amx_bf16"}, False), (set(), True)):
-        ran = tg.cpu_preset_recipe(recipe, args, torch.device(device), cpu, {})
+        dtype = tg.cpu_preset_dtype(args, torch.device(device), cpu, {})
         float32 = slow and slow_cpu_float32
+        assert dtype == ("float32" if float32 else "bfloat16")
+        ran = tg.cpu_preset_recipe(recipe, dtype)
         assert (ran == recipe) is not float32
-        assert tg.polar_dtype(ran) == ("float32" if float32 else "bfloat16")
+        assert tg.polar_dtype(ran) == dtype
         for spec, ours in zip(recipe.optimizers, ran.optimizers):
             for group, our_group in zip(spec.groups, ours.groups):
                 changed = {k: v for k, v in our_group.options.items() if group.options.get(k) != v}
                 assert changed == ({"polar_dtype": "float32"} if float32 and spec.kind in tg.MATRIX_OPTIMIZERS
                                    else {}), (spec.kind, group.name)
         config = tg.config_record(args, hp, ran, 200, tg.Distributed(0, 1, 0, False), torch.device(device),
-                                  tg.batch_layout(hp, 1), ["train.bin"], "val.bin", "r")
-        assert config["polar_dtype"] == tg.polar_dtype(ran)
-        assert ("; polar iterations in float32 (this CPU's bf16 matmuls are slow); " if float32 else
-                "; polar iterations in bfloat16; ") in tg.config_summary(config, "logs/r.txt")
+                                  tg.batch_layout(hp, 1), ["train.bin"], "val.bin", "r", activation_dtype=dtype)
+        assert (config["polar_dtype"], config["activation_dtype"]) == (dtype, dtype)
+        assert ("; activations in float32, polar iterations in float32 (this CPU's bf16 matmuls are slow); "
+                if float32 else "; activations in bfloat16, polar iterations in bfloat16; ") in \
+            tg.config_summary(config, "logs/r.txt")
+
+
+def test_float32_activations_run_the_whole_forward_in_float32_and_keep_the_weights():
+    """The CPU preset's float32 model: every block's input is float32; the parameters (the bf16 embedding too)
+    and their init draws are those of the records' bf16 model; the loss is that model's within bf16 rounding."""
+    config = tg.TINY.model
+    models = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        models[dtype] = tg.GPT(config, dtype)
+        tg.init_parameters(models[dtype], torch.Generator().manual_seed(0))
+    bf16, fp32 = models[torch.bfloat16], models[torch.float32]
+    for (name, a), (_, b) in zip(bf16.named_parameters(), fp32.named_parameters()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    with torch.no_grad():  # the init zeroes every proj: give the blocks something to compute
+        for model in (bf16, fp32):
+            for block in model.blocks:
+                block.attn.proj.weight.normal_(std=0.02, generator=torch.Generator().manual_seed(2))
+    seen = []
+    hooks = [block.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].dtype))
+             for block in fp32.blocks]
+    inputs = torch.randint(0, config.vocab_size, (2, config.seq_len), generator=torch.Generator().manual_seed(1))
+    targets = inputs.roll(-1, dims=1)
+    with torch.no_grad():
+        features_bf16, features_fp32 = bf16.features(inputs), fp32.features(inputs)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [torch.float32] * config.num_layers
+    assert features_bf16.dtype == torch.bfloat16 and features_fp32.dtype == torch.float32
+    assert not torch.equal(features_fp32.bfloat16(), features_bf16)
+    assert torch.allclose(features_fp32, features_bf16.float(), atol=0.1, rtol=0.05)
 
 
 def test_diagnostics_summary_reads_the_reports_and_skips_what_it_does_not_know():
