@@ -1019,10 +1019,11 @@ def test_joined_transposes_give_bit_identical_steps_in_one_process(one_process_b
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("world_size", [2, 8])
 def test_gloo_ranks_give_bit_identical_steps_for_both_bucketings(tmp_path, world_size, one_process_bucketings):
-    """1 process against 2, 4 and 8 gloo processes, each with both bucketings, on the full model's
-    shapes at width 32 and 5 layers: every rank ends with the parameters and state of the single process."""
+    """1 process against 2 and 8 (the benchmark's) gloo processes, each with both bucketings, on the full
+    model's shapes at width 32 and 5 layers: every rank ends with the parameters and state of the single
+    process. (3 ranks, an uneven split: test_recipes' test_gloo_ranks_save_the_same_state_as_one_process.)"""
     mp.spawn(bucketings_worker, args=(world_size, str(tmp_path / "store"), str(tmp_path)),
              nprocs=world_size, join=True)
     for rank in range(world_size):
