@@ -421,7 +421,8 @@ def test_saved_checkpoint_holds_the_final_model(tiny_run, data_args):
     assert len(adam["param_groups"]) == 3 and set(adam["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
     assert len(aurora["param_groups"]) == 1 and set(aurora["state"][0]) == {"momentum_buffer"}
     assert len(aurora["state"]) == 6 * tg.TINY.model.num_layers  # q, k, v, proj, fc, mlp proj per block
-    model = tg.GPT(tg.TINY.model)
+    (config,) = events(lines, "config")  # the run's activations: float32 where this CPU's bf16 matmuls are slow
+    model = tg.GPT(tg.TINY.model, getattr(torch, config["activation_dtype"]))
     path = str(folder / "ck.trial0.pt")
     tg.load_model_state(model, tg.model_state_of(tg.read_checkpoint(path), path), path)
     val_path = data_args[3].replace("*", "000000")
