@@ -3533,9 +3533,9 @@ def config_summary(config, log_path):
         "no diagnostics"
     differences = len(config["differs_from_record"])
     record = f"not a record ({counted(differences, 'setting')} differing)" if differences else "a record run"
-    polar = f"activations in {config['activation_dtype']}, polar iterations in {config['polar_dtype']}" + (
+    dtypes = f"activations in {config['activation_dtype']}, polar iterations in {config['polar_dtype']}" + (
         " (this CPU's bf16 matmuls are slow)" if config["activation_dtype"] == "float32" else "")
-    return f"config: {run}; {diagnostics}; {polar}; {record}; the whole config is in {log_path}"
+    return f"config: {run}; {diagnostics}; {dtypes}; {record}; the whole config is in {log_path}"
 
 
 def main(argv=None):

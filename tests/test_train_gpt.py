@@ -242,7 +242,7 @@ def test_the_cpu_preset_takes_float32_math_only_where_bf16_is_slow(flags, device
 
 def test_float32_activations_run_the_whole_forward_in_float32_and_keep_the_weights():
     """The CPU preset's float32 model: every block's input is float32; the parameters (the bf16 embedding too)
-    and their init draws are those of the records' bf16 model; the loss is that model's within bf16 rounding."""
+    and their init draws are those of the records' bf16 model; its features are that model's within bf16 rounding."""
     config = tg.TINY.model
     models = {}
     for dtype in (torch.bfloat16, torch.float32):
@@ -259,7 +259,6 @@ def test_float32_activations_run_the_whole_forward_in_float32_and_keep_the_weigh
     hooks = [block.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].dtype))
              for block in fp32.blocks]
     inputs = torch.randint(0, config.vocab_size, (2, config.seq_len), generator=torch.Generator().manual_seed(1))
-    targets = inputs.roll(-1, dims=1)
     with torch.no_grad():
         features_bf16, features_fp32 = bf16.features(inputs), fp32.features(inputs)
     for hook in hooks:
